@@ -1,0 +1,20 @@
+"""polynext: activation-free polynomial vision backbones (PolyNeXt) and MetaFormer baselines,
+as timm models. ``import polynext`` registers every model with timm."""
+__version__ = '0.1.0'
+
+from .checkpoint import load_reference_state_dict, load_weights, read_checkpoint, unwrap_state_dict
+from .errors import CheckpointError, ConfigError, DataError, PolyNeXtError
+from .models import (
+    ABLATIONS, PUBLISHED_ARCHS, ChannelBatchNorm, ChannelScale, FreeScale, GatedHead, HadamardProduct,
+    HeadDropout, LayerNorm2d, LayerScaleGates, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP,
+    PolyNeXt, PolyNeXtCell, PolyNeXtStage, RunningRowSumNorm, SigmoidScale,
+)
+from .ops import poly_attention
+
+__all__ = [
+    'ABLATIONS', 'PUBLISHED_ARCHS', 'ChannelBatchNorm', 'ChannelScale', 'FreeScale', 'GatedHead',
+    'HadamardProduct', 'HeadDropout', 'LayerNorm2d', 'LayerScaleGates', 'PolyAttn', 'PolyAttnBlock', 'PolyConv',
+    'PolyConvBlock', 'PolyMLP', 'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'RunningRowSumNorm', 'SigmoidScale',
+    'load_reference_state_dict', 'load_weights', 'read_checkpoint', 'unwrap_state_dict', 'poly_attention',
+    'CheckpointError', 'ConfigError', 'DataError', 'PolyNeXtError',
+]
