@@ -4,6 +4,7 @@ __version__ = '0.1.0'
 
 from .checkpoint import load_reference_state_dict, load_weights, read_checkpoint, unwrap_state_dict
 from .errors import CheckpointError, ConfigError, DataError, PolyNeXtError
+from .factory import create_model, list_models
 from .models import (
     ABLATIONS, PUBLISHED_ARCHS, ChannelBatchNorm, ChannelScale, FreeScale, GatedHead, HadamardProduct,
     HeadDropout, LayerNorm2d, LayerScaleGates, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP,
@@ -16,5 +17,5 @@ __all__ = [
     'HadamardProduct', 'HeadDropout', 'LayerNorm2d', 'LayerScaleGates', 'PolyAttn', 'PolyAttnBlock', 'PolyConv',
     'PolyConvBlock', 'PolyMLP', 'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'RunningRowSumNorm', 'SigmoidScale',
     'load_reference_state_dict', 'load_weights', 'read_checkpoint', 'unwrap_state_dict', 'poly_attention',
-    'CheckpointError', 'ConfigError', 'DataError', 'PolyNeXtError',
+    'CheckpointError', 'ConfigError', 'DataError', 'PolyNeXtError', 'create_model', 'list_models',
 ]

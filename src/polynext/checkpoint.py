@@ -133,12 +133,14 @@ def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
             f"num_classes={guess['num_classes']}).")
 
 
-def convert_reference_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
-                                 ) -> Dict[str, torch.Tensor]:
+def convert_reference_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                                 skip_shape_check: tuple = ()) -> Dict[str, torch.Tensor]:
     """Rename an authors'-layout state dict to ``model``'s keys, strictly.
 
     Every model key must be present with the right shape, and every checkpoint key must be
-    used; the first problem raises a ``CheckpointError`` that names the key.
+    used; the first problem raises a ``CheckpointError`` that names the key. Keys starting
+    with a prefix in ``skip_shape_check`` are renamed without a shape check (timm's pretrained
+    path drops a classifier of another class count itself).
     """
     from .models.polynext import reference_key_map
     mapping = reference_key_map(model)
@@ -152,7 +154,7 @@ def convert_reference_state_dict(model: torch.nn.Module, state_dict: Mapping[str
                 f"{list(expected[ours].shape)} for '{ours}'). The file is truncated or was saved from another "
                 f"model.{_arch_hint(state_dict)}")
         t = state_dict[ref]
-        if tuple(t.shape) != tuple(expected[ours].shape):
+        if tuple(t.shape) != tuple(expected[ours].shape) and not (skip_shape_check and ours.startswith(skip_shape_check)):
             raise CheckpointError(
                 f"checkpoint does not match {name}: '{ref}' has shape {list(t.shape)} but the model expects "
                 f"{list(expected[ours].shape)} (parameter '{ours}'). Check the model name, init_channels, "

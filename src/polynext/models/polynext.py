@@ -163,13 +163,16 @@ class RunningRowSumNorm(nn.Module):
         return attn / (denom + self.eps) * self.gamma
 
 
-def make_norm(kind: str, num_channels: int, spatial_size: Optional[Tuple[int, int]] = None) -> nn.Module:
+def make_norm(kind: str, num_channels: int, spatial_size: Optional[Tuple[int, int]] = None,
+              device=None, dtype=None) -> nn.Module:
     """'ln' → LayerNorm2d (published models); 'bn' → ChannelBatchNorm (fully polynomial)."""
     if kind == 'ln':
-        return LayerNorm2d(num_channels)
-    if kind == 'bn':
-        return ChannelBatchNorm(num_channels, spatial_size)
-    raise ValueError(f"norm must be 'ln' or 'bn', got {kind!r}")
+        norm = LayerNorm2d(num_channels)
+    elif kind == 'bn':
+        norm = ChannelBatchNorm(num_channels, spatial_size)
+    else:
+        raise ValueError(f"norm must be 'ln' or 'bn', got {kind!r}")
+    return norm.to(device=device, dtype=dtype) if device is not None or dtype is not None else norm
 
 
 # --------------------------------------------------------------------------------------
@@ -366,6 +369,9 @@ class PolyAttn(nn.Module):
             h, w = _size2(spatial_size)
             self.norm = RunningRowSumNorm(self.num_heads, h * w)
             self.norm2 = ChannelBatchNorm(a, (h, w))
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, head_dim={self.head_dim}, kernel={self.kernel}, power={self.power}'
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         # (B, A, H, W) → (B, heads, N, head_dim); channel = head · head_dim + d
@@ -952,7 +958,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PolyNeXt) -> Dict[st
     from ..checkpoint import convert_reference_state_dict, unwrap_state_dict
     state_dict = unwrap_state_dict(state_dict)
     if _is_reference_layout(state_dict):
-        return convert_reference_state_dict(model, state_dict)
+        return convert_reference_state_dict(model, state_dict, skip_shape_check=('head.fc.',))
     return state_dict
 
 

@@ -1,0 +1,72 @@
+"""The ``polynext`` command line.
+
+Each sub-command lives in its own module that defines ``add_arguments(parser)`` and
+``run(args) -> int``; this table is the one place that lists them. Only the chosen
+command's module is imported. User errors (``PolyNeXtError``) are printed as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    'models': ('polynext.commands.models', 'list every model polynext offers, with params and MACs'),
+    'convert': ('polynext.commands.convert', "convert a checkpoint (authors' .pt/.pth) to polynext safetensors"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(len(c) for c in COMMANDS)
+    listing = '\n'.join(f'  {name:<{width}}  {help_}' for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog='polynext', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Activation-free polynomial vision backbones (PolyNeXt) and MetaFormer baselines.',
+        epilog=f'commands:\n{listing}\n\nRun `polynext COMMAND --help` for the options of a command.')
+    parser.add_argument('command', nargs='?', help='one of the commands below')
+    parser.add_argument('--version', action='store_true', help='print the version and exit')
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ('-h', '--help') or argv[0] == '--version':
+        args = top.parse_args(argv[:1])
+        if args.version:
+            from . import __version__
+            print(__version__)
+            return 0
+        top.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ''
+        print(f"polynext: error: unknown command '{name}'.{hint} Run `polynext --help` for the list.", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f'polynext {name}', description=module.__doc__ or help_,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from .errors import PolyNeXtError
+    try:
+        return int(module.run(args) or 0)
+    except PolyNeXtError as e:
+        print(f'polynext {name}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'polynext {name}: interrupted', file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

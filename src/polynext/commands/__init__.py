@@ -1,0 +1,1 @@
+"""Sub-commands of the ``polynext`` command line (see ``polynext.cli.COMMANDS``)."""

@@ -1,0 +1,87 @@
+"""Model creation with clear errors, and loading weights at creation time.
+
+``polynext.create_model(name, checkpoint=PATH, **kwargs)`` is timm's ``create_model`` plus:
+an unknown name gives one message with the closest names; ``checkpoint`` loads weights in
+any supported layout (ours, the authors', timm's) strictly, and when the checkpoint's
+classifier has another class count than asked for, the model is built with the
+checkpoint's count unless ``num_classes`` was given explicitly (then it is an error).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import timm
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_weights, read_checkpoint, unwrap_state_dict
+from .errors import CheckpointError, ConfigError
+
+__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes']
+
+
+def list_models(pattern: str = '') -> List[str]:
+    """Every architecture polynext registers (PolyNeXt + MetaFormer baselines)."""
+    from . import models  # noqa: F401  (registration)
+    from .models import POLYNEXT_MODELS
+    names = list(POLYNEXT_MODELS)
+    return [n for n in names if pattern in n]
+
+
+def check_model_name(name: str) -> str:
+    """Raise a ``ConfigError`` naming the closest models if ``name`` is not a timm model."""
+    from . import models  # noqa: F401
+    arch = name.split('.')[0]
+    if timm.is_model(arch):
+        return name
+    candidates = list_models() + timm.list_models()
+    close = difflib.get_close_matches(arch, candidates, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ''
+    raise ConfigError(f"unknown model '{name}'.{hint} Run `polynext models` to list polynext's models.")
+
+
+def checkpoint_num_classes(model: nn.Module, state_dict: dict) -> Optional[int]:
+    """Number of classes of the classifier stored in ``state_dict`` (after the model's key filter)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier = cfg.get('classifier')
+    if not classifier:
+        return None
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    import sys
+    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    sd = state_dict
+    if filter_fn is not None:
+        try:
+            sd = filter_fn(dict(state_dict), model)
+        except Exception:
+            sd = state_dict
+    for n in names:
+        w = sd.get(n + '.weight')
+        if w is not None:
+            return int(w.shape[0])
+    return None
+
+
+def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None, pretrained: bool = False,
+                 prefer_ema: bool = True, **kwargs: Any) -> nn.Module:
+    """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly."""
+    check_model_name(name)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f'{name}: {e}') from None
+    if checkpoint is None:
+        return model
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    sd = unwrap_state_dict(obj, prefer_ema=prefer_ema)
+    n_ckpt = checkpoint_num_classes(model, sd)
+    if n_ckpt is not None and n_ckpt != getattr(model, 'num_classes', n_ckpt):
+        if 'num_classes' in kwargs:
+            raise CheckpointError(
+                f'the checkpoint has {n_ckpt} classes but num_classes={kwargs["num_classes"]} was asked for; '
+                f'drop num_classes to use the checkpoint as is, or fine-tune to change the class count')
+        model = timm.create_model(name, num_classes=n_ckpt, **kwargs)
+    load_weights(model, sd, prefer_ema=prefer_ema)
+    return model

@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault('TIMM_FUSED_ATTN', '1')
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import polynext  # noqa: E402,F401  (registers the models)
+
+GOLDEN = Path(__file__).parent / 'golden'
+
+#: golden folder -> (our model name, extra kwargs of the mini model)
+GOLDEN_MODELS = {
+    'CPolyNeXt_T': ('cpolynext_t', {}),
+    'APolyNeXt_T': ('apolynext_t', {}),
+    'LowRes': ('cpolynext_lr', {}),
+    'CPolyNeXt_T_bn': ('cpolynext_t_bn', {'img_size': 64}),
+}
+
+
+def mini_kwargs(name: str, **extra):
+    """The golden 'mini' build of a published model: C0 = 16, 10 classes (bn at 64 px)."""
+    kw = dict(init_channels=16, num_classes=10)
+    if name.endswith('_bn'):
+        kw['img_size'] = 64
+    kw.update(extra)
+    return kw
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
