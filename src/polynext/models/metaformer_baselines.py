@@ -19,8 +19,8 @@ The Table 8 switches (``act``, ``branch_scale``, ``block_bias``) and the head op
 """
 from __future__ import annotations
 
+import functools
 import math
-import re
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
@@ -561,7 +561,8 @@ _BASIC = dict(norm_layers=GroupNorm1NoBias, use_mlp_head=False)
 #: polynext's own MetaFormer baselines: name -> (model class, constructor arguments).
 BASELINE_ARCHS: Dict[str, BaselineArch] = {}
 for _size, _cfg_args in _HIERARCHICAL_SIZES.items():
-    BASELINE_ARCHS[f'identityformer_{_size}'] = BaselineArch(MetaFormer, dict(_cfg_args, token_mixers=nn.Identity, **_BASIC))
+    BASELINE_ARCHS[f'identityformer_{_size}'] = BaselineArch(
+        MetaFormer, dict(_cfg_args, token_mixers=nn.Identity, **_BASIC))
 for _size, _cfg_args in _HIERARCHICAL_SIZES.items():
     BASELINE_ARCHS[f'randformer_{_size}'] = BaselineArch(RandFormer, dict(_cfg_args, **_BASIC))
 BASELINE_ARCHS['identityformer_s_iso'] = BaselineArch(IsotropicMetaFormer, dict(
@@ -651,10 +652,17 @@ def _num_classes(state_dict: Dict[str, Any]) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=64)
+def _meta_model(name: str, num_classes: int) -> nn.Module:
+    """``name`` built on the meta device (shapes only; cheap) for checkpoint matching."""
+    with torch.device('meta'):
+        return timm.create_model(name, num_classes=num_classes)
+
+
 def match_checkpoint(state_dict: Dict[str, Any]) -> List[str]:
     """Names of the MetaFormer baselines whose state dict (keys and shapes) this checkpoint fits,
-    in either layout. IdentityFormer and PoolFormerV2 of one size always both fit: their weights
-    are the same (pooling has none)."""
+    in either layout (random matrices of any square token grid fit a RandFormer). IdentityFormer
+    and PoolFormerV2 of one size always both fit: their weights are the same (pooling has none)."""
     from ..checkpoint import unwrap_state_dict
     state_dict = unwrap_state_dict(state_dict)
     families = _checkpoint_family(state_dict)
@@ -663,8 +671,7 @@ def match_checkpoint(state_dict: Dict[str, Any]) -> List[str]:
     for name in METAFORMER_MODELS:
         if _family(name) not in families:
             continue
-        with torch.device('meta'):
-            model = timm.create_model(name, num_classes=num_classes)
+        model = _meta_model(name, num_classes)
         try:
             sd = _convert_state_dict(dict(state_dict), model)
         except (KeyError, CheckpointError, RuntimeError, ValueError):
