@@ -412,7 +412,8 @@ def _enable_block_biases(model: nn.Module) -> None:
         if not isinstance(block, MetaFormerBlock):
             continue
         for m in block.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)) and m.bias is None:
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)) and m.bias is None \
+                    and m.weight is not None:
                 if isinstance(m, nn.Linear):
                     n = m.out_features
                 elif isinstance(m, nn.Conv2d):
