@@ -273,19 +273,19 @@ def test_branch_scale_formula():
         torch.testing.assert_close(block(x), y)
 
 
-@pytest.mark.parametrize('name, per_block', [
-    ('identityformer_s12', {64: 7, 128: 7, 320: 7, 512: 7}),     # norm1, norm2 (C each), fc1 (4C), fc2 (C)
-    ('convformer_s18', {64: 12, 128: 12, 320: 12, 512: 12}),     # + SepConv pw1 (2C), dw (2C), pw2 (C)
-    ('caformer_s18', {64: 12, 128: 12, 320: 11, 512: 11}),       # attention: qkv (3C), proj (C)
+@pytest.mark.parametrize('name, per_block, layers', [
+    ('identityformer_s12', {64: 7, 128: 7, 320: 7, 512: 7}, 12 * 4),      # norm1, norm2 (C each), fc1 (4C), fc2 (C)
+    ('convformer_s18', {64: 12, 128: 12, 320: 12, 512: 12}, 18 * 7),      # + SepConv pw1 (2C), dw (2C), pw2 (C)
+    ('caformer_s18', {64: 12, 128: 12, 320: 11, 512: 11}, 6 * 7 + 12 * 6),  # attention: qkv (3C), proj (C)
 ])
-def test_block_bias_switch(name, per_block):
+def test_block_bias_switch(name, per_block, layers):
     base, biased = meta(name), meta(name, block_bias=True)
     depths = [len(s.blocks) for s in base.stages]
     dims = [s.blocks[0].norm1.weight.shape[0] for s in base.stages]
     extra = sum(d * c * per_block[c] for d, c in zip(depths, dims))
     assert count_params(biased) - count_params(base) == extra
     new = {k for k, _ in biased.named_parameters()} - {k for k, _ in base.named_parameters()}
-    assert all(k.endswith('.bias') and '.blocks.' in k for k in new) and len(new) == len(depths and new)
+    assert len(new) == layers and all(k.endswith('.bias') and '.blocks.' in k for k in new)
     # on a real model: zero biases, and the same function as the bias-free model with the same weights
     model = perturb(build(name))
     biased = copy.deepcopy(model)
