@@ -459,8 +459,8 @@ class Ablation:
         return self == Ablation()
 
 
-class PolyConvBlock(nn.Module):
-    """x ← x + g_mix · DropPath(Norm(PolyConv(x)));   x ← x + g_mlp · DropPath(PolyMLP(x))."""
+class _MixerMLPBlock(nn.Module):
+    """One stack of a cell: a gated token-mixer residual, then a gated PolyMLP residual."""
 
     def __init__(self, mixer: nn.Module, mixer_norm: nn.Module, mlp: nn.Module, drop_path: float = 0.):
         super().__init__()
@@ -469,24 +469,30 @@ class PolyConvBlock(nn.Module):
         self.mlp = mlp
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, g_mix: torch.Tensor, g_mlp: torch.Tensor) -> torch.Tensor:
-        x = gated_residual(x, self.drop_path(self.mixer_norm(self.mixer(x))), g_mix)
+        x = gated_residual(x, self.drop_path(self.mix(x)), g_mix)
         return gated_residual(x, self.drop_path(self.mlp(x)), g_mlp)
 
 
-class PolyAttnBlock(nn.Module):
-    """x ← x + g_mix · DropPath(PolyAttn(Norm(x)));   x ← x + g_mlp · DropPath(PolyMLP(x))."""
+class PolyConvBlock(_MixerMLPBlock):
+    """x ← x + g_mix · DropPath(Norm(PolyConv(x)));   x ← x + g_mlp · DropPath(PolyMLP(x)).
 
-    def __init__(self, mixer_norm: nn.Module, mixer: nn.Module, mlp: nn.Module, drop_path: float = 0.):
-        super().__init__()
-        self.mixer_norm = mixer_norm
-        self.mixer = mixer
-        self.mlp = mlp
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+    The norm closes the PolyConv branch (the block input is the raw stream)."""
 
-    def forward(self, x: torch.Tensor, g_mix: torch.Tensor, g_mlp: torch.Tensor) -> torch.Tensor:
-        x = gated_residual(x, self.drop_path(self.mixer(self.mixer_norm(x))), g_mix)
-        return gated_residual(x, self.drop_path(self.mlp(x)), g_mlp)
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer_norm(self.mixer(x))
+
+
+class PolyAttnBlock(_MixerMLPBlock):
+    """x ← x + g_mix · DropPath(PolyAttn(Norm(x)));   x ← x + g_mlp · DropPath(PolyMLP(x)).
+
+    The norm opens the attention branch (pre-norm)."""
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(self.mixer_norm(x))
 
 
 class PolyNeXtCell(nn.Module):
@@ -553,7 +559,7 @@ class PolyNeXtCell(nn.Module):
             if mixer == 'conv':
                 blocks.append(PolyConvBlock(token_mixer, mixer_norm, mlp, drop_path))
             else:
-                blocks.append(PolyAttnBlock(mixer_norm, token_mixer, mlp, drop_path))
+                blocks.append(PolyAttnBlock(token_mixer, mixer_norm, mlp, drop_path))
         self.blocks = nn.ModuleList(blocks)
 
         self.gate_index = [(j, j + 1) if paired_gates else (2 * j, 2 * j + 1) for j in range(num_blocks)]
