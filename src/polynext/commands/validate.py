@@ -109,24 +109,26 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt = Path(args.checkpoint)
     meta = _checkpoint_meta(ckpt)
+    obj = read_checkpoint(ckpt)
+    if isinstance(obj, dict) and str(obj.get('format', '')).startswith('polynext.train') and \
+            isinstance(obj.get('config'), dict):
+        # a training-state file: its config names the model, its arguments, classes and eval transform
+        meta = dict(architecture=obj['config'].get('model'), model_kwargs=obj['config'].get('model_kwargs'),
+                    classes=obj.get('classes'), eval=_state_eval(obj['config']))
+        use_ema = not args.no_ema and obj.get('ema_updates') and obj.get('ema_state') is not None
+        obj = obj['ema_state'] if use_ema else obj['model']
     name = args.model or meta.get('architecture')
     if not name:
         raise ConfigError('pass --model NAME (this checkpoint does not say which model it holds)')
-    kwargs = dict(meta.get('model_kwargs') or {}) if (not args.model or args.model == meta.get('architecture')) else {}
+    same = not args.model or args.model == meta.get('architecture')
+    kwargs = dict(meta.get('model_kwargs') or {}) if same else {}
+    if not same:
+        meta = {}     # another model than the file's: its metadata does not apply
     if args.model_kwargs:
         extra = yaml.safe_load(args.model_kwargs)
         if not isinstance(extra, dict):
             raise ConfigError(f"--model-kwargs must be a mapping like '{{init_channels: 16}}', got {args.model_kwargs!r}")
         kwargs.update(extra)
-    obj = read_checkpoint(ckpt)
-    if isinstance(obj, dict) and obj.get('format', '').startswith('polynext.train') and isinstance(obj.get('config'), dict):
-        # a training-state file: its config names the model and its arguments
-        name = args.model or obj['config'].get('model', name)
-        kwargs = {**dict(obj['config'].get('model_kwargs') or {}), **kwargs}
-        meta.setdefault('classes', obj.get('classes'))
-        meta.setdefault('eval', _state_eval(obj['config']))
-        use_ema = not args.no_ema and obj.get('ema_updates') and obj.get('ema_state') is not None
-        obj = obj['ema_state'] if use_ema else obj['model']
     sd = unwrap_state_dict(obj, prefer_ema=not args.no_ema)
     model = create_model(name, checkpoint=sd, **kwargs)
 

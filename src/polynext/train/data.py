@@ -27,8 +27,6 @@ and stop past ``max_corrupt``; the augmentation of each training sample is seede
 """
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -43,7 +41,6 @@ from .recipes import TrainConfig
 __all__ = ['Samples', 'DataBundle', 'build_transforms', 'build_eval_transform', 'build_data', 'build_eval_data',
            'load_digits_split', 'corrupt_limit']
 
-_log = logging.getLogger(__name__)
 TINY_IMAGENET_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 #: images tried in a row (the requested one and its successors) before a batch slot gives up
 MAX_READ_TRIES = 10
@@ -84,8 +81,7 @@ class Samples(Dataset):
                 break
             except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
                 if attempt == 0:
-                    skipped = index
-                    _log.warning('unreadable image skipped: %s (%s: %s)', self.path_of(i), type(e).__name__, e)
+                    skipped = index     # reported by index; the trainer names, counts and logs it
                 last_error = e
         else:
             raise DataError(f'{MAX_READ_TRIES} images in a row cannot be read, starting at {self.path_of(index)} '

@@ -292,7 +292,7 @@ PRESETS['cpolynext_lr'] = PRESETS['cpolynext_lr_cifar10']
 DEFAULT_RECIPE = 'cpolynext_lr_digits'
 PRESETS[DEFAULT_RECIPE] = Preset(TrainConfig(
     model='cpolynext_lr', model_kwargs=dict(init_channels=8), dataset='digits', img_size=16,
-    optimizer='adamw', lr=3e-3, min_lr=1e-5, weight_decay=0.05, batch_size=64, device_batch_size=64, epochs=12,
+    optimizer='adamw', lr=1e-2, min_lr=1e-5, weight_decay=0.05, batch_size=64, device_batch_size=64, epochs=15,
     schedule='cosine', schedule_granularity='step', warmup_epochs=0, label_smoothing=0.1, mixup_alpha=0.0,
     cutmix_alpha=0.0, randaugment=None, hflip=0.0, train_interpolation='bilinear', crop_scale=(0.6, 1.0),
     crop_ratio=(0.8, 1.25), random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), eval_resize=16,

@@ -278,7 +278,7 @@ class Trainer:
             'meters': dict(self.meters), 'history': list(self.history), 'best': dict(self.best),
             'corrupt': {k: list(v) for k, v in self.corrupt.items()},
             'classes': list(self.data.classes), 'world_size': self.env.world_size, 'rng': rng_states,
-            'versions': dict(torch=torch.__version__),
+            'versions': dict(torch=str(torch.__version__)),
         }
 
     def _restore(self, state: Dict[str, Any]) -> None:
@@ -599,6 +599,8 @@ def _prepare(cfg: TrainConfig, recipe: str, resume: Optional[str], fresh: bool,
 def train(cfg: TrainConfig, recipe: str, resume: Optional[str] = None, fresh: bool = False,
           explicit: Optional[Dict[str, Any]] = None, show_progress: bool = True, quiet: bool = False) -> Dict[str, Any]:
     """Train (or resume) a run; returns ``{'best': ..., 'history': [...], 'run': folder}``."""
+    from ..factory import check_model_name
+    check_model_name(cfg.model)
     if get_preset(recipe).needs_checkpoint and not cfg.initial_checkpoint and not resume:
         raise ConfigError(f"recipe '{recipe}' fine-tunes a trained model: pass --initial-checkpoint PATH")
     cfg, recipe, run_dir, state = _prepare(cfg, recipe, resume, fresh, dict(explicit or {}))
