@@ -80,6 +80,9 @@ def test_run_folder_metrics_curve_and_checkpoints(tmp_path):
     assert json.loads((run.path / 'metrics.json').read_text()) == history
     assert (run.path / 'metrics.csv').read_text().splitlines() == [
         'epoch,train_loss,val_top1,extra', '1,2.0,10.0,', '2,1.0,50.0,3']
+    run.write_metrics(history + [dict(epoch=3, train_loss=float('nan'))])
+    assert json.loads((run.path / 'metrics.json').read_text())[-1] == dict(epoch=3, train_loss=None)
+    assert (run.path / 'metrics.csv').read_text().splitlines()[-1] == '3,,,'
     png = run.plot_curves(history, [('loss', 'loss', [('train_loss', 'train')])])
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     w = {'a': torch.ones(2)}

@@ -389,3 +389,30 @@ def test_resume_refuses_another_config(folder, tmp_path, capsys):
                    "cannot change 'lr' when resuming")
     one_line_error(['train', '--resume', str(out / 'last.safetensors')], capsys,
                    'is not a polynext training-state file')
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_logic_on_cpu(folder, tmp_path, capsys, amp):
+    """The autocast + GradScaler path (CUDA in practice) run on the CPU: fp16 keeps a loss scale in the state."""
+    out = tmp_path / amp
+    code, stdout, err = run_cli(tiny_args(folder, out, '--epochs', '1', '--set', f'amp={amp}', '--set', 'cpu_amp=true'),
+                                capsys)
+    assert code == 0, err
+    assert f'cpu {amp}' in stdout
+    state = torch.load(out / 'last.state.pt', weights_only=True)
+    if amp == 'fp16':
+        assert state['scaler']['scale'] > 0 and state['scaler']['_growth_tracker'] >= 0
+    else:
+        assert state['scaler'] is None
+    assert all(torch.isfinite(v).all() for v in _tensors(out / 'last.safetensors').values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_cuda_training_with_autocast(folder, tmp_path, capsys, amp):
+    out = tmp_path / amp
+    code, stdout, err = run_cli(tiny_args(folder, out, '--epochs', '1', '--set', f'amp={amp}', '--device', 'cuda'),
+                                capsys)
+    assert code == 0, err
+    assert f'cuda {amp}' in stdout

@@ -111,6 +111,8 @@ class RunFolder:
         """metrics.json (a list of rows) and metrics.csv (columns = union of the row keys)."""
         if not self.is_main:
             return
+        history = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                   for row in history]     # JSON has no NaN / inf: written as null (an empty CSV cell)
         text = json.dumps(list(history), indent=1, default=_json_default, allow_nan=False)
         atomic_write(self.path / self.METRICS_JSON, lambda tmp: Path(tmp).write_text(text + '\n'))
         columns: List[str] = []

@@ -105,6 +105,7 @@ class TrainConfig:
     ema_init: str = 'first_update'             # first_update: 1st update copies | model: copy at creation
     # ---- precision and speed ----
     amp: str = 'bf16'                          # bf16 | fp16 | none: autocast on CUDA (CPU runs fp32)
+    cpu_amp: bool = False                      # also autocast on CPU (slow on most CPUs; for testing)
     compile: bool = False                      # torch.compile the model
     channels_last: bool = True
     device: str = 'auto'                       # auto | cpu | cuda

@@ -163,9 +163,10 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.mixup, self.criterion = self._build_loss()
         self.amp_dtype = None
-        if self.cuda and cfg.amp != 'none':
+        if cfg.amp != 'none' and (self.cuda or cfg.cpu_amp):
             self.amp_dtype = torch.bfloat16 if cfg.amp == 'bf16' else torch.float16
-        self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
+        # fp16 needs loss scaling; bf16 (the reference) does not
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
         # progress counters (restored on resume)
         self.epoch = 0                 # epoch in progress
@@ -387,7 +388,7 @@ class Trainer:
             self.meters = self._zero_meters()
         params = [p for p in model.parameters() if p.requires_grad]
         clip = cfg.clip_grad if cfg.clip_grad is not None else float('inf')
-        amp = (torch.autocast('cuda', dtype=self.amp_dtype) if self.amp_dtype is not None
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                else contextlib.nullcontext())
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         n_batches = self.batches_per_epoch
@@ -437,8 +438,9 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.global_step += 1
-                self.meters['grad_norm'] += float(norm)
-                self.meters['steps'] += 1
+                if math.isfinite(float(norm)):      # fp16: steps the scaler skipped do not count
+                    self.meters['grad_norm'] += float(norm)
+                    self.meters['steps'] += 1
                 if self.scheduler is not None and cfg.schedule_granularity == 'step':
                     self.scheduler.step_update(self.global_step)
                 self._ema_update(epoch)
