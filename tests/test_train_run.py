@@ -416,3 +416,35 @@ def test_cuda_training_with_autocast(folder, tmp_path, capsys, amp):
                                 capsys)
     assert code == 0, err
     assert f'cuda {amp}' in stdout
+
+
+def test_tiny_imagenet_as_released_and_torchvision_sets_without_download(tmp_path, capsys):
+    """Tiny-ImageNet's released layout (val/images + val_annotations.txt) loads as is; a missing CIFAR-10
+    folder without --download is one clear message."""
+    from polynext.train.data import build_data
+    from polynext.train.recipes import get_preset
+    import dataclasses
+    root = tmp_path / 'tiny-imagenet-200'
+    wnids = ['n01443537', 'n01629819']
+    rng = np.random.default_rng(0)
+    for w in wnids:
+        (root / 'train' / w / 'images').mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                root / 'train' / w / 'images' / f'{w}_{i}.JPEG')
+    (root / 'val' / 'images').mkdir(parents=True)
+    lines = []
+    for i, w in enumerate([wnids[1], wnids[0], wnids[1]]):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / 'val' / 'images' / f'val_{i}.JPEG')
+        lines.append(f'val_{i}.JPEG\t{w}\t0\t0\t63\t63')
+    (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
+    cfg = dataclasses.replace(get_preset('cpolynext_lr_tiny_imagenet').config, data=str(tmp_path))
+    bundle = build_data(cfg)
+    assert bundle.classes == wnids and len(bundle.train) == 4 and len(bundle.val) == 3
+    assert [bundle.val[i][1] for i in range(3)] == [1, 0, 1]
+    assert tuple(bundle.val[0][0].shape) == (3, 64, 64)
+    img, target, skipped = bundle.train[(0, 0)]
+    assert tuple(img.shape) == (3, 64, 64) and skipped == -1
+    (tmp_path / 'cifar').mkdir()
+    one_line_error(['train', '--recipe', 'cpolynext_lr_cifar10', '--data', str(tmp_path / 'cifar')], capsys,
+                   'CIFAR10 not found in')

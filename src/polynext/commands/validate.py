@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--img-size', type=int, default=None, help='evaluate at this crop size (reference transform)')
     parser.add_argument('--no-ema', action='store_true', help='take the raw weights even if an EMA entry exists')
     parser.add_argument('--batch-size', type=int, default=100)
-    parser.add_argument('--workers', type=int, default=4)
+    parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument('--device', default='auto', help='auto | cpu | cuda')
     parser.add_argument('--output', default=None, metavar='DIR', help='where to write validate.json and per_class.csv')
     parser.add_argument('--json', action='store_true', help='print the result as JSON instead of a table')

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -245,9 +246,10 @@ class Trainer:
         cfg = self.cfg
         gen = torch.Generator()
         gen.manual_seed(cfg.seed)   # the loader's base seed never touches the global generator
-        return DataLoader(dataset, batch_size=cfg.device_batch_size, sampler=sampler, num_workers=cfg.workers,
-                          pin_memory=self.cuda, drop_last=drop_last, generator=gen,
-                          persistent_workers=cfg.workers > 0)
+        workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else
+                      (os.cpu_count() or 1))     # no more loader processes than usable cores
+        return DataLoader(dataset, batch_size=cfg.device_batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=self.cuda, drop_last=drop_last, generator=gen, persistent_workers=workers > 0)
 
     def _batches_per_epoch(self) -> int:
         n = self.train_sampler.num_samples
