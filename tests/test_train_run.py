@@ -164,6 +164,16 @@ def test_ddp_two_cpu_processes(folder, tmp_path):
     w = _tensors(out / 'last.safetensors')
     assert all(torch.isfinite(t).all() for t in w.values())
     assert proc.stdout.count('epoch 1/2') == 1            # only rank 0 prints
+    # validate with 2 ranks: sharded, reduced, the same numbers as the run's last epoch
+    proc = subprocess.run(torchrun + ['-m', 'polynext', 'validate', '--checkpoint', str(out / 'last.state.pt'),
+                                      '--no-ema', '--data', str(folder), '--workers', '0', '--no-progress', '--json',
+                                      '--output', str(tmp_path / 'v')],
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout[proc.stdout.index('{'):])
+    assert res['images'] == 13 and res['top1'] == pytest.approx(rows[-1]['val_top1'], abs=1e-4)
+    per_class = json.loads((tmp_path / 'v' / 'validate.json').read_text())['per_class']
+    assert [r['images'] for r in per_class] == [4, 3, 3, 3]
 
 
 # ---------------------------------------------------------------------------------------------
