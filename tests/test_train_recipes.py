@@ -10,7 +10,7 @@ import torch
 from polynext.errors import ConfigError
 from polynext.train.class_maps import in21k_to_in1k_class_map, load_class_map, map_head_rows
 from polynext.train.recipes import (
-    FIDELITY, PRESETS, TrainConfig, accumulation_steps, get_preset, resolve_config, usual_practice_overrides,
+    FIDELITY, PRESETS, accumulation_steps, get_preset, resolve_config, usual_practice_overrides,
 )
 from polynext.train.trainer import build_loss, build_optimizer, build_scheduler, head_dropout_at
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import torch
 from torch.utils.data import Dataset
 
 from ..engine.determinism import sample_seed, seeded_rng

@@ -250,6 +250,7 @@ _POLYNEXT_IN1K = TrainConfig(
     ema_init='first_update', amp='bf16', batch_size=1024, wd_exclusions=False, opt_eps=1e-8)
 
 # name: (optimizer, lr, weight decay, per-GPU batch, drop path, head dropout, ramp, random interp, extra)
+# (AdamW always runs with eps 1e-8: the scripts' --eps only ever reaches LAMB)
 _POLYNEXT_TABLE = {
     'cpolynext_t':    ('adamw', 4e-3, 0.01, 128, 0.0,  0.0, None, False, {}),
     'cpolynext_s':    ('adamw', 4e-3, 0.01, 128, 0.2,  0.4, 300,  True,  {}),
