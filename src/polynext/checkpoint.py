@@ -231,6 +231,7 @@ def atomic_write(path: Union[str, Path], writer: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp creates 0600; give the file the usual permissions
     try:
         writer(tmp)
         with open(tmp, 'rb') as f:
@@ -245,6 +246,12 @@ def atomic_write(path: Union[str, Path], writer: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:

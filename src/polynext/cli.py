@@ -15,6 +15,8 @@ from typing import List, Optional
 COMMANDS = {
     'models': ('polynext.commands.models', 'list every model polynext offers, with params and MACs'),
     'convert': ('polynext.commands.convert', "convert a checkpoint (authors' .pt/.pth) to polynext safetensors"),
+    'train': ('polynext.commands.train', 'train a classifier: paper recipes as presets, or your own data'),
+    'validate': ('polynext.commands.validate', 'top-1 / top-5 / per-class accuracy of a checkpoint on a dataset'),
 }
 
 

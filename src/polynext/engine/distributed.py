@@ -1,0 +1,142 @@
+"""Distributed helpers: set-up from the ``torchrun`` environment, rank queries, metric reduction.
+
+Everything here also works in a single process without ``torch.distributed`` initialised
+(world size 1), so training code calls the same functions in both cases.
+
+* ``init_distributed(device='auto')`` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by
+  ``torchrun``), initialises the process group (NCCL on CUDA, gloo on CPU) and returns a
+  ``DistEnv`` with the rank, the world size and the device of this process.
+* ``all_reduce_sums(values)``: sum a dict of numbers over all ranks (metrics are reduced as
+  sums and counts, then divided, so uneven shards weigh correctly).
+* ``all_gather_objects(obj)``: every rank's picklable object, in rank order.
+* ``is_main()``: only rank 0 writes files and prints.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['DistEnv', 'init_distributed', 'cleanup_distributed', 'is_distributed', 'rank', 'world_size',
+           'is_main', 'barrier', 'all_reduce_sums', 'all_reduce_tensor', 'all_gather_objects', 'broadcast_object', 'resolve_device']
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank / world size / device."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str = 'auto', local_rank: int = 0) -> torch.device:
+    """'auto' → the local CUDA device if there is one, else the CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            from ..errors import ConfigError
+            raise ConfigError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+        if dev.index is None:
+            dev = torch.device('cuda', local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(device: str = 'auto', timeout_s: float = 1800.) -> DistEnv:
+    """Initialise from the ``torchrun`` environment variables (a single process without them)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank_ = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        kwargs = dict(backend=backend, init_method='env://', timeout=datetime.timedelta(seconds=timeout_s))
+        if dev.type == 'cuda':
+            kwargs['device_id'] = dev
+        dist.init_process_group(**kwargs)
+    return DistEnv(rank=rank_, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors
+    if is_distributed() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def all_reduce_sums(values: Mapping[str, float]) -> Dict[str, float]:
+    """Sum each value over all ranks (float64, one collective for the whole dict)."""
+    keys = list(values)
+    if not is_distributed() or not keys:
+        return {k: float(values[k]) for k in keys}
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``t`` over all ranks (a new CPU tensor; ``t`` itself in one process)."""
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_reduce_device(), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu()
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: List[Optional[Any]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

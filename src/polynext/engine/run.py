@@ -1,0 +1,198 @@
+"""The run folder: resolved config, metrics, learning curve, log and atomic checkpoints.
+
+Layout (every file written by rank 0 only, each write atomic: temp file + fsync + rename)::
+
+    RUN/config.yaml            the resolved config (pass it back with --config to repeat the run)
+    RUN/metrics.csv, .json     one row per epoch (rewritten from the full history each epoch,
+                               so a resumed run never duplicates or loses a row)
+    RUN/learning_curve.png     loss and accuracy against epoch
+    RUN/log.txt                what was printed
+    RUN/last.safetensors       weights (+ last_ema.safetensors when an EMA exists)
+    RUN/last.state.pt          everything needed to resume (model, optimizer, scheduler, EMA,
+                               scaler, epoch, step, sampler position, every rank's RNG states)
+    RUN/best.safetensors, best.state.pt   the same at the best validation epoch
+
+A checkpoint's state file is written before its weights file and holds the weights too, so
+whatever moment a run is killed at, ``last.state.pt`` is a complete, consistent checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..checkpoint import atomic_write, read_checkpoint, save_safetensors
+from ..errors import CheckpointError
+from .nonfinite import assert_finite_state
+
+__all__ = ['RunFolder', 'load_training_state', 'CurvePanel']
+
+#: (panel title, y label, [(metric key, legend label), ...])
+CurvePanel = Tuple[str, str, Sequence[Tuple[str, str]]]
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, (Path, torch.device)):
+        return str(o)
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f'not JSON serialisable: {type(o).__name__}')
+
+
+def load_training_state(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a ``*.state.pt`` training-state file (tensors and plain containers only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / 'last.state.pt'
+        if not path.exists():
+            raise CheckpointError(f'no last.state.pt in {path.parent}; nothing to resume from')
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or 'format' not in state or 'model' not in state:
+        raise CheckpointError(f'{path} is not a polynext training-state file (*.state.pt); for weights only, '
+                              f'use it as an initial checkpoint instead of --resume')
+    return state
+
+
+class RunFolder:
+    """Files of one training run (writes happen on the main process only)."""
+
+    CONFIG = 'config.yaml'
+    METRICS_CSV = 'metrics.csv'
+    METRICS_JSON = 'metrics.json'
+    CURVE = 'learning_curve.png'
+    LOG = 'log.txt'
+
+    def __init__(self, path: Union[str, Path], is_main: bool = True, quiet: bool = False):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.quiet = quiet
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    # ---- paths -----------------------------------------------------------------------
+    def weights_path(self, tag: str) -> Path:
+        return self.path / f'{tag}.safetensors'
+
+    def state_path(self, tag: str) -> Path:
+        return self.path / f'{tag}.state.pt'
+
+    def has_state(self, tag: str = 'last') -> bool:
+        return self.state_path(tag).is_file()
+
+    # ---- text ------------------------------------------------------------------------
+    def log(self, message: str, console: bool = True) -> None:
+        """Print (main process) and append to log.txt with a timestamp."""
+        if not self.is_main:
+            return
+        if console and not self.quiet:
+            print(message, flush=True)
+        stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+        with open(self.path / self.LOG, 'a') as f:
+            for line in str(message).splitlines() or ['']:
+                f.write(f'{stamp} {line}\n')
+
+    def write_config(self, config: Mapping[str, Any], header: str = '') -> Optional[Path]:
+        if not self.is_main:
+            return None
+        from .config import dump_yaml
+        return dump_yaml(config, self.path / self.CONFIG, header=header)
+
+    def write_metrics(self, history: List[Mapping[str, Any]]) -> None:
+        """metrics.json (a list of rows) and metrics.csv (columns = union of the row keys)."""
+        if not self.is_main:
+            return
+        history = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                   for row in history]     # JSON has no NaN / inf: written as null (an empty CSV cell)
+        text = json.dumps(list(history), indent=1, default=_json_default, allow_nan=False)
+        atomic_write(self.path / self.METRICS_JSON, lambda tmp: Path(tmp).write_text(text + '\n'))
+        columns: List[str] = []
+        for row in history:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction='ignore')
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+        atomic_write(self.path / self.METRICS_CSV, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+    def plot_curves(self, history: List[Mapping[str, Any]], panels: Sequence[CurvePanel], x_key: str = 'epoch',
+                    title: str = '') -> Optional[Path]:
+        """learning_curve.png: one panel per (title, y label, series) with matplotlib's Agg backend."""
+        if not self.is_main or not history:
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(5.2 * len(panels), 3.8), dpi=110)
+        FigureCanvasAgg(fig)
+        for i, (ptitle, ylabel, series) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            for key, label in series:
+                pts = [(r[x_key], r[key]) for r in history if r.get(key) is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker='o' if len(pts) < 40 else None, ms=3, label=label)
+            ax.set_title(ptitle)
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend()
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        out = self.path / self.CURVE
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format='png'))
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, tag: str, state: Dict[str, Any], weights: Mapping[str, torch.Tensor],
+                        metadata: Optional[Mapping[str, Any]] = None,
+                        extra_weights: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> None:
+        """Write ``{tag}.state.pt`` then ``{tag}.safetensors`` (+ ``{tag}_{name}.safetensors`` for
+        each entry of ``extra_weights``, e.g. the EMA). Refuses non-finite weights."""
+        if not self.is_main:
+            return
+        assert_finite_state(weights, f'the {tag} checkpoint')
+        for name, sd in (extra_weights or {}).items():
+            assert_finite_state(sd, f'the {tag} checkpoint ({name})')
+        atomic_write(self.state_path(tag), lambda tmp: torch.save(state, tmp))
+        save_safetensors(weights, self.weights_path(tag), metadata=dict(metadata or {}))
+        for name, sd in (extra_weights or {}).items():
+            save_safetensors(sd, self.weights_path(f'{tag}_{name}'), metadata=dict(metadata or {}, weights=name))
+
+    def copy_checkpoint(self, src: str, dst: str, extra: Iterable[str] = ()) -> None:
+        """Copy checkpoint ``src`` to ``dst`` atomically (state, weights and extra weight files)."""
+        if not self.is_main:
+            return
+        pairs = [(self.state_path(src), self.state_path(dst)), (self.weights_path(src), self.weights_path(dst))]
+        pairs += [(self.weights_path(f'{src}_{n}'), self.weights_path(f'{dst}_{n}')) for n in extra]
+        for a, b in pairs:
+            if a.exists():
+                atomic_write(b, lambda tmp, a=a: shutil.copyfile(a, tmp))
+
+    def write_weights(self, name: str, weights: Mapping[str, torch.Tensor],
+                      metadata: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
+        """A standalone safetensors file ``{name}.safetensors`` (e.g. the best EMA weights)."""
+        if not self.is_main:
+            return None
+        assert_finite_state(weights, name)
+        return save_safetensors(weights, self.weights_path(name), metadata=dict(metadata or {}))
+
+
+def progress(iterable, total: Optional[int] = None, desc: str = '', enabled: bool = True, **kw):
+    """A tqdm bar on the main process (hidden when stderr is not a terminal), else the iterable."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr,
+                disable=None, **kw)

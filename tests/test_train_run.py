@@ -1,0 +1,460 @@
+"""End-to-end: `polynext train` on generated ImageFolder data (2 epochs), DDP with 2 CPU processes,
+SIGKILL + resume equivalence, `polynext validate` (ours, authors' format, EMA entries), and one clear
+message for every bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import polynext
+from polynext.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / 'src'
+CLASSES = 4
+
+
+def make_image_folder(root: Path, train_per_class: int = 8, val_per_class: int = 3, size: int = 16,
+                      extra_val: int = 1, seed: int = 0) -> Path:
+    """Colour-coded classes (class c is bright in channel c % 3, striped for c >= 3), PNG files.
+
+    ``extra_val`` more val images in class 0, so the val set (4 × 3 + 1 = 13) cannot split evenly."""
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(CLASSES):
+            d = root / split / f'class_{c}'
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n + (extra_val if split == 'val' and c == 0 else 0)):
+                img = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+                img[..., c % 3] += 150
+                if c >= 3:
+                    img[::2] = 255 - img[::2]
+                Image.fromarray(img).save(d / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('imgs'))
+
+
+def tiny_args(data, out, *extra):
+    """A small CPolyNeXt-LR (C0 = 8) at 16 px, batch 8, 1 thread, no workers."""
+    return ['train', '--recipe', 'cpolynext_lr_digits', '--data', str(data), '--output', str(out),
+            '--set', 'model_kwargs={init_channels: 8}', '--batch-size', '8', '--device-batch-size', '8',
+            '--workers', '0', '--set', 'threads=1', '--no-progress', *extra]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(args, capsys, expected: str):
+    code, out, err = run_cli(args, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    return lines[0]
+
+
+def _metrics(run):
+    rows = json.loads((Path(run) / 'metrics.json').read_text())
+    for r in rows:
+        r.pop('epoch_time_s')
+    return rows
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 epochs on generated images, reference augmentation, EMA, one corrupt image
+# ---------------------------------------------------------------------------------------------
+
+def test_two_epochs_on_an_image_folder(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    (data / 'train' / 'class_1' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
+    out = tmp_path / 'run'
+    code, stdout, err = run_cli(tiny_args(
+        data, out, '--epochs', '2', '--set', 'ema=true', '--set', 'ema_start_epoch=1', '--set', 'mixup_alpha=0.8',
+        '--set', 'cutmix_alpha=1.0', '--set', 'randaugment=rand-m9-mstd0.5-inc1', '--set', 'random_erasing=0.25',
+        '--set', 'train_interpolation=random', '--set', 'max_corrupt=2', '--set', 'schedule_granularity=epoch',
+        '--set', 'head_dropout=0.2', '--set', 'head_dropout_ramp=2'), capsys)
+    assert code == 0, err
+    assert 'epoch 1/2  train loss' in stdout and 'val top-1' in stdout
+    for name in ('config.yaml', 'metrics.csv', 'metrics.json', 'learning_curve.png', 'log.txt', 'last.safetensors',
+                 'last.state.pt', 'last_ema.safetensors', 'best.safetensors', 'best.state.pt'):
+        assert (out / name).is_file(), name
+    rows = _metrics(out)
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert [r['val_images'] for r in rows] == [13, 13]
+    assert 'val_ema_top1' not in rows[0] and 0 <= rows[1]['val_ema_top1'] <= 100     # EMA from the 2nd epoch
+    assert [r['head_dropout'] for r in rows] == [0.0, pytest.approx(0.1)]              # min(0.2, 0.2 · e / 2)
+    lr0 = 1e-2
+    assert rows[0]['lr'] == lr0 and rows[1]['lr'] == pytest.approx(1e-5 + (lr0 - 1e-5) * 0.5)   # cosine per epoch
+    csv_lines = (out / 'metrics.csv').read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith('epoch,lr,head_dropout,train_loss')
+    # the corrupt file is skipped, counted and named in the log
+    assert 'unreadable train image skipped: ' + str(data / 'train' / 'class_1' / 'broken.png') in \
+        (out / 'log.txt').read_text()
+    state = torch.load(out / 'last.state.pt', weights_only=True)
+    # 33 files (one unreadable) / 8 per batch, mixing drops the partial batch: 4 steps per epoch
+    assert (state['epoch'], state['batch_in_epoch'], state['global_step'], state['ema_updates']) == (2, 0, 8, 4)
+    assert state['classes'] == [f'class_{c}' for c in range(CLASSES)]
+    assert len(state['corrupt']['train']) == 1
+    # the saved config reproduces the run's config exactly
+    from polynext.train.recipes import resolve_config
+    name, cfg = resolve_config(config_file=str(out / 'config.yaml'))
+    assert name == 'cpolynext_lr_digits' and cfg.model_kwargs == {'init_channels': 8} and cfg.ema_start_epoch == 1
+    # best weights load strictly with their metadata; best = the epoch with the best (raw or EMA) top-1
+    model = polynext.create_model('cpolynext_lr', checkpoint=str(out / 'best.safetensors'), init_channels=8)
+    assert model.num_classes == CLASSES
+    best = max(max(r['val_top1'], r.get('val_ema_top1', -1)) for r in rows)
+    assert rows[-1]['best_top1'] == best
+    # running the finished command again does not train again
+    code, stdout, _ = run_cli(tiny_args(data, out, '--epochs', '2', '--set', 'ema=true', '--set', 'ema_start_epoch=1',
+                                        '--set', 'mixup_alpha=0.8', '--set', 'cutmix_alpha=1.0', '--set',
+                                        'randaugment=rand-m9-mstd0.5-inc1', '--set', 'random_erasing=0.25', '--set',
+                                        'train_interpolation=random', '--set', 'max_corrupt=2', '--set',
+                                        'schedule_granularity=epoch', '--set', 'head_dropout=0.2', '--set',
+                                        'head_dropout_ramp=2'), capsys)
+    assert code == 0 and 'is a finished run' in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: 2 CPU processes (gloo) under torchrun
+# ---------------------------------------------------------------------------------------------
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def test_ddp_two_cpu_processes(folder, tmp_path):
+    out = tmp_path / 'ddp'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    args = tiny_args(folder, out, '--epochs', '2', '--device-batch-size', '4', '--set', 'ema=true',
+                     '--set', 'ema_start_epoch=0')
+    proc = subprocess.run(torchrun + ['-m', 'polynext'] + args, env=_env(), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / 'log.txt').read_text()
+    assert 'batch 8 = 4 per device × 2 device(s) × 1 accumulation' in log
+    rows = _metrics(out)
+    assert [r['val_images'] for r in rows] == [13, 13]      # sharded without padding, reduced over both ranks
+    state = torch.load(out / 'last.state.pt', weights_only=True)
+    assert state['world_size'] == 2 and len(state['rng']) == 2
+    # 32 images / 2 ranks / 4 per device = 4 steps per epoch (no accumulation)
+    assert state['global_step'] == 8
+    assert not torch.equal(state['rng'][0]['torch'], state['rng'][1]['torch'])   # per-rank random streams
+    w = _tensors(out / 'last.safetensors')
+    assert all(torch.isfinite(t).all() for t in w.values())
+    assert proc.stdout.count('epoch 1/2') == 1            # only rank 0 prints
+    # validate with 2 ranks: sharded, reduced, the same numbers as the run's last epoch
+    proc = subprocess.run(torchrun + ['-m', 'polynext', 'validate', '--checkpoint', str(out / 'last.state.pt'),
+                                      '--no-ema', '--data', str(folder), '--workers', '0', '--no-progress', '--json',
+                                      '--output', str(tmp_path / 'v')],
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout[proc.stdout.index('{'):])
+    assert res['images'] == 13 and res['top1'] == pytest.approx(rows[-1]['val_top1'], abs=1e-4)
+    per_class = json.loads((tmp_path / 'v' / 'validate.json').read_text())['per_class']
+    assert [r['images'] for r in per_class] == [4, 3, 3, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL mid-training, then resume: the same metrics and weights as an uninterrupted run
+# ---------------------------------------------------------------------------------------------
+
+def _resume_args(folder, out):
+    # accumulation 3 over 4 micro-batches per epoch (a partial last step), checkpoints every optimizer step,
+    # mixing + RandAugment + erasing + drop path + head-dropout ramp + EMA: every random stream is exercised
+    return [sys.executable, '-m', 'polynext'] + tiny_args(
+        folder, out, '--epochs', '3', '--batch-size', '12', '--device-batch-size', '4', '--checkpoint-every', '1',
+        '--set', 'mixup_alpha=0.8', '--set', 'cutmix_alpha=1.0', '--set', 'randaugment=rand-m9-mstd0.5-inc1',
+        '--set', 'random_erasing=0.25', '--set', 'drop_path=0.1', '--set', 'head_dropout=0.3',
+        '--set', 'head_dropout_ramp=2', '--set', 'ema=true', '--set', 'ema_start_epoch=1')
+
+
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(folder, tmp_path):
+    ref = tmp_path / 'ref'
+    proc = subprocess.run(_resume_args(folder, ref), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run = tmp_path / 'killed'
+    p = subprocess.Popen(_resume_args(folder, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / 'last.state.pt').exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, 'the run ended before it could be killed'
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    assert p.returncode == -signal.SIGKILL
+    killed_at = torch.load(run / 'last.state.pt', weights_only=True)
+    assert killed_at['epoch'] < 3
+
+    proc = subprocess.run(_resume_args(folder, run), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'resumed from' in (run / 'log.txt').read_text()
+    assert _metrics(run) == _metrics(ref)
+    for name in ('last.safetensors', 'last_ema.safetensors', 'best.safetensors'):
+        a, b = _tensors(run / name), _tensors(ref / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ---------------------------------------------------------------------------------------------
+# polynext validate
+# ---------------------------------------------------------------------------------------------
+
+def _expected_eval(model, folder):
+    """Top-1 / per-class correct counts computed by hand with the low-res reference transform."""
+    from torchvision.datasets import ImageFolder
+    from polynext.train.data import build_eval_transform
+    from polynext.train.recipes import CIFAR_MEAN, CIFAR_STD
+    tf = build_eval_transform(32, None, 'bicubic', CIFAR_MEAN, CIFAR_STD)
+    ds = ImageFolder(str(folder / 'val'))
+    x = torch.stack([tf(ds.loader(p)) for p, _ in ds.samples])
+    y = torch.tensor([t for _, t in ds.samples])
+    model.eval()
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    per_class = [int(((pred == y) & (y == c)).sum()) for c in range(CLASSES)]
+    return 100.0 * float((pred == y).float().mean()), per_class
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return polynext.create_model('cpolynext_lr', num_classes=CLASSES, init_channels=8)
+
+
+def test_validate_ours_authors_and_ema_checkpoints(folder, tmp_path, capsys):
+    from polynext.checkpoint import save_safetensors
+    from polynext.models.polynext import reference_key_map
+    a, b = _model(1), _model(2)
+    top1_a, per_class_a = _expected_eval(a, folder)
+    top1_b, _ = _expected_eval(b, folder)
+    assert top1_a != top1_b
+    # authors' format: reference key names, wrapped as their train script saves it
+    ref_keys = reference_key_map(a)
+    torch.save({'state_dict': {ref_keys[k]: v for k, v in a.state_dict().items()}}, tmp_path / 'authors.pt')
+    save_safetensors(a.state_dict(), tmp_path / 'ours.safetensors',
+                     metadata=dict(architecture='cpolynext_lr', model_kwargs={'init_channels': 8},
+                                   classes=[f'class_{c}' for c in range(CLASSES)]))
+    torch.save({'state_dict': b.state_dict(), 'state_dict_ema': a.state_dict()}, tmp_path / 'with_ema.pth')
+    common = ['--data', str(folder), '--json', '--no-progress', '--workers', '0', '--batch-size', '5']
+    for ckpt, extra, expected in (
+            ('authors.pt', ['--model', 'cpolynext_lr', '--model-kwargs', '{init_channels: 8}'], top1_a),
+            ('ours.safetensors', [], top1_a),                        # model and kwargs from the metadata
+            ('with_ema.pth', ['--model', 'cpolynext_lr', '--model-kwargs', '{init_channels: 8}'], top1_a),
+            ('with_ema.pth', ['--model', 'cpolynext_lr', '--model-kwargs', '{init_channels: 8}', '--no-ema'], top1_b)):
+        out = tmp_path / f'v_{ckpt}_{len(extra)}'
+        code, stdout, err = run_cli(['validate', '--checkpoint', str(tmp_path / ckpt), '--output', str(out)]
+                                    + extra + common, capsys)
+        assert code == 0, err
+        res = json.loads(stdout)
+        assert res['images'] == 13 and res['top1'] == pytest.approx(expected, abs=1e-4), ckpt
+        assert res['top5'] == 100.0          # 4 classes: the top-4 always hold the label
+        assert res['transform'] == 'resize 32 → no crop, bicubic'
+    rows = (tmp_path / 'v_ours.safetensors_0' / 'per_class.csv').read_text().splitlines()
+    assert rows[0] == 'index,cls,images,top1_correct,top1,top5_correct,top5'
+    assert [int(r.split(',')[3]) for r in rows[1:]] == per_class_a
+    assert [int(r.split(',')[2]) for r in rows[1:]] == [4, 3, 3, 3]
+
+
+def test_validate_a_training_run_checkpoint_and_the_timm_transform(folder, tmp_path, capsys):
+    out = tmp_path / 'run'
+    code, _, err = run_cli(tiny_args(folder, out, '--epochs', '1'), capsys)
+    assert code == 0, err
+    last = _metrics(out)[-1]
+    for ckpt in ('best.safetensors', 'last.state.pt'):
+        code, stdout, err = run_cli(['validate', '--checkpoint', str(out / ckpt), '--data', str(folder), '--json',
+                                     '--no-progress', '--workers', '0', '--output', str(tmp_path / ckpt)], capsys)
+        assert code == 0, err
+        assert json.loads(stdout)['top1'] == pytest.approx(last['val_top1'], abs=1e-4)   # the run's own transform
+    code, stdout, err = run_cli(['validate', '--checkpoint', str(out / 'best.safetensors'), '--data', str(folder),
+                                 '--transform', 'timm', '--no-progress', '--workers', '0',
+                                 '--output', str(tmp_path / 'timm')], capsys)
+    assert code == 0, err
+    assert 'timm pretrained_cfg: 32 px, crop_pct 1' in stdout and 'top1' in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# one clear message per bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_and_malformed_data_folders(tmp_path, capsys):
+    one_line_error(['train', '--recipe', 'cpolynext_t', '--data', str(tmp_path / 'nope')], capsys,
+                   f'data folder not found: {tmp_path / "nope"}')
+    one_line_error(['train', '--recipe', 'cpolynext_t'], capsys, 'needs a data folder: pass --data DIR')
+    (tmp_path / 'a' / 'train').mkdir(parents=True)
+    one_line_error(['train', '--recipe', 'cpolynext_t', '--data', str(tmp_path / 'a')], capsys,
+                   "has no val/ folder (it holds ['train'])")
+    (tmp_path / 'a' / 'val').mkdir()
+    one_line_error(['train', '--recipe', 'cpolynext_t', '--data', str(tmp_path / 'a')], capsys,
+                   "train: Couldn't find any class folder in")
+    (tmp_path / 'a' / 'train' / 'cat').mkdir()
+    (tmp_path / 'a' / 'val' / 'cat').mkdir()
+    one_line_error(['train', '--recipe', 'cpolynext_t', '--data', str(tmp_path / 'a')], capsys,
+                   'Found no valid file for the classes cat')
+    one_line_error(['validate', '--model', 'cpolynext_t', '--checkpoint', str(tmp_path / 'x.pt'), '--data',
+                    str(tmp_path)], capsys, f'checkpoint not found: {tmp_path / "x.pt"}')
+
+
+def test_too_many_corrupt_images_stop_the_run(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', train_per_class=2, val_per_class=1, extra_val=0)
+    for i in range(2):
+        (data / 'train' / 'class_0' / f'bad{i}.png').write_bytes(b'garbage')
+    msg = one_line_error(tiny_args(data, tmp_path / 'run', '--epochs', '1', '--device-batch-size', '2',
+                                   '--batch-size', '2', '--set', 'max_corrupt=1'), capsys,
+                         '2 of 10 train images cannot be read (limit 1, max_corrupt=1)')
+    assert 'bad0.png' in msg and '--set max_corrupt=' in msg
+
+
+def test_unknown_names_and_bad_overrides(folder, tmp_path, capsys):
+    one_line_error(['train', '--model', 'cpolynext_q'], capsys, "unknown model 'cpolynext_q'. Did you mean")
+    one_line_error(['train', '--recipe', 'apolynext_xl'], capsys, "unknown recipe 'apolynext_xl'. Did you mean")
+    one_line_error(['train', '--set', 'lr=abc'], capsys, "bad value for 'lr': 'abc' is not a number")
+    one_line_error(['train', '--set', 'warmup=5'], capsys, "unknown config key 'warmup' in --set. Did you mean")
+    one_line_error(['train', '--recipe', 'caformer_s18_384'], capsys,
+                   "recipe 'caformer_s18_384' fine-tunes a trained model: pass --initial-checkpoint PATH")
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('lr: [1, 2\n')
+    one_line_error(['train', '--config', str(bad)], capsys, f'cannot parse {bad} as YAML')
+
+
+def test_checkpoint_and_data_classes_must_match(folder, tmp_path, capsys):
+    ten = polynext.create_model('cpolynext_lr', num_classes=10, init_channels=8)
+    torch.save(ten.state_dict(), tmp_path / 'ten.pth')
+    one_line_error(tiny_args(folder, tmp_path / 'r', '--initial-checkpoint', str(tmp_path / 'ten.pth')), capsys,
+                   f'the initial checkpoint {tmp_path / "ten.pth"} has 10 classes but the data has 4')
+    one_line_error(['validate', '--model', 'cpolynext_lr', '--model-kwargs', '{init_channels: 8}', '--checkpoint',
+                    str(tmp_path / 'ten.pth'), '--data', str(folder), '--no-progress'], capsys,
+                   'the checkpoint has 10 classes but image folders')
+    from polynext.checkpoint import save_safetensors
+    four = polynext.create_model('cpolynext_lr', num_classes=4, init_channels=8)
+    save_safetensors(four.state_dict(), tmp_path / 'four.safetensors', metadata=dict(
+        architecture='cpolynext_lr', model_kwargs={'init_channels': 8}, classes=['a', 'b', 'c', 'd']))
+    one_line_error(['validate', '--checkpoint', str(tmp_path / 'four.safetensors'), '--data', str(folder),
+                    '--no-progress'], capsys,
+                   "class 0 is 'a' in the checkpoint but 'class_0' in the data")
+
+
+def test_out_of_memory_suggests_accumulation(folder, tmp_path, capsys, monkeypatch):
+    from polynext.models.polynext import PolyNeXt
+
+    def oom(self, x):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+    monkeypatch.setattr(PolyNeXt, 'forward', oom)
+    one_line_error(tiny_args(folder, tmp_path / 'r', '--epochs', '1'), capsys,
+                   'out of memory during training with effective batch 8 = 8 per device × 1 device(s) × 1 '
+                   'accumulation step(s). Use --device-batch-size 4 (accumulation becomes 2, the effective batch '
+                   'stays 8).')
+
+
+def test_non_finite_loss_stops_before_the_weights_change(folder, tmp_path, capsys, monkeypatch):
+    import polynext.train.trainer as trainer_mod
+    real = trainer_mod.build_loss
+    calls = {'n': 0}
+
+    def nan_after_two(cfg, num_classes):
+        mix, crit = real(cfg, num_classes)
+
+        def crit2(logits, target):
+            calls['n'] += 1
+            loss = crit(logits, target)
+            return loss * float('nan') if calls['n'] >= 3 else loss
+        return mix, crit2
+    monkeypatch.setattr(trainer_mod, 'build_loss', nan_after_two)
+    out = tmp_path / 'r'
+    msg = one_line_error(tiny_args(folder, out, '--epochs', '1', '--checkpoint-every', '1'), capsys,
+                         'non-finite loss nan at epoch 1 batch 2 (optimizer step 3); the step was skipped')
+    assert f'polynext train --resume {out / "last.state.pt"}' in msg
+    state = torch.load(out / 'last.state.pt', weights_only=True)
+    assert state['global_step'] == 2 and state['batch_in_epoch'] == 2
+    assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+
+
+def test_resume_refuses_another_config(folder, tmp_path, capsys):
+    out = tmp_path / 'r'
+    code, _, err = run_cli(tiny_args(folder, out, '--epochs', '1'), capsys)
+    assert code == 0, err
+    one_line_error(tiny_args(folder, out, '--epochs', '1', '--lr', '0.5'), capsys,
+                   f"{out} holds a run with another config (lr: 0.01 there, 0.5 now)")
+    one_line_error(['train', '--resume', str(out / 'last.state.pt'), '--lr', '0.5'], capsys,
+                   "cannot change 'lr' when resuming")
+    one_line_error(['train', '--resume', str(out / 'last.safetensors')], capsys,
+                   'is not a polynext training-state file')
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_logic_on_cpu(folder, tmp_path, capsys, amp):
+    """The autocast + GradScaler path (CUDA in practice) run on the CPU: fp16 keeps a loss scale in the state."""
+    out = tmp_path / amp
+    code, stdout, err = run_cli(tiny_args(folder, out, '--epochs', '1', '--set', f'amp={amp}', '--set', 'cpu_amp=true'),
+                                capsys)
+    assert code == 0, err
+    assert f'cpu {amp}' in stdout
+    state = torch.load(out / 'last.state.pt', weights_only=True)
+    if amp == 'fp16':
+        assert state['scaler']['scale'] > 0 and state['scaler']['_growth_tracker'] >= 0
+    else:
+        assert state['scaler'] is None
+    assert all(torch.isfinite(v).all() for v in _tensors(out / 'last.safetensors').values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_cuda_training_with_autocast(folder, tmp_path, capsys, amp):
+    out = tmp_path / amp
+    code, stdout, err = run_cli(tiny_args(folder, out, '--epochs', '1', '--set', f'amp={amp}', '--device', 'cuda'),
+                                capsys)
+    assert code == 0, err
+    assert f'cuda {amp}' in stdout
+
+
+def test_tiny_imagenet_as_released_and_torchvision_sets_without_download(tmp_path, capsys):
+    """Tiny-ImageNet's released layout (val/images + val_annotations.txt) loads as is; a missing CIFAR-10
+    folder without --download is one clear message."""
+    from polynext.train.data import build_data
+    from polynext.train.recipes import get_preset
+    import dataclasses
+    root = tmp_path / 'tiny-imagenet-200'
+    wnids = ['n01443537', 'n01629819']
+    rng = np.random.default_rng(0)
+    for w in wnids:
+        (root / 'train' / w / 'images').mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                root / 'train' / w / 'images' / f'{w}_{i}.JPEG')
+    (root / 'val' / 'images').mkdir(parents=True)
+    lines = []
+    for i, w in enumerate([wnids[1], wnids[0], wnids[1]]):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / 'val' / 'images' / f'val_{i}.JPEG')
+        lines.append(f'val_{i}.JPEG\t{w}\t0\t0\t63\t63')
+    (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
+    cfg = dataclasses.replace(get_preset('cpolynext_lr_tiny_imagenet').config, data=str(tmp_path))
+    bundle = build_data(cfg)
+    assert bundle.classes == wnids and len(bundle.train) == 4 and len(bundle.val) == 3
+    assert [bundle.val[i][1] for i in range(3)] == [1, 0, 1]
+    assert tuple(bundle.val[0][0].shape) == (3, 64, 64)
+    img, target, skipped = bundle.train[(0, 0)]
+    assert tuple(img.shape) == (3, 64, 64) and skipped == -1
+    (tmp_path / 'cifar').mkdir()
+    one_line_error(['train', '--recipe', 'cpolynext_lr_cifar10', '--data', str(tmp_path / 'cifar')], capsys,
+                   'CIFAR10 not found in')
