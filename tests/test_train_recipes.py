@@ -81,8 +81,9 @@ def test_lowres_recipe_matches_spec(name):
 
 def test_every_published_model_has_a_recipe():
     from polynext.models import POLYNEXT_MODELS
+    from polynext.models import PUBLISHED_ARCHS
     assert set(POLYNEXT_MODELS) <= set(PRESETS)
-    assert len(POLYNEXT_MODELS) == 12
+    assert len(PUBLISHED_ARCHS) == 12 and set(PUBLISHED_ARCHS) <= set(POLYNEXT_MODELS)
 
 
 # metaformer_baselines.md §4: Table 13 drop paths, Table 14 / 15 optimizers, lrs and regularisation

@@ -325,6 +325,12 @@ for _fam, _dps in _TABLE13.items():
         PRESETS[f'{_fam}_{_size}'] = Preset(dataclasses.replace(
             _MF_SCRATCH, model=f'{_fam}_{_size}', optimizer='adamw', lr=4e-3, warmup_epochs=5, drop_path=_dp),
             source='MetaFormer Table 13 + train.py defaults')
+# Table 4's isotropic IdentityFormer-S: the paper gives no separate recipe; it follows DeiT-S, whose
+# drop path (0.1) equals the Table 13 S12 setting, so the Table 13 recipe is used (an inference).
+for _model in ('identityformer_s_iso', 'identityformer_s_iso_convstem'):
+    PRESETS[_model] = Preset(dataclasses.replace(
+        _MF_SCRATCH, model=_model, optimizer='adamw', lr=4e-3, warmup_epochs=5, drop_path=0.1),
+        source='MetaFormer Table 4 (no recipe published; Table 13 recipe with DeiT-S drop path 0.1, inferred)')
 _TABLE14 = {  # family: (optimizer fields, lr, warmup, drop path, head dropout, finetune lr, ft drop path, ft head dropout)
     'convformer': (dict(optimizer='adamw'), 4e-3, (0.2, 0.3, 0.4, 0.6), (0.0, 0.0, 0.0, 0.0),
                    5e-5, (0.3, 0.5, 0.8, 0.8), (0.4, 0.4, 0.5, 0.5)),
