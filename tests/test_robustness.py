@@ -4,6 +4,9 @@ models, the CLI and its files."""
 import csv
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -480,3 +483,36 @@ def test_cli_lists_the_command(capsys):
     with pytest.raises(SystemExit):
         cli_main(['robustness', '--help'])
     assert '--imagenet-c' in capsys.readouterr().out
+
+
+def test_two_processes_under_torchrun_count_every_image_once(data, tmp_path):
+    """Shards of 2 CPU ranks (gloo), sums reduced: the numbers of the single-process run."""
+    launcher = tmp_path / 'launch.py'
+    launcher.write_text(
+        'import sys\n'
+        f'sys.path[:0] = [{str(ROOT / "src")!r}, {str(Path(__file__).parent)!r}]\n'
+        'from timm.models import register_model\n'
+        'from test_robustness import ColourCodeClassifier\n'
+        'def robustness_probe(pretrained=False, **kw):\n'
+        '    return ColourCodeClassifier(**kw)\n'
+        'register_model(robustness_probe)\n'
+        'from polynext.cli import main\n'
+        'sys.exit(main(sys.argv[1:]))\n')
+    torch.save(ColourCodeClassifier().state_dict(), tmp_path / 'probe.pth')
+    out = tmp_path / 'out'
+    args = ['robustness', '--model', 'robustness_probe', '--checkpoint', str(tmp_path / 'probe.pth'),
+            '--val', str(data['val']), '--imagenet-c', str(data['imagenet_c']), '--imagenet-a', str(data['imagenet_a']),
+            '--sketch', str(data['sketch']), '--output', str(out), '--workers', '0', '--batch-size', '2',
+            '--no-progress', '--device', 'cpu']
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env['OMP_NUM_THREADS'] = '1'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(launcher)]
+    proc = subprocess.run(torchrun + args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('ImageNet-A top-1 (%)') == 1          # rank 0 prints
+    m = json.loads((out / 'robustness.json').read_text())['models'][0]
+    assert m['clean']['top1'] == 75.0 and m['clean']['images'] == 4
+    assert m['sketch']['top1'] == 50.0 and m['imagenet_a']['images'] == 3
+    assert m['imagenet_a']['top1'] == pytest.approx(66.6667, abs=1e-3)
+    assert m['imagenet_c']['cells']['gaussian_noise/2']['images'] == 4
+    assert m['imagenet_c']['mce'] == pytest.approx(103.2855, abs=1e-3)
