@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.memory import is_oom_error
     from ..engine.memory import OutOfMemory
     from ..errors import ConfigError, PolyNeXtError
+    from ..factory import check_model_name
     from ..robustness.models import model_entry
     from ..robustness.report import format_report, write_report
     from ..robustness.runner import RobustnessData, plan_cells, run_robustness
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f'--batch-size must be at least 1, got {args.batch_size}')
     data = RobustnessData(val=args.val, imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a,
                           imagenet_r=args.imagenet_r, sketch=args.sketch)
+    for name in args.model:                                   # cheap checks first: names, then folders
+        check_model_name(name)
     plan_cells(data, allow_partial=args.allow_partial)        # bad folders fail before any model is built
     checkpoints = args.checkpoint or [None] * len(args.model)
     labels = _labels(args.model, args.checkpoint)

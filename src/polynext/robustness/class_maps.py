@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 __all__ = ['SubsetMap', 'imagenet_1k_wnids', 'imagenet_1k_index', 'subset_map', 'SUBSETS', 'read_package_json']
 
@@ -68,6 +68,3 @@ def subset_map(key: str) -> SubsetMap:
     return SubsetMap(key=key, name=entry['name'], wnids=tuple(entry['wnids']),
                      in1k_indices=tuple(int(i) for i in entry['in1k_indices']))
 
-
-def subset_names() -> List[str]:
-    return [subset_map(k).name for k in SUBSETS]

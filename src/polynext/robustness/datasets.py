@@ -153,8 +153,10 @@ def scan_imagenet_c(root: Path) -> ImageNetCLayout:
     ignored = [d for d in top if d not in known]
     if not cells:
         shown = ', '.join(top[:6]) + (', ...' if len(top) > 6 else '') if top else 'no folders'
-        raise DataError(f'{option} {root} holds none of the 15 corruption folders (it holds {shown}); expected '
-                        f'{LAYOUTS["imagenet_c"]}, e.g. {root}/gaussian_noise/1/n01440764/<image>')
+        hint = (f'; {root} looks like one corruption: pass its parent folder'
+                if top and all(d.isdigit() for d in top) else '')
+        raise DataError(f'{option} {root} holds none of the 15 corruption folders (it holds {shown}){hint}; expected '
+                        f'{LAYOUTS["imagenet_c"]}, e.g. DIR/gaussian_noise/1/n01440764/<image>')
     return ImageNetCLayout(root=root, cells=cells, missing=missing, ignored=ignored)
 
 

@@ -16,15 +16,13 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from ..checkpoint import atomic_write
 from .protocols import CORRUPTIONS, PROTOCOLS, SEVERITIES
 from .runner import RobustnessReport
 
-__all__ = ['write_report', 'summary_rows', 'imagenet_c_rows', 'format_report', 'REPORT_FILES']
-
-REPORT_FILES = ('robustness.json', 'summary.csv', 'imagenet_c.csv')
+__all__ = ['write_report', 'summary_rows', 'imagenet_c_rows', 'format_report', 'comparison_table']
 
 #: (column, dataset, field) of the summary, in table order
 _SUMMARY = (('clean_top1', 'clean', 'top1'), ('mce', 'imagenet_c', 'mce'),
@@ -204,6 +202,3 @@ def format_report(report: RobustnessReport) -> str:
         parts.append('\n'.join(f'note: {n}' for n in report.notes))
     return '\n\n'.join(parts)
 
-
-def find_model(report: RobustnessReport, label: str) -> Optional[Dict[str, Any]]:
-    return next((m for m in report.models if m['model'] == label), None)

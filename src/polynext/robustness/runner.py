@@ -212,10 +212,9 @@ class ResultStore:
 def score_cell(heads: Sequence[nn.Module], loader, device: torch.device, show_progress: bool = False,
                desc: str = '') -> Tuple[List[Dict[str, float]], int, List[int]]:
     """Top-1 / top-5 (%) of every head over the loader (all ranks); unreadable count; this rank's
-    unreadable indices."""
-    sums: Dict[str, float] = {'n': 0.0}
-    for i in range(len(heads)):
-        sums[f'top1/{i}'] = sums[f'top5/{i}'] = 0.0
+    unreadable indices. Hits are counted on the device (no host sync per batch)."""
+    hits = torch.zeros(len(heads), 2, dtype=torch.long, device=device)      # (top-1, top-5) per head
+    n = 0
     skipped: List[int] = []
     for h in heads:
         h.eval()
@@ -229,16 +228,17 @@ def score_cell(heads: Sequence[nn.Module], loader, device: torch.device, show_pr
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         for i, head in enumerate(heads):
-            logits = head(x)
-            topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums[f'top1/{i}'] += float((topk[:, 0] == y).sum())
-            sums[f'top5/{i}'] += float((topk == y[:, None]).any(dim=1).sum())
-        sums['n'] += len(y)
-    sums['unreadable'] = float(len(skipped))
+            topk = head(x).topk(5, dim=1).indices
+            hits[i, 0] += (topk[:, 0] == y).sum()
+            hits[i, 1] += (topk == y[:, None]).any(dim=1).sum()
+        n += len(y)
+    sums = {'n': float(n), 'unreadable': float(len(skipped))}
+    for i, (h1, h5) in enumerate(hits.tolist()):
+        sums[f'top1/{i}'], sums[f'top5/{i}'] = float(h1), float(h5)
     total = all_reduce_sums(sums)
-    n = max(total['n'], 1.0)
-    results = [dict(top1=100.0 * total[f'top1/{i}'] / n, top5=100.0 * total[f'top5/{i}'] / n, images=int(total['n']))
-               for i in range(len(heads))]
+    images = max(total['n'], 1.0)
+    results = [dict(top1=100.0 * total[f'top1/{i}'] / images, top5=100.0 * total[f'top5/{i}'] / images,
+                    images=int(total['n'])) for i in range(len(heads))]
     return results, int(total['unreadable']), skipped
 
 
@@ -352,7 +352,7 @@ def run_robustness(entries: Sequence[ModelEntry], data: RobustnessData, output: 
         say(f"ImageNet-C is partial (--allow-partial): missing {', '.join(info['imagenet_c']['missing'])}")
 
     for entry in entries:
-        entry.model.to(device).eval()
+        entry.model.to(device, memory_format=torch.channels_last).eval()
     step = 0
     n_steps = sum(1 for _, p in todo if p)
     for cell, pending in todo:
