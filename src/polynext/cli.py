@@ -15,6 +15,7 @@ from typing import List, Optional
 COMMANDS = {
     'models': ('polynext.commands.models', 'list every model polynext offers, with params and MACs'),
     'convert': ('polynext.commands.convert', "convert a checkpoint (authors' .pt/.pth) to polynext safetensors"),
+    'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
 }
 
 
