@@ -408,6 +408,9 @@ def _memory_probe(request: Dict[str, Any]) -> Dict[str, Any]:
         for _ in range(settings.warmup):
             step()
     except Exception as e:  # reported to the parent, which turns it into one clear message
+        from .errors import PolyNeXtError
+        if isinstance(e, PolyNeXtError):
+            return dict(error='config', message=str(e))
         return dict(error='oom' if is_out_of_memory(e) else 'error', message=f'{type(e).__name__}: {e}')
     return dict(peak_bytes=max(0, read_peak() - before), method=method)
 
@@ -636,8 +639,9 @@ def busy_machine_warning(threads: Optional[int] = None) -> Optional[str]:
     threads = threads or torch.get_num_threads()
     if load <= max(0.5, cores - threads + 0.5):
         return None
+    fewer = ', or use fewer --threads' if threads > 1 else ''
     return (f'the machine is busy (load average {load:.1f} on {cores} cores) and this benchmark uses {threads} '
-            f'thread(s): absolute numbers will be slow and noisy; compare ratios, or use fewer --threads')
+            f'thread(s): absolute numbers will be slow and noisy; compare ratios{fewer}')
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
@@ -657,8 +661,9 @@ def _count_macs(model: nn.Module, spec: ModelSpec, img_size: int) -> float:
     except (ValueError, RuntimeError) as e:
         if is_out_of_memory(e):
             raise
-        raise ConfigError(f'{spec.label} does not run at {img_size} px: {str(e).splitlines()[0][:200]} '
-                          f'(a model built for a fixed size needs --model-kwargs img_size={img_size})') from None
+        msg = str(e).splitlines()[0][:240]
+        hint = '' if 'img_size' in msg else f' (a model built for a fixed size needs --model-kwargs img_size={img_size})'
+        raise ConfigError(f'{spec.label} does not run at {img_size} px: {msg}{hint}') from None
 
 
 def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: bool = True,
@@ -683,43 +688,51 @@ def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: boo
         torch.backends.cudnn.allow_tf32 = settings.tf32 or torch.backends.cudnn.allow_tf32
     sync = _sync_fn(device)
 
-    # 1. CPU peak memory: one fresh process per model, one model at a time (see measure_peak_rss)
+    # 1. build every model on the CPU and count it: bad kwargs or sizes fail here, before any timing
+    models: Dict[str, nn.Module] = {}
+    info: Dict[str, Dict[str, Any]] = {}
+    for spec in specs:
+        with _oom_as_config_error(spec.label, settings):
+            model = build_model(spec)
+            info[spec.label] = dict(params=sum(p.numel() for p in model.parameters()),
+                                    macs=_count_macs(model, spec, settings.img_size))
+        models[spec.label] = model
+
+    # 2. CPU peak memory: one fresh process per model, one model at a time (see measure_peak_rss)
     peaks: Dict[str, Optional[int]] = {s.label: None for s in specs}
     memory_method = ''
     if settings.memory and device.type == 'cpu':
         bar = _progress_bar(len(specs), progress, 'memory (fresh process per model)')
-        for spec in specs:
-            probe = measure_peak_rss(spec, settings)
-            bar.update()
-            if probe.get('error') == 'oom':
-                bar.close()
-                raise _oom_error(spec.label, settings, probe['message'])
-            if 'error' in probe:
-                bar.close()
-                raise ConfigError(f"{spec.label}: the memory probe failed: {probe['message']}")
-            peaks[spec.label] = probe['peak_bytes']
-            memory_method = probe['method']
-        bar.close()
+        try:
+            for spec in specs:
+                probe = measure_peak_rss(spec, settings)
+                bar.update()
+                if probe.get('error') == 'oom':
+                    raise _oom_error(spec.label, settings, probe['message'])
+                if probe.get('error') == 'config':
+                    raise ConfigError(probe['message'])
+                if 'error' in probe:
+                    raise ConfigError(f"{spec.label}: the memory probe failed: {probe['message']}")
+                peaks[spec.label] = probe['peak_bytes']
+                memory_method = probe['method']
+        finally:
+            bar.close()
 
-    # 2. build, count, move to the device and warm up, one model after the other
+    # 3. move each model to the device and warm it up, one after the other (CUDA: peak memory here)
     steps: Dict[str, Callable[[], None]] = {}
-    info: Dict[str, Dict[str, Any]] = {}
     bar = _progress_bar(len(specs) * (settings.warmup + settings.runs), progress, 'warm-up')
     for spec in specs:
         with _oom_as_config_error(spec.label, settings):
-            model = build_model(spec)
-            params = sum(p.numel() for p in model.parameters())
-            macs = _count_macs(model, spec, settings.img_size)
             if device.type == 'cuda':
                 sync()
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            step = make_step(model, settings, device, spec.label)
+            step = make_step(models.pop(spec.label), settings, device, spec.label)
             sync()
             t0 = time.perf_counter()
             step()
             sync()
-            first_call = time.perf_counter() - t0
+            info[spec.label]['first_call_s'] = time.perf_counter() - t0
             bar.update()
             for _ in range(settings.warmup - 1):
                 step()
@@ -729,9 +742,8 @@ def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: boo
                 peaks[spec.label] = torch.cuda.max_memory_allocated(device) - base
                 memory_method = 'torch.cuda.max_memory_allocated during warm-up minus allocated before'
         steps[spec.label] = step
-        info[spec.label] = dict(params=params, macs=macs, first_call_s=first_call)
 
-    # 3. the timed rounds, all models interleaved
+    # 4. the timed rounds, all models interleaved
     bar.set_description('timing (interleaved)')
     with _oom_as_config_error(', '.join(labels), settings):
         times = time_interleaved(steps, settings.runs, sync, progress=bar.update)
