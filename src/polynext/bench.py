@@ -684,8 +684,9 @@ def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: boo
         torch.set_num_threads(settings.threads)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+        # fp32 means fp32 unless TF32 is asked for (torch's own default allows it for convolutions only)
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
-        torch.backends.cudnn.allow_tf32 = settings.tf32 or torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
     sync = _sync_fn(device)
 
     # 1. build every model on the CPU and count it: bad kwargs or sizes fail here, before any timing

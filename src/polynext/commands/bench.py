@@ -37,12 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='infer: model and input cast to it; train: autocast with fp32 weights (default fp32)')
     parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
     parser.add_argument('--compile', action='store_true',
-                        help='torch.compile each model (compile time is the first warm-up call, reported in JSON)')
+                        help='torch.compile each model (compile time is the first warm-up call, reported in JSON as '
+                             'first_call_s; on CPU the memory measurement compiles once more: --no-memory skips it)')
     parser.add_argument('--runs', type=int, default=7, help='timed batches per model (default 7)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed batches per model first (default 2, min 1)')
     parser.add_argument('--threads', type=int, default=None,
                         help="torch CPU threads (default: torch's choice, one per physical core)")
-    parser.add_argument('--tf32', action='store_true', help='allow TF32 matmuls and convolutions on CUDA')
+    parser.add_argument('--tf32', action='store_true',
+                        help='CUDA fp32: allow TF32 matmuls and convolutions (default: true fp32 for both)')
     parser.add_argument('--model-kwargs', nargs='+', default=[], metavar='[MODEL:]KEY=VALUE',
                         help='constructor arguments, e.g. init_channels=8 or cpolynext_t:drop_path_rate=0.1')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
