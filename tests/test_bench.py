@@ -282,6 +282,14 @@ def test_pinned_allocator_env_logic():
     assert pinned_allocator_env({bench._REEXEC_GUARD: '1'}) is None                       # never loop
 
 
+@glibc_only
+def test_memory_probe_env_unpins_and_fixes_the_mmap_threshold():
+    env = bench.memory_probe_env({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0:' + PINNED,
+                                  bench._REEXEC_GUARD: '1', 'PATH': '/bin'})
+    assert env['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=65536'
+    assert bench._REEXEC_GUARD not in env and env['PATH'] == '/bin'
+
+
 class _Execed(Exception):
     pass
 
@@ -335,6 +343,7 @@ def test_reexec_end_to_end_train_with_memory(tmp_path):
     assert data['environment']['allocator'] == 'pinned' and data['environment']['glibc_tunables'] == PINNED
     r = data['results'][0]
     assert r['peak_mem_bytes'] >= 16 * r['params'] and 'fresh process' in data['memory_method']
+    assert 'mmap_threshold=64 KiB' in data['memory_method']
     assert data['command'][:3] == ['polynext', 'bench', 'cpolynext_t']
     assert 'train, fp32' in proc.stdout and 'peak memory = weights + input + step' in proc.stdout
 

@@ -48,7 +48,7 @@ __all__ = [
     'PINNED_TUNABLES', 'BenchSettings', 'ModelSpec', 'ModelResult', 'BenchReport', 'run_bench',
     'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'make_step',
     'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_out_of_memory',
-    'busy_machine_warning', 'format_table', 'build_model', 'environment',
+    'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env',
 ]
 
 #: glibc malloc settings that keep freed memory in the heap (no mmap for large blocks, no trimming).
@@ -396,6 +396,8 @@ def _memory_probe(request: Dict[str, Any]) -> Dict[str, Any]:
         before = _proc_status_kib('VmRSS') * 1024
         read_peak = lambda: _proc_status_kib('VmHWM') * 1024  # noqa: E731
         method = 'VmHWM - VmRSS before building, fresh process per model'
+        if allocator_status() != 'not glibc':
+            method += ', glibc mmap_threshold=64 KiB (RSS = memory in use)'
     else:  # no procfs: ru_maxrss (KiB on Linux, bytes on macOS); exact only if the peak is new
         import resource
         unit = 1 if sys.platform == 'darwin' else 1024
@@ -429,32 +431,50 @@ def _memory_probe_main() -> int:
     return 0
 
 
+#: the child's malloc setting: every block of 64 KiB or more is its own mapping, returned to the OS on free
+_PROBE_TUNABLES = {'glibc.malloc.mmap_threshold': '65536'}
+
+
+def memory_probe_env(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of the memory child: the parent's, but with glibc's mmap threshold fixed at
+    64 KiB instead of the pinned setting. The pinned allocator keeps freed memory in one heap, where
+    fragmentation makes the RSS peak depend on the order of unrelated allocations (the same model
+    measured 550-810 MiB from run to run); with every large block mapped on its own and unmapped
+    on free, RSS is the memory in use and the peak repeats to 0.1%. Timing never runs here."""
+    env = dict(os.environ if env is None else env)
+    env.pop(_REEXEC_GUARD, None)
+    if _is_glibc():
+        tunables = {k: v for k, v in _parse_tunables(env.get('GLIBC_TUNABLES', '')).items()
+                    if k not in PINNED_TUNABLES}
+        tunables.update(_PROBE_TUNABLES)
+        env['GLIBC_TUNABLES'] = ':'.join(f'{k}={v}' for k, v in tunables.items())
+    return env
+
+
 def measure_peak_rss(spec: ModelSpec, settings: BenchSettings, timeout: Optional[float] = None) -> Dict[str, Any]:
     """Peak RSS increase of one model's warm-up steps, measured in a fresh Python process.
 
     Why a fresh process per model: the process high-water mark (``ru_maxrss``) never goes down,
     and with the pinned allocator freed memory stays in the heap, so in a process that already ran
     another model the next model reuses those pages and its RSS barely moves. Only a process that
-    has run nothing else shows what one model needs. The child inherits the environment (so the
-    same allocator), resets ``VmHWM`` after its imports, builds the model and runs ``warmup`` steps;
-    the result is ``VmHWM`` minus the RSS before building: weights, input, activations and in train
-    mode gradients and AdamW state.
+    has run nothing else shows what one model needs. The child (allocator: :func:`memory_probe_env`)
+    resets ``VmHWM`` after its imports, builds the model and runs ``warmup`` steps; the result is
+    ``VmHWM`` minus the RSS before building: weights, input, activations and in train mode
+    gradients and AdamW state.
     """
-    src_dir = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [src_dir, env.get('PYTHONPATH')]))
-    env.pop(_REEXEC_GUARD, None)
-    # modules that registered the model (for names registered outside timm and polynext)
-    creator = None
+    env = memory_probe_env()
+    # the module that registered the model (for names registered outside timm and polynext)
     try:
         import timm
-        creator = timm.models.get_arch_name(spec.name)
-        module = sys.modules.get(timm.models.model_entrypoint(creator).__module__)
+        module = sys.modules.get(timm.models.model_entrypoint(timm.models.get_arch_name(spec.name)).__module__)
         modules = [module.__name__] if module is not None and module.__name__ != '__main__' else []
     except Exception:
         modules = []
     request = dict(spec=spec, settings=settings, modules=modules)
-    code = 'import sys; from polynext.bench import _memory_probe_main; sys.exit(_memory_probe_main())'
+    # this polynext is found even when it is not installed (appended: an installed copy is not shadowed)
+    src_dir = str(Path(__file__).resolve().parent.parent)
+    code = (f'import sys; sys.path.append({src_dir!r}); from polynext.bench import _memory_probe_main; '
+            f'sys.exit(_memory_probe_main())')
     proc = subprocess.run([sys.executable, '-c', code], input=pickle.dumps(request), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     out = proc.stdout.decode(errors='replace')
