@@ -184,8 +184,10 @@ def parse_model_kwargs(items: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, 
     for item in items:
         key, eq, value = item.partition('=')
         if not eq or not key:
+            hint = ('; list the models before --model-kwargs' if item and '=' not in item and ':' not in item
+                    else '')
             raise ConfigError(f"model kwarg '{item}' is not KEY=VALUE or MODEL:KEY=VALUE "
-                              f"(for example init_channels=8 or cpolynext_t:channels_last=False)")
+                              f"(for example init_channels=8 or cpolynext_t:channels_last=False){hint}")
         target, colon, key = key.rpartition(':')
         if colon and not target:
             raise ConfigError(f"model kwarg '{item}' has an empty model name before ':'")

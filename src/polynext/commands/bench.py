@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice, one per physical core)")
     parser.add_argument('--tf32', action='store_true',
                         help='CUDA fp32: allow TF32 matmuls and convolutions (default: true fp32 for both)')
-    parser.add_argument('--model-kwargs', nargs='+', default=[], metavar='[MODEL:]KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='+', action='extend', default=[], metavar='[MODEL:]KEY=VALUE',
                         help='constructor arguments, e.g. init_channels=8 or cpolynext_t:drop_path_rate=0.1')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--no-pin-allocator', action='store_true',
