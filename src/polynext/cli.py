@@ -18,6 +18,7 @@ COMMANDS = {
     'train': ('polynext.commands.train', 'train a classifier: paper recipes as presets, or your own data'),
     'validate': ('polynext.commands.validate', 'top-1 / top-5 / per-class accuracy of a checkpoint on a dataset'),
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
+    'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
 }
 
 

@@ -1,0 +1,402 @@
+"""`polynext bench`, the measurement library and the benchmark scripts, on tiny configs.
+
+Nothing here asserts a speed: timings are only checked for consistency (median, img/s, ratio).
+"""
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import polynext.bench as bench
+from polynext.bench import (PINNED_TUNABLES, BenchSettings, ModelSpec, allocator_status, is_out_of_memory,
+                            make_step, model_specs, parse_model_kwargs, pinned_allocator_env,
+                            run_bench, time_interleaved)
+from polynext.cli import main as cli_main
+from polynext.errors import ConfigError
+from polynext.profile import count_macs
+
+ROOT = Path(__file__).resolve().parent.parent
+PINNED = ':'.join(f'{k}={v}' for k, v in PINNED_TUNABLES.items())
+glibc_only = pytest.mark.skipif(not bench._is_glibc(), reason='the allocator re-exec is glibc-specific')
+TINY = dict(img_size=64, batch_size=2, runs=1, warmup=1, memory=False, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the tests share 2 cores with other test workers (no speed is asserted)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env_without_tunables():
+    env = dict(os.environ)
+    env.pop('GLIBC_TUNABLES', None)
+    env.pop(bench._REEXEC_GUARD, None)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT / 'src'), env.get('PYTHONPATH')]))
+    return env
+
+
+# --------------------------------------------------------------------------------------
+# the command on tiny configs
+# --------------------------------------------------------------------------------------
+
+def test_cli_infer_table_json_plot(tmp_path, capsys):
+    out, png = tmp_path / 'r.json', tmp_path / 'r.png'
+    rc = cli_main(['bench', 'cpolynext_t', 'apolynext_t', '--model-kwargs', 'init_channels=8', '--img-size', '64',
+                   '-b', '2', '--runs', '2', '--warmup', '1', '--threads', '1', '--no-memory', '--no-progress',
+                   '--json', str(out), '--plot', str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith('cpu (') and 'infer, fp32, batch 2, 64 px' in lines[0] and '1 thread,' in lines[0]
+    assert lines[1].split() == ['model', 'params', '(M)', 'GMACs', 'img/s', 'ms/batch', 'peak', 'MiB', 'ratio']
+    assert lines[3].split()[0] == 'cpolynext_t' and lines[3].split()[-1] == '1.00'
+    assert lines[4].split()[0] == 'apolynext_t'
+    assert 'ratio = img/s relative to cpolynext_t' in text
+
+    data = json.loads(out.read_text())
+    assert data['settings']['img_size'] == 64 and data['settings']['mode'] == 'infer'
+    assert data['environment']['threads'] == 1 and data['environment']['torch'] == torch.__version__
+    assert data['environment']['allocator'] in ('pinned', 'user', 'default', 'not glibc')
+    first, second = data['results']
+    for r, name in ((first, 'cpolynext_t'), (second, 'apolynext_t')):
+        model = timm.create_model(name, init_channels=8)
+        assert r['model'] == name and r['kwargs'] == {'init_channels': 8}
+        assert r['params'] == sum(p.numel() for p in model.parameters())
+        assert r['macs'] == count_macs(model, 64)
+        assert len(r['times_s']) == 2 and r['batch_size'] == 2
+        assert r['ms_per_batch'] == pytest.approx(1000 * statistics.median(r['times_s']))
+        assert r['img_per_s'] == pytest.approx(2 / statistics.median(r['times_s']))
+        assert r['gmacs_per_s'] == pytest.approx(r['macs'] / 1e9 * r['img_per_s'])
+        assert r['peak_mem_bytes'] is None and r['first_call_s'] > 0
+    assert first['ratio'] == 1.0
+    assert second['ratio'] == pytest.approx(second['img_per_s'] / first['img_per_s'])
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_train_mode_runs_and_reports():
+    settings = BenchSettings(mode='train', **TINY)
+    specs = model_specs(['cpolynext_t', 'convformer_s18'], {}, {'cpolynext_t': dict(init_channels=8)})
+    report = run_bench(specs, settings, progress=False)
+    assert [r.label for r in report.results] == ['cpolynext_t', 'convformer_s18']
+    assert report.results[1].params == 26_774_448
+    assert 'train, fp32' in report.header()
+    assert all(len(r.times_s) == 1 and r.img_per_s > 0 for r in report.results)
+
+
+def test_train_step_is_forward_backward_adamw_zero_grad():
+    model = timm.create_model('cpolynext_t', init_channels=8, num_classes=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = make_step(model, BenchSettings(mode='train', img_size=32, batch_size=2), torch.device('cpu'))
+    step()
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())            # zero_grad(set_to_none=True)
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert changed == len(before)                                       # AdamW moved every parameter
+    step()  # a second step works (optimizer state reused)
+
+
+def test_infer_step_bf16_channels_last():
+    model = timm.create_model('cpolynext_t', init_channels=8)
+    step = make_step(model, BenchSettings(dtype='bf16', channels_last=True, img_size=32, batch_size=2),
+                     torch.device('cpu'))
+    step()
+    assert not model.training
+    assert model.stem.weight.dtype == torch.bfloat16
+    assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_macs_known_values_polynext_and_timm():
+    """cpolynext_t at 224 = 1,198,988,208 MACs (spec §8); at 64 px every conv's output shrinks by
+    (64/224)^2 exactly (56→16, 28→8, 14→4, 7→2) and only the 576→1000 classifier stays:
+    (1,198,988,208 − 576,000)·16/196 + 576,000 = 98,405,568. convformer_s18 = 3.941 G (spec),
+    resnet18 = 1.814 G (well known)."""
+    settings = BenchSettings(img_size=224, batch_size=1, runs=1, warmup=1, memory=False, threads=1)
+    report = run_bench(model_specs(['cpolynext_t', 'convformer_s18', 'resnet18']), settings, progress=False)
+    macs = {r.label: r.macs for r in report.results}
+    assert macs['cpolynext_t'] == 1_198_988_208
+    assert macs['convformer_s18'] / 1e9 == pytest.approx(3.941, abs=5e-4)
+    assert macs['resnet18'] / 1e9 == pytest.approx(1.814, abs=5e-4)
+    params = {r.label: r.params for r in report.results}
+    assert params['cpolynext_t'] == 6_431_752 and params['resnet18'] == 11_689_512
+
+    small = run_bench(model_specs(['cpolynext_t']), BenchSettings(**TINY), progress=False)
+    assert small.results[0].macs == (1_198_988_208 - 576 * 1000) * 16 // 196 + 576 * 1000 == 98_405_568
+
+
+def test_caformer_macs_include_attention():
+    """The fused SDPA is invisible to FlopCounterMode; bench counts with it off (spec: 4.11 G vs 3.88 G)."""
+    report = run_bench(model_specs(['caformer_s18']), BenchSettings(img_size=224, batch_size=1, runs=1, warmup=1,
+                                                                    memory=False, threads=1), progress=False)
+    assert report.results[0].macs / 1e9 == pytest.approx(4.107, abs=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------
+
+def test_memory_probe_in_process():
+    """The function the fresh child process runs (the child itself is covered end to end below)."""
+    ok = bench._memory_probe(dict(spec=ModelSpec('m', 'cpolynext_t', dict(init_channels=8)),
+                                  settings=BenchSettings(**TINY)))
+    assert ok['peak_bytes'] >= 0 and 'fresh process' in ok['method']
+    bad = bench._memory_probe(dict(spec=ModelSpec('m', 'cpolynext_t', dict(init_chanels=8)),
+                                   settings=BenchSettings(**TINY)))
+    assert bad['error'] == 'config' and "Did you mean 'init_channels'" in bad['message']
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_tiny_bench_measures_memory():
+    settings = BenchSettings(device='cuda', img_size=64, batch_size=2, runs=2, warmup=1, dtype='bf16')
+    report = run_bench(model_specs(['cpolynext_t', 'convformer_s18'], dict(init_channels=8), {}), settings,
+                       progress=False)
+    for r in report.results:
+        assert r.peak_mem_bytes is not None and r.peak_mem_bytes > 0
+    assert 'max_memory_allocated' in report.memory_method
+    assert report.environment['device_name'] == torch.cuda.get_device_name()
+
+
+# --------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------
+
+def test_unknown_model_one_line(capsys):
+    assert cli_main(['bench', 'cpolynext_x', '--no-progress']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and "unknown model 'cpolynext_x'" in err and 'Did you mean' in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a CUDA device')
+def test_missing_cuda_device_one_line(capsys):
+    assert cli_main(['bench', 'cpolynext_t', '--device', 'cuda']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'no CUDA device is available' in err and '--device cpu' in err
+
+
+def test_bad_device_and_options(capsys):
+    assert cli_main(['bench', 'cpolynext_t', '--device', 'tpu']) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    assert cli_main(['bench', 'cpolynext_t', '--warmup', '0']) == 2
+    assert 'warmup must be at least 1' in capsys.readouterr().err
+    assert cli_main(['bench', 'cpolynext_t', '--model-kwargs', 'init_channels']) == 2
+    assert 'is not KEY=VALUE' in capsys.readouterr().err
+    assert cli_main(['bench', 'cpolynext_t', '--model-kwargs', 'resnet18:depth=3']) == 2
+    assert 'resnet18, which is not among the models' in capsys.readouterr().err
+
+
+def test_fixed_size_model_hint():
+    with pytest.raises(ConfigError, match='img_size=64'):
+        run_bench(model_specs(['cpolynext_t_bn'], dict(init_channels=8), {}), BenchSettings(**TINY), progress=False)
+
+
+@pytest.mark.parametrize('exc', [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. "
+                 "Error code 12 (Cannot allocate memory)"),
+    RuntimeError('[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried '
+                 'to allocate 68719476736 bytes.'),
+    MemoryError(),
+    torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+])
+def test_batch_that_does_not_fit_suggests_half(monkeypatch, capsys, exc):
+    assert is_out_of_memory(exc)
+
+    def failing_step(model, settings, device, label='model'):
+        def step():
+            raise exc
+        return step
+    monkeypatch.setattr(bench, 'make_step', failing_step)
+    rc = cli_main(['bench', 'cpolynext_t', '-b', '48', '--img-size', '32', '--model-kwargs', 'init_channels=8',
+                   '--no-memory', '--no-progress', '--threads', '1'])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('polynext bench: error: ')
+    assert 'batch 48 at 32 px does not fit in cpu memory for cpolynext_t' in err and 'Try --batch-size 24.' in err
+
+
+def test_other_runtime_errors_are_not_called_oom():
+    assert not is_out_of_memory(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
+    assert not is_out_of_memory(ValueError('not enough memory'))
+
+
+def test_memory_probe_oom_suggests_half(monkeypatch):
+    monkeypatch.setattr(bench, 'measure_peak_rss', lambda spec, settings: dict(
+        error='oom', message='killed by the operating system (out of memory)'))
+    with pytest.raises(ConfigError, match=r'batch 2 at 64 px does not fit .* Try --batch-size 1\.'):
+        run_bench(model_specs(['cpolynext_t'], dict(init_channels=8), {}), BenchSettings(**dict(TINY, memory=True)),
+                  progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# model kwargs, interleaving
+# --------------------------------------------------------------------------------------
+
+def test_parse_model_kwargs_and_specs():
+    common, per = parse_model_kwargs(['init_channels=8', 'mlp=gelu', 'img_size=(64, 64)',
+                                      'cpolynext_t:drop_path_rate=0.1', 'cpolynext_t#2:channels_last=False'])
+    assert common == dict(init_channels=8, mlp='gelu', img_size=(64, 64))
+    assert per == {'cpolynext_t': dict(drop_path_rate=0.1), 'cpolynext_t#2': dict(channels_last=False)}
+    specs = model_specs(['cpolynext_t', 'convformer_s18', 'cpolynext_t'], common, per)
+    assert [s.label for s in specs] == ['cpolynext_t', 'convformer_s18', 'cpolynext_t#2']
+    assert specs[0].kwargs == dict(common, drop_path_rate=0.1)
+    assert specs[1].kwargs == common
+    assert specs[2].kwargs == dict(common, drop_path_rate=0.1, channels_last=False)
+    for bad in (['=3'], [':x=3'], ['cpolynext_t:1x=3']):
+        with pytest.raises(ConfigError):
+            parse_model_kwargs(bad)
+
+
+def test_interleaved_order_reverses_every_other_round():
+    calls = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in 'abc'}
+    times = time_interleaved(steps, runs=3, inner=2)
+    assert calls == list('aabbcc' 'ccbbaa' 'aabbcc')
+    assert {k: len(v) for k, v in times.items()} == dict(a=3, b=3, c=3)
+
+
+# --------------------------------------------------------------------------------------
+# the pinned allocator
+# --------------------------------------------------------------------------------------
+
+@glibc_only
+def test_pinned_allocator_env_logic():
+    env = pinned_allocator_env({'PATH': '/bin'})
+    assert env['GLIBC_TUNABLES'] == 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
+    assert env['PATH'] == '/bin' and env[bench._REEXEC_GUARD] == '1'
+    assert allocator_status(env) == 'pinned'
+    merged = pinned_allocator_env({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'})
+    assert merged['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=0:' + PINNED
+    assert allocator_status({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'}) == 'default'
+    assert pinned_allocator_env({'GLIBC_TUNABLES': PINNED}) is None                        # already pinned
+    assert pinned_allocator_env({'GLIBC_TUNABLES': 'glibc.malloc.mmap_max=4'}) is None     # the user's own choice
+    assert allocator_status({'GLIBC_TUNABLES': 'glibc.malloc.mmap_max=4'}) == 'user'
+    assert pinned_allocator_env({bench._REEXEC_GUARD: '1'}) is None                       # never loop
+
+
+@glibc_only
+def test_memory_probe_env_unpins_and_fixes_the_mmap_threshold():
+    env = bench.memory_probe_env({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0:' + PINNED,
+                                  bench._REEXEC_GUARD: '1', 'PATH': '/bin'})
+    assert env['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=65536'
+    assert bench._REEXEC_GUARD not in env and env['PATH'] == '/bin'
+
+
+class _Execed(Exception):
+    pass
+
+
+@glibc_only
+def test_bench_command_reexecs_itself(monkeypatch, capsys):
+    seen = {}
+
+    def fake_execve(path, args, env):
+        seen.update(path=path, args=args, env=env)
+        raise _Execed
+    monkeypatch.setattr(os, 'execve', fake_execve)
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    monkeypatch.delenv(bench._REEXEC_GUARD, raising=False)
+    argv = ['bench', 'cpolynext_t', '--img-size', '32']
+    monkeypatch.setattr(sys, 'argv', ['/venv/bin/polynext'] + argv)
+    monkeypatch.setattr(sys, 'orig_argv', ['python3', '/venv/bin/polynext'] + argv)
+    with pytest.raises(_Execed):
+        cli_main(argv)
+    assert seen['path'] == sys.executable
+    assert seen['args'] == [sys.executable, '/venv/bin/polynext'] + argv
+    assert seen['env']['GLIBC_TUNABLES'] == PINNED
+    assert 're-running with GLIBC_TUNABLES=' in capsys.readouterr().err
+
+    # --no-pin-allocator, or a call from other Python code (sys.argv is not `... bench`), never re-execs
+    seen.clear()
+    monkeypatch.setattr(bench, 'run_bench', lambda *a, **k: (_ for _ in ()).throw(_Execed('ran')))
+    with pytest.raises(_Execed, match='ran'):
+        cli_main(argv + ['--no-pin-allocator'])
+    monkeypatch.setattr(sys, 'argv', ['pytest', '-q'])
+    with pytest.raises(_Execed, match='ran'):
+        cli_main(argv)
+    assert not seen
+    assert 'glibc allocator not pinned' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@glibc_only
+def test_reexec_end_to_end_train_with_memory(tmp_path):
+    """A real `python -m polynext bench` without GLIBC_TUNABLES: it re-runs itself pinned; the peak
+    memory of a train step (a fresh process per model) holds weights, gradients and both AdamW
+    moments: at least 16 bytes per parameter."""
+    out = tmp_path / 'r.json'
+    proc = subprocess.run([sys.executable, '-m', 'polynext', 'bench', 'cpolynext_t', '--model-kwargs',
+                           'init_channels=16', '--img-size', '32', '-b', '1', '--runs', '1', '--warmup', '1',
+                           '--mode', 'train', '--threads', '1', '--no-progress', '--json', str(out)],
+                          env=_env_without_tunables(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 're-running with GLIBC_TUNABLES=' + PINNED in proc.stderr
+    data = json.loads(out.read_text())
+    assert data['environment']['allocator'] == 'pinned' and data['environment']['glibc_tunables'] == PINNED
+    r = data['results'][0]
+    assert r['peak_mem_bytes'] >= 16 * r['params'] and 'fresh process' in data['memory_method']
+    assert 'mmap_threshold=64 KiB' in data['memory_method']
+    assert data['command'][:3] == ['polynext', 'bench', 'cpolynext_t']
+    assert 'train, fp32' in proc.stdout and 'peak memory = weights + input + step' in proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# benchmark scripts
+# --------------------------------------------------------------------------------------
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table11_quick_script(tmp_path):
+    out = tmp_path / 't11.json'
+    env = dict(_env_without_tunables(), GLIBC_TUNABLES=PINNED)
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'table11_activations.py'), '--quick',
+                           '--threads', '1', '--json', str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'StarReLU' in proc.stdout and 're-running' not in proc.stderr
+    data = json.loads(out.read_text())
+    rows = {r['row']: r for r in data['rows']}
+    assert list(rows) == ['GELU (PyTorch)', 'GELU (PyTorch, tanh)', 'GELU (Equation 9)', 'StarReLU',
+                          'PolyMLP product a*b']
+    assert rows['GELU (Equation 9)']['fwd_ratio'] == 1.0 and rows['GELU (Equation 9)']['fwd_bwd_ratio'] == 1.0
+    assert rows['StarReLU']['paper_a100_fwd_runs_per_s'] == 35_257
+    assert rows['StarReLU']['paper_fwd_ratio'] == pytest.approx(35_257 / 20_273)
+    assert rows['PolyMLP product a*b']['paper_a100_fwd_runs_per_s'] is None
+    assert data['settings']['shape'] == [1, 65536]
+
+
+def test_table11_equation9_is_gelu_tanh():
+    t11 = _load_script('table11_activations')
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    torch.testing.assert_close(t11.gelu_equation9(x), torch.nn.functional.gelu(x, approximate='tanh'))
+
+
+def test_table12_quick_script(tmp_path, capsys):
+    t12 = _load_script('table12_throughput')
+    out = tmp_path / 't12.json'
+    assert t12.main(['--quick', '--threads', '1', '--json', str(out)]) == 0
+    text = capsys.readouterr().out
+    assert 'GELU in ConvFormer/CAFormer (paper protocol)' in text and 'paper A100 img/s' in text
+    data = json.loads(out.read_text())
+    rows = {r['label']: r for r in data['rows']}
+    assert list(rows) == ['convformer_s18', 'caformer_s18', 'cpolynext_t', 'apolynext_t']
+    # GELU replaces the 2 learnable scalars of each of the 36 StarReLUs: 26,774,448 - 72
+    assert rows['convformer_s18']['params'] == 26_774_376
+    assert rows['convformer_s18']['paper_a100_img_per_s'] == 2213 and rows['convformer_s18']['paper_ratio'] == 1.0
+    assert rows['caformer_s18']['paper_ratio'] == pytest.approx(2093 / 2213)
+    assert rows['cpolynext_t']['paper_a100_img_per_s'] is None and rows['cpolynext_t']['paper_gmacs'] == 1.2
+    assert rows['cpolynext_t']['macs'] == 98_405_568
+    assert data['settings']['batch_size'] == 2 and data['settings']['img_size'] == 64
