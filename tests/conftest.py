@@ -5,7 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault('TIMM_FUSED_ATTN', '1')
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one intra-op thread per xdist worker (2 workers on 2 cores); 2 threads in a plain run
+torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, os.cpu_count() or 1))
 
 import polynext  # noqa: E402,F401  (registers the models)
 

@@ -10,6 +10,10 @@ from .models import (
     HeadDropout, LayerNorm2d, LayerScaleGates, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP,
     PolyNeXt, PolyNeXtCell, PolyNeXtStage, RunningRowSumNorm, SigmoidScale,
 )
+from .models import (
+    METAFORMER_ABLATIONS, METAFORMER_MODELS, IsotropicMetaFormer, MetaFormerOptions, RandFormer, RandomMixing,
+    apply_authors_head,
+)
 from .ops import poly_attention
 
 __all__ = [
@@ -18,4 +22,6 @@ __all__ = [
     'PolyConvBlock', 'PolyMLP', 'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'RunningRowSumNorm', 'SigmoidScale',
     'load_reference_state_dict', 'load_weights', 'read_checkpoint', 'unwrap_state_dict', 'poly_attention',
     'CheckpointError', 'ConfigError', 'DataError', 'PolyNeXtError', 'create_model', 'list_models',
+    'METAFORMER_ABLATIONS', 'METAFORMER_MODELS', 'IsotropicMetaFormer', 'MetaFormerOptions', 'RandFormer',
+    'RandomMixing', 'apply_authors_head',
 ]

@@ -213,7 +213,10 @@ def load_weights(model: torch.nn.Module, path_or_state: Any, prefer_ema: bool = 
     sd = unwrap_state_dict(obj, prefer_ema=prefer_ema)
     filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
     if filter_fn is not None:
-        sd = filter_fn(sd, model)
+        try:
+            sd = filter_fn(sd, model)
+        except KeyError as e:  # timm's converters index the model's state dict with each checkpoint key
+            raise CheckpointError(f'checkpoint does not match {_model_name(model)}: unexpected key {e}') from None
     load_state_dict_strict(model, sd)
     return model
 

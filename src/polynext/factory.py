@@ -5,6 +5,9 @@ an unknown name gives one message with the closest names; ``checkpoint`` loads w
 any supported layout (ours, the authors', timm's) strictly, and when the checkpoint's
 classifier has another class count than asked for, the model is built with the
 checkpoint's count unless ``num_classes`` was given explicitly (then it is an error).
+timm's own MetaFormer baselines (PoolFormerV2, ConvFormer, CAFormer) are built through
+``models.metaformer_baselines.create_timm_baseline``, which adds the paper's options
+(``head_dropout``, ``act``, ``branch_scale``, ``block_bias``; authors' head LayerNorm eps).
 """
 from __future__ import annotations
 
@@ -68,8 +71,10 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
                  prefer_ema: bool = True, **kwargs: Any) -> nn.Module:
     """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly."""
     check_model_name(name)
+    from .models.metaformer_baselines import TIMM_ARCHS, create_timm_baseline
+    build = create_timm_baseline if name.split('.')[0] in TIMM_ARCHS else timm.create_model
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = build(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise ConfigError(f'{name}: {e}') from None
     if checkpoint is None:
@@ -82,6 +87,6 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
             raise CheckpointError(
                 f'the checkpoint has {n_ckpt} classes but num_classes={kwargs["num_classes"]} was asked for; '
                 f'drop num_classes to use the checkpoint as is, or fine-tune to change the class count')
-        model = timm.create_model(name, num_classes=n_ckpt, **kwargs)
+        model = build(name, num_classes=n_ckpt, **kwargs)
     load_weights(model, sd, prefer_ema=prefer_ema)
     return model

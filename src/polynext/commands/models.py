@@ -2,7 +2,8 @@
 
 MACs are counted with torch's FlopCounterMode (convolutions and matrix products, attention
 included), as both papers count them. Counting builds each model, which takes a few
-seconds per large model; ``--no-macs`` skips that.
+seconds per large model; ``--no-macs`` skips that. The MetaFormer baselines are built on
+the meta device (shapes only, no memory or init cost; the counts are the same).
 """
 from __future__ import annotations
 
@@ -16,8 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', default=None, help='also write the table to this JSON file')
 
 
-def run(args: argparse.Namespace) -> int:
+def _build(name: str):
     import timm
+    import torch
+
+    from ..models import METAFORMER_MODELS
+    if name in METAFORMER_MODELS:
+        with torch.device('meta'):
+            return timm.create_model(name)
+    return timm.create_model(name)
+
+
+def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..factory import list_models
@@ -27,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     names = list_models(args.filter)
     rows = []
     for name in tqdm(names, desc='counting', disable=len(names) < 4, leave=False):
-        model = timm.create_model(name)
+        model = _build(name)
         cfg = model.pretrained_cfg
         size = cfg.get('input_size', (3, 224, 224))[-1]
         trainable = count_params(model, trainable_only=True)

@@ -4,8 +4,10 @@
 """
 from .polynext import *  # noqa: F401,F403
 from .polynext import ABLATIONS, PUBLISHED_ARCHS, REFERENCE_NAMES, PolyNeXt
+from .metaformer_baselines import *  # noqa: F401,F403
+from .metaformer_baselines import BASELINE_ARCHS, METAFORMER_MODELS, TIMM_ARCHS
 
-POLYNEXT_MODELS = list(PUBLISHED_ARCHS)
+POLYNEXT_MODELS = list(PUBLISHED_ARCHS) + list(METAFORMER_MODELS)
 
 
 def model_source(name: str) -> str:
@@ -13,4 +15,8 @@ def model_source(name: str) -> str:
     arch = name.split('.')[0]
     if arch in PUBLISHED_ARCHS:
         return 'polynext (PolyNeXt, ICML 2026)'
+    if arch in BASELINE_ARCHS:
+        return 'polynext (MetaFormer baselines)'
+    if arch in TIMM_ARCHS:
+        return 'timm (MetaFormer baselines)'
     return 'timm'

@@ -256,6 +256,31 @@ class ChannelScale(nn.Module):
 # Token mixers and channel MLP
 # --------------------------------------------------------------------------------------
 
+class _HalvesProduct(torch.autograd.Function):
+    """y = m[:, :h] ⊙ m[:, h:] for m with 2h channels.
+
+    Written by hand because autograd's backward of ``chunk`` concatenates the two half
+    gradients (one extra pass over the 2h-channel tensor, ~8 % of a CPolyNeXt-T training
+    step on CPU); here both halves are written straight into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor) -> torch.Tensor:
+        a, b = m.chunk(2, dim=1)
+        ctx.save_for_backward(m)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (m,) = ctx.saved_tensors
+        a, b = m.chunk(2, dim=1)
+        grad_m = torch.empty_like(m)
+        ga, gb = grad_m.chunk(2, dim=1)
+        torch.mul(grad, b, out=ga)
+        torch.mul(grad, a, out=gb)
+        return grad_m
+
+
 class HadamardProduct(nn.Module):
     """The multiplicative interaction a ⊙ b, with the paper's ablation switches.
 
@@ -275,6 +300,12 @@ class HadamardProduct(nn.Module):
             a = F.gelu(a)
         y = a * b if self.op == 'mul' else a + b
         return F.gelu(y) if self.gelu == 'after' else y
+
+    def halves(self, m: torch.Tensor) -> torch.Tensor:
+        """The interaction of the two channel halves of ``m``."""
+        if self.op == 'mul' and self.gelu == 'none' and torch.is_grad_enabled() and m.requires_grad:
+            return _HalvesProduct.apply(m)
+        return self(*m.chunk(2, dim=1))
 
     def extra_repr(self) -> str:
         return f'op={self.op}, gelu={self.gelu}'
@@ -298,8 +329,7 @@ class PolyMLP(nn.Module):
         self.product = product or HadamardProduct()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.fc_in(x).chunk(2, dim=1)
-        return self.fc_out(self.norm(self.product(a, b)))
+        return self.fc_out(self.norm(self.product.halves(self.fc_in(x))))
 
 
 class PolyConv(nn.Module):
@@ -540,7 +570,10 @@ class PolyNeXtCell(nn.Module):
         self.grad_clip: Optional[float] = None  # see PolyNeXt.set_cell_grad_clip
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        x = self.scale0(s0) + self.scale1(s1) if self.multi_input_skip else self.scale1(s1)
+        if self.multi_input_skip:
+            x = torch.addcmul(self.scale0(s0), s1, self.scale1.scale)  # a ⊙ s0 + b ⊙ s1
+        else:
+            x = self.scale1(s1)
         x = self.merge_norm(x)
         g = self.gates.gates()
         for block, (i_mix, i_mlp) in zip(self.blocks, self.gate_index):
