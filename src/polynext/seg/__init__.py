@@ -1,0 +1,1 @@
+"""Semantic segmentation: UperNet on ADE20K with any polynext backbone."""
