@@ -17,6 +17,7 @@ COMMANDS = {
     'convert': ('polynext.commands.convert', "convert a checkpoint (authors' .pt/.pth) to polynext safetensors"),
     'train': ('polynext.commands.train', 'train a classifier: paper recipes as presets, or your own data'),
     'validate': ('polynext.commands.validate', 'top-1 / top-5 / per-class accuracy of a checkpoint on a dataset'),
+    'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
 }
 
 
