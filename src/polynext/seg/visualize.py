@@ -55,17 +55,24 @@ def save_predictions(model: nn.Module, source: Any, path: Union[str, Path], cfg:
         model.train(was_training)
     if not rows:
         raise ValueError('no images to show')
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    grid = np.concatenate(rows, axis=0)
+    per_row = 2 if len(rows) >= 4 else 1           # two (image, truth, prediction) triplets side by side
+    h = max(r.shape[0] for r in rows)
+    w = max(r.shape[1] for r in rows)
+    tiles = [np.pad(r, ((0, h - r.shape[0] + 4), (0, w - r.shape[1] + (8 if per_row > 1 else 0)), (0, 0)),
+                    constant_values=255) for r in rows]
+    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % per_row)
+    grid = np.concatenate([np.concatenate(tiles[i:i + per_row], axis=1) for i in range(0, len(tiles), per_row)],
+                          axis=0)
     if scale is None:
-        scale = max(1, 256 // rows[0].shape[0])
+        scale = max(1, 192 // h)
     im = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     header = Image.new('RGB', (im.width, 16), (255, 255, 255))
     draw = ImageDraw.Draw(header)
-    col = im.width // 3
-    for k, text in enumerate(('image', 'ground truth', 'prediction')):
-        draw.text((k * col + 4, 2), text, fill=(0, 0, 0))
+    tile_w = im.width // per_row
+    col = (w * scale) // 3
+    for t in range(per_row):
+        for k, text in enumerate(('image', 'ground truth', 'prediction')):
+            draw.text((t * tile_w + k * col + 4, 2), text, fill=(0, 0, 0))
     out = Image.new('RGB', (im.width, im.height + 16), (255, 255, 255))
     out.paste(header, (0, 0))
     out.paste(im, (0, 16))
