@@ -120,6 +120,11 @@ def test_bad_inputs(ade, tmp_path, capsys):
     assert 'checkpoint not found' in _error(tiny(ade, out, '--initial-checkpoint', str(tmp_path / 'no.pt')), capsys)
     assert 'checkpoint not found' in _error(['seg', 'eval', '--checkpoint', str(tmp_path / 'no.safetensors'),
                                              '--data', str(ade)], capsys)
+    # an unreadable training image: named, and past max_corrupt the run stops
+    bad = write_ade20k_folder(tmp_path / 'bad', num_train=4, num_val=1, size=32)
+    (bad / 'images' / 'training' / 'ADE_train_00000002.jpg').write_bytes(b'not a jpeg')
+    msg = _error(tiny(bad, tmp_path / 'y', '--set', 'max_corrupt=0'), capsys)
+    assert 'cannot be read (limit 0)' in msg and 'ADE_train_00000002.jpg' in msg
 
 
 def test_demo_recipe_is_configured_for_a_cpu():
@@ -140,3 +145,30 @@ def test_cost_of_upernet_cpolynext_s_matches_the_paper():
     assert (row['backbone_params'], row['head_params'], row['aux_params']) == (24_044_320, 29_174_934, 702_614)
     assert round(row['params'] / 1e6) == 54
     assert round(row['macs'] / 1e9) == 942 and row['macs'] == pytest.approx(941.50e9, rel=1e-4)
+
+
+def test_ddp_two_cpu_processes(ade, tmp_path, capsys):
+    """torchrun with 2 CPU processes (gloo): sharded evaluation reduced across ranks equals a 1-process eval."""
+    import os
+    import subprocess
+    import sys
+    src = Path(__file__).resolve().parents[1] / 'src'
+    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    run = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'polynext']
+    proc = subprocess.run(cmd + tiny(ade, run, '--set', 'demo_images=0'), env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (run / 'log.txt').read_text()
+    assert 'batch 4 = 2 per device × 2 device(s) × 1 accumulation' in log
+    state = torch.load(run / 'last.state.pt', weights_only=True)
+    assert state['world_size'] == 2 and len(state['rng']) == 2 and state['iteration'] == 4
+    last = [r for r in json.loads((run / 'metrics.json').read_text()) if 'mIoU' in r][-1]
+    out_json = tmp_path / 'eval.json'
+    assert main(['seg', 'eval', '--checkpoint', str(run), '--data', str(ade), '--workers', '0', '--no-progress',
+                 '--json', str(out_json)]) == 0
+    single = json.loads(out_json.read_text())
+    assert single['mIoU'] == pytest.approx(last['mIoU'], abs=1e-9) and single['aAcc'] == pytest.approx(last['aAcc'])
+    assert proc.stdout.count('iter 4 ') == 1                               # only rank 0 prints
