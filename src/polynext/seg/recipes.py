@@ -230,7 +230,7 @@ SEG_PRESETS[DEFAULT_SEG_RECIPE] = SegPreset(dataclasses.replace(
     _ADE, backbone='cpolynext_t', backbone_kwargs=dict(init_channels=16), drop_path=0.0, head_channels=32,
     aux_channels=16, dataset='shapes', reduce_zero_label=False, img_scale=(128, 64), ratio_range=(0.75, 1.5),
     crop_size=64, eval_scale=(128, 64), eval_mode='whole', eval_crop=64, eval_stride=43, lr=2e-3, warmup_iters=50,
-    iters=400, batch_size=8, device_batch_size=8, eval_every=200, checkpoint_every=100, log_every=20, workers=1),
+    iters=1000, batch_size=8, device_batch_size=8, eval_every=250, checkpoint_every=250, log_every=25, workers=1),
     source='polynext demo: generated shapes (4 classes, 64x64, 400 train / 100 val), CPolyNeXt-T C0=16')
 
 
