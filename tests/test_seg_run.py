@@ -145,6 +145,10 @@ def test_cost_of_upernet_cpolynext_s_matches_the_paper():
     assert (row['backbone_params'], row['head_params'], row['aux_params']) == (24_044_320, 29_174_934, 702_614)
     assert round(row['params'] / 1e6) == 54
     assert round(row['macs'] / 1e9) == 942 and row['macs'] == pytest.approx(941.50e9, rel=1e-4)
+    # the head's BatchNorms, 2 ops per output element (mmcv / fvcore): PPM 512 x (1 + 4 + 9 + 36) and its bottleneck
+    # at stride 32 (16 x 64), laterals and FPN convs at strides 4 / 8 / 16, the fusion conv at stride 4
+    bn = 2 * (512 * 50 + 512 * 16 * 64 + 2 * 512 * (128 * 512 + 64 * 256 + 32 * 128) + 512 * 128 * 512)
+    assert row['bn_ops'] == bn and round(row['macs_with_bn'] / 1e9) == 942
 
 
 def test_ddp_two_cpu_processes(ade, tmp_path, capsys):

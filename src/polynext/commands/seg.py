@@ -236,6 +236,7 @@ def cost_rows(backbones: List[str], recipes: List[str], size=(512, 2048), num_cl
               progress: bool = True) -> List[Dict[str, Any]]:
     """Params and MACs (batch 1, eval: backbone + decode head; the auxiliary head's params count,
     its MACs do not, as it does not run at inference)."""
+    import torch
     from ..profile import count_macs, count_params
     from ..seg.recipes import get_seg_preset
     from ..seg.segmentor import SegmentorSpec, build_segmentor
@@ -246,13 +247,24 @@ def cost_rows(backbones: List[str], recipes: List[str], size=(512, 2048), num_cl
         if progress:
             print(f'counting {name} at {size[0]}x{size[1]} ...', file=sys.stderr, flush=True)
         model = build_segmentor(spec)
-        macs = count_macs(model, (3, int(size[0]), int(size[1])))
+        bn_ops = [0]
+
+        def count_bn(module, inputs, output):   # affine BatchNorm at inference: 2 ops per element (mmcv, fvcore)
+            bn_ops[0] += 2 * output.numel()
+        hooks = [m.register_forward_hook(count_bn) for m in model.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        try:
+            macs = count_macs(model, (3, int(size[0]), int(size[1])))
+        finally:
+            for h in hooks:
+                h.remove()
         paper = PAPER_COST.get(name) if tuple(size) == (512, 2048) and num_classes == 150 else None
         rows.append(dict(name=name, backbone=spec.backbone, params=count_params(model),
                          backbone_params=count_params(model.backbone),
                          head_params=count_params(model.decode_head),
                          aux_params=count_params(model.auxiliary_head) if model.auxiliary_head is not None else 0,
-                         macs=macs, size=list(size), paper_params_m=paper[0] if paper else None,
+                         macs=macs, bn_ops=bn_ops[0], macs_with_bn=macs + bn_ops[0], size=list(size),
+                         paper_params_m=paper[0] if paper else None,
                          paper_macs_g=paper[1] if paper else None))
         del model
     return rows
@@ -265,13 +277,14 @@ def _cost(args: argparse.Namespace) -> int:
     rows = cost_rows(list(args.backbone), recipes, tuple(args.size), args.num_classes)
     h, w = args.size
     width = max(len(r['name']) for r in rows)
-    print(f'UperNet segmentors at {h}x{w} (batch 1; MACs = FlopCounterMode FLOPs / 2; the auxiliary head counts '
-          f'in params only)')
-    print(f'{"segmentor":<{width}}  {"params":>12} {"(M)":>6} {"MACs (G)":>9}   {"paper":>12}')
+    print(f'UperNet segmentors at {h}x{w}, batch 1. MACs: convolutions, linear layers and attention matmuls '
+          f'(FlopCounterMode FLOPs / 2, decode path); +BN adds 2 ops per BatchNorm output element, as mmcv and '
+          f'fvcore count them. The auxiliary head counts in params only (it does not run at inference).')
+    print(f'{"segmentor":<{width}}  {"params":>12} {"(M)":>6} {"GMACs":>8} {"+BN":>8}   {"paper":>12}')
     for r in rows:
         paper = (f'{r["paper_params_m"]}M / {r["paper_macs_g"]}G' if r['paper_params_m'] else '-')
-        print(f'{r["name"]:<{width}}  {r["params"]:>12,} {r["params"] / 1e6:>6.2f} {r["macs"] / 1e9:>9.2f}   '
-              f'{paper:>12}')
+        print(f'{r["name"]:<{width}}  {r["params"]:>12,} {r["params"] / 1e6:>6.2f} {r["macs"] / 1e9:>8.2f} '
+              f'{r["macs_with_bn"] / 1e9:>8.2f}   {paper:>12}')
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + '\n')
     return 0
