@@ -117,6 +117,7 @@ def test_bad_inputs(ade, tmp_path, capsys):
         tiny(ade, out, '--backbone', 'test_convnext', '--set', 'backbone_kwargs={}', '--set', 'cell_grad_clip=5'),
         capsys)
     assert 'not a multiple' in _error(tiny(ade, out, '--device-batch-size', '3'), capsys)
+    assert 'per-device batch of 1' in _error(tiny(ade, out, '--device-batch-size', '1'), capsys)
     assert 'checkpoint not found' in _error(tiny(ade, out, '--initial-checkpoint', str(tmp_path / 'no.pt')), capsys)
     assert 'checkpoint not found' in _error(['seg', 'eval', '--checkpoint', str(tmp_path / 'no.safetensors'),
                                              '--data', str(ade)], capsys)

@@ -174,6 +174,11 @@ class SegTrainer:
         self.show_progress = show_progress and env.is_main
         self.run = RunFolder(run_dir, is_main=env.is_main, quiet=quiet)
         self.accumulation = seg_accumulation_steps(cfg, env.world_size)
+        if cfg.device_batch_size < 2 and not (self.cuda and env.world_size > 1):
+            raise ConfigError(
+                'a per-device batch of 1 cannot train UperNet here: its pyramid pooling normalises a 1x1 map with '
+                'BatchNorm, which needs 2 or more images for batch statistics. Use --device-batch-size 2 or more (on '
+                'several GPUs, SyncBatchNorm pools the images of all devices, so 1 per GPU works)')
         self.layout = BatchLayout(cfg.device_batch_size, env.world_size, self.accumulation)
         seed_everything(cfg.seed + env.rank)
         if cfg.threads:
