@@ -237,7 +237,7 @@ class SegTrainer:
             else:
                 self.run.log('note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA)')
             self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.cuda else None, broadcast_buffers=False)
+                self.model, device_ids=[self.device] if self.cuda else None)
 
     # ---------------------------------------------------------------------------------
     def _build_model(self, load_initial: bool) -> UperNet:
@@ -252,6 +252,9 @@ class SegTrainer:
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+            for p in model.parameters():   # (1, C, 1, 1) scales: standard strides, the layout of their gradients
+                if p.dim() == 4 and p.shape[0] == 1 and p.shape[2:] == (1, 1):   # (DDP's buckets follow the param)
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
         return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
