@@ -22,7 +22,7 @@ an all-ignored sample and its index (``bad``), which the trainer names, counts a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
