@@ -133,6 +133,9 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(dict(recipe=name, **config_to_dict(cfg)), sort_keys=False, default_flow_style=None),
               end='')
         return 0
+    if cfg.dataset == 'ade20k' and not cfg.data and not args.resume:
+        raise ConfigError(f"recipe '{name}' trains on ADE20K: pass --data PATH/ADEChallengeData2016 (or run "
+                          f"`polynext seg train` with no arguments for the generated demo set)")
     explicit_keys = set(flags) | set(parse_set_args(args.set))
     explicit = {k: getattr(cfg, k) for k in explicit_keys}
     from ..seg.trainer import train_segmentation

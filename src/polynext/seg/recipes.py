@@ -268,7 +268,4 @@ def resolve_seg_config(recipe: Optional[str] = None, config_file: Optional[str] 
         flags['dataset'] = 'ade20k'            # --data on the demo means an ADE20K folder
     cfg = apply_overrides(cfg, flags, source='the command line')
     cfg = apply_overrides(cfg, set_values, source='--set')
-    if cfg.dataset == 'ade20k' and not cfg.data:
-        raise ConfigError(f"recipe '{name}' trains on ADE20K: pass --data PATH/ADEChallengeData2016 (or run "
-                          f"`polynext seg train` with no arguments for the generated demo set)")
     return name, cfg.validate()
