@@ -67,7 +67,12 @@ def coerce_value(key: str, value: Any, tp: Any) -> Any:
         raise bad
     if origin in (tuple, Tuple):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        if isinstance(value, str):
+        if isinstance(value, str) and value.strip().startswith('['):   # a YAML list: '[64, 32]'
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise bad from None
+        elif isinstance(value, str):
             value = [yaml.safe_load(v) for v in value.split(',')] if ',' in value else [yaml.safe_load(value)]
         if not isinstance(value, (list, tuple)):
             raise bad

@@ -1,0 +1,246 @@
+"""UperNet segmentor over any timm ``features_only`` backbone with strides 4/8/16/32.
+
+    image → backbone stages (strides 4, 8, 16, 32) → per-stage output norms (optional)
+          → UPerHead → logits at stride 4            (+ FCNHead on stage ``aux_index`` when training)
+
+* ``SegmentationBackbone``: timm's ``features_only`` wrapper of any model (PolyNeXt, the
+  MetaFormer baselines, ConvNeXt, ResNet, ...; for PolyNeXt timm's ``FeatureGetterNet`` holds
+  the network at ``.model``), the four stride-4/8/16/32 outputs, and the reference wrapper's
+  ``extra_norms``: a fresh channel LayerNorm **with bias** (eps 1e-5, weight 1, bias 0) on
+  every stage output.
+* ``UperNet``: backbone + ``decode_head`` (UPerHead) + ``auxiliary_head`` (FCNHead, used for
+  the auxiliary loss only). ``forward`` returns ``{'out': logits}`` (+ ``'aux'`` in training
+  mode) at the heads' strides; ``encode_decode`` resizes the logits to the input size.
+* ``SegmentorSpec``: everything that defines the architecture (stored in every checkpoint's
+  metadata, so ``polynext seg eval`` rebuilds the model from the weights file alone).
+* ``build_segmentor(spec, checkpoint=None)``: the model; ``checkpoint`` is a *classification*
+  checkpoint for the backbone (ours, the authors' ``.pt``, timm's or sail-sg's layout). It is
+  loaded strictly into the full classifier first (``polynext.create_model``: every backbone
+  key must be present with the right shape, one clear error otherwise), then timm builds the
+  feature backbone from those weights (its state-dict pass-through, still strict) and drops
+  the classifier. The extra norms and heads stay fresh.
+
+Without a checkpoint the backbone keeps its own initialisation (PolyNeXt: the reference's
+Kaiming "POLY" init of classification training). The reference segmentation wrapper would
+re-initialise every backbone conv with trunc_normal(std 0.02) before loading; that only
+matters for training from scratch, which the paper never does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
+from .heads import FCNHead, UPerHead
+
+__all__ = ['SegmentorSpec', 'SegmentationBackbone', 'UperNet', 'build_segmentor', 'load_segmentor',
+           'REQUIRED_STRIDES', 'find_polynext']
+
+REQUIRED_STRIDES = (4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class SegmentorSpec:
+    """The architecture of an UperNet segmentor (no training settings)."""
+    backbone: str = 'cpolynext_s'
+    num_classes: int = 150
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
+    drop_path: float = 0.0                 # backbone stochastic depth (linear over the blocks)
+    extra_norms: bool = True               # fresh LayerNorm (with bias) on every stage output
+    channels: int = 512                    # UPerHead width
+    pool_scales: Tuple[int, ...] = (1, 2, 3, 6)
+    dropout: float = 0.1                   # Dropout2d before both classifiers
+    aux_channels: int = 256                # FCNHead width; 0: no auxiliary head
+    aux_index: int = 2                     # stage feeding the FCNHead (stride 16)
+    align_corners: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d['pool_scales'] = list(self.pool_scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'SegmentorSpec':
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise CheckpointError(f"unknown segmentor setting '{unknown[0]}' in the checkpoint metadata "
+                                  f'(written by a newer polynext?)')
+        d = dict(d)
+        if 'pool_scales' in d:
+            d['pool_scales'] = tuple(d['pool_scales'])
+        return cls(**d)
+
+
+def find_polynext(module: nn.Module) -> Optional[nn.Module]:
+    """The PolyNeXt network inside a (wrapped) backbone, or ``None``."""
+    from ..models.polynext import PolyNeXt
+    for m in module.modules():
+        if isinstance(m, PolyNeXt):
+            return m
+    return None
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    from ..factory import create_model
+    return create_model(name, **kwargs)
+
+
+class SegmentationBackbone(nn.Module):
+    """timm ``features_only`` body → the stride-4/8/16/32 stage outputs [→ ``extra_norms``]."""
+
+    def __init__(self, body: nn.Module, name: str = '', extra_norms: bool = True):
+        super().__init__()
+        info = body.feature_info
+        reductions, channels = list(info.reduction()), list(info.channels())
+        take = [reductions.index(s) if s in reductions else None for s in REQUIRED_STRIDES]
+        if None in take:
+            raise ConfigError(
+                f"backbone '{name}' gives features at strides {reductions}; UperNet needs strides "
+                f"{list(REQUIRED_STRIDES)} (low-resolution models such as cpolynext_lr do not have them)")
+        self.body = body
+        self.take = take
+        self.channels = [channels[i] for i in take]
+        from ..models.polynext import LayerNorm2d
+        self.extra_norms = (nn.ModuleList([LayerNorm2d(c, eps=1e-5, bias=True) for c in self.channels])
+                            if extra_norms else None)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats = self.body(x)
+        feats = [feats[i] for i in self.take]
+        if self.extra_norms is not None:
+            feats = [norm(f) for norm, f in zip(self.extra_norms, feats)]
+        return feats
+
+
+class UperNet(nn.Module):
+    """UperNet: ``backbone`` → ``decode_head`` (UPerHead) [+ ``auxiliary_head`` (FCNHead)]."""
+
+    def __init__(self, backbone: SegmentationBackbone, num_classes: int = 150, channels: int = 512,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, aux_channels: int = 256,
+                 aux_index: int = 2, align_corners: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        self.decode_head = UPerHead(backbone.channels, channels, num_classes, pool_scales, dropout, align_corners)
+        self.aux_index = aux_index
+        self.auxiliary_head = (FCNHead(backbone.channels[aux_index], aux_channels, num_classes, num_convs=1,
+                                       concat_input=False, dropout=dropout) if aux_channels else None)
+        self.spec: Optional[SegmentorSpec] = None
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{'out': decode logits at stride 4}`` (+ ``'aux'`` at stride 16 in training mode)."""
+        feats = self.backbone(x)
+        out = {'out': self.decode_head(feats)}
+        if self.training and self.auxiliary_head is not None:
+            out['aux'] = self.auxiliary_head(feats[self.aux_index])
+        return out
+
+    def encode_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode logits resized (bilinear) to the input's size (mmseg ``encode_decode``)."""
+        logits = self(x)['out']
+        return F.interpolate(logits, size=x.shape[2:], mode='bilinear', align_corners=self.align_corners)
+
+    @torch.jit.ignore
+    def set_cell_grad_clip(self, max_norm: Optional[float]) -> bool:
+        """Per-cell gradient clipping of a PolyNeXt backbone (the reference's APolyNeXt setting);
+        ``False`` when the backbone is not a PolyNeXt."""
+        net = find_polynext(self.backbone)
+        if net is None:
+            return False
+        net.set_cell_grad_clip(max_norm)
+        return True
+
+
+def _backbone_kwargs(spec: SegmentorSpec) -> Dict[str, Any]:
+    kw = dict(spec.backbone_kwargs)
+    for forbidden in ('features_only', 'out_indices', 'pretrained', 'num_classes'):
+        if forbidden in kw:
+            raise ConfigError(f"backbone_kwargs may not set '{forbidden}' (the segmentor sets it)")
+    return kw
+
+
+def build_segmentor(spec: SegmentorSpec, checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None,
+                    prefer_ema: bool = True) -> UperNet:
+    """The UperNet of ``spec``; ``checkpoint``: classification weights for the backbone (strict)."""
+    from ..factory import check_model_name
+    check_model_name(spec.backbone)
+    kw = _backbone_kwargs(spec)
+    load_kw: Dict[str, Any] = {}
+    if checkpoint is not None:
+        # strict load into the full classifier: any layout, class count from the checkpoint, clear errors
+        full = _create(spec.backbone, checkpoint=checkpoint, prefer_ema=prefer_ema, **kw)
+        n_cls = int(getattr(full, 'num_classes', 0) or 0)
+        # timm builds the feature backbone from these weights (pass-through state dict, strict: the
+        # overlay's num_classes=0 equals the features' 0, so timm does not relax strictness) and then
+        # drops the classifier
+        load_kw = dict(pretrained=True, num_classes=n_cls,
+                       pretrained_cfg_overlay=dict(state_dict=full.state_dict(), num_classes=0))
+        del full
+    if spec.drop_path:
+        kw['drop_path_rate'] = spec.drop_path
+    try:
+        body = _create(spec.backbone, features_only=True, **load_kw, **kw)
+    except RuntimeError as e:   # a strict-load failure inside timm (should not happen after the check above)
+        raise CheckpointError(f'cannot load the backbone weights into {spec.backbone}: {str(e).splitlines()[0]}') \
+            from None
+    net = find_polynext(body)
+    if net is not None and net.norm_kind == 'bn':
+        raise ConfigError(
+            f"'{spec.backbone}' is a fully polynomial (bn) variant: its norms have per-position weights tied to "
+            f"one input size, so it cannot segment images of other sizes; use the LayerNorm model instead")
+    backbone = SegmentationBackbone(body, spec.backbone, extra_norms=spec.extra_norms)
+    if not 0 <= spec.aux_index < len(backbone.channels):
+        raise ConfigError(f'aux_index {spec.aux_index} is not a stage index (0-{len(backbone.channels) - 1})')
+    model = UperNet(backbone, spec.num_classes, spec.channels, spec.pool_scales, spec.dropout, spec.aux_channels,
+                    spec.aux_index, spec.align_corners)
+    model.spec = spec
+    return model
+
+
+def spec_metadata(spec: SegmentorSpec) -> Dict[str, str]:
+    """safetensors metadata that ``load_segmentor`` reads back."""
+    return {'polynext_segmentor': json.dumps(spec.to_dict())}
+
+
+def load_segmentor(path: Union[str, Path], spec: Optional[SegmentorSpec] = None) -> UperNet:
+    """A trained segmentor from a ``.safetensors`` (spec in its metadata) or ``*.state.pt`` file."""
+    from ..checkpoint import load_state_dict_strict, read_checkpoint
+    path = Path(path)
+    if path.is_dir():
+        for name in ('best.safetensors', 'last.safetensors'):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f'no best.safetensors or last.safetensors in {path}')
+    obj = read_checkpoint(path)
+    if path.suffix == '.safetensors':
+        sd = obj
+        if spec is None:
+            from safetensors import safe_open
+            with safe_open(str(path), framework='pt') as f:
+                meta = f.metadata() or {}
+            if 'polynext_segmentor' not in meta:
+                raise CheckpointError(f'{path} holds no segmentor description (metadata polynext_segmentor); '
+                                      f'pass --backbone and --num-classes to say which model it is')
+            spec = SegmentorSpec.from_dict(json.loads(meta['polynext_segmentor']))
+    else:
+        if not isinstance(obj, dict) or 'model' not in obj:
+            raise CheckpointError(f'{path} is neither a segmentor weights file (.safetensors) nor a training state')
+        sd = obj['model']
+        if spec is None:
+            if 'spec' not in obj:
+                raise CheckpointError(f'{path} is not a polynext segmentation training state')
+            spec = SegmentorSpec.from_dict(obj['spec'])
+    model = build_segmentor(dataclasses.replace(spec, drop_path=0.0))
+    load_state_dict_strict(model, sd)
+    return model
