@@ -76,6 +76,7 @@ def main() -> int:
             ref_nchw = reference.NetworkPolyImageNet(width, 1000, layers, dict(getattr(reference, cfg_name)))
             ref_cl = reference.NetworkPolyImageNet(width, 1000, layers, dict(getattr(reference, cfg_name)))
             ref_cl.load_state_dict(ref_nchw.state_dict())
+            ref_nchw.num_classes = ref_cl.num_classes = 1000  # make_step reads it (timm convention)
             ours = timm.create_model(name)
             polynext.load_reference_state_dict(ours, ref_nchw.state_dict())
             x = torch.randn(2, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
