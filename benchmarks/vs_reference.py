@@ -15,6 +15,13 @@ cross-entropy + backward + AdamW step + zero_grad (``polynext.bench.make_step``)
 
     python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt
     python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt --mode train --batch-size 32 --runs 5
+    python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt --memory --json r.json
+
+``--memory`` measures peak memory instead of speed: each (implementation, model, mode) runs in a
+fresh process, as ``polynext bench`` does (``polynext.bench.measure_peak_rss``): the increase of the
+RSS high-water mark over building the model and its warm-up steps (weights, input, activations,
+and in train mode gradients and AdamW state), with glibc's mmap threshold at 64 KiB so that RSS is
+the memory in use.
 """
 from __future__ import annotations
 
@@ -32,6 +39,102 @@ REFERENCE = {
 }
 
 
+IMPLEMENTATIONS = ('reference NCHW', 'reference CL', 'polynext')
+
+
+def _build(reference, name: str, impl: str):
+    """One implementation of ``name`` (seeded reference weights), as the timing loop builds it."""
+    import timm
+    import torch
+
+    import polynext
+    cfg_name, layers = REFERENCE[name]
+    width = polynext.PUBLISHED_ARCHS[name]['init_channels']
+    torch.manual_seed(0)
+    ref = reference.NetworkPolyImageNet(width, 1000, layers, dict(getattr(reference, cfg_name)))
+    ref.num_classes = 1000  # make_step reads it (timm convention)
+    if impl.startswith('reference'):
+        return ref
+    ours = timm.create_model(name)
+    polynext.load_reference_state_dict(ours, ref.state_dict())
+    return ours
+
+
+def _import_reference(reference_dir: Path):
+    model_py = reference_dir / 'model.py'
+    if not model_py.is_file():
+        raise SystemExit(f'vs_reference.py: error: {model_py} not found; --reference-dir must be a checkout of '
+                         f'jjwang8/PolyNeXt')
+    sys.path.insert(0, str(reference_dir))
+    import model as reference  # the authors' module (not shipped with polynext)
+    return reference
+
+
+def _probe(args) -> int:
+    """Child process of --memory: one implementation, one model, one mode; prints the peak as JSON."""
+    import torch
+
+    from polynext.bench import BenchSettings, _proc_status_kib, _reset_rss_high_water, make_step
+    reference = _import_reference(args.reference_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(img_size=args.img_size, batch_size=args.batch_size, mode=args.mode[0],
+                             warmup=args.warmup, channels_last=args.probe == 'reference CL')
+    import gc
+    gc.collect()
+    if not _reset_rss_high_water():
+        raise SystemExit('vs_reference.py: error: --memory needs Linux procfs (/proc/self/clear_refs)')
+    before = _proc_status_kib('VmRSS')
+    model = _build(reference, args.models[0], args.probe)
+    step = make_step(model, settings, torch.device('cpu'))
+    for _ in range(args.warmup):
+        step()
+    print(json.dumps(dict(peak_bytes=(_proc_status_kib('VmHWM') - before) * 1024)))
+    return 0
+
+
+def _memory(args) -> int:
+    import subprocess
+
+    import torch
+
+    from polynext.bench import environment, format_table, memory_probe_env
+    _import_reference(args.reference_dir)  # fail early with the message
+    results = []
+    for mode in args.mode:
+        for name in args.models:
+            row = dict(model=name, mode=mode, batch_size=args.batch_size)
+            for impl in IMPLEMENTATIONS:
+                cmd = [sys.executable, __file__, '--reference-dir', str(args.reference_dir), '--probe', impl,
+                       '--models', name, '--mode', mode, '--batch-size', str(args.batch_size),
+                       '--img-size', str(args.img_size), '--warmup', str(args.warmup)]
+                if args.threads:
+                    cmd += ['--threads', str(args.threads)]
+                proc = subprocess.run(cmd, env=memory_probe_env(), capture_output=True, text=True)
+                if proc.returncode:
+                    print(proc.stderr, file=sys.stderr)
+                    raise SystemExit(f'vs_reference.py: error: the memory probe for {impl} {name} {mode} failed')
+                row[f'{impl} MiB'] = json.loads(proc.stdout.strip().splitlines()[-1])['peak_bytes'] / 2**20
+            row['polynext / reference NCHW'] = row['polynext MiB'] / row['reference NCHW MiB']
+            row['polynext / reference CL'] = row['polynext MiB'] / row['reference CL MiB']
+            results.append(row)
+            print(f"{name} {mode}: peak MiB reference NCHW {row['reference NCHW MiB']:,.0f}, reference CL "
+                  f"{row['reference CL MiB']:,.0f}, polynext {row['polynext MiB']:,.0f}", flush=True)
+    columns = ['model', 'mode', 'ref NCHW MiB', 'ref CL MiB', 'polynext MiB', 'x ref NCHW', 'x ref CL']
+    rows = [[r['model'], r['mode'], f"{r['reference NCHW MiB']:,.0f}", f"{r['reference CL MiB']:,.0f}",
+             f"{r['polynext MiB']:,.0f}", f"{r['polynext / reference NCHW']:.2f}",
+             f"{r['polynext / reference CL']:.2f}"] for r in results]
+    print()
+    print(format_table(columns, rows))
+    env = dict(environment(torch.device('cpu')), allocator='glibc mmap_threshold=64 KiB (RSS = memory in use)',
+               method='VmHWM - VmRSS before building, fresh process per implementation/model/mode')
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(dict(environment=env, batch_size=args.batch_size, img_size=args.img_size,
+                                         results=results), indent=2))
+    print(f'\nwrote {args.json}')
+    return 0
+
+
 def main() -> int:
     from polynext.bench import ensure_pinned_allocator
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +148,13 @@ def main() -> int:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     parser.add_argument('--json', type=Path, default=Path(__file__).parent / 'results' / 'vs_reference.json')
+    parser.add_argument('--memory', action='store_true', help='peak memory (fresh process each) instead of speed')
+    parser.add_argument('--probe', choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
+    if args.probe:
+        return _probe(args)
+    if args.memory:
+        return _memory(args)
     ensure_pinned_allocator(prog='vs_reference.py')
 
     import timm
@@ -54,13 +163,7 @@ def main() -> int:
     import polynext
     from polynext.bench import BenchSettings, allocator_status, environment, format_table, make_step, time_interleaved
 
-    model_py = args.reference_dir / 'model.py'
-    if not model_py.is_file():
-        print(f'vs_reference.py: error: {model_py} not found; --reference-dir must be a checkout of '
-              f'jjwang8/PolyNeXt', file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(args.reference_dir))
-    import model as reference  # the authors' module (not shipped with polynext)
+    reference = _import_reference(args.reference_dir)
 
     if args.threads:
         torch.set_num_threads(args.threads)
