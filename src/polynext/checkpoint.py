@@ -266,3 +266,25 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, Pa
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_safetensors_metadata(path: Union[str, Path]) -> Dict[str, Any]:
+    """The metadata :func:`save_safetensors` wrote (architecture, model_kwargs, classes, eval ...), each value
+    decoded from JSON where it is JSON; ``{}`` for anything that is not a readable ``.safetensors`` file
+    (:func:`read_checkpoint` gives unreadable files their clear error later)."""
+    path = Path(path)
+    if path.suffix != '.safetensors' or not path.is_file():
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            raw = f.metadata() or {}
+    except Exception:  # noqa: BLE001
+        return {}
+    out: Dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out

@@ -51,25 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra model arguments, e.g. '{init_channels: 16}'")
 
 
-def _checkpoint_meta(path: Path) -> dict:
-    """polynext safetensors metadata (architecture, model_kwargs, classes, eval), else {}."""
-    if path.suffix != '.safetensors' or not path.is_file():
-        return {}
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            raw = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - read_checkpoint reports unreadable files clearly later
-        return {}
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            out[k] = v
-    return out
-
-
 def _state_eval(config: dict) -> dict:
     return dict(resize=config['eval_resize'], crop=config['eval_crop'], interpolation=config['eval_interpolation'],
                 mean=config['mean'], std=config['std'])
@@ -98,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
     from torch.utils.data import DataLoader
 
-    from ..checkpoint import read_checkpoint, unwrap_state_dict
+    from ..checkpoint import read_checkpoint, read_safetensors_metadata, unwrap_state_dict
     from ..engine.distributed import cleanup_distributed, init_distributed
     from ..engine.determinism import ShardSampler
     from ..engine.memory import BatchLayout, oom_advice
@@ -108,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.validate import evaluate, per_class_rows
 
     ckpt = Path(args.checkpoint)
-    meta = _checkpoint_meta(ckpt)
+    meta = read_safetensors_metadata(ckpt)
     obj = read_checkpoint(ckpt)
     if isinstance(obj, dict) and str(obj.get('format', '')).startswith('polynext.train') and \
             isinstance(obj.get('config'), dict):

@@ -15,7 +15,6 @@ Weights, one source per model:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -28,25 +27,6 @@ __all__ = ['PRETRAINED', 'load_classifier', 'model_entry']
 
 #: the ``--checkpoint`` value that asks for timm's pretrained weights
 PRETRAINED = 'pretrained'
-
-
-def _safetensors_meta(path: Path) -> dict:
-    """polynext safetensors metadata (architecture, model_kwargs, ...) decoded from JSON, else {}."""
-    if path.suffix != '.safetensors' or not path.is_file():
-        return {}
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            raw = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - an unreadable file gets read_checkpoint's clear error later
-        return {}
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            out[k] = v
-    return out
 
 
 def load_classifier(name: str, checkpoint: Optional[str], allow_random: bool = False) -> Tuple[nn.Module, str]:
@@ -71,7 +51,8 @@ def load_classifier(name: str, checkpoint: Optional[str], allow_random: bool = F
         source = f'timm pretrained ({where})'
     else:
         path = Path(checkpoint).expanduser()
-        meta = _safetensors_meta(path)
+        from ..checkpoint import read_safetensors_metadata
+        meta = read_safetensors_metadata(path)
         kwargs = dict(meta.get('model_kwargs') or {}) if meta.get('architecture') == name.split('.')[0] else {}
         model = create_model(name, checkpoint=path, **kwargs)
         source = str(path)
