@@ -39,7 +39,7 @@ def check_model_name(name: str) -> str:
     arch = name.split('.')[0]
     if timm.is_model(arch):
         return name
-    candidates = list_models() + timm.list_models()
+    candidates = list(dict.fromkeys(list_models() + timm.list_models()))   # polynext's are timm's too: once each
     close = difflib.get_close_matches(arch, candidates, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ''
     raise ConfigError(f"unknown model '{name}'.{hint} Run `polynext models` to list polynext's models.")

@@ -211,6 +211,16 @@ def spec_metadata(spec: SegmentorSpec) -> Dict[str, str]:
     return {'polynext_segmentor': json.dumps(spec.to_dict())}
 
 
+def _not_a_segmentor(path: Path, classifier: Optional[str]) -> str:
+    """Why ``path`` cannot be evaluated as a segmentor, and what to do with it instead."""
+    if classifier:
+        return (f'{path} is a classifier ({classifier}), not a segmentor: evaluate it with `polynext validate '
+                f'--checkpoint {path}`, or train a segmentor on it with `polynext seg train --backbone {classifier} '
+                f'--initial-checkpoint {path}`')
+    return (f'{path} holds no segmentor (it was not written by `polynext seg train`); pass a run folder of '
+            f'`polynext seg train` or a file in it')
+
+
 def load_segmentor(path: Union[str, Path], spec: Optional[SegmentorSpec] = None) -> UperNet:
     """A trained segmentor from a ``.safetensors`` (spec in its metadata) or ``*.state.pt`` file."""
     from ..checkpoint import load_state_dict_strict, read_checkpoint
@@ -227,18 +237,20 @@ def load_segmentor(path: Union[str, Path], spec: Optional[SegmentorSpec] = None)
         sd = obj
         if spec is None:
             from ..checkpoint import read_safetensors_metadata
-            description = read_safetensors_metadata(path).get('polynext_segmentor')
+            meta = read_safetensors_metadata(path)
+            description = meta.get('polynext_segmentor')
             if not isinstance(description, dict):
-                raise CheckpointError(f'{path} holds no segmentor description (metadata polynext_segmentor); '
-                                      f'pass --backbone and --num-classes to say which model it is')
+                raise CheckpointError(_not_a_segmentor(path, meta.get('architecture')))
             spec = SegmentorSpec.from_dict(description)
     else:
         if not isinstance(obj, dict) or 'model' not in obj:
-            raise CheckpointError(f'{path} is neither a segmentor weights file (.safetensors) nor a training state')
+            raise CheckpointError(f'{path} is neither a segmentor weights file (.safetensors) nor a training state; '
+                                  f'pass a run folder of `polynext seg train` or a file in it')
         sd = obj['model']
         if spec is None:
             if 'spec' not in obj:
-                raise CheckpointError(f'{path} is not a polynext segmentation training state')
+                config = obj.get('config') if isinstance(obj.get('config'), dict) else {}
+                raise CheckpointError(_not_a_segmentor(path, config.get('model')))
             spec = SegmentorSpec.from_dict(obj['spec'])
     model = build_segmentor(dataclasses.replace(spec, drop_path=0.0))
     load_state_dict_strict(model, sd)
