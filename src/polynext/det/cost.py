@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..profile import count_params, unfused_attention
 
-__all__ = ['detector_cost', 'count_detector', 'PAPER_TABLE9', 'BOX_PROPOSALS', 'MASK_PROPOSALS']
+__all__ = ['detector_cost', 'count_detector', 'detector_costs', 'format_costs', 'COST_SIZES', 'PAPER_TABLE9', 'BOX_PROPOSALS', 'MASK_PROPOSALS']
 
 #: mmdetection forward_dummy: box heads on 1000 proposals, mask heads on the first 100
 BOX_PROPOSALS = 1000
@@ -166,3 +166,53 @@ def count_detector(spec, size: Tuple[int, int] = (800, 1333), **kwargs: Any) -> 
         return detector_cost(model, size, **kwargs)
     except (RuntimeError, NotImplementedError):
         return detector_cost(build_detector(spec), size, **kwargs)
+
+
+#: the input sizes of the cost table: the caption's 800x1333, and mmdetection get_flops' default
+#: ``--shape 1280 800`` (H 1280, W 800), which Table 9's figures match (see the README)
+COST_SIZES = ((800, 1333), (1280, 800))
+
+
+def detector_costs(recipes: Sequence[str] = (), backbones: Sequence[str] = (), kinds: Sequence[str] = ('mask_rcnn',),
+                   sizes: Sequence[Tuple[int, int]] = COST_SIZES, num_classes: int = 80,
+                   progress: bool = False) -> List[Dict[str, Any]]:
+    """One row per recipe (its detector and backbone settings) and per backbone × detector kind:
+    params, MACs at each size (and with mmcv's extra ops), and Table 9's figure where there is one."""
+    import sys
+    from .detector import DetectorSpec
+    from .recipes import DET_PRESETS
+    jobs = [(r, DET_PRESETS.get(r).config.spec(num_classes)) for r in recipes]
+    jobs += [(f'{k}:{b}', DetectorSpec(kind=k, backbone=b, num_classes=num_classes)) for b in backbones for k in kinds]
+    rows = []
+    for name, spec in jobs:
+        row: Dict[str, Any] = dict(name=name, detector=spec.kind, backbone=spec.backbone,
+                                   attn_window=list(spec.attn_window), macs={}, macs_mmcv={})
+        for size in sizes:
+            if progress:
+                print(f'counting {name} at {size[0]}x{size[1]} ...', file=sys.stderr, flush=True)
+            r = count_detector(spec, tuple(size))
+            key = f'{size[0]}x{size[1]}'
+            row['macs'][key] = r['macs']
+            row['macs_mmcv'][key] = r['macs'] + r['mmcv_extras']
+            row.update(params=r['params'], backbone_params=r['backbone_params'], parts={key: r['parts']})
+        paper = PAPER_TABLE9.get(name) if num_classes == 80 else None
+        row['paper_gmacs'] = paper[0] if paper else None
+        rows.append(row)
+    return rows
+
+
+def format_costs(rows: Sequence[Dict[str, Any]]) -> str:
+    """The cost table as text (GMACs per size; the paper's figure and our deviation from it at 1280x800)."""
+    sizes = list(rows[0]['macs']) if rows else []
+    width = max([len(r['name']) for r in rows] + [8])
+    head = f'{"detector":<{width}}  {"params":>12}  ' + '  '.join(f'{"GMACs " + s:>16}' for s in sizes) + \
+        f'  {"paper":>6}  {"Δ":>6}'
+    lines = ['Box heads on 1000 proposals, mask heads on 100 (every cascade stage), as mmdetection get_flops; '
+             'MACs of convolutions, linear layers and matmuls (attention included).', head]
+    for r in rows:
+        cells = '  '.join(f'{r["macs"][s] / 1e9:>16.2f}' for s in sizes)
+        paper = r.get('paper_gmacs')
+        ref = r['macs'].get('1280x800')
+        delta = f'{100 * (ref / 1e9 - paper) / paper:+5.1f}%' if paper and ref else ''
+        lines.append(f'{r["name"]:<{width}}  {r["params"]:>12,}  {cells}  {paper or "-":>6}  {delta:>6}')
+    return '\n'.join(lines)
