@@ -40,7 +40,8 @@ from ..errors import CheckpointError, ConfigError
 from .cascade import CASCADE_BOX_STDS, CASCADE_IOUS, CASCADE_STAGE_WEIGHTS, CascadeRoIHeads
 from .heads import AlignedRoIAlign, BoxPredictor, ConvFCHead, TwoFCHead, mask_head, mask_predictor
 
-__all__ = ['DetectorSpec', 'DetBackbone', 'DetTransform', 'build_detector', 'load_detector', 'spec_metadata',
+__all__ = ['DetectorSpec', 'DetBackbone', 'DetTransform', 'build_detector', 'check_detector', 'load_detector',
+           'spec_metadata',
            'DETECTOR_KINDS', 'IMAGENET_MEAN', 'IMAGENET_STD']
 
 DETECTOR_KINDS = ('mask_rcnn', 'cascade_mask_rcnn')
@@ -199,6 +200,27 @@ def build_detector(spec: DetectorSpec, checkpoint: Optional[Union[str, Path, Map
     model.transform = DetTransform()
     model.spec = spec
     return model
+
+
+def check_detector(spec: DetectorSpec, checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None) -> None:
+    """The errors ``build_detector`` would raise, found cheaply (before a run writes anything): the backbone's
+    name and strides (built on the meta device), and a strict load of ``checkpoint`` when one is given."""
+    from ..seg.segmentor import SegmentationBackbone, build_feature_body
+    spec.validate()
+    name = 'Mask R-CNN' if spec.kind == 'mask_rcnn' else 'Cascade Mask R-CNN'
+    if checkpoint is not None:
+        try:
+            body = build_feature_body(spec.backbone, spec.backbone_kwargs, 0.0, checkpoint, task=name)
+        except CheckpointError as e:
+            raise CheckpointError(f'{str(e).rstrip(".")}; the initial checkpoint must hold classification weights of '
+                                  f'{spec.backbone} (or pass the --backbone it was trained as)') from None
+    else:
+        try:   # shapes only: no memory, no initialisation
+            with torch.device('meta'):
+                body = build_feature_body(spec.backbone, spec.backbone_kwargs, 0.0, task=name)
+        except (RuntimeError, NotImplementedError, CheckpointError):   # models that initialise from tensors
+            body = build_feature_body(spec.backbone, spec.backbone_kwargs, 0.0, task=name)
+    SegmentationBackbone(body, spec.backbone, extra_norms=False, task=f'{name} (FPN)')
 
 
 def spec_metadata(spec: DetectorSpec) -> Dict[str, str]:

@@ -45,7 +45,7 @@ from ..engine.session import Session
 from ..engine.step import TrainStep
 from ..errors import ConfigError, DataError
 from .data import CocoSource, DetSamples, collate
-from .detector import build_detector, spec_metadata
+from .detector import build_detector, check_detector, spec_metadata
 from .evaluate import coco_evaluate, format_metrics, run_inference, write_results
 from .recipes import DET_PRESETS, RESUME_SAFE_KEYS, DetConfig
 from .synthetic import ShapesInstances
@@ -430,8 +430,9 @@ def train_detection(cfg: DetConfig, recipe: str, resume: Optional[str] = None, f
     if cfg.dataset == 'coco' and not cfg.data and not resume:
         raise ConfigError(f"recipe '{recipe}' trains on COCO: pass --data PATH/COCO (or run `polynext det train` "
                           f"with no arguments for the generated demo set)")
-    if cfg.dataset == 'coco' and cfg.data and not resume:   # bad folders fail before the run folder exists
-        build_sources(cfg)
+    if not resume:   # bad folders, backbones and checkpoints fail before the run folder exists
+        train_src, _ = build_sources(cfg)
+        check_detector(cfg.spec(cfg.num_classes or len(train_src.classes)), cfg.initial_checkpoint)
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
                     command='polynext det train', resume=resume, fresh=fresh, explicit=explicit)
 
