@@ -377,7 +377,8 @@ class DetTrainer:
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 self._evaluate(epoch, time.time() - t0)
             else:
-                self._log_row()
+                if not (cfg.log_every and self.iteration % cfg.log_every == 0):
+                    self._log_row()
                 self.save('last')
                 session.write_metrics('iter', CURVE_PANELS, title=f'{self.recipe} ({cfg.kind}, {cfg.backbone})')
         if self.env.is_main and cfg.demo_images:
