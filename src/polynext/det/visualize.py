@@ -10,7 +10,7 @@ import torch.nn as nn
 
 __all__ = ['draw_instances', 'save_predictions', 'CLASS_COLOURS']
 
-CLASS_COLOURS = ('#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#46f0f0', '#f032e6', '#bcf60c',
+CLASS_COLOURS = ('#ffe119', '#f032e6', '#46f0f0', '#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#bcf60c',
                  '#fabebe', '#008080', '#e6beff', '#9a6324')
 
 
