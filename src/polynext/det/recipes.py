@@ -209,5 +209,5 @@ DET_PRESETS.add(DEFAULT_DET_RECIPE, dataclasses.replace(
     anchor_sizes=(8, 16, 32, 64, 128), rpn_batch=64, roi_batch=64, box_fc=128, mask_channels=32,
     dataset='shapes', train_scales=(56, 64, 72), crop_policy=False, test_scale=64, max_size=1333,
     lr=2e-3, layer_decay=1.0, no_decay_1d=True, epochs=12, lr_steps=(9, 11), warmup_iters=50,
-    batch_size=8, device_batch_size=8, checkpoint_every=100, log_every=10, workers=1, eval_every=4),
+    batch_size=8, device_batch_size=8, checkpoint_every=100, log_every=10, workers=1, eval_every=2),
     source='polynext demo: generated shapes (3 classes, 64x64, 400 train / 100 val), CPolyNeXt-T C0=16')
