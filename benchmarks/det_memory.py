@@ -80,6 +80,8 @@ def main() -> int:
     p.add_argument('--size', type=int, nargs=2, default=(800, 1333), metavar=('H', 'W'))
     p.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
     p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--cases', type=int, nargs='+', default=None, help='only these rows of CASES (0-based)')
+    p.add_argument('--merge', action='store_true', help='replace these rows in an existing --json file')
     p.add_argument('--json', default='benchmarks/results/det_memory.json')
     p.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -90,12 +92,19 @@ def main() -> int:
     import torch
     rows = []
     print(f'{"backbone":<60} {"mode":<6} {"peak MiB":>10} {"s":>7}')
-    for model, windows, label, modes in CASES:
+    for i, (model, windows, label, modes) in enumerate(CASES):
+        if args.cases is not None and i not in args.cases:
+            continue
         for mode in [m for m in args.modes if m in modes]:
             r = measure(model, windows, mode, args.size, args.threads)
             rows.append(dict(model=model, windows=list(windows), label=label, mode=mode, **r))
             peak = f'{r["peak_bytes"] / 2**20:,.0f}' if 'peak_bytes' in r else r['error'][:40]
             print(f'{label:<60} {mode:<6} {peak:>10} {r.get("seconds", ""):>7}', flush=True)
+    if args.merge and Path(args.json).is_file():
+        old = json.loads(Path(args.json).read_text())['rows']
+        key = lambda r: (r['model'], tuple(r['windows']), r['mode'])  # noqa: E731
+        new = {key(r): r for r in rows}
+        rows = [new.pop(key(r), r) for r in old] + list(new.values())
     out = dict(size=list(args.size), environment=environment(torch.device('cpu')), rows=rows,
                method='fresh process per row; VmHWM - VmRSS before building, glibc mmap_threshold 64 KiB')
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,16 @@ def test_neighborhood_attention_equals_the_masked_expression(size, window, tile,
     assert torch.allclose(out, ref, atol=1e-12)
 
 
+@pytest.mark.parametrize('kernel', ['softmax', 'poly'])
+def test_neighborhood_attention_gradients_equal_the_masked_expression(kernel):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = torch.autograd.grad(neighborhood_attention(q * 0.3, k * 0.3, v, (5, 6), 3, kernel).square().sum(), (q, k, v))
+    ref = torch.autograd.grad(neighborhood_attention_reference(q * 0.3, k * 0.3, v, (5, 6), 3, kernel).square().sum(),
+                              (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(out, ref))
+
+
 def test_neighborhood_windows_are_shifted_inwards_at_the_borders():
     mask = neighborhood_mask((5, 7), 3)
     assert mask.sum(1).unique().tolist() == [9]          # every query sees exactly k² keys

@@ -93,7 +93,18 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
     ``kernel='softmax'``: scaled dot-product softmax (``scale`` default d^-½), through
     ``F.scaled_dot_product_attention`` with a boolean mask. ``kernel='poly'``: PolyAttn's
     (Q Kᵀ + 1)^power kernel, l1-normalised over the window (``q`` carries the per-head scale).
-    ``tile``: query tile side (default ``window``)."""
+    ``tile``: query tile side (default ``window``). With a gradient to compute, only q, k, v are kept
+    for backward and the tiles are recomputed there (``torch.utils.checkpoint``), as the global
+    polynomial kernel does: the tiles' scores never stay alive between forward and backward."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(_neighborhood_attention, q, k, v, size, window, kernel, scale, power, tile,
+                          use_reentrant=False)
+    return _neighborhood_attention(q, k, v, size, window, kernel, scale, power, tile)
+
+
+def _neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Tuple[int, int], window: int,
+                            kernel: str, scale: Optional[float], power: int, tile: Optional[int]) -> torch.Tensor:
     if kernel not in ('softmax', 'poly'):
         raise ValueError(f"kernel must be 'softmax' or 'poly', got {kernel!r}")
     h, w = size
