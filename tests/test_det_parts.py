@@ -229,3 +229,20 @@ def test_cost_at_800x1333_and_table9_within_2_percent():
                         (1280, 800))
     assert at['macs'] / 1e9 == pytest.approx(PAPER_TABLE9['cascade_caformer_s18_3x'][0], rel=0.02)
     assert at['macs'] / 1e9 == pytest.approx(732.15, abs=0.01)
+
+
+def test_layer_wise_decay_groups_and_step_schedule_follow_convnext_and_mmcv():
+    from polynext.det.recipes import DET_PRESETS
+    from polynext.det.trainer import layer_id, step_lr_factor
+    names = ['backbone.body.body.stem.conv.weight', 'backbone.body.body.stages_0.blocks.2.mlp.fc1.weight',
+             'backbone.body.body.stages_1.downsample.conv.weight', 'backbone.body.body.stages_2.downsample.conv.weight',
+             'backbone.body.body.stages_2.blocks.2.norm1.weight', 'backbone.body.body.stages_2.blocks.3.norm1.weight',
+             'backbone.body.body.stages_2.blocks.8.norm1.weight', 'backbone.body.body.stages_3.blocks.0.norm1.weight',
+             'backbone.body.extra_norms.0.weight', 'roi_heads.box_head.fc6.weight']
+    assert [layer_id(n) for n in names] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 7]
+    cfg = DET_PRESETS.get('maskrcnn_convformer_s18_3x').config
+    per_epoch = 100
+    assert step_lr_factor(0, per_epoch, cfg) == pytest.approx(0.001)              # warm-up from 0.001 × lr
+    assert step_lr_factor(250, per_epoch, cfg) == pytest.approx(1 - 0.5 * 0.999)
+    assert [step_lr_factor(e * per_epoch, per_epoch, cfg) for e in (26, 27, 32, 33, 35)] == pytest.approx(
+        [1, 0.1, 0.1, 0.01, 0.01])                                                # steps after epochs 27 and 33
