@@ -122,6 +122,7 @@ class DetConfig:
     channels_last: bool = False
     device: str = 'auto'
     threads: int = 0
+    deterministic: bool = False                  # CUDA: deterministic algorithms, no TF32 / cudnn.benchmark (slower)
     # ---- run ----
     seed: int = 0
     output: Optional[str] = None

@@ -32,7 +32,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..engine.backend import setup_backend
 from ..engine.config import config_to_dict
 from ..engine.data import CorruptImages, make_loader
 from ..engine.determinism import ResumableDistributedSampler, ShardSampler
@@ -40,7 +39,7 @@ from ..engine.distributed import DistEnv, all_gather_objects, broadcast_object
 from ..engine.memory import BatchLayout, oom_advice
 from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
-from ..engine.run import RunFolder, launch, plan_run, progress
+from ..engine.run import launch, plan_run, progress, start_run
 from ..engine.session import Session
 from ..engine.step import TrainStep
 from ..errors import ConfigError, DataError
@@ -162,9 +161,7 @@ class DetTrainer:
         self.device = env.device
         self.cuda = self.device.type == 'cuda'
         self.show_progress = show_progress and env.is_main
-        self.run = RunFolder(run_dir, is_main=env.is_main, quiet=quiet)
-        self.layout = BatchLayout.split(cfg.batch_size, cfg.device_batch_size, env.world_size)
-        setup_backend(self.device, cfg.seed + env.rank, cfg.threads)
+        self.run, self.layout = start_run(run_dir, env, cfg, quiet)
 
         self.train_source, self.val_source = build_sources(cfg)
         self.classes = list(self.train_source.classes)
@@ -254,7 +251,7 @@ class DetTrainer:
 
     def save(self, tag: str = 'last') -> None:
         self.session.save(tag, self._weights_meta(), spec=self.spec.to_dict(), iteration=self.iteration,
-                          iters_per_epoch=self.iters_per_epoch,
+                          iters_per_epoch=self.iters_per_epoch, epochs_done=self.iteration // self.iters_per_epoch,
                           category_ids=list(self.train_source.cat_ids))
 
     # ---------------------------------------------------------------------------------
@@ -437,15 +434,9 @@ def train_detection(cfg: DetConfig, recipe: str, resume: Optional[str] = None, f
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
                     command='polynext det train', resume=resume, fresh=fresh, explicit=explicit)
 
-    def finished(state: Dict[str, Any]) -> Optional[str]:
-        cfg_s = plan.config
-        iters = state.get('iters_per_epoch')
-        if iters is None or int(state['global_step']) < cfg_s.epochs * int(iters):
-            return None
-        best = state.get('best') or {}
-        return f'{cfg_s.epochs} epochs, best box AP {best.get("bbox_AP", float("nan")):.2f}'
-
     result = launch(plan, lambda env: DetTrainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
-                                                 show_progress=show_progress, quiet=quiet).fit(), finished, quiet)
+                                                 show_progress=show_progress, quiet=quiet).fit(),
+                    progress=('epochs_done', plan.config.epochs, 'epochs'),
+                    best=lambda b: f'best box AP {b.get("bbox_AP", float("nan")):.2f}', quiet=quiet)
     result.setdefault('last_eval', {})
     return result
