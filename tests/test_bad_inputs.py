@@ -40,6 +40,11 @@ SEG = ['seg', 'train', '--recipe', 'upernet_cpolynext_s', '--backbone', 'cpolyne
        '--set', 'backbone_kwargs={init_channels: 8}', '--set', 'head_channels=16', '--set', 'aux_channels=8',
        '--set', 'img_scale=[64,32]', '--set', 'crop_size=32', '--set', 'eval_scale=[64,32]', '--set', 'eval_crop=32',
        '--set', 'eval_stride=21']
+#: the tiny detection run every ``det train`` case starts from
+DET = ['det', 'train', '--recipe', 'maskrcnn_shapes_demo', '--set', 'backbone_kwargs={init_channels: 8}',
+       '--set', 'fpn_channels=16', '--set', 'box_fc=32', '--set', 'mask_channels=8', '--set', 'train_scales=[48]',
+       '--set', 'test_scale=48', '--set', 'warmup_iters=1', '--set', 'lr_steps=[1]', '--epochs', '1',
+       '--batch-size', '2', '--device-batch-size', '2', '--workers', '0', '--no-progress']
 
 
 class W:
@@ -48,7 +53,8 @@ class W:
     FILES = {'nope_pt': 'nope.pt', 'cls_safetensors': 'cls.safetensors', 'abcd_safetensors': 'abcd.safetensors',
              'truncated_safetensors': 'truncated.safetensors', 'ten_pth': 'ten.pth', 'linear_pth': 'linear.pth',
              'seg_safetensors': 'seg.safetensors', 'truncated_seg_safetensors': 'truncated_seg.safetensors',
-             'garbage_pt': 'garbage.pt', 'objects_pt': 'objects.pt', 'bad_yaml': 'bad.yaml'}
+             'garbage_pt': 'garbage.pt', 'objects_pt': 'objects.pt', 'bad_yaml': 'bad.yaml',
+             'det_safetensors': 'det.safetensors'}
 
     def __init__(self, root: Path):
         self.root = root
@@ -66,6 +72,7 @@ class Case:
     setup: Optional[Callable[[W, pytest.MonkeyPatch], None]] = None
     code: int = 2
     check: Optional[Callable[[str], None]] = None
+    needs: Optional[str] = None       # a module of an optional extra (skipped without it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +252,10 @@ CASES: Sequence[Case] = [
          lambda w: SEG + ['--data', w.ade, '--output', w.root / 'run', '--backbone', 'test_convnext', '--set',
                           'backbone_kwargs={}', '--set', 'cell_grad_clip=5'],
          'cell_grad_clip applies to PolyNeXt backbones only', 'set --set cell_grad_clip=null'),
+    Case('seg-train-checkpoint-of-another-model',
+         lambda w: SEG + ['--data', w.ade, '--output', w.root / 'run', '--backbone', 'convformer_s18', '--set',
+                          'backbone_kwargs={}', '--initial-checkpoint', w.cls_safetensors],
+         'holds cpolynext_lr weights, not convformer_s18', 'pass --backbone cpolynext_lr'),
     Case('seg-train-initial-checkpoint-not-found', lambda w: SEG + ['--data', w.ade, '--output', w.root / 'run',
                                                                     '--initial-checkpoint', w.nope_pt],
          'checkpoint not found', 'check the path'),
@@ -265,6 +276,45 @@ CASES: Sequence[Case] = [
          'cannot be written', 'pass a path whose parents are folders'),
     Case('seg-cost-unknown-recipe', lambda w: ['seg', 'cost', '--recipe', 'upernet_cpolynxt_s'],
          "unknown recipe 'upernet_cpolynxt_s'", 'Did you mean'),
+    # ---- polynext det -------------------------------------------------------------------------------------------
+    Case('det-train-missing-annotation-file', lambda w: DET + ['--data', w.coco_noann, '--output', w.root / 'run'],
+         'missing annotation file', 'annotations/instances_{train,val}2017.json', needs='pycocotools'),
+    Case('det-train-no-usable-annotation', lambda w: DET + ['--data', w.coco_crowd, '--output', w.root / 'run'],
+         'no image has a usable (non-crowd, non-empty) annotation', 'check that the annotations belong to these images',
+         needs='pycocotools'),
+    Case('det-train-unknown-category', lambda w: DET + ['--data', w.coco_cat, '--output', w.root / 'run'],
+         "has category_id 99, which 'categories' does not list", 'fix the category ids', needs='pycocotools'),
+    Case('det-train-unlisted-image', lambda w: DET + ['--data', w.coco_img, '--output', w.root / 'run'],
+         "refers to image id 12345, which 'images' does not list", 'fix the file', needs='pycocotools'),
+    Case('det-train-backbone-without-four-stages', lambda w: DET + ['--data', w.coco, '--output', w.root / 'run',
+                                                                    '--backbone', 'cpolynext_lr'],
+         'needs strides [4, 8, 16, 32]', 'choose a four-stage backbone', needs='pycocotools'),
+    Case('det-train-checkpoint-of-another-model',
+         lambda w: DET + ['--data', w.coco, '--output', w.root / 'run', '--backbone', 'convformer_s18', '--set',
+                          'backbone_kwargs={}', '--initial-checkpoint', w.cls_safetensors],
+         'holds cpolynext_lr weights, not convformer_s18', 'pass --backbone cpolynext_lr', needs='pycocotools'),
+    Case('det-train-needs-data', lambda w: ['det', 'train', '--recipe', 'maskrcnn_convformer_s18_3x'],
+         'trains on COCO', 'pass --data PATH/COCO', needs='pycocotools'),
+    Case('det-train-output-is-a-file', lambda w: DET + ['--data', w.coco, '--output', w.afile],
+         'is a file, not a folder', 'pass a folder path', needs='pycocotools'),
+    Case('det-train-unknown-recipe', lambda w: ['det', 'train', '--recipe', 'maskrcnn_convformer'],
+         "unknown recipe 'maskrcnn_convformer'", '`polynext det train --list-recipes` lists them'),
+    Case('det-train-bad-nonfinite-policy', lambda w: DET + ['--data', w.coco, '--set', 'on_nonfinite=ignore'],
+         "bad value for 'on_nonfinite'", 'choose one of stop, skip, rollback'),
+    Case('det-eval-other-categories', lambda w: ['det', 'eval', '--checkpoint', w.det_safetensors, '--data',
+                                                 w.coco_shifted, '--output', w.root / 'eval'],
+         'the checkpoint was trained on 3 categories', 'evaluate on the dataset it was trained on',
+         needs='pycocotools'),
+    Case('det-eval-a-classifier', lambda w: ['det', 'eval', '--checkpoint', w.cls_safetensors, '--data', w.coco],
+         'is a classifier (cpolynext_lr), not a detector', '`polynext det train --backbone cpolynext_lr',
+         needs='pycocotools'),
+    Case('det-eval-checkpoint-not-found', lambda w: ['det', 'eval', '--checkpoint', w.nope_pt, '--data', w.coco],
+         'checkpoint not found', 'check the path', needs='pycocotools'),
+    Case('det-eval-output-is-a-file', lambda w: ['det', 'eval', '--checkpoint', w.det_safetensors, '--data', w.coco,
+                                                 '--output', w.afile],
+         'is a file, not a folder', 'pass a folder path'),
+    Case('det-cost-json-under-a-file', lambda w: ['det', 'cost', '--json', w.afile + '/c.json'],
+         'cannot be written', 'pass a path whose parents are folders'),
     # ---- polynext robustness -------------------------------------------------------------------------------------
     Case('robustness-checkpoint-count', lambda w: ['robustness', '--model', 'cpolynext_t', 'cpolynext_s',
                                                    '--checkpoint', w.cls_safetensors, '--imagenet-a', w.data],
@@ -371,7 +421,50 @@ def ws(tmp_path_factory) -> W:
     (root / 'ade_noann' / 'images' / 'training').mkdir(parents=True)
     write_ade20k_folder(root / 'ade_mismatch', num_train=2, num_val=1, size=32)
     (root / 'ade_mismatch' / 'annotations' / 'training' / 'ADE_train_00000001.png').unlink()
+    _coco_folders(root)
     return w
+
+
+def _coco_folders(root: Path) -> None:
+    """A generated COCO folder, copies of it with edited training annotations, and a detector's description."""
+    import json
+    from polynext.det.recipes import DET_PRESETS
+    from polynext.det.synthetic import write_coco_folder
+    coco = write_coco_folder(root / 'coco', num_train=4, num_val=2, size=48)
+
+    def edited(name, edit=None, split='train'):
+        folder = root / name
+        (folder / 'annotations').mkdir(parents=True)
+        for s in ('train', 'val'):
+            (folder / f'{s}2017').symlink_to(coco / f'{s}2017')
+            d = json.loads((coco / 'annotations' / f'instances_{s}2017.json').read_text())
+            if s == split and edit is not None:
+                edit(d)
+            (folder / 'annotations' / f'instances_{s}2017.json').write_text(json.dumps(d))
+        return folder
+
+    def crowd_only(d):
+        d['annotations'] = [a for a in d['annotations'] if a['iscrowd']]
+
+    def unknown_category(d):
+        d['annotations'][0]['category_id'] = 99
+
+    def unlisted_image(d):
+        d['annotations'][0]['image_id'] = 12345
+
+    def shifted(d):
+        for c in d['categories']:
+            c['id'] += 100
+        for a in d['annotations']:
+            a['category_id'] += 100
+    (edited('coco_noann') / 'annotations' / 'instances_train2017.json').unlink()
+    edited('coco_crowd', crowd_only)
+    edited('coco_cat', unknown_category)
+    edited('coco_img', unlisted_image)
+    edited('coco_shifted', shifted, split='val')
+    cfg = DET_PRESETS.get('maskrcnn_shapes_demo').config      # a detector's description, as det train writes it
+    save_safetensors({'x': torch.zeros(1)}, root / 'det.safetensors', metadata=dict(
+        polynext_det_config=json.dumps(config_to_dict(cfg)), category_ids=json.dumps([1, 3, 7])))
 
 
 def _snapshot(*folders: Path) -> dict:
@@ -386,7 +479,17 @@ def _snapshot(*folders: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
+def _param(case: Case):
+    if case.needs is None:
+        return pytest.param(case, id=case.id)
+    try:
+        __import__(case.needs)
+        return pytest.param(case, id=case.id)
+    except ImportError:
+        return pytest.param(case, id=case.id, marks=pytest.mark.skip(reason=f'needs {case.needs}'))
+
+
+@pytest.mark.parametrize('case', [_param(c) for c in CASES])
 def test_bad_input_gives_one_line_and_writes_nothing(case: Case, ws: W, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)              # default outputs (runs/..., validate-..., robustness/) would land here
     if case.setup is not None:
@@ -411,5 +514,6 @@ def test_bad_input_gives_one_line_and_writes_nothing(case: Case, ws: W, tmp_path
 
 def test_there_are_at_least_forty_cases_across_the_commands():
     commands = {c.argv(W(Path('/x')))[0] for c in CASES}
-    assert len(CASES) >= 40 and {'train', 'validate', 'convert', 'robustness', 'seg', 'bench', 'models'} <= commands
+    assert len(CASES) >= 40 and {'train', 'validate', 'convert', 'robustness', 'seg', 'bench', 'models',
+                                 'det'} <= commands
     assert len({c.id for c in CASES}) == len(CASES)

@@ -104,7 +104,8 @@ class SegmentationBackbone(nn.Module):
         if None in take:
             raise ConfigError(
                 f"backbone '{name}' gives features at strides {reductions}; {task} needs strides "
-                f"{list(REQUIRED_STRIDES)} (low-resolution models such as cpolynext_lr do not have them)")
+                f"{list(REQUIRED_STRIDES)} (low-resolution models such as cpolynext_lr do not have them); choose a "
+                f"four-stage backbone such as cpolynext_t or convformer_s18")
         self.body = body
         self.take = take
         self.channels = [channels[i] for i in take]
@@ -160,6 +161,23 @@ class UperNet(nn.Module):
         return True
 
 
+def _checkpoint_architecture(checkpoint: Union[str, Path, Mapping[str, Any]]) -> Optional[str]:
+    """The classifier a polynext checkpoint says it holds (safetensors metadata, or a training state's config);
+    None where it does not say."""
+    from ..checkpoint import read_safetensors_metadata
+    if isinstance(checkpoint, (str, Path)):
+        name = read_safetensors_metadata(checkpoint).get('architecture')
+    elif str(checkpoint.get('format', '')).startswith('polynext.train') and isinstance(checkpoint.get('config'), Mapping):
+        name = checkpoint['config'].get('model')
+    else:
+        name = None
+    return name if isinstance(name, str) else None
+
+
+def _describe(checkpoint: Union[str, Path, Mapping[str, Any]]) -> str:
+    return str(checkpoint) if isinstance(checkpoint, (str, Path)) else 'the checkpoint'
+
+
 def build_feature_body(backbone: str, backbone_kwargs: Optional[Mapping[str, Any]] = None, drop_path: float = 0.0,
                        checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None,
                        prefer_ema: bool = True, task: str = 'UperNet') -> nn.Module:
@@ -174,6 +192,10 @@ def build_feature_body(backbone: str, backbone_kwargs: Optional[Mapping[str, Any
             raise ConfigError(f"backbone_kwargs may not set '{forbidden}' (the {task} model sets it)")
     load_kw: Dict[str, Any] = {}
     if checkpoint is not None:
+        trained_as = _checkpoint_architecture(checkpoint)
+        if trained_as and trained_as != backbone:
+            raise CheckpointError(f'{_describe(checkpoint)} holds {trained_as} weights, not {backbone}: pass '
+                                  f'--backbone {trained_as}, or a checkpoint of {backbone}')
         # strict load into the full classifier: any layout, class count from the checkpoint, clear errors
         full = _create(backbone, checkpoint=checkpoint, prefer_ema=prefer_ema, **kw)
         n_cls = int(getattr(full, 'num_classes', 0) or 0)
