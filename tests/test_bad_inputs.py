@@ -53,8 +53,8 @@ class W:
     FILES = {'nope_pt': 'nope.pt', 'cls_safetensors': 'cls.safetensors', 'abcd_safetensors': 'abcd.safetensors',
              'truncated_safetensors': 'truncated.safetensors', 'ten_pth': 'ten.pth', 'linear_pth': 'linear.pth',
              'seg_safetensors': 'seg.safetensors', 'truncated_seg_safetensors': 'truncated_seg.safetensors',
-             'garbage_pt': 'garbage.pt', 'objects_pt': 'objects.pt', 'bad_yaml': 'bad.yaml',
-             'det_safetensors': 'det.safetensors'}
+             'garbage_pt': 'garbage.pt', 'objects_pt': 'objects.pt', 'bad_yaml': 'bad.yaml', 'noise_pt': 'noise.pt',
+             'det_safetensors': 'det.safetensors', 'truncated_det_safetensors': 'truncated_det.safetensors'}
 
     def __init__(self, root: Path):
         self.root = root
@@ -143,6 +143,9 @@ CASES: Sequence[Case] = [
          "bad value for 'lr'", 'is not a number'),
     Case('train-bad-set-syntax', lambda w: ['train', '--set', 'lr'],
          "bad --set argument 'lr'", 'write it as key=value'),
+    Case('train-model-kwargs-yaml-without-space', lambda w: TRAIN + ['--data', w.data, '--output', w.root / 'run',
+                                                                     '--set', 'model_kwargs={init_channels:8}'],
+         "argument 'init_channels:8' is not a name", "write 'init_channels: 8' (a space after the colon)"),
     Case('train-unknown-key', lambda w: ['train', '--set', 'warmup=5'],
          "unknown config key 'warmup' in --set", '`polynext train --show-config` lists the keys'),
     Case('train-fine-tune-without-checkpoint', lambda w: ['train', '--recipe', 'caformer_s18_384'],
@@ -192,6 +195,9 @@ CASES: Sequence[Case] = [
     Case('validate-not-a-checkpoint', lambda w: ['validate', '--model', 'cpolynext_lr', '--checkpoint', w.garbage_pt,
                                                  '--data', w.data],
          'as a PyTorch checkpoint', 'copy it again'),
+    Case('validate-noise-pt', lambda w: ['validate', '--model', 'cpolynext_lr', '--checkpoint', w.noise_pt, '--data',
+                                         w.data],
+         'the file is truncated, corrupt or not a checkpoint', 'copy it again'),
     Case('validate-truncated-safetensors', lambda w: ['validate', '--checkpoint', w.truncated_safetensors,
                                                       '--data', w.data],
          'the file is truncated or corrupt', 'copy it again'),
@@ -246,6 +252,11 @@ CASES: Sequence[Case] = [
     Case('seg-train-one-image-per-device', lambda w: SEG + ['--data', w.ade, '--output', w.root / 'run',
                                                             '--device-batch-size', '1'],
          'a per-device batch of 1 cannot train UperNet', 'Use --device-batch-size 2 or more'),
+    Case('seg-train-no-disk-space', lambda w: SEG + ['--data', w.ade, '--output', w.root / 'run'],
+         'not enough disk space', 'free some space or pass --output a folder on another disk',
+         setup=disk_free(1000)),
+    Case('seg-train-output-read-only', lambda w: SEG + ['--data', w.ade, '--output', w.ro + '/run'],
+         'the file system is read-only', 'pass --output a writable folder', setup=read_only('ro')),
     Case('seg-train-output-is-a-file', lambda w: SEG + ['--data', w.ade, '--output', w.afile],
          'is a file, not a folder', 'pass a folder path'),
     Case('seg-train-cell-grad-clip-on-another-backbone',
@@ -301,6 +312,20 @@ CASES: Sequence[Case] = [
          "unknown recipe 'maskrcnn_convformer'", '`polynext det train --list-recipes` lists them'),
     Case('det-train-bad-nonfinite-policy', lambda w: DET + ['--data', w.coco, '--set', 'on_nonfinite=ignore'],
          "bad value for 'on_nonfinite'", 'choose one of stop, skip, rollback'),
+    Case('det-train-output-read-only', lambda w: DET + ['--data', w.coco, '--output', w.ro + '/run'],
+         'the file system is read-only', 'pass --output a writable folder', setup=read_only('ro'),
+         needs='pycocotools'),
+    Case('det-train-no-disk-space', lambda w: DET + ['--data', w.coco, '--output', w.root / 'run'],
+         'not enough disk space', 'free some space or pass --output a folder on another disk',
+         setup=disk_free(1000), needs='pycocotools'),
+    Case('det-train-resume-changes-the-backbone', lambda w: ['det', 'train', '--resume', w.run_det, '--backbone',
+                                                             'convformer_s18'],
+         "cannot change 'backbone' when resuming", 'A resumed run may change lr, weight_decay, clip_grad'),
+    Case('det-train-resume-a-segmentation-run', lambda w: ['det', 'train', '--resume', w.run_seg],
+         "is a 'polynext.seg/1' training state, not 'polynext.det/1'", 'resume it with the command that wrote it'),
+    Case('det-eval-truncated-safetensors', lambda w: ['det', 'eval', '--checkpoint', w.truncated_det_safetensors,
+                                                      '--data', w.coco],
+         'the file is truncated or corrupt', 'copy it again'),
     Case('det-eval-other-categories', lambda w: ['det', 'eval', '--checkpoint', w.det_safetensors, '--data',
                                                  w.coco_shifted, '--output', w.root / 'eval'],
          'the checkpoint was trained on 3 categories', 'evaluate on the dataset it was trained on',
@@ -387,6 +412,7 @@ def ws(tmp_path_factory) -> W:
     shutil.rmtree(root / 'mismatch' / 'val' / 'class_3')
     (root / 'bad.yaml').write_text('lr: 0.1\nepochs: [1, 2\n')
     (root / 'garbage.pt').write_bytes(b'this is not a checkpoint' * 8)
+    (root / 'noise.pt').write_bytes(bytes([250]) + bytes(range(256)))   # not a pickle: 250 is no opcode
     torch.save({'a': Path('.')}, root / 'objects.pt')
     model = polynext.create_model('cpolynext_lr', num_classes=4, init_channels=8)
     meta = dict(format='polynext', architecture='cpolynext_lr', model_kwargs=dict(init_channels=8),
@@ -465,6 +491,11 @@ def _coco_folders(root: Path) -> None:
     cfg = DET_PRESETS.get('maskrcnn_shapes_demo').config      # a detector's description, as det train writes it
     save_safetensors({'x': torch.zeros(1)}, root / 'det.safetensors', metadata=dict(
         polynext_det_config=json.dumps(config_to_dict(cfg)), category_ids=json.dumps([1, 3, 7])))
+    blob = (root / 'det.safetensors').read_bytes()
+    (root / 'truncated_det.safetensors').write_bytes(blob[:len(blob) - 3])
+    (root / 'run_det').mkdir()                               # a detection run, as plan_run reads it
+    torch.save(_fake_state('polynext.det/1', config_to_dict(cfg), 'maskrcnn_shapes_demo'),
+               root / 'run_det' / 'last.state.pt')
 
 
 def _snapshot(*folders: Path) -> dict:

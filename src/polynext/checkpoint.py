@@ -60,7 +60,9 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
     try:
         return torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'weights only' not in str(e).lower():
+        # weights_only refuses both real objects ('Unsupported global: GLOBAL pathlib.PosixPath ...') and bytes
+        # that are no pickle at all ('Unsupported operand 250'): only the first is a file of objects
+        if 'unsupported global' not in str(e).lower():
             raise _unreadable(path, e) from None
         raise CheckpointError(        # a real pickle of objects that weights_only refuses to build
             f'{path} holds objects other than tensors and plain containers; polynext only loads weights '

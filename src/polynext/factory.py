@@ -78,6 +78,11 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
                  prefer_ema: bool = True, **kwargs: Any) -> nn.Module:
     """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly."""
     check_model_name(name)
+    for key in kwargs:
+        if not key.isidentifier():    # timm drops None-valued arguments, so '{a:1}' (YAML: key 'a:1') would vanish
+            hint = (f"; in YAML write '{key.split(':')[0]}: {key.split(':', 1)[1]}' (a space after the colon)"
+                    if ':' in key else '')
+            raise ConfigError(f"{name}: argument {key!r} is not a name{hint}")
     from .models.metaformer_baselines import TIMM_ARCHS, create_timm_baseline
     build = create_timm_baseline if name.split('.')[0] in TIMM_ARCHS else timm.create_model
     try:

@@ -75,6 +75,8 @@ def checkpoint_config(path: Union[str, Path]):
     path = _weights_file(Path(path))
     if path.suffix == '.safetensors':
         meta = read_safetensors_metadata(path)
+        if not meta:
+            read_checkpoint(path)      # an unreadable file gets its own message (truncated or corrupt)
         saved, cat_ids = meta.get('polynext_det_config'), meta.get('category_ids')
         about = dict(architecture=meta.get('architecture'), segmentor='polynext_segmentor' in meta)
     else:
