@@ -275,6 +275,36 @@ def test_a_diverged_segmentation_run_resumes_with_the_command_its_message_names(
         (run / 'log.txt').read_text()
 
 
+def test_a_diverged_detection_run_resumes_with_the_command_its_message_names(tmp_path, capsys, monkeypatch):
+    pytest.importorskip('pycocotools')
+    from polynext.det.synthetic import write_coco_folder
+    from polynext.engine.step import TrainStep as Step
+    from test_det_run import tiny
+    coco = write_coco_folder(tmp_path / 'coco', num_train=4, num_val=2, size=48)
+    run = tmp_path / 'run'
+    real_backward, calls = Step.backward, {'n': 0}
+
+    def backward(self, loss):         # the third step on diverges while the base lr is above 0.0005
+        calls['n'] += 1
+        lr = self.optimizer.param_groups[0]['initial_lr']
+        return real_backward(self, loss * float('nan') if lr > 0.0005 and calls['n'] >= 3 else loss)
+    monkeypatch.setattr(Step, 'backward', backward)
+    args = tiny(coco, run, '--batch-size', '2', '--set', 'demo_images=0', '--set', 'warmup_iters=1')
+    line = error_line(args, capsys)
+    assert line.startswith('polynext det: error: non-finite gradient norm nan (loss ') and (
+        'at optimizer step 3 (epoch 2, batch 1); the step was skipped and no checkpoint holds these values. Resume '
+        'from the last good checkpoint (optimizer step 2) with a lower learning rate: `polynext det train --resume '
+        f'{run} --set lr=0.0002 --set clip_grad=1`, or run with --on-nonfinite rollback') in line, line
+    code, out, err = cli(named_command(line), capsys)
+    assert code == 0, err
+    state = state_of(run / 'last.state.pt')
+    assert state['epochs_done'] == 2 and state['config']['lr'] == 0.0002 and state['config']['clip_grad'] == 1.0
+    assert state['changes'] == [dict(step=2, reason='--resume', changes=dict(lr=[0.002, 0.0002],
+                                                                             clip_grad=[None, 1.0]))]
+    assert 'changed at optimizer step 2 (--resume): lr 0.002 → 0.0002, clip_grad None → 1.0' in \
+        (run / 'log.txt').read_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # Ctrl-C, polynext convert, file permissions
 # ---------------------------------------------------------------------------------------------
