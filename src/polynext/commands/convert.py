@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..factory import create_model
     from ..models.metaformer_baselines import match_checkpoint
     from ..models.polynext import infer_reference_arch
-    from ..outputs import check_output_file
+    from ..outputs import OutputError, check_output_file, free_space_problem
     from ..profile import count_params
     from ..train.validate import read_weights_and_metadata
 
@@ -102,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
     out_meta = dict(meta)
     out_meta.update(format='polynext', architecture=name, num_classes=getattr(model, 'num_classes', None),
                     model_kwargs=kwargs, source=args.input.name)
-    save_safetensors(model.state_dict(), args.output, metadata=out_meta)
+    state = model.state_dict()
+    problem = free_space_problem(args.output, sum(t.numel() * t.element_size() for t in state.values()))
+    if problem is not None:
+        raise OutputError(f'not enough disk space for {args.output}: {problem}; free some space or pass an output '
+                          f'path on another disk')
+    save_safetensors(state, args.output, metadata=out_meta)
     if note:
         print(note)
     kept = [k for k in ('classes', 'eval', 'recipe', 'epoch') if k in meta]
