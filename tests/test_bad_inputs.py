@@ -53,7 +53,7 @@ class W:
     FILES = {'nope_pt': 'nope.pt', 'cls_safetensors': 'cls.safetensors', 'abcd_safetensors': 'abcd.safetensors',
              'truncated_safetensors': 'truncated.safetensors', 'ten_pth': 'ten.pth', 'linear_pth': 'linear.pth',
              'seg_safetensors': 'seg.safetensors', 'truncated_seg_safetensors': 'truncated_seg.safetensors',
-             'garbage_pt': 'garbage.pt', 'objects_pt': 'objects.pt', 'bad_yaml': 'bad.yaml', 'noise_pt': 'noise.pt',
+             'garbage_pt': 'garbage.pt', 'objects_pt': 'objects.pt', 'bad_yaml': 'bad.yaml', 'noise_pt': 'noise.pt', 'cls_t_safetensors': 'cls_t.safetensors',
              'det_safetensors': 'det.safetensors', 'truncated_det_safetensors': 'truncated_det.safetensors'}
 
     def __init__(self, root: Path):
@@ -284,7 +284,8 @@ CASES: Sequence[Case] = [
          'is a classifier (cpolynext_lr), not a segmentor', '`polynext validate --checkpoint'),
     Case('seg-eval-a-classifier-state', lambda w: ['seg', 'eval', '--checkpoint', w.run_train + '/last.state.pt',
                                                    '--data', w.ade],
-         'is a classifier (cpolynext_lr), not a segmentor', '`polynext seg train --backbone cpolynext_lr'),
+         'is a classifier (cpolynext_lr), not a segmentor', 'cpolynext_lr has no stride-4/8/16/32 stages, so it '
+         'cannot be the backbone of a segmentor'),
     Case('seg-eval-json-under-a-file', lambda w: ['seg', 'eval', '--checkpoint', w.cls_safetensors, '--data', w.ade,
                                                   '--json', w.afile + '/m.json'],
          'cannot be written', 'pass a path whose parents are folders'),
@@ -334,8 +335,12 @@ CASES: Sequence[Case] = [
          'the checkpoint was trained on 3 categories', 'evaluate on the dataset it was trained on',
          needs='pycocotools'),
     Case('det-eval-a-classifier', lambda w: ['det', 'eval', '--checkpoint', w.cls_safetensors, '--data', w.coco],
-         'is a classifier (cpolynext_lr), not a detector', '`polynext det train --backbone cpolynext_lr',
-         needs='pycocotools'),
+         'is a classifier (cpolynext_lr), not a detector', '`polynext validate --checkpoint',
+         check=lambda line: 'det train' not in line, needs='pycocotools'),
+    Case('det-eval-a-four-stage-classifier', lambda w: ['det', 'eval', '--checkpoint', w.cls_t_safetensors, '--data',
+                                                        w.coco],
+         'is a classifier (cpolynext_t), not a detector',
+         '`polynext det train --backbone cpolynext_t --initial-checkpoint ', needs='pycocotools'),
     Case('det-eval-checkpoint-not-found', lambda w: ['det', 'eval', '--checkpoint', w.nope_pt, '--data', w.coco],
          'checkpoint not found', 'check the path', needs='pycocotools'),
     Case('det-eval-output-is-a-file', lambda w: ['det', 'eval', '--checkpoint', w.det_safetensors, '--data', w.coco,
@@ -422,6 +427,7 @@ def ws(tmp_path_factory) -> W:
                 classes=[f'class_{c}' for c in range(4)])
     save_safetensors(model.state_dict(), root / 'cls.safetensors', metadata=meta)
     save_safetensors(model.state_dict(), root / 'abcd.safetensors', metadata=dict(meta, classes=list('abcd')))
+    save_safetensors({'w': torch.zeros(1)}, root / 'cls_t.safetensors', metadata=dict(meta, architecture='cpolynext_t'))
     blob = (root / 'cls.safetensors').read_bytes()
     (root / 'truncated.safetensors').write_bytes(blob[:len(blob) // 2])
     torch.save(polynext.create_model('cpolynext_lr', num_classes=10, init_channels=8).state_dict(), root / 'ten.pth')

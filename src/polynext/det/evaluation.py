@@ -57,10 +57,9 @@ def _weights_file(path: Path) -> Path:
 def _not_a_detector(path: Path, meta: Dict[str, Any]) -> str:
     """Why ``path`` cannot be evaluated as a detector, and what to do with it instead."""
     if meta.get('architecture'):
+        from ..seg.segmentor import classifier_next_steps
         name = meta['architecture']
-        return (f'{path} is a classifier ({name}), not a detector: evaluate it with `polynext validate --checkpoint '
-                f'{path}`, or train a detector on it with `polynext det train --backbone {name} --initial-checkpoint '
-                f'{path}`')
+        return f'{path} is a classifier ({name}), not a detector: {classifier_next_steps(path, name, "det")}'
     if meta.get('segmentor'):
         return f'{path} is a segmentor, not a detector: evaluate it with `polynext seg eval --checkpoint {path}`'
     return (f'{path} holds no detection config (it was not written by `polynext det train`); pass a run folder of '

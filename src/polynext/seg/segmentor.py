@@ -238,12 +238,36 @@ def spec_metadata(spec: SegmentorSpec) -> Dict[str, str]:
     return {'polynext_segmentor': json.dumps(spec.to_dict())}
 
 
+def gives_dense_features(backbone: str) -> bool:
+    """Whether ``backbone`` has stages at strides 4, 8, 16 and 32 (what UperNet and FPN need); built on the meta
+    device (no memory, no initialisation) where the model allows it."""
+    try:
+        try:
+            with torch.device('meta'):
+                body = build_feature_body(backbone)
+        except (RuntimeError, NotImplementedError, CheckpointError):   # models that initialise from tensors
+            body = build_feature_body(backbone)
+    except Exception:  # noqa: BLE001 - an unknown or unbuildable name gives no dense features
+        return False
+    return set(REQUIRED_STRIDES) <= set(body.feature_info.reduction())
+
+
+def classifier_next_steps(path: Path, classifier: str, command: str) -> str:
+    """What to do with the classifier checkpoint ``path`` given to a dense-prediction ``command`` (``seg`` or
+    ``det``): validate it, and train on it where its backbone has the strides the task needs."""
+    steps = f'evaluate it with `polynext validate --checkpoint {path}`'
+    task = dict(seg='segmentor', det='detector')[command]
+    if gives_dense_features(classifier):
+        return (f'{steps}, or train a {task} on it with `polynext {command} train --backbone {classifier} '
+                f'--initial-checkpoint {path}`')
+    return f'{steps} ({classifier} has no stride-4/8/16/32 stages, so it cannot be the backbone of a {task})'
+
+
 def _not_a_segmentor(path: Path, classifier: Optional[str]) -> str:
     """Why ``path`` cannot be evaluated as a segmentor, and what to do with it instead."""
     if classifier:
-        return (f'{path} is a classifier ({classifier}), not a segmentor: evaluate it with `polynext validate '
-                f'--checkpoint {path}`, or train a segmentor on it with `polynext seg train --backbone {classifier} '
-                f'--initial-checkpoint {path}`')
+        return f'{path} is a classifier ({classifier}), not a segmentor: ' + classifier_next_steps(path, classifier,
+                                                                                                    'seg')
     return (f'{path} holds no segmentor (it was not written by `polynext seg train`); pass a run folder of '
             f'`polynext seg train` or a file in it')
 
