@@ -361,3 +361,13 @@ def test_written_files_have_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert oct(a.stat().st_mode & 0o777) == oct(b.stat().st_mode & 0o777) == '0o644'
+
+
+def test_a_robustness_folder_loses_the_temporary_file_of_a_killed_write(tmp_path):
+    from polynext.robustness.runner import ResultStore
+    ResultStore(tmp_path).put_many({'a': dict(top1=1.0)})
+    (tmp_path / '.state.json.k2x9q1ab.tmp').write_text('{"format"')          # killed between write and rename
+    (tmp_path / 'notes.tmp').write_text('a file of the user')
+    store = ResultStore(tmp_path)
+    assert store.get('a') == dict(top1=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.tmp', 'state.json']
