@@ -131,9 +131,11 @@ class Layout:
 
 
 def choose_packing(graph: Graph, slots: int, images: Optional[int] = None) -> Packing:
-    """As many images per ciphertext as leave room for the widest stage-0 tensor (at least one)."""
+    """As many images per ciphertext as leave room for the stage-0 residual stream (at least one); wider
+    tensors (the MLP or head halves) take more ciphertexts."""
     c, h0, w0 = graph.input_shape
-    widest = max(n.shape[0] for n in graph.nodes if n.shape[1:] == (h0, w0))
+    widths = [n.shape[0] for n in graph.nodes if n.shape[1:] == (h0, w0) and n.kind in ('linear', 'add')]
+    widest = max(set(widths), key=widths.count) if widths else c
     if h0 * w0 > slots:
         raise ConfigError(f'fhe: a {h0}x{w0} feature map needs {h0 * w0} slots but a ciphertext has {slots}; '
                           f'use a larger ring or a smaller image')
@@ -170,6 +172,7 @@ class Program:
     numeric: bool = True
     layer_names: Dict[int, str] = field(default_factory=dict)
     kappa: Dict[int, float] = field(default_factory=dict)   # range scale of each graph node's ciphertexts
+    bulk: List[Tuple[int, str, int, int]] = field(default_factory=list)  # structural: (layer, op, count, depth)
     boot_nodes: List[int] = field(default_factory=list)     # graph nodes whose value was bootstrapped
 
     @property
@@ -185,6 +188,8 @@ class Program:
         out: Dict[str, int] = defaultdict(int)
         for op in self.ops:
             out[op[0]] += 1
+        for _, code, n, _ in self.bulk:
+            out[code] += n
         return dict(out)
 
     def rotation_steps(self) -> List[int]:
@@ -209,6 +214,8 @@ class Program:
         out: Dict[int, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for op, layer in zip(self.ops, self.op_layer):
             out[layer][op[0]] += 1
+        for layer, code, n, _ in self.bulk:
+            out[layer][code] += n
         return {k: dict(v) for k, v in out.items()}
 
 
@@ -360,7 +367,14 @@ def _diagonals(m: KernelMap, lin: Layout, lout: Layout, numeric: bool) -> _Diago
     if not all_keys:
         return _Diagonals(np.zeros((0, 5), np.int64), None, None)
     keys = np.concatenate(all_keys)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    # one int64 per key (mixed radix) for a fast 1-D unique
+    off = np.array([0, 0, 1 << 12, 1 << 15, 1 << 15], np.int64)
+    radix = np.array([1 << 13, 1 << 13, 1 << 13, 1 << 16, 1 << 16], np.int64)
+    code = np.zeros(len(keys), np.int64)
+    for a in range(5):
+        code = code * radix[a] + (keys[:, a] + off[a])
+    ucode, first, inv = np.unique(code, return_index=True, return_inverse=True)
+    uniq = keys[first]
     inv = inv.reshape(-1)
     vecs = bias = None
     if numeric:
@@ -419,7 +433,7 @@ def _plan(groups_in: Dict, groups_out: Dict, coords: np.ndarray) -> Tuple:
         span = int(c.max() - c.min()) + 1 if len(c) else 1
         opts = ['B', 'G']
         if span > 3:
-            ns = {2, 4, 8, int(round(math.sqrt(span))), int(math.ceil(math.sqrt(span)))}
+            ns = {int(round(math.sqrt(span))), int(math.ceil(math.sqrt(span)))}
             opts += sorted(n for n in ns if 1 < n < span)
         options.append(opts if span > 1 else ['B'])
     best = None
@@ -645,16 +659,20 @@ def _lower_linear(group: List[Node], vals: Dict[int, _Value], em: _Emitter, kap:
         diag_sets.append(per_term)
 
     # global coordinate steps (gcd per axis) and the plan
-    rows = []   # (node idx, term input idx, ct_out, ct_in, blk, row, col, vec index)
+    # one row per diagonal: (node idx, term input idx, ct_out, ct_in, blk, row, col, vec index)
+    parts = []
     vec_store = []
     for ni, per_term in enumerate(diag_sets):
         for ti, dg in per_term:
-            for k in range(len(dg.keys)):
-                rows.append((ni, ti) + tuple(int(v) for v in dg.keys[k]) + (len(vec_store),))
-                vec_store.append(None if dg.vecs is None else dg.vecs[k])
-    if not rows:
+            k = len(dg.keys)
+            if not k:
+                continue
+            idx = np.arange(len(vec_store), len(vec_store) + k, dtype=np.int64)[:, None]
+            parts.append(np.hstack([np.full((k, 1), ni), np.full((k, 1), ti), dg.keys, idx]).astype(np.int64))
+            vec_store.extend([None] * k if dg.vecs is None else list(dg.vecs))
+    if not parts:
         raise AssertionError('a linear node without diagonals')
-    arr = np.array(rows, dtype=np.int64)
+    arr = np.concatenate(parts)
     coords = arr[:, 4:7].copy()
     steps = []
     for a in range(3):
@@ -662,12 +680,8 @@ def _lower_linear(group: List[Node], vals: Dict[int, _Value], em: _Emitter, kap:
         g = int(np.gcd.reduce(nz)) if nz.size else 1
         steps.append(g)
         coords[:, a] //= g
-    groups_in: Dict[Tuple[int, int], np.ndarray] = {}
-    groups_out: Dict[Tuple[int, int], np.ndarray] = {}
-    for key in {(int(t), int(j)) for t, j in arr[:, [1, 3]]}:
-        groups_in[key] = np.nonzero((arr[:, 1] == key[0]) & (arr[:, 3] == key[1]))[0]
-    for key in {(int(n), int(jo)) for n, jo in arr[:, [0, 2]]}:
-        groups_out[key] = np.nonzero((arr[:, 0] == key[0]) & (arr[:, 2] == key[1]))[0]
+    groups_in = _groups(arr[:, 1], arr[:, 3])
+    groups_out = _groups(arr[:, 0], arr[:, 2])
     modes = _plan(groups_in, groups_out, coords)
     baby, giant = _split(coords, modes)
     units = [steps[a] * strides[a] for a in range(3)]
@@ -719,13 +733,16 @@ def _lower_linear(group: List[Node], vals: Dict[int, _Value], em: _Emitter, kap:
             for g, ks in sorted(by_giant.items()):
                 gshift = sum(g[a] * units[a] for a in range(3))
                 prods = []
-                for k in ks:
+                for k in (ks if numeric else ks[:1]):
                     ti, j = int(arr[k, 1]), int(arr[k, 3])
                     b = tuple(int(v) for v in baby[k])
                     vec = vec_store[arr[k, 7]]
                     if vec is not None:
                         vec = np.roll(vec, gshift)          # pre-rotate by −g: w'[s] = w[s − g]
                     prods.append(em.mulp(babies[(ti, j)][b], vec))
+                if not numeric and len(ks) > 1:             # counted, not emitted (analysis of large models)
+                    em.p.bulk.append((em.layer, 'mulp', len(ks) - 1, d))
+                    em.p.bulk.append((em.layer, 'add', len(ks) - 1, d))
                 inner[g] = em.rescale(em.sum(prods))
             reg = _horner(em, inner, modes, units, giant_units)
             bias = None
@@ -741,6 +758,18 @@ def _lower_linear(group: List[Node], vals: Dict[int, _Value], em: _Emitter, kap:
             regs.append(reg)
         outs.append(_Value(regs, lout, kap[n.id]))
     return outs
+
+
+def _groups(a: np.ndarray, b: np.ndarray) -> Dict[Tuple[int, int], np.ndarray]:
+    """Row indices of each (a, b) pair."""
+    code = a.astype(np.int64) * (1 << 20) + b
+    order = np.argsort(code, kind='stable')
+    uniq, starts = np.unique(code[order], return_index=True)
+    out = {}
+    bounds = list(starts) + [len(order)]
+    for u, lo, hi in zip(uniq, bounds[:-1], bounds[1:]):
+        out[(int(u >> 20), int(u & ((1 << 20) - 1)))] = order[lo:hi]
+    return out
 
 
 def _horner(em: _Emitter, inner: Dict[Tuple[int, int, int], int], modes, units, giant_units) -> int:
