@@ -81,7 +81,7 @@ class CKKSParams:
 
     def as_dict(self) -> Dict:
         d = asdict(self)
-        d.update(slots=self.slots, total_bits=self.total_bits, security=self.security,
+        d.update(slots=self.slots, total_bits=self.total_bits, security=self.security, headroom_bits=self.headroom_bits,
                  modulus_bits=self.modulus_bits)
         return d
 

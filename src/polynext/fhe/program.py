@@ -720,6 +720,7 @@ def _lower_linear(group: List[Node], vals: Dict[int, _Value], em: _Emitter, kap:
     # giant steps: per output ciphertext, sums of plaintext products per giant point, then Horner
     outs: List[_Value] = []
     for ni, n in enumerate(group):
+        em.layer = n.id
         lout = out_layouts[ni]
         regs = []
         for jo in range(lout.n_cts):

@@ -56,6 +56,7 @@ class TrainConfig:
     head_dropout_ramp: Optional[int] = None    # p_e = min(p, p·e/R) set at each epoch start; None: constant p
     initial_checkpoint: Optional[str] = None   # weights to start from (fine-tuning), any layout polynext loads
     head_map: Optional[str] = None             # 'in21k_to_in1k' or a JSON class map: remap a 21841-class head
+    fhe_levels: Optional[int] = None           # CKKS level budget: the deepest bn PolyNeXt that fits (polynext.fhe)
     # ---- data ----
     dataset: str = 'folder'                    # folder | digits | cifar10 | svhn | tiny_imagenet
     data: Optional[str] = None                 # dataset root (folder: train/ and val/ class folders)
