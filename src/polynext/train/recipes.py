@@ -39,7 +39,7 @@ from ..engine.presets import FidelityFlag, PresetTable
 from ..errors import ConfigError
 from ..models.polynext import CIFAR_MEAN, CIFAR_STD, REFERENCE_NAMES
 
-__all__ = ['TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'FHE_DIGITS_ARCH', 'RAND_AUGMENT', 'CIFAR_MEAN', 'CIFAR_STD']
+__all__ = ['TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'FHE_DIGITS_ARCH', 'FHE_DEEP_ARCH', 'RAND_AUGMENT', 'CIFAR_MEAN', 'CIFAR_STD']
 
 #: timm RandAugment string of every recipe here: magnitude 9, std 0.5, "increasing" op set
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
@@ -270,6 +270,13 @@ PRESETS.add('cpolynext_fhe_digits', dataclasses.replace(
     PRESETS.get(DEFAULT_RECIPE).config, model_kwargs=dict(FHE_DIGITS_ARCH, img_size=8), img_size=8, eval_resize=8, epochs=30,
     crop_scale=(0.85, 1.0)),
     source='polynext fhe demo: scikit-learn digits at 8x8, fully polynomial (bn), depth for a leveled 128-bit ring')
+# the moonshot (polynext fhe moonshot): the low-resolution architecture scaled down, 3 stages of 2 cells,
+# too deep for any leveled ring: it runs with bootstrapping (OpenFHE)
+FHE_DEEP_ARCH = dict(norm='bn', init_channels=8, cells=(2, 2, 2), blocks=(1, 1, 1))
+PRESETS.add('cpolynext_fhe_digits_deep', dataclasses.replace(
+    PRESETS.get(DEFAULT_RECIPE).config, model_kwargs=dict(FHE_DEEP_ARCH, img_size=8), img_size=8, eval_resize=8,
+    epochs=30, crop_scale=(0.85, 1.0)),
+    source='polynext fhe moonshot: digits at 8x8, 3-stage fully polynomial CPolyNeXt-LR, bootstrapped')
 
 # --- MetaFormer baselines (metaformer_baselines.md §4) -----------------------------------------
 _MF_SCRATCH = TrainConfig(
