@@ -50,8 +50,8 @@ import os, signal, sys
 from polynext.cli import main
 from polynext.seg.trainer import SegTrainer
 kill_at, save = int(sys.argv[1]), SegTrainer.save
-def save_then_die(self, tag='last'):
-    save(self, tag)
+def save_then_die(self, tag='last', **kwargs):
+    save(self, tag, **kwargs)
     if self.iteration == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 SegTrainer.save = save_then_die
