@@ -46,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = sub.add_parser('moonshot', help='a deeper multi-stage PolyNeXt with bootstrapping under OpenFHE')
     m.add_argument('--images', type=int, default=4)
     m.add_argument('--insecure-ring', type=int, default=None, metavar='N', help='a toy ring (NOT secure)')
-    m.add_argument('--max-blocks', type=int, default=None, help='stop after this many blocks (how far it goes)')
     m.add_argument('--json', default=None, metavar='FILE')
 
 
@@ -77,9 +76,6 @@ def _analyze(args) -> int:
             kw['num_classes'] = args.num_classes
         model = create_model(src, **kw).eval()
         name = src
-    if getattr(model, 'norm_kind', None) != 'bn':
-        # fold anyway: build_graph names the first non-polynomial op
-        pass
     img = tuple(model.img_size)
     rng = np.random.default_rng(0)
     if img == (8, 8):
@@ -135,7 +131,7 @@ def _openfhe(args) -> int:
 def _moonshot(args) -> int:
     from ..fhe.analyze import write_json
     from ..fhe.moonshot import format_moonshot, run_moonshot
-    res = run_moonshot(n_images=args.images, insecure_ring=args.insecure_ring, max_blocks=args.max_blocks)
+    res = run_moonshot(n_images=args.images, insecure_ring=args.insecure_ring)
     print(format_moonshot(res))
     if args.json:
         write_json(res, Path(args.json))

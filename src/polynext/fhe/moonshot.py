@@ -27,8 +27,7 @@ __all__ = ['DEEP_WEIGHTS', 'run_moonshot', 'format_moonshot']
 DEEP_WEIGHTS = Path(__file__).resolve().parent.parent / 'data' / 'fhe_digits_deep.safetensors'
 
 
-def run_moonshot(n_images: int = 4, insecure_ring: Optional[int] = None, weights: Optional[str] = None,
-                 max_blocks: Optional[int] = None, log=print) -> Dict[str, Any]:
+def run_moonshot(n_images: int = 4, insecure_ring: Optional[int] = None, weights: Optional[str] = None, log=print) -> Dict[str, Any]:
     from ..models.folded import fold_for_inference
     from .demo import digits_arrays, load_demo_model
     from .openfhe_backend import find_openfhe_python, run_openfhe
