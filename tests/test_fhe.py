@@ -259,3 +259,23 @@ def test_fhe_levels_picks_the_deepest_model_that_fits():
     assert kw['cells'] == (2,) and kw['norm'] == 'bn' and fit['levels'] == 17
     with pytest.raises(ConfigError, match='even one cell of one block per stage needs 10 levels'):
         deepest_fitting('cpolynext_lr', arch, 9, 8, 10)
+
+
+def test_analysis_of_the_deep_model_with_bootstrapping():
+    """The moonshot model: 45 levels in all (13 ct×ct products); with OpenFHE's bootstrapping parameters
+    (depth 29, 18 per bootstrap) the compiler places 2 bootstraps, at the merges of the last stage."""
+    from polynext.fhe.analyze import OPENFHE_KEY_OVER_CT
+    from polynext.fhe.demo import digits_arrays, load_demo_model
+    from polynext.fhe.moonshot import DEEP_WEIGHTS
+    model, meta = load_demo_model(str(DEEP_WEIGHTS))
+    xtr = digits_arrays(8, meta['eval']['mean'], meta['eval']['std'])[0][:8]
+    rep = analyze(fold_for_inference(model.double()), xtr, bench=False, bootstrap=True)
+    assert rep['ct_ct_products'] == 13 and rep['levels_consumed'] == 45 and rep['levels'] <= 29
+    assert rep['bootstrap_points'] == rep['bootstraps_per_ciphertext_set'] == 2
+    assert [r['layer'] for r in rep['layers'] if r['bootstrapped']] == ['stages.2.cells.0.merge',
+                                                                        'stages.2.cells.1.merge']
+    assert rep['layers'][-1]['levels_consumed'] == 45 and rep['out_of_range'] == []
+    est = rep['estimate']
+    assert est['bytes_keys'] == int(OPENFHE_KEY_OVER_CT * est['bytes_ciphertext']) * (rep['galois_keys'] + 1)
+    leveled = analyze(fold_for_inference(model.double()), xtr, bench=False)
+    assert not leveled['bootstrapping'] and leveled['levels'] == leveled['levels_consumed'] == 45

@@ -30,14 +30,22 @@ from .graph import Graph, build_graph, evaluate
 from .params import CKKSParams, choose_params
 from .program import CompileOptions, Program, compile_graph
 
-__all__ = ['Plan', 'plan_program', 'analyze', 'calibrate_norms', 'calibration_ranges', 'format_report', 'plot_report', 'STORED_COSTS', 'OPENFHE_BOOT',
+__all__ = ['Plan', 'plan_program', 'analyze', 'calibrate_norms', 'calibration_ranges', 'format_report', 'plot_report', 'STORED_COSTS', 'OPENFHE_BOOT', 'OPENFHE_BOOT_RUN',
            'measure_seal_costs', 'estimate']
 
 #: Bootstrapping parameters of the OpenFHE backend (N = 2^16, 128-bit classic, uniform ternary secret, level
 #: budget [2, 2], FLEXIBLEAUTO, 40-bit scale, 60-bit first prime): the total depth OpenFHE allows at 2^16 and
 #: the levels one bootstrap consumes (OpenFHE's GetBootstrapDepth), so a bootstrapped ciphertext has
 #: ``depth - boot_depth`` levels left.
+#: Caveat (measured, /tmp probe in the README): OpenFHE's EvalBootstrap refuses this set at run time, since
+#: first − scale = 20 exceeds its correction factor ("Degree [20] must be less than or equal to the correction
+#: factor [11]" at N=2^12); the sets it accepts (gap ≤ 8) leave 2–8 levels per bootstrap at 128-bit, N=2^16
+#: (see ``OPENFHE_BOOT_RUN``), so the bootstrap counts planned with this set are lower bounds.
 OPENFHE_BOOT = dict(ring_dim=65536, depth=29, boot_depth=18, scale_bits=40, first_bits=60)
+#: What the OpenFHE worker actually runs with bootstrapping: first − scale = 8 (accepted by EvalBootstrap's
+#: correction factor at N=2^12 and 2^16), and at 128-bit the largest depth OpenFHE 1.6.1 accepts at N=2^16 for a
+#: 52-bit scale: 23, i.e. 5 levels left after a bootstrap (measured with GenCryptoContext, HEStd_128_classic).
+OPENFHE_BOOT_RUN = dict(ring_dim=65536, depth=23, boot_depth=18, scale_bits=52, first_bits=60, toy_depth=29)
 
 #: Per-op seconds measured on this machine kind (2-core AMD EPYC Zen 4, one thread, quiet), at the top level of
 #: the chain: SEAL at N=2^15 with 12 levels, OpenFHE at N=2^15 / 2^16 (shared/notes/fhe.md). Used when the
@@ -48,6 +56,10 @@ STORED_COSTS = {
     ('openfhe', 65536): dict(rot=0.35, mul=0.33, mulp=0.013, encode=0.026, add=0.001, rs=0.026, boot=48.5),
 }
 OPENFHE_BOOT_KEYS_BYTES = int(13.9e9)   # measured RSS of an N=2^16 bootstrapping setup (keys included)
+#: OpenFHE's rotation key (HYBRID key switching, its default digit count) over a fresh ciphertext of the same
+#: chain, serialised: 3.80 at depth 29 and 3.78 at depth 45 (openfhe 1.6.1, N=2^12; the ratio does not depend
+#: on N). SEAL's keys have one component per prime instead: (L+1) x 2 x (L+2) residue polynomials.
+OPENFHE_KEY_OVER_CT = 3.8
 
 
 @dataclass
@@ -58,6 +70,9 @@ class Plan:
     backend: str                        # 'seal' | 'openfhe' | 'sim'
     ranges: Dict[int, float] = field(default_factory=dict)
     bootstrapping: bool = False
+    #: the same graph compiled with no level limit (no bootstraps): its depth is the levels the whole network
+    #: consumes, which a bootstrapped program spreads over its bootstraps
+    leveled: Optional[Program] = None
 
 
 def calibrate_norms(model, images: np.ndarray) -> None:
@@ -108,13 +123,13 @@ def plan_program(graph: Graph, ranges: Dict[int, float], backend: str = 'seal', 
                                insecure=insecure_ring is not None)
         prog = compile_graph(graph, CompileOptions(slots=params.slots, max_depth=params.levels, images=images,
                                                    numeric=numeric))
-        return Plan(graph, prog, params, backend, ranges, False)
+        return Plan(graph, prog, params, backend, ranges, False, probe)
     b = OPENFHE_BOOT
     ring = insecure_ring or b['ring_dim']
     params = CKKSParams(ring, b['depth'], b['scale_bits'], b['first_bits'], 60, insecure=insecure_ring is not None)
     prog = compile_graph(graph, CompileOptions(slots=ring // 2, max_depth=b['depth'], images=images,
                                                bootstrap_depth=b['boot_depth'], numeric=numeric, ranges=ranges))
-    return Plan(graph, prog, params, 'openfhe' if backend == 'seal' else backend, ranges, True)
+    return Plan(graph, prog, params, 'openfhe' if backend == 'seal' else backend, ranges, True, probe)
 
 
 # --------------------------------------------------------------------------------------
@@ -157,9 +172,9 @@ def estimate(plan: Plan, costs: Dict[str, float]) -> Dict[str, Any]:
         elif code == 'mul':
             secs += costs['mul'] * frac
         elif code == 'mulp':
-            secs += (costs['mulp'] + costs['encode'] / prog.packing.images) * frac
+            secs += (costs['mulp'] + costs['encode']) * frac      # one encoding per op and ciphertext set
         elif code == 'addp':
-            secs += (costs['add'] + costs['encode'] / prog.packing.images) * frac
+            secs += (costs['add'] + costs['encode']) * frac
         elif code == 'add':
             secs += costs['add'] * frac
         elif code == 'rs':
@@ -168,10 +183,13 @@ def estimate(plan: Plan, costs: Dict[str, float]) -> Dict[str, Any]:
             secs += costs['boot'] if costs.get('boot') else 0.0
     for _, code, n, d in prog.bulk:
         frac = max(total_primes - d, 1) / total_primes
-        per = costs['mulp'] + costs['encode'] / prog.packing.images if code == 'mulp' else costs['add']
+        per = costs['mulp'] + costs['encode'] if code == 'mulp' else costs['add']
         secs += n * per * frac
     ct_bytes = 2 * total_primes * params.ring_dim * 8
-    key_one = (params.levels + 1) * 2 * (params.levels + 2) * params.ring_dim * 8
+    if plan.backend == 'openfhe':
+        key_one = int(OPENFHE_KEY_OVER_CT * ct_bytes)
+    else:
+        key_one = (params.levels + 1) * 2 * (params.levels + 2) * params.ring_dim * 8
     keys = key_one * (len(prog.rotation_steps()) + 1)
     live = _peak_live(prog)
     boot_bytes = OPENFHE_BOOT_KEYS_BYTES if plan.bootstrapping else 0
@@ -212,10 +230,8 @@ def analyze(folded, calib_images: Optional[np.ndarray] = None, backend: str = 's
     pdepth = graph.product_depth()
     per_layer_ops = prog.per_layer()
     # level of each layer's output: the deepest register its ops wrote
-    level: Dict[int, int] = {}
-    for op, layer in zip(prog.ops, prog.op_layer):
-        if op[1] >= 0:
-            level[layer] = max(level.get(layer, 0), prog.depth[op[1]])
+    level = _layer_levels(prog)
+    total_level = _layer_levels(plan.leveled) if plan.leveled is not None else level
     limit = 2.0 ** params.headroom_bits
     rows = []
     for n in graph.nodes:
@@ -230,7 +246,8 @@ def analyze(folded, calib_images: Optional[np.ndarray] = None, backend: str = 's
             boot_ok = r * kappa <= 1.0
         rows.append(dict(
             layer=n.name, kind=n.kind, shape=list(n.shape), ct_ct_depth=pdepth[n.id],
-            degree_log2=pdepth[n.id], level=level.get(n.id, 0), rotations=ops.get('rot', 0),
+            degree_log2=pdepth[n.id], level=level.get(n.id, 0), levels_consumed=total_level.get(n.id, 0),
+            rotations=ops.get('rot', 0),
             plaintext_mults=ops.get('mulp', 0), ct_mults=ops.get('mul', 0), rescales=ops.get('rs', 0),
             bootstraps=ops.get('boot', 0), max_abs=r, range_scale=kappa, headroom_bits=round(head, 2),
             in_range=bool(head >= 1.0) and (boot_ok is not False), bootstrapped=n.id in prog.boot_nodes))
@@ -239,9 +256,11 @@ def analyze(folded, calib_images: Optional[np.ndarray] = None, backend: str = 's
         model=name or getattr(folded, 'architecture', None) or type(folded).__name__,
         image_size=list(graph.image_shape[1:]), num_classes=graph.num_classes,
         ct_ct_products=graph.ct_products(), ct_ct_depth=max(pdepth.values()),
-        polynomial_degree_log2=max(pdepth.values()), levels=prog.levels, params=params.as_dict(),
+        polynomial_degree_log2=max(pdepth.values()), levels=prog.levels,
+        levels_consumed=plan.leveled.levels if plan.leveled is not None else prog.levels, params=params.as_dict(),
         params_text=params.describe(), backend=plan.backend, bootstrapping=plan.bootstrapping,
-        bootstraps_per_ciphertext_set=counts.get('boot', 0), input_ciphertexts=prog.n_inputs,
+        bootstraps_per_ciphertext_set=counts.get('boot', 0), bootstrap_points=len(prog.boot_nodes),
+        input_ciphertexts=prog.n_inputs,
         images_per_ciphertext=prog.packing.images, rotations=counts.get('rot', 0),
         plaintext_mults=counts.get('mulp', 0), ct_mults=counts.get('mul', 0), rescales=counts.get('rs', 0),
         additions=counts.get('add', 0), galois_keys=len(prog.rotation_steps()), rotation_steps=prog.rotation_steps(),
@@ -266,11 +285,24 @@ def analyze(folded, calib_images: Optional[np.ndarray] = None, backend: str = 's
     return report
 
 
+def _layer_levels(prog: Program) -> Dict[int, int]:
+    """The level of each layer's output (graph node id): the deepest register its ops wrote."""
+    level: Dict[int, int] = {}
+    for op, layer in zip(prog.ops, prog.op_layer):
+        if op[1] >= 0:
+            level[layer] = max(level.get(layer, 0), prog.depth[op[1]])
+    return level
+
+
 def format_report(rep: Dict[str, Any], max_rows: int = 60) -> str:
     lines = [f"HE analysis of {rep['model']} at {rep['image_size'][0]}x{rep['image_size'][1]}",
              f"  {rep['params_text']}",
              f"  ct×ct products: {rep['ct_ct_products']} (critical path {rep['ct_ct_depth']}, degree 2^{rep['polynomial_degree_log2']})"
-             f"   levels: {rep['levels']}   bootstraps per ciphertext set: {rep['bootstraps_per_ciphertext_set']}",
+             f"   levels: {rep.get('levels_consumed', rep['levels'])}",
+             f"  program: {rep['levels']} levels between bootstraps; {rep['bootstrap_points']} bootstrap points on "
+             f"the path (each live ciphertext is bootstrapped there), {rep['bootstraps_per_ciphertext_set']} "
+             f"bootstraps per ciphertext set"
+             if rep['bootstrapping'] else f"  program: leveled, {rep['levels']} levels, no bootstrapping",
              f"  packing: {rep['input_ciphertexts']} input ciphertext(s), {rep['images_per_ciphertext']} image(s) per ciphertext",
              f"  ops per ciphertext set: {rep['rotations']} rotations ({rep['galois_keys']} Galois keys), "
              f"{rep['plaintext_mults']} plaintext mults, {rep['ct_mults']} ct×ct mults, {rep['rescales']} rescales"]
@@ -282,7 +314,7 @@ def format_report(rep: Dict[str, Any], max_rows: int = 60) -> str:
     if rep['out_of_range']:
         lines.append(f"  OUT OF RANGE: {', '.join(rep['out_of_range'][:8])}")
     lines.append('')
-    hdr = f"{'layer':<42} {'kind':<6} {'C×H×W':>11} {'ct×ct':>5} {'level':>5} {'rot':>5} {'ptmul':>6} {'boot':>4} {'max|x|':>10} {'headroom':>8}"
+    hdr = f"{'layer':<42} {'kind':<6} {'C×H×W':>11} {'ct×ct':>5} {'level':>5} {'total':>5} {'rot':>5} {'ptmul':>6} {'boot':>4} {'max|x|':>10} {'headroom':>8}"
     lines.append(hdr)
     lines.append('-' * len(hdr))
     rows = rep['layers']
@@ -294,7 +326,7 @@ def format_report(rep: Dict[str, Any], max_rows: int = 60) -> str:
         shape = 'x'.join(str(s) for s in r['shape'])
         flag = '' if r['in_range'] else '  OUT OF RANGE'
         lines.append(f"{r['layer'][:42]:<42} {r['kind']:<6} {shape:>11} {r['ct_ct_depth']:>5} {r['level']:>5} "
-                     f"{r['rotations']:>5} {r['plaintext_mults']:>6} {r['bootstraps']:>4} {r['max_abs']:>10.3g} "
+                     f"{r.get('levels_consumed', r['level']):>5} {r['rotations']:>5} {r['plaintext_mults']:>6} {r['bootstraps']:>4} {r['max_abs']:>10.3g} "
                      f"{r['headroom_bits']:>8.1f}{flag}")
     return '\n'.join(lines)
 
@@ -307,7 +339,12 @@ def plot_report(rep: Dict[str, Any], path: Path) -> Path:
     rows = rep['layers']
     x = np.arange(len(rows))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.12), 7), sharex=True)
-    axes[0].step(x, [r['level'] for r in rows], where='mid', label='level (multiplicative depth)')
+    if rep['bootstrapping']:
+        axes[0].step(x, [r['levels_consumed'] for r in rows], where='mid',
+                     label='levels consumed (no bootstrapping)')
+        axes[0].step(x, [r['level'] for r in rows], where='mid', label='level after bootstraps (red)')
+    else:
+        axes[0].step(x, [r['level'] for r in rows], where='mid', label='level (multiplicative depth)')
     axes[0].step(x, [r['ct_ct_depth'] for r in rows], where='mid', label='ct×ct products on the path')
     for i, r in enumerate(rows):
         if r['bootstrapped']:
