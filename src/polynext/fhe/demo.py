@@ -89,6 +89,7 @@ def run_demo(n_images: int = 64, weights: Optional[str] = None, train: bool = Fa
     if workers < 1:
         raise ConfigError(f'--workers must be at least 1, got {workers}')
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     model, meta = load_demo_model(weights, train, show_progress=show_progress)
     ev = meta.get('eval') or {}
     img = int(model.img_size[0])
@@ -157,7 +158,9 @@ def run_demo(n_images: int = 64, weights: Optional[str] = None, train: bool = Fa
         seconds_decrypt=t_dec, seconds_per_ciphertext=float(np.mean(per_ct)),
         seconds_per_image=t_eval / n_images, workers=workers, peak_rss_bytes=_peak_rss_bytes(),
         seconds_total=time.perf_counter() - t_start, max_abs_value=worst, headroom_limit=limit,
-        cpu=_cpu_name(), threads=1)
+        cpu=_cpu_name(), threads=1,
+        # timings taken on a shared machine are inflated: the 1-minute load average at the start and the end
+        load_average=[round(load_start, 2), round(os.getloadavg()[0], 2)])
     return res
 
 
@@ -248,5 +251,6 @@ def format_demo(r: Dict[str, Any]) -> str:
         f"{r['seconds_eval_wall']:.1f} s wall / {r['seconds_eval_cpu']:.1f} s CPU ({r['workers']} worker(s)), "
         f"decrypt {r['seconds_decrypt']:.2f} s",
         f"  per ciphertext {r['seconds_per_ciphertext']:.1f} s ({r['images_per_ciphertext']} images), per image "
-        f"{r['seconds_per_image']:.2f} s (wall); peak memory {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB; {r['cpu']}",
+        f"{r['seconds_per_image']:.2f} s (wall); peak memory {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB; {r['cpu']}, "
+        f"load average {r['load_average'][0]:.1f} → {r['load_average'][1]:.1f}",
     ])
