@@ -279,3 +279,28 @@ def test_analysis_of_the_deep_model_with_bootstrapping():
     assert est['bytes_keys'] == int(OPENFHE_KEY_OVER_CT * est['bytes_ciphertext']) * (rep['galois_keys'] + 1)
     leveled = analyze(fold_for_inference(model.double()), xtr, bench=False)
     assert not leveled['bootstrapping'] and leveled['levels'] == leveled['levels_consumed'] == 45
+
+
+@pytest.fixture(scope='module')
+def openfhe_python():
+    from polynext.fhe.openfhe_backend import find_openfhe_python
+    py = find_openfhe_python()
+    if py is None:
+        pytest.skip('OpenFHE backend: no Python with openfhe (`polynext fhe openfhe --setup` makes one from Python 3.10)')
+    return py
+
+
+def test_openfhe_worker_one_block_tiny_ring_insecure(openfhe_python):
+    """The same program in the OpenFHE worker (a separate Python 3.10 process), leveled, on a toy ring."""
+    from polynext.fhe.openfhe_backend import run_openfhe
+    model = _calibrated('cpolynext_lr', **ONE_BLOCK)
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8))
+    graph = build_graph(fold_for_inference(model))
+    params = CKKSParams(4096, 10, 40, insecure=True)
+    prog = compile_graph(graph, CompileOptions(slots=params.slots, max_depth=params.levels))
+    res = run_openfhe(prog, params, pack_images(prog, x), python=openfhe_python)
+    logits = unpack_logits(prog, res['outputs'], len(x))
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    assert np.abs(logits - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert (logits.argmax(1) == ref.argmax(1)).all() and res['bootstraps'] == 0
