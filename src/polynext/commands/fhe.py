@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument('--weights', default=None, metavar='FILE', help='weights (default: the shipped demo model)')
     d.add_argument('--train', action='store_true', help='train the demo model first (polynext train recipe '
                                                          'cpolynext_fhe_digits, about 3 minutes)')
-    d.add_argument('--workers', type=int, default=1, help='processes evaluating ciphertexts in parallel')
+    d.add_argument('--workers', type=int, default=None,
+                   help='processes evaluating ciphertexts in parallel (default: one per CPU core, at most one per '
+                        'ciphertext)')
     d.add_argument('--insecure-ring', type=int, default=None, metavar='N', help='a toy ring (NOT secure)')
     d.add_argument('--json', default=None, metavar='FILE', help='write the results as JSON')
     d.add_argument('--no-progress', action='store_true')

@@ -79,14 +79,14 @@ def _cpu_seconds() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def run_demo(n_images: int = 64, weights: Optional[str] = None, train: bool = False, workers: int = 1,
+def run_demo(n_images: int = 64, weights: Optional[str] = None, train: bool = False, workers: Optional[int] = None,
              insecure_ring: Optional[int] = None, backend: str = 'seal', show_progress: bool = True,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Encrypt ``n_images`` test digits, classify them under CKKS, decrypt, compare with plaintext."""
     from ..models.folded import fold_for_inference
     if not 1 <= n_images <= 360:
         raise ConfigError(f'--images must be between 1 and 360 (the digits validation split), got {n_images}')
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ConfigError(f'--workers must be at least 1, got {workers}')
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -133,6 +133,8 @@ def run_demo(n_images: int = 64, weights: Optional[str] = None, train: bool = Fa
     t_enc = time.perf_counter() - t0
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
+    # default: one forked evaluator per CPU core, at most one per ciphertext (they share the keys copy-on-write)
+    workers = min(workers or os.cpu_count() or 1, n_sets)
     outs, per_ct = _run_sets(be, prog, enc, workers, show_progress, log)
     t_eval = time.perf_counter() - t0
     cpu_eval = _cpu_seconds() - cpu0
