@@ -279,6 +279,13 @@ def test_analysis_of_the_deep_model_with_bootstrapping():
     assert est['bytes_keys'] == int(OPENFHE_KEY_OVER_CT * est['bytes_ciphertext']) * (rep['galois_keys'] + 1)
     leveled = analyze(fold_for_inference(model.double()), xtr, bench=False)
     assert not leveled['bootstrapping'] and leveled['levels'] == leveled['levels_consumed'] == 45
+    # what OpenFHE really bootstraps with (first − scale ≤ 8) leaves 4 levels between bootstraps at 128-bit,
+    # N=2^16: a PolyConv needs 6, so the moonshot says it does not fit
+    from polynext.fhe.analyze import OPENFHE_BOOT_RUN
+    from polynext.fhe.moonshot import fit_128bit
+    assert OPENFHE_BOOT_RUN['first_bits'] - OPENFHE_BOOT_RUN['scale_bits'] <= 8
+    graph = build_graph(fold_for_inference(model.double()))
+    assert fit_128bit(graph, calibration_ranges(graph, xtr)).startswith('does not fit N=2^16')
 
 
 @pytest.fixture(scope='module')
