@@ -280,6 +280,14 @@ def analyze(folded, calib_images: Optional[np.ndarray] = None, backend: str = 's
         scale = params.ring_dim / key[1]
         costs = {k: (v * scale if v is not None and k != 'boot' else v) for k, v in costs.items()}
         source = f'stored measurements ({key[0]} at N={key[1]}, shared/notes/fhe.md), scaled to N={params.ring_dim}'
+    if plan.bootstrapping:
+        b = OPENFHE_BOOT_RUN
+        report['bootstrap_caveat'] = (
+            f"planned with a {params.scale_bits}-bit scale under a {params.first_bits}-bit first prime "
+            f"({params.levels - OPENFHE_BOOT['boot_depth']} levels per bootstrap), which OpenFHE's EvalBootstrap "
+            f"refuses (first - scale must be within its correction factor, about 8 bits); the sets it accepts leave "
+            f"at most {b['depth'] - b['boot_depth']} levels at N=2^16 with a {b['scale_bits']}-bit scale, so the "
+            f"bootstrap counts and the estimate are lower bounds")
     report['estimate'] = dict(estimate(plan, costs), cost_source=source,
                               per_op_seconds={k: v for k, v in costs.items() if v is not None})
     return report
@@ -299,7 +307,7 @@ def format_report(rep: Dict[str, Any], max_rows: int = 60) -> str:
              f"  {rep['params_text']}",
              f"  ct×ct products: {rep['ct_ct_products']} (critical path {rep['ct_ct_depth']}, degree 2^{rep['polynomial_degree_log2']})"
              f"   levels: {rep.get('levels_consumed', rep['levels'])}",
-             f"  program: {rep['levels']} levels between bootstraps; {rep['bootstrap_points']} bootstrap points on "
+             f"  program: at most {rep['levels']} levels between bootstraps; {rep['bootstrap_points']} bootstrap points on "
              f"the path (each live ciphertext is bootstrapped there), {rep['bootstraps_per_ciphertext_set']} "
              f"bootstraps per ciphertext set"
              if rep['bootstrapping'] else f"  program: leveled, {rep['levels']} levels, no bootstrapping",
@@ -311,6 +319,8 @@ def format_report(rep: Dict[str, Any], max_rows: int = 60) -> str:
         lines.append(f"  estimate: {est['seconds_per_ciphertext']:.1f} s per ciphertext set, "
                      f"{est['seconds_per_image']:.2f} s per image, peak memory ≈ {est['bytes_peak'] / 2 ** 30:.2f} GiB "
                      f"({est['cost_source']})")
+    if rep.get('bootstrap_caveat'):
+        lines.append(f"  caveat: {rep['bootstrap_caveat']}")
     if rep['out_of_range']:
         lines.append(f"  OUT OF RANGE: {', '.join(rep['out_of_range'][:8])}")
     lines.append('')
