@@ -385,6 +385,25 @@ CASES: Sequence[Case] = [
          'cannot be written', 'pass a path whose parents are folders'),
     Case('bench-plot-is-a-folder', lambda w: ['bench', 'cpolynext_t', '--plot', w.emptydir],
          'is a folder', 'pass a file path'),
+    # ---- polynext fhe ------------------------------------------------------------------------------------------------
+    Case('fhe-analyze-unknown-model', lambda w: ['fhe', 'analyze', 'cpolynext_t_bm'],
+         "unknown model 'cpolynext_t_bm'", 'Did you mean', check=distinct_suggestions),
+    Case('fhe-analyze-checkpoint-not-found', lambda w: ['fhe', 'analyze', w.nope_pt],
+         'checkpoint not found', 'check the path'),
+    Case('fhe-analyze-without-metadata', lambda w: ['fhe', 'analyze', w.ten_pth],
+         'has no polynext metadata', "pass a run folder's best.safetensors"),
+    Case('fhe-analyze-not-polynomial', lambda w: ['fhe', 'analyze', w.cls_safetensors, '--no-bench'],
+         'the model is not polynomial', 'use a fully polynomial bn variant'),
+    Case('fhe-analyze-json-under-a-file', lambda w: ['fhe', 'analyze', 'cpolynext_t_bn', '--json', w.afile + '/r.json'],
+         'cannot be written', 'pass a path whose parents are folders'),
+    Case('fhe-analyze-plot-is-a-folder', lambda w: ['fhe', 'analyze', 'cpolynext_t_bn', '--plot', w.emptydir],
+         'is a folder', 'pass a file path'),
+    Case('fhe-demo-no-images', lambda w: ['fhe', 'demo', '--images', '0'],
+         '--images must be between 1 and 360', 'got 0'),
+    Case('fhe-demo-weights-not-found', lambda w: ['fhe', 'demo', '--weights', w.nope_pt],
+         'weights not found', 'train them with `polynext fhe demo --train`'),
+    Case('fhe-moonshot-json-is-a-folder', lambda w: ['fhe', 'moonshot', '--json', w.emptydir],
+         'is a folder', 'pass a file path'),
     # ---- polynext models and the command itself ----------------------------------------------------------------
     Case('models-no-match', lambda w: ['models', 'zzzz', '--no-macs'],
          "no model name contains 'zzzz'", '`polynext models` lists them all'),
@@ -560,5 +579,5 @@ def test_bad_input_gives_one_line_and_writes_nothing(case: Case, ws: W, tmp_path
 def test_there_are_at_least_forty_cases_across_the_commands():
     commands = {c.argv(W(Path('/x')))[0] for c in CASES}
     assert len(CASES) >= 40 and {'train', 'validate', 'convert', 'robustness', 'seg', 'bench', 'models',
-                                 'det'} <= commands
+                                 'det', 'fhe'} <= commands
     assert len({c.id for c in CASES}) == len(CASES)
