@@ -146,6 +146,8 @@ CASES: Sequence[Case] = [
     Case('train-model-kwargs-yaml-without-space', lambda w: TRAIN + ['--data', w.data, '--output', w.root / 'run',
                                                                      '--set', 'model_kwargs={init_channels:8}'],
          "argument 'init_channels:8' is not a name", "write 'init_channels: 8' (a space after the colon)"),
+    Case('train-fhe-levels-zero', lambda w: TRAIN + ['--data', w.data, '--output', w.root / 'run', '--fhe-levels', '0'],
+         '--fhe-levels must be positive', 'got 0'),
     Case('train-unknown-key', lambda w: ['train', '--set', 'warmup=5'],
          "unknown config key 'warmup' in --set", '`polynext train --show-config` lists the keys'),
     Case('train-fine-tune-without-checkpoint', lambda w: ['train', '--recipe', 'caformer_s18_384'],
