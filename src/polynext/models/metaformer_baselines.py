@@ -662,7 +662,7 @@ def _checkpoint_family(state_dict: Dict[str, Any]) -> Tuple[str, ...]:
         return ('caformer',)
     if '.pwconv1.' in keys:
         return ('convformer',)
-    if 'token_mixer.' in keys:
+    if 'token_mixer.' in keys or 'stages.' not in keys:       # no MetaFormer stages (either layout): none fits
         return ()
     return ('identityformer', 'poolformerv2')   # no mixer weights: identity and pooling look the same
 
