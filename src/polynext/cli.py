@@ -20,6 +20,8 @@ COMMANDS = {
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
+    'export': ('polynext.commands.export', 'ONNX / torch.export / Hugging Face Hub export, checked against eager'),
+    'push': ('polynext.commands.push', 'upload a Hub folder (polynext export --format hub) to the Hugging Face Hub'),
 }
 
 

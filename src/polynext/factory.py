@@ -69,7 +69,16 @@ def checkpoint_num_classes(model: nn.Module, state_dict: dict) -> Optional[int]:
 
 def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None, pretrained: bool = False,
                  prefer_ema: bool = True, **kwargs: Any) -> nn.Module:
-    """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly."""
+    """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly.
+
+    ``local-dir:PATH`` / ``hf-hub:REPO`` load a Hub folder (``polynext.save_pretrained``), with the
+    paper options it records for timm's own MetaFormers."""
+    if name.startswith(('local-dir:', 'hf-hub:')):
+        from .deploy.hub import load_pretrained
+        model = load_pretrained(name, **kwargs)
+        if checkpoint is not None:
+            load_weights(model, checkpoint, prefer_ema=prefer_ema)
+        return model
     check_model_name(name)
     from .models.metaformer_baselines import TIMM_ARCHS, create_timm_baseline
     build = create_timm_baseline if name.split('.')[0] in TIMM_ARCHS else timm.create_model

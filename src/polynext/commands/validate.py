@@ -8,8 +8,13 @@ polynext checkpoint's own eval transform; the low-resolution models at native si
 or, with ``--transform timm``, the model's timm ``pretrained_cfg`` (input size, crop_pct,
 interpolation, mean / std).
 
+With ``--runtime onnxruntime`` (implied by an ``.onnx`` checkpoint) an ONNX file written by
+``polynext export`` is evaluated in ONNX Runtime with the same data, transform and metrics; its
+metadata supplies the architecture, classes and eval transform.
+
 Examples:
   polynext validate --checkpoint runs/cpolynext_lr_digits/best.safetensors --dataset digits
+  polynext validate --runtime onnxruntime --checkpoint cpolynext_s.onnx --data /data/imagenet
   polynext validate --model cpolynext_s --checkpoint cpolynext_s.pt --data /data/imagenet
   polynext validate --model cpolynext_lr --checkpoint cpolynext_lr_cifar10.pt --dataset cifar10 --data ./cifar
   torchrun --nproc_per_node=4 -m polynext validate --model apolynext_t --checkpoint apolynext_t.pt --data DIR
@@ -49,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-progress', action='store_true')
     parser.add_argument('--model-kwargs', default=None, metavar='YAML',
                         help="extra model arguments, e.g. '{init_channels: 16}'")
+    parser.add_argument('--runtime', default='torch', choices=['torch', 'onnxruntime'],
+                        help='torch (default), or onnxruntime: --checkpoint is an .onnx file from polynext export, '
+                             'evaluated with the same data, transform and metrics')
 
 
 def _state_eval(config: dict) -> dict:
@@ -74,21 +82,13 @@ def _reference_eval(name: str, meta: dict, img_size):
     return resize, crop, c.eval_interpolation, c.mean, c.std
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _torch_model(args, ckpt: Path):
+    """The model of a torch checkpoint, its name and the checkpoint's metadata."""
     import yaml
-    from torch.utils.data import DataLoader
 
     from ..checkpoint import read_checkpoint, read_safetensors_metadata, unwrap_state_dict
-    from ..engine.distributed import cleanup_distributed, init_distributed
-    from ..engine.determinism import ShardSampler
-    from ..engine.memory import BatchLayout, oom_advice
-    from ..errors import CheckpointError, ConfigError, PolyNeXtError
+    from ..errors import ConfigError
     from ..factory import create_model
-    from ..train.data import build_eval_data, build_eval_transform
-    from ..train.validate import evaluate, per_class_rows
-
-    ckpt = Path(args.checkpoint)
     meta = read_safetensors_metadata(ckpt)
     obj = read_checkpoint(ckpt)
     if isinstance(obj, dict) and str(obj.get('format', '')).startswith('polynext.train') and \
@@ -112,6 +112,43 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(extra)
     sd = unwrap_state_dict(obj, prefer_ema=not args.no_ema)
     model = create_model(name, checkpoint=sd, **kwargs)
+    return model, name, meta
+
+
+def _onnx_model(args, ckpt: Path):
+    """An ONNX Runtime session over a polynext ONNX export, its architecture and its metadata."""
+    import torch
+
+    from ..deploy.runtime import OnnxRuntimeModel
+    from ..errors import ConfigError
+    if ckpt.suffix != '.onnx':
+        raise ConfigError(f'--runtime onnxruntime evaluates an .onnx file written by polynext export; '
+                          f'{ckpt.name} is not one (export it: polynext export {ckpt} model.onnx)')
+    if args.model_kwargs or args.no_ema:
+        raise ConfigError('an ONNX file holds its weights and architecture: drop --model-kwargs / --no-ema')
+    model = OnnxRuntimeModel(ckpt, threads=torch.get_num_threads())
+    name = model.architecture
+    if args.model and args.model.split('.')[0] != name:
+        raise ConfigError(f'{ckpt.name} holds {name}, not {args.model}; drop --model')
+    return model, name, dict(model.metadata)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..engine.distributed import cleanup_distributed, init_distributed
+    from ..engine.determinism import ShardSampler
+    from ..engine.memory import BatchLayout, oom_advice
+    from ..errors import CheckpointError, ConfigError, PolyNeXtError
+    from ..train.data import build_eval_data, build_eval_transform
+    from ..train.validate import evaluate, per_class_rows
+
+    ckpt = Path(args.checkpoint)
+    if args.runtime == 'onnxruntime' or ckpt.suffix == '.onnx':
+        model, name, meta = _onnx_model(args, ckpt)
+    else:
+        model, name, meta = _torch_model(args, ckpt)
 
     if args.transform == 'timm':
         from timm.data import create_transform, resolve_data_config
@@ -127,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         transform = build_eval_transform(resize, crop, interp, mean, std)
         tdesc = f'resize {resize} → ' + (f'centre crop {crop}' if crop else 'no crop') + f', {interp}'
         img_size = crop or resize
+    fixed = getattr(model, 'input', {})
+    if fixed and not fixed.get('dynamic_size', True) and img_size != fixed.get('height'):
+        raise ConfigError(f"{ckpt.name} takes {fixed['height']}x{fixed['width']} inputs only, but the transform gives "
+                          f"{img_size} px; pass --img-size {fixed['height']}")
     data, classes, desc = build_eval_data(args.dataset, args.data, transform, split=args.split,
                                           download=args.download, img_size=img_size)
     num_classes = getattr(model, 'num_classes', None)
@@ -156,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if not env.is_main:
         return 0
     rows = per_class_rows(res, classes)
-    result = dict(model=name, checkpoint=str(ckpt), data=desc, transform=tdesc, images=res.images,
+    result = dict(model=name, checkpoint=str(ckpt), runtime=args.runtime if ckpt.suffix != '.onnx' else 'onnxruntime',
+                  data=desc, transform=tdesc, images=res.images,
                   top1=round(res.top1, 4), top5=round(res.top5, 4), loss=round(res.loss, 6),
                   classes=len(classes), unreadable_images=len(res.skipped))
     out_dir = Path(args.output or f'validate-{name}')
