@@ -12,17 +12,19 @@ timm's own MetaFormer baselines (PoolFormerV2, ConvFormer, CAFormer) are built t
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_weights, read_checkpoint, unwrap_state_dict
+from .checkpoint import convert_to_model_layout, load_weights, read_checkpoint, unwrap_state_dict
 from .errors import CheckpointError, ConfigError
 
-__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes']
+__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes', 'head_dropout_kwargs',
+           'load_pretrained', 'read_hub_config']
 
 
 def list_models(pattern: str = '') -> List[str]:
@@ -52,19 +54,26 @@ def checkpoint_num_classes(model: nn.Module, state_dict: dict) -> Optional[int]:
     if not classifier:
         return None
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    import sys
-    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-    sd = state_dict
-    if filter_fn is not None:
-        try:
-            sd = filter_fn(dict(state_dict), model)
-        except Exception:
-            sd = state_dict
+    try:
+        sd = convert_to_model_layout(dict(state_dict), model)
+    except Exception:  # noqa: BLE001 - a checkpoint that does not convert fails with its own message on loading
+        sd = state_dict
     for n in names:
         w = sd.get(n + '.weight')
         if w is not None:
             return int(w.shape[0])
     return None
+
+
+def head_dropout_kwargs(name: str, p: float) -> Dict[str, float]:
+    """The ``create_model`` argument that puts dropout ``p`` right before a model's last linear layer, where the
+    papers' recipes mean it: ``head_dropout`` for the MetaFormer baselines (inside the MLP head, between its norm
+    and fc2: the authors' ``--head-dropout``; timm's ``drop_rate`` would sit before the whole head), else timm's
+    ``drop_rate`` (PolyNeXt's gated head and timm's linear heads: right before the classifier). ``{}`` for 0."""
+    if not p:
+        return {}
+    from .models.metaformer_baselines import METAFORMER_MODELS
+    return dict(head_dropout=p) if name.split('.')[0] in METAFORMER_MODELS else dict(drop_rate=p)
 
 
 def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None, pretrained: bool = False,
@@ -74,7 +83,6 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
     ``local-dir:PATH`` / ``hf-hub:REPO`` load a Hub folder (``polynext.save_pretrained``), with the
     paper options it records for timm's own MetaFormers."""
     if name.startswith(('local-dir:', 'hf-hub:')):
-        from .deploy.hub import load_pretrained
         model = load_pretrained(name, **kwargs)
         if checkpoint is not None:
             load_weights(model, checkpoint, prefer_ema=prefer_ema)
@@ -98,4 +106,58 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
                 f'drop num_classes to use the checkpoint as is, or fine-tune to change the class count')
         model = build(name, num_classes=n_ckpt, **kwargs)
     load_weights(model, sd, prefer_ema=prefer_ema)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Hub folders (polynext.save_pretrained writes them)
+# --------------------------------------------------------------------------------------
+
+def read_hub_config(folder: Path) -> Dict[str, Any]:
+    """``config.json`` of a Hub folder, with one clear error for a missing or unreadable one."""
+    folder = Path(folder)
+    cfg_file = folder / 'config.json'
+    if not folder.is_dir():
+        raise CheckpointError(f'{folder} is not a folder; write one with polynext export MODEL {folder} --format hub')
+    if not cfg_file.is_file():
+        raise CheckpointError(f'{folder} has no config.json; it is not a Hub model folder. Write one with '
+                              f'polynext export MODEL {folder} --format hub (or polynext.save_pretrained)')
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{cfg_file} is not valid JSON ({e}); write the folder again with polynext export '
+                              f'--format hub') from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get('architecture'), str):
+        raise CheckpointError(f'{cfg_file} names no architecture; write the folder again with polynext export '
+                              f'--format hub')
+    return cfg
+
+
+def load_pretrained(source: str, **kwargs) -> nn.Module:
+    """A model from ``local-dir:PATH`` or ``hf-hub:REPO``: timm's loader, or for folders that record
+    polynext options (timm's MetaFormers built with paper options) polynext's constructor plus the
+    folder's weights."""
+    from timm.models import parse_model_name
+    kind, model_id = parse_model_name(source)
+    if kind == 'local-dir':
+        folder = Path(model_id)
+        cfg = read_hub_config(folder)
+    elif kind == 'hf-hub':
+        from timm.models._hub import download_from_hf
+        cfg = json.loads(Path(download_from_hf(model_id, 'config.json')).read_text())
+    else:
+        raise ConfigError(f"{source!r} is not a local-dir:PATH or hf-hub:REPO name")
+    options = (cfg.get('polynext') or {}).get('options') or {}
+    if not options:
+        return timm.create_model(source, pretrained=True, **kwargs)
+    args = dict(cfg.get('model_args') or {}, **options)
+    args.update(kwargs)
+    model = create_model(cfg['architecture'], **args)
+    if kind == 'local-dir':
+        from timm.models._hub import load_state_dict_from_path
+        sd = load_state_dict_from_path(folder)
+    else:
+        from timm.models._hub import load_state_dict_from_hf
+        sd = load_state_dict_from_hf(model_id, 'model.safetensors')
+    model.load_state_dict(sd, strict=True)
     return model

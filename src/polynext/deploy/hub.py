@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
+from ..factory import load_pretrained, read_hub_config as _read_config
 
-__all__ = ['save_pretrained', 'check_hub_folder', 'load_pretrained', 'push_to_hub', 'model_card']
+__all__ = ['save_pretrained', 'check_hub_folder', 'load_pretrained', 'push_to_hub', 'model_card']   # load_pretrained: factory's
 
 WEIGHTS = 'model.safetensors'
 #: timm constructor arguments that create_timm_baseline derives from polynext's options (not JSON)
@@ -174,24 +175,6 @@ def _check_round_trip(model: nn.Module, folder: Path) -> None:
 # Reading and checking a folder
 # --------------------------------------------------------------------------------------
 
-def _read_config(folder: Path) -> Dict[str, Any]:
-    cfg_file = folder / 'config.json'
-    if not folder.is_dir():
-        raise CheckpointError(f'{folder} is not a folder; write one with polynext export MODEL {folder} --format hub')
-    if not cfg_file.is_file():
-        raise CheckpointError(f'{folder} has no config.json; it is not a Hub model folder. Write one with '
-                              f'polynext export MODEL {folder} --format hub (or polynext.save_pretrained)')
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f'{cfg_file} is not valid JSON ({e}); write the folder again with polynext export '
-                              f'--format hub') from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get('architecture'), str):
-        raise CheckpointError(f'{cfg_file} names no architecture; write the folder again with polynext export '
-                              f'--format hub')
-    return cfg
-
-
 def check_hub_folder(folder) -> Dict[str, Any]:
     """Validate a Hub folder; return its config. One clear ``CheckpointError`` per problem:
     no folder, no / unreadable ``config.json``, an unknown architecture, no weights, or weights
@@ -243,38 +226,6 @@ def check_hub_folder(folder) -> Dict[str, Any]:
         raise CheckpointError(f'{folder}: {WEIGHTS} has tensors the {arch} of config.json does not have ({extra[0]}, '
                               f'{len(extra)} in all); write the folder again with polynext export --format hub')
     return cfg
-
-
-def load_pretrained(source: str, **kwargs) -> nn.Module:
-    """A model from ``local-dir:PATH`` or ``hf-hub:REPO``: timm's loader, or for folders that record
-    polynext options (timm's MetaFormers built with paper options) polynext's constructor plus the
-    folder's weights."""
-    import timm
-    from timm.models import parse_model_name
-    kind, model_id = parse_model_name(source)
-    if kind == 'local-dir':
-        folder = Path(model_id)
-        cfg = _read_config(folder)
-    elif kind == 'hf-hub':
-        from timm.models._hub import download_from_hf
-        cfg = json.loads(Path(download_from_hf(model_id, 'config.json')).read_text())
-    else:
-        raise ConfigError(f"{source!r} is not a local-dir:PATH or hf-hub:REPO name")
-    options = (cfg.get('polynext') or {}).get('options') or {}
-    if not options:
-        return timm.create_model(source, pretrained=True, **kwargs)
-    from ..factory import create_model
-    args = dict(cfg.get('model_args') or {}, **options)
-    args.update(kwargs)
-    model = create_model(cfg['architecture'], **args)
-    if kind == 'local-dir':
-        from timm.models._hub import load_state_dict_from_path
-        sd = load_state_dict_from_path(folder)
-    else:
-        from timm.models._hub import load_state_dict_from_hf
-        sd = load_state_dict_from_hf(model_id, WEIGHTS)
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 # --------------------------------------------------------------------------------------
