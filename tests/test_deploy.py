@@ -372,6 +372,17 @@ def test_slurm_variables_become_torchrun_variables():
         'node03', 'rack1-n7', 'a1', 'solo']
 
 
+def test_under_srun_only_rank_0_reports_an_error(tmp_path, monkeypatch, capsys):
+    """An error before the process group is up (RANK not yet derived from SLURM_PROCID): one line, from rank 0."""
+    for k in ('RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(k, raising=False)
+    argv = ['export', 'cpolynext_t', str(tmp_path / 'm.tfl'), '--format', 'tflite']
+    monkeypatch.setenv('SLURM_PROCID', '1')
+    assert main(argv) == 2 and capsys.readouterr().err == ''
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    assert main(argv) == 2 and "unknown format 'tflite'" in capsys.readouterr().err
+
+
 def test_srun_style_launch_trains_with_ddp_on_two_cpu_processes(tmp_path):
     """Two processes started as srun starts them (SLURM variables only, no torchrun), gloo on CPU."""
     from test_train_run import make_image_folder, tiny_args

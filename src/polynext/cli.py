@@ -66,7 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except PolyNeXtError as e:
-        if int(os.environ.get('RANK', '0')) == 0:   # under torchrun, rank 0 alone reports the error
+        # under torchrun (RANK) or srun (SLURM_PROCID, before init_distributed set RANK) rank 0 alone reports it
+        if int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))) == 0:
             print(f'polynext {name}: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
