@@ -646,6 +646,8 @@ def create_timm_baseline(name: str, pretrained: bool = False, **kwargs) -> nn.Mo
     else:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     opts.apply(model, arch)
+    # timm's own constructor cannot rebuild these options: polynext.save_pretrained records them
+    model.polynext_options = {f.name: getattr(opts, f.name) for f in fields(opts) if getattr(opts, f.name) != f.default}
     return model
 
 
