@@ -387,6 +387,24 @@ CASES: Sequence[Case] = [
          'cannot be written', 'pass a path whose parents are folders'),
     Case('bench-plot-is-a-folder', lambda w: ['bench', 'cpolynext_t', '--plot', w.emptydir],
          'is a folder', 'pass a file path'),
+    # ---- polynext export ---------------------------------------------------------------------------------------------
+    Case('export-unknown-model', lambda w: ['export', 'cpolynext_q', w.root / 'x.onnx'],
+         "unknown model 'cpolynext_q'", 'Did you mean', check=distinct_suggestions),
+    Case('export-unknown-suffix', lambda w: ['export', 'cpolynext_t', w.root / 'x.txt'],
+         "cannot tell the format from OUTPUT", 'name it .onnx or .pt2'),
+    Case('export-unknown-format', lambda w: ['export', 'cpolynext_t', w.root / 'x.onnx', '--format', 'tflite'],
+         "unknown format 'tflite'", 'use --format onnx, torch-export or hub'),
+    Case('export-checkpoint-not-found', lambda w: ['export', 'cpolynext_t', w.root / 'x.onnx', '--checkpoint', w.nope_pt],
+         'checkpoint not found', 'check the path'),
+    Case('export-output-under-a-file', lambda w: ['export', 'cpolynext_t', w.afile + '/x.onnx'],
+         'cannot be written', 'pass a path whose parents are folders'),
+    Case('export-onto-its-input', lambda w: ['export', w.cls_safetensors, w.cls_safetensors, '--format', 'onnx'],
+         'is the input file', 'pass another output path'),
+    Case('export-json-is-a-folder', lambda w: ['export', 'cpolynext_t', w.root / 'x.onnx', '--json', w.emptydir],
+         'is a folder', 'pass a file path'),
+    Case('export-model-kwargs-not-a-mapping', lambda w: ['export', 'cpolynext_t', w.root / 'x.onnx', '--model-kwargs',
+                                                         'init_channels'],
+         '--model-kwargs must be a mapping', "like '{init_channels: 16}'"),
     # ---- polynext fhe ------------------------------------------------------------------------------------------------
     Case('fhe-analyze-unknown-model', lambda w: ['fhe', 'analyze', 'cpolynext_t_bm'],
          "unknown model 'cpolynext_t_bm'", 'Did you mean', check=distinct_suggestions),
@@ -581,5 +599,5 @@ def test_bad_input_gives_one_line_and_writes_nothing(case: Case, ws: W, tmp_path
 def test_there_are_at_least_forty_cases_across_the_commands():
     commands = {c.argv(W(Path('/x')))[0] for c in CASES}
     assert len(CASES) >= 40 and {'train', 'validate', 'convert', 'robustness', 'seg', 'bench', 'models',
-                                 'det', 'fhe'} <= commands
+                                 'det', 'fhe', 'export'} <= commands
     assert len({c.id for c in CASES}) == len(CASES)
