@@ -63,7 +63,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except PolyNeXtError as e:
-        print(f'polynext {name}: error: {e}', file=sys.stderr)
+        if int(os.environ.get('RANK', '0')) == 0:   # under torchrun, rank 0 alone reports the error
+            print(f'polynext {name}: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f'polynext {name}: interrupted', file=sys.stderr)

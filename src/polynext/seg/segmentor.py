@@ -226,13 +226,12 @@ def load_segmentor(path: Union[str, Path], spec: Optional[SegmentorSpec] = None)
     if path.suffix == '.safetensors':
         sd = obj
         if spec is None:
-            from safetensors import safe_open
-            with safe_open(str(path), framework='pt') as f:
-                meta = f.metadata() or {}
-            if 'polynext_segmentor' not in meta:
+            from ..checkpoint import read_safetensors_metadata
+            description = read_safetensors_metadata(path).get('polynext_segmentor')
+            if not isinstance(description, dict):
                 raise CheckpointError(f'{path} holds no segmentor description (metadata polynext_segmentor); '
                                       f'pass --backbone and --num-classes to say which model it is')
-            spec = SegmentorSpec.from_dict(json.loads(meta['polynext_segmentor']))
+            spec = SegmentorSpec.from_dict(description)
     else:
         if not isinstance(obj, dict) or 'model' not in obj:
             raise CheckpointError(f'{path} is neither a segmentor weights file (.safetensors) nor a training state')
