@@ -87,8 +87,8 @@ def _main(argv: List[str]) -> int:
         from polynext.train.trainer import Trainer
         save = Trainer.save
 
-        def save_then_die(self, tag='last'):
-            save(self, tag)
+        def save_then_die(self, tag='last', **kwargs):
+            save(self, tag, **kwargs)
             if tag == 'last' and self.ema is not None and self.ema.updates > 0 and self.batch_in_epoch > 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         Trainer.save = save_then_die
@@ -96,8 +96,8 @@ def _main(argv: List[str]) -> int:
         from polynext.seg.trainer import SegTrainer
         at, save = int(kill.split('=', 1)[1]), SegTrainer.save
 
-        def save_then_die(self, tag='last'):
-            save(self, tag)
+        def save_then_die(self, tag='last', **kwargs):
+            save(self, tag, **kwargs)
             if tag == 'last' and self.iteration == at:
                 os.kill(os.getpid(), signal.SIGKILL)
         SegTrainer.save = save_then_die

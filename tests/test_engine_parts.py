@@ -2,6 +2,7 @@
 cap, the gradient-norm meter, the optimizer step with accumulation, the EMA start rules, the batch layout,
 the preset table, run planning, and the import layout (no circle; the engine imports no task)."""
 import ast
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Dict, Tuple
@@ -107,15 +108,15 @@ def test_ema_starts_at_its_epoch_and_its_first_update_copies():
     ema = EmaTracker(model, decay=0.5, start_epoch=1, init='first_update')
     nn.init.constant_(model.weight, 3.0)
     ema.update(model, epoch=0)                    # before the start epoch: nothing
-    assert (ema.updates, float(ema.module.weight)) == (0, 1.0)
+    assert (ema.updates, ema.module.weight.detach().item()) == (0, 1.0)
     ema.update(model, epoch=1)                    # first update: a copy
     nn.init.constant_(model.weight, 5.0)
     ema.update(model, epoch=1)                    # then 0.5 · 3 + 0.5 · 5
-    assert (ema.updates, float(ema.module.weight)) == (2, 4.0)
+    assert (ema.updates, ema.module.weight.detach().item()) == (2, 4.0)
     fresh = EmaTracker(model, decay=0.5, init='model')   # from the copy at creation: 0.5 · 5 + 0.5 · 7
     nn.init.constant_(model.weight, 7.0)
     fresh.update(model, epoch=0)
-    assert float(fresh.module.weight) == 6.0
+    assert fresh.module.weight.detach().item() == 6.0
 
 
 def test_batch_layout_is_computed_in_one_place():
@@ -213,6 +214,7 @@ def test_plan_run_resumes_refuses_and_starts_fresh(tmp_path):
 # the import layout
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def _import_graph():
     """module → the polynext modules it imports anywhere in its file (functions included)."""
     modules = {}
@@ -240,7 +242,7 @@ def _import_graph():
                     t = t.rsplit('.', 1)[0]
                 if t in modules and t != name:
                     deps.add(t)
-        graph[name] = deps
+        graph[name] = frozenset(deps)
     return graph
 
 
@@ -276,7 +278,7 @@ def test_the_import_graph_has_no_circle():
     # the parser sees imports inside functions too (the old circle: checkpoint ↔ models.polynext was one)
     assert {'polynext.checkpoint', 'polynext.ops.poly_attention'} <= graph['polynext.models.polynext']
     assert 'polynext.engine.run' in graph['polynext.train.trainer'] and 'polynext.seg' in graph['polynext.commands.seg']
-    circle = _find_circle(dict(graph, **{'polynext.checkpoint': graph['polynext.checkpoint'] | {
+    circle = _find_circle(dict(graph, **{'polynext.checkpoint': set(graph['polynext.checkpoint']) | {
         'polynext.models.polynext'}}))
     assert circle[0] == circle[-1] and set(circle) == {'polynext.checkpoint', 'polynext.models.polynext'}
     assert _find_circle(graph) is None

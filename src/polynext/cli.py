@@ -20,6 +20,7 @@ COMMANDS = {
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
+    'det': ('polynext.commands.det', 'detection and instance segmentation (Mask R-CNN, Cascade, COCO): det train / eval / cost'),
 }
 
 

@@ -36,7 +36,7 @@ from .metrics import Meters, banner
 from .nonfinite import NonFiniteError, assert_finite_state, check_step
 from .precision import Precision
 from .presets import FidelityFlag, Preset, PresetTable
-from .run import RunFolder, RunPlan, launch, load_training_state, plan_run, progress
+from .run import RunFolder, RunPlan, launch, load_training_state, plan_run, progress, start_run
 from .session import Session
 from .step import TrainStep, unwrap, wrap_model
 
@@ -48,5 +48,6 @@ __all__ = [
     'broadcast_object', 'cleanup_distributed', 'init_distributed', 'is_distributed', 'is_main', 'resolve_device',
     'EmaTracker', 'BatchLayout', 'OutOfMemory', 'is_oom_error', 'oom_advice', 'Meters', 'banner', 'NonFiniteError',
     'assert_finite_state', 'check_step', 'Precision', 'FidelityFlag', 'Preset', 'PresetTable', 'RunFolder', 'RunPlan',
-    'launch', 'load_training_state', 'plan_run', 'progress', 'Session', 'TrainStep', 'unwrap', 'wrap_model',
+    'launch', 'load_training_state', 'plan_run', 'progress', 'start_run', 'Session', 'TrainStep', 'unwrap',
+    'wrap_model',
 ]

@@ -21,9 +21,10 @@ Starting a run, the same for every task:
   (the saved config is the base; only the task's resume-safe keys, such as ``data`` or
   ``workers``, may change), or the folder's own ``last.state.pt`` when the same command runs
   again (a different config there is refused with the three ways out), or a fresh start.
-* ``launch(plan, train, finished)`` starts the process group (``torchrun``), says so and returns
-  when the plan's run is already finished, else runs ``train(env)``; the group is destroyed
-  however it ends.
+* ``start_run(path, env, cfg)``: the batch layout, the run folder and the backend of a process.
+* ``launch(plan, train, progress, best)`` starts the process group (``torchrun``), says so and
+  returns when the plan's run is already finished, else runs ``train(env)``; the group is
+  destroyed however it ends.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ from ..errors import CheckpointError, ConfigError
 from .config import apply_overrides, config_diff, config_to_dict
 from .nonfinite import assert_finite_state
 
-__all__ = ['RunFolder', 'load_training_state', 'CurvePanel', 'RunPlan', 'plan_run', 'launch', 'default_output',
-           'LAST_STATE']
+__all__ = ['RunFolder', 'load_training_state', 'CurvePanel', 'RunPlan', 'plan_run', 'start_run', 'launch',
+           'default_output', 'LAST_STATE']
 
 #: the resumable checkpoint of a run folder
 LAST_STATE = 'last.state.pt'
@@ -208,12 +209,11 @@ class RunFolder:
 
 
 def progress(iterable, total: Optional[int] = None, desc: str = '', enabled: bool = True, **kw):
-    """A tqdm bar on the main process (hidden when stderr is not a terminal), else the iterable."""
-    if not enabled:
-        return iterable
+    """A tqdm bar on the main process (hidden when stderr is not a terminal); a disabled one (a plain pass over
+    the iterable, whose ``set_postfix`` / ``close`` do nothing) when not ``enabled``."""
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr,
-                disable=None, **kw)
+                disable=None if enabled else True, **kw)
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,20 +274,34 @@ def plan_run(cfg: Any, recipe: str, *, state_format: str, resume_safe_keys: Sequ
     return RunPlan(cfg, recipe, run_dir, state)
 
 
-def launch(plan: RunPlan, train: Callable[[Any], Dict[str, Any]],
-           finished: Callable[[Dict[str, Any]], Optional[str]], quiet: bool = False) -> Dict[str, Any]:
+def start_run(path: Union[str, Path], env: Any, cfg: Any, quiet: bool = False) -> Tuple['RunFolder', Any]:
+    """The first thing a trainer does: the batch layout (checked before anything is written), the run folder
+    and the backend (seed ``cfg.seed`` + rank, ``cfg.threads``, TF32 or ``cfg.deterministic``); returns
+    (run folder, layout)."""
+    from .backend import setup_backend
+    from .memory import BatchLayout
+    layout = BatchLayout.split(cfg.batch_size, cfg.device_batch_size, env.world_size)
+    run = RunFolder(path, is_main=env.is_main, quiet=quiet)
+    setup_backend(env.device, cfg.seed + env.rank, cfg.threads, deterministic=cfg.deterministic)
+    return run, layout
+
+
+def launch(plan: RunPlan, train: Callable[[Any], Dict[str, Any]], progress: Tuple[str, int, str],
+           best: Callable[[Mapping[str, Any]], str], quiet: bool = False) -> Dict[str, Any]:
     """Run ``train(env)`` in the process group of ``plan.config.device``.
 
-    ``finished(state)`` describes the resumed state when there is nothing left to train ('15 epochs, best
-    val top-1 98.06%'), else returns ``None``; a finished run is reported and returned as it is."""
+    ``progress`` = (state key, total, unit), e.g. ``('epoch', 300, 'epochs')``: a resumed state that has
+    reached the total is a finished run, reported with ``best(state['best'])`` and returned as it is."""
     from .distributed import cleanup_distributed, init_distributed
     env = init_distributed(plan.config.device)
     try:
-        done = finished(plan.state) if plan.state is not None else None
-        if done is not None:
+        key, total, unit = progress
+        if plan.state is not None and int(plan.state[key]) >= total:
+            done = plan.state.get('best') or {}
             if env.is_main and not quiet:
-                print(f'{plan.path} is a finished run ({done}); pass --fresh to train it again or --output NEW_DIR')
-            return dict(best=plan.state.get('best') or {}, history=plan.state.get('history', []), run=str(plan.path))
+                print(f'{plan.path} is a finished run ({total} {unit}, {best(done)}); pass --fresh to train it '
+                      f'again or --output NEW_DIR')
+            return dict(best=done, history=plan.state.get('history', []), run=str(plan.path))
         return train(env)
     finally:
         cleanup_distributed()

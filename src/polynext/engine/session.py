@@ -112,8 +112,12 @@ class Session:
         elif self.env.rank < len(rng):
             restore_rng_state(rng[self.env.rank])
 
-    def save(self, tag: str, metadata: Mapping[str, Any], **task_fields: Any) -> None:
-        """Checkpoint ``tag`` (a collective: every rank contributes its RNG states; rank 0 writes)."""
+    def save(self, tag: str, metadata: Mapping[str, Any], unreadable: Optional[Mapping[str, List[int]]] = None,
+             **task_fields: Any) -> None:
+        """Checkpoint ``tag`` (a collective: every rank contributes its RNG states; rank 0 writes). ``unreadable``:
+        {split: indices this rank skipped since the last report}, reported (and limit-checked) first."""
+        for split, indices in (unreadable or {}).items():
+            self.corrupt[split].add(indices)
         rng_states = all_gather_objects(capture_rng_state())
         if not self.env.is_main:
             return

@@ -84,7 +84,8 @@ class TrainStep:
     def module(self) -> nn.Module:
         return unwrap(self.model)
 
-    def distribute(self, env: DistEnv, sync_batchnorm: bool = False, log: Optional[Callable[[str], None]] = None) -> None:
+    def distribute(self, env: DistEnv, sync_batchnorm: bool = False,
+                   log: Optional[Callable[[str], None]] = None) -> None:
         """Wrap the model in ``DistributedDataParallel`` (``wrap_model``); call after restoring a checkpoint."""
         self.model = wrap_model(self.model, env, sync_batchnorm, log)
 

@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
 from ..ops.poly_attention import poly_attention
+from ..ops.window_attention import neighborhood_attention
 
 __all__ = [
     'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'PolyConvBlock', 'PolyAttnBlock', 'Ablation',
@@ -400,6 +401,7 @@ class PolyAttn(nn.Module):
         self.v_conv = nn.Conv2d(a, a, 3, padding=1, groups=a, bias=False)
         self.final_conv = nn.Conv2d(a, a, 3, padding=1, groups=a, bias=False)
         self.fully_polynomial = norm == 'bn'
+        self.window: Optional[int] = None   # sliding-window attention (``polynext.models.set_attention_window``)
         if self.fully_polynomial:
             h, w = _size2(spatial_size)
             self.norm = RunningRowSumNorm(self.num_heads, h * w)
@@ -417,7 +419,10 @@ class PolyAttn(nn.Module):
         b, _, h, w = x.shape
         qk, v = self.qkv(x).split(self.attn_dim, dim=1)
         q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
-        if self.kernel == 'softmax':
+        if self.window and not self.fully_polynomial:   # each query sees the window x window keys around it
+            q = q if self.kernel == 'softmax' else q * self.scale.sigmoid().to(q.dtype)
+            o = neighborhood_attention(q, k, v, (h, w), self.window, self.kernel, power=self.power)
+        elif self.kernel == 'softmax':
             o = F.scaled_dot_product_attention(q, k, v)
         elif self.fully_polynomial:
             attn = ((q @ k.transpose(-1, -2)) * self.scale.sigmoid() + 1) ** self.power

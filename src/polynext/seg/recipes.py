@@ -136,6 +136,7 @@ class SegConfig:
     channels_last: bool = True
     device: str = 'auto'
     threads: int = 0
+    deterministic: bool = False                  # CUDA: deterministic algorithms, no TF32 / cudnn.benchmark (slower)
     # ---- run ----
     seed: int = 0
     output: Optional[str] = None                 # run folder (default runs/<recipe>)

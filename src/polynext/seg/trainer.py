@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.backend import setup_backend
 from ..engine.config import config_to_dict
 from ..engine.data import CorruptImages, make_loader
 from ..engine.determinism import ResumableDistributedSampler, ShardSampler
@@ -41,7 +40,7 @@ from ..engine.distributed import DistEnv, all_gather_objects
 from ..engine.memory import BatchLayout, oom_advice
 from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
-from ..engine.run import RunFolder, launch, plan_run, progress
+from ..engine.run import launch, plan_run, progress, start_run
 from ..engine.session import Session
 from ..engine.step import TrainStep
 from ..errors import ConfigError, DataError
@@ -162,18 +161,15 @@ class SegTrainer:
 
     def __init__(self, cfg: SegConfig, recipe: str, run_dir: Path, env: DistEnv,
                  resume_state: Optional[Dict[str, Any]] = None, show_progress: bool = True, quiet: bool = False):
-        self.cfg, self.recipe, self.env = cfg, recipe, env
-        self.device = env.device
+        self.cfg, self.recipe, self.env, self.device = cfg, recipe, env, env.device
         self.cuda = self.device.type == 'cuda'
-        self.show_progress = show_progress and env.is_main
-        self.run = RunFolder(run_dir, is_main=env.is_main, quiet=quiet)
-        self.layout = BatchLayout.split(cfg.batch_size, cfg.device_batch_size, env.world_size)
         if cfg.device_batch_size < 2 and not (self.cuda and env.world_size > 1):
             raise ConfigError(
                 'a per-device batch of 1 cannot train UperNet here: its pyramid pooling normalises a 1x1 map with '
                 'BatchNorm, which needs 2 or more images for batch statistics. Use --device-batch-size 2 or more (on '
                 'several GPUs, SyncBatchNorm pools the images of all devices, so 1 per GPU works)')
-        setup_backend(self.device, cfg.seed + env.rank, cfg.threads)
+        self.show_progress = show_progress and env.is_main
+        self.run, self.layout = start_run(run_dir, env, cfg, quiet)
 
         self.train_source, self.val_source, self.classes = build_sources(cfg)
         self.num_classes = cfg.num_classes or len(self.classes)
@@ -194,7 +190,8 @@ class SegTrainer:
                                     ignore_index=cfg.ignore_index, fallback_size=fallback)
         self.val_set = SegSamples(self.val_source, eval_tf, train=False, ignore_index=cfg.ignore_index,
                                   fallback_size=fallback)
-        self.sampler = ResumableDistributedSampler(self.train_set, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
+        self.sampler = ResumableDistributedSampler(self.train_set, env.world_size, env.rank, shuffle=True,
+                                                   seed=cfg.seed)
         self.batches_per_pass = self.sampler.num_samples // cfg.device_batch_size
         if self.batches_per_pass == 0:
             raise DataError(f'{self.train_source.description}: {self.sampler.num_samples} training images per device '
@@ -217,6 +214,9 @@ class SegTrainer:
         self.step.resume_hint = self.session.resume_hint('polynext seg train', cfg.lr)
         self.last_eval: Dict[str, Any] = {}
         if resume_state is not None:
+            if 'global_step' not in resume_state:   # a state written before the shared engine (polynext 0.1.0)
+                resume_state = dict(resume_state, global_step=resume_state['iteration'],
+                                    corrupt=dict(train=list(resume_state.get('corrupt') or [])))
             self.session.check_classes(resume_state.get('classes'), self.train_source.description)
             self.session.restore(resume_state)
             self.run.log(f'resumed at iteration {self.iteration} of {cfg.iters}')
@@ -270,9 +270,10 @@ class SegTrainer:
         meta['polynext_seg_config'] = json.dumps(config_to_dict(self.cfg))
         return meta
 
-    def save(self, tag: str = 'last') -> None:
-        """Checkpoint ``tag`` (collective: every rank contributes its RNG state)."""
-        self.session.save(tag, self._weights_meta(), spec=self.spec.to_dict(), iteration=self.iteration)
+    def save(self, tag: str = 'last', unreadable: Optional[List[int]] = None) -> None:
+        """Checkpoint ``tag`` (collective: every rank contributes its RNG state and its unreadable images)."""
+        self.session.save(tag, self._weights_meta(), unreadable=dict(train=unreadable or []),
+                          spec=self.spec.to_dict(), iteration=self.iteration)
 
     # ---------------------------------------------------------------------------------
     # training
@@ -318,16 +319,14 @@ class SegTrainer:
                                 aux_loss=parts.get('aux_loss', 0.0) * n, correct=correct, labelled=labelled, n=n)
             step.optimizer_step(float(loss.detach()), epoch=epoch, batch=b)
             self.session.scheduler.step()
-            if self.show_progress and hasattr(bar, 'set_postfix') and self.meters['n']:
+            if self.meters['n']:
                 bar.set_postfix(loss=f'{self.meters["loss"] / self.meters["n"]:.4f}', refresh=False)
             if cfg.log_every and self.iteration % cfg.log_every == 0:
                 self._log_row()
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0 and self.iteration < until:
-                self.session.corrupt['train'].add(bad)
+                self.save('last', unreadable=bad)
                 bad = []
-                self.save('last')
-        if hasattr(bar, 'close'):
-            bar.close()
+        bar.close()
         self.session.corrupt['train'].add(bad)
 
     def _train_metrics(self) -> Dict[str, Any]:
@@ -438,13 +437,9 @@ def train_segmentation(cfg: SegConfig, recipe: str, resume: Optional[str] = None
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
                     command='polynext seg train', resume=resume, fresh=fresh, explicit=explicit)
 
-    def finished(state: Dict[str, Any]) -> Optional[str]:
-        if int(state['global_step']) < plan.config.iters:
-            return None
-        best = state.get('best') or {}
-        return f'{plan.config.iters} iterations, best mIoU {best.get("mIoU", float("nan")):.2f}'
-
     result = launch(plan, lambda env: SegTrainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
-                                                 show_progress=show_progress, quiet=quiet).fit(), finished, quiet)
+                                                 show_progress=show_progress, quiet=quiet).fit(),
+                    progress=('iteration', plan.config.iters, 'iterations'),
+                    best=lambda b: f'best mIoU {b.get("mIoU", float("nan")):.2f}', quiet=quiet)
     result.setdefault('last_eval', {})
     return result

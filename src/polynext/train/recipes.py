@@ -114,6 +114,7 @@ class TrainConfig:
     channels_last: bool = True
     device: str = 'auto'                       # auto | cpu | cuda
     threads: int = 0                           # CPU threads of torch per process; 0: torch's default
+    deterministic: bool = False                # CUDA: deterministic algorithms, no TF32 / cudnn.benchmark (slower)
     # ---- run ----
     seed: int = 0
     output: Optional[str] = None               # run folder (default runs/<recipe>)

@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..engine.backend import setup_backend
 from ..engine.data import CorruptImages, make_loader
 from ..engine.determinism import ResumableDistributedSampler, ShardSampler
 from ..engine.distributed import DistEnv
@@ -36,7 +35,7 @@ from ..engine.ema import EmaTracker
 from ..engine.memory import BatchLayout, oom_advice
 from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
-from ..engine.run import RunFolder, launch, plan_run, progress
+from ..engine.run import launch, plan_run, progress, start_run
 from ..engine.session import Session
 from ..engine.step import TrainStep
 from ..errors import CheckpointError, ConfigError, DataError
@@ -134,13 +133,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, recipe: str, run_dir: Path, env: DistEnv,
                  resume_state: Optional[Dict[str, Any]] = None, show_progress: bool = True, quiet: bool = False):
-        self.cfg, self.recipe, self.env = cfg, recipe, env
-        self.device = env.device
-        self.cuda = self.device.type == 'cuda'
+        self.cfg, self.recipe, self.env, self.device = cfg, recipe, env, env.device
         self.show_progress = show_progress and env.is_main
-        self.run = RunFolder(run_dir, is_main=env.is_main, quiet=quiet)
-        self.layout = BatchLayout.split(cfg.batch_size, cfg.device_batch_size, env.world_size)
-        setup_backend(self.device, cfg.seed + env.rank, cfg.threads)
+        self.run, self.layout = start_run(run_dir, env, cfg, quiet)
+        cuda = self.device.type == 'cuda'
 
         self.data: DataBundle = build_data(cfg)
         self.num_classes = cfg.num_classes or self.data.num_classes
@@ -149,13 +145,13 @@ class Trainer:
                             f'{self.data.num_classes} classes')
         model = self._build_model()
         ema = EmaTracker(model, cfg.ema_decay, cfg.ema_start_epoch, cfg.ema_init) if cfg.ema else None
-        optimizer = build_optimizer(model, cfg, fused=self.cuda)
+        optimizer = build_optimizer(model, cfg, fused=cuda)
         self.train_sampler = ResumableDistributedSampler(self.data.train, env.world_size, env.rank, shuffle=True,
                                                          seed=cfg.seed)
         self.train_loader = make_loader(self.data.train, self.train_sampler, cfg.device_batch_size, cfg.workers,
-                                        cfg.seed, pin_memory=self.cuda, drop_last=cfg.mixing)
+                                        cfg.seed, pin_memory=cuda, drop_last=cfg.mixing)
         self.val_loader = make_loader(self.data.val, ShardSampler(len(self.data.val), env.world_size, env.rank),
-                                      cfg.device_batch_size, cfg.workers, cfg.seed, pin_memory=self.cuda)
+                                      cfg.device_batch_size, cfg.workers, cfg.seed, pin_memory=cuda)
         self.batches_per_epoch = self._batches_per_epoch()
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.layout.accumulation)
         scheduler = build_scheduler(optimizer, cfg, self.steps_per_epoch)
@@ -242,9 +238,10 @@ class Trainer:
                  f'the start of epoch {self.epoch + 1}')
         self.run.log(f'resumed from {where} (optimizer step {self.step.global_step})')
 
-    def save(self, tag: str = 'last') -> None:
-        """Checkpoint ``tag`` (collective: every rank contributes its RNG state)."""
-        self.session.save(tag, self._weights_meta('raw'), epoch=self.epoch, batch_in_epoch=self.batch_in_epoch)
+    def save(self, tag: str = 'last', unreadable: Optional[List[int]] = None) -> None:
+        """Checkpoint ``tag`` (collective: every rank contributes its RNG state and its unreadable images)."""
+        self.session.save(tag, self._weights_meta('raw'), unreadable=dict(train=unreadable or []), epoch=self.epoch,
+                          batch_in_epoch=self.batch_in_epoch)
 
     def _weights_meta(self, which: str) -> Dict[str, Any]:
         return {'format': 'polynext', 'architecture': self.cfg.model, 'num_classes': self.num_classes,
@@ -316,14 +313,12 @@ class Trainer:
                     self.session.scheduler.step_update(step.global_step)
             b += 1
             self.batch_in_epoch = b
-            if self.show_progress and hasattr(bar, 'set_postfix') and (b % max(1, cfg.log_every // 10) == 0):
+            if b % max(1, cfg.log_every // 10) == 0:
                 bar.set_postfix(loss=f'{self.meters["loss"] / max(self.meters["n"], 1):.4f}', refresh=False)
             if is_step and cfg.checkpoint_every and step.global_step % cfg.checkpoint_every == 0 and b < n_batches:
-                self.session.corrupt['train'].add(skipped)
+                self.save('last', unreadable=skipped)
                 skipped = []
-                self.save('last')
-        if hasattr(bar, 'close'):
-            bar.close()
+        bar.close()
         self.session.corrupt['train'].add(skipped)
         red = self.meters.reduce()
         n = max(red['n'], 1.0)
@@ -419,14 +414,10 @@ def train(cfg: TrainConfig, recipe: str, resume: Optional[str] = None, fresh: bo
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
                     command='polynext train', resume=resume, fresh=fresh, explicit=explicit)
 
-    def finished(state: Dict[str, Any]) -> Optional[str]:
-        if int(state['epoch']) < plan.config.total_epochs:
-            return None
-        best = state.get('best') or {}
-        return f'{plan.config.total_epochs} epochs, best val top-1 {best.get("top1", float("nan")):.2f}%'
-
     return launch(plan, lambda env: Trainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
-                                            show_progress=show_progress, quiet=quiet).fit(), finished, quiet)
+                                            show_progress=show_progress, quiet=quiet).fit(),
+                  progress=('epoch', plan.config.total_epochs, 'epochs'),
+                  best=lambda b: f'best val top-1 {b.get("top1", float("nan")):.2f}%', quiet=quiet)
 
 
 def _count_params(model: nn.Module) -> int:
