@@ -8,7 +8,7 @@ torchrun), chosen by environment variables:
   ``DIR/rank<R>_step<global step>.pt``;
 * ``POLYNEXT_TEST_KILL=mid_epoch_after_ema``: SIGKILL right after the first mid-epoch ``last``
   checkpoint of ``polynext train`` written once the EMA has started; ``POLYNEXT_TEST_KILL=iteration=N``:
-  right after the checkpoint of iteration N of ``polynext seg train``. The kill point is a
+  right after the checkpoint of iteration N of ``polynext seg train`` or ``polynext det train``. The kill point is a
   deterministic place in the run, not a moment in time.
 
 ``record_steps(monkeypatch)`` installs the same step recording in the test process itself.
@@ -64,6 +64,24 @@ def read_micro_batches(path) -> int:
         return 0
 
 
+def assert_replicas_agree(weights_dir, steps: int) -> None:
+    """The weights ``POLYNEXT_TEST_WEIGHTS`` wrote for ranks 0 and 1 are equal after every one of ``steps``
+    optimizer steps (there are no more), and they moved. BatchNorm running statistics are left out: each
+    replica keeps its own batches' (DDP broadcasts rank 0's before every forward)."""
+    import torch
+    from pathlib import Path
+    weights_dir = Path(weights_dir)
+    stats = ('running_mean', 'running_var', 'num_batches_tracked')
+    for k in range(1, steps + 1):
+        r0, r1 = (torch.load(weights_dir / f'rank{r}_step{k}.pt', weights_only=True) for r in (0, 1))
+        assert r0.keys() == r1.keys()
+        differ = [n for n in r0 if not n.endswith(stats) and not torch.equal(r0[n], r1[n])]
+        assert not differ, f'the replicas differ after step {k}: {differ[:3]}'
+    assert not (weights_dir / f'rank0_step{steps + 1}.pt').exists()
+    first, last = (torch.load(weights_dir / f'rank0_step{k}.pt', weights_only=True) for k in (1, steps))
+    assert any(not torch.equal(first[n], last[n]) for n in first if not n.endswith(stats)), 'the weights never moved'
+
+
 def _main(argv: List[str]) -> int:
     rank = int(os.environ.get('RANK', '0'))
     steps_file = os.environ.get('POLYNEXT_TEST_STEPS')
@@ -93,14 +111,17 @@ def _main(argv: List[str]) -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
         Trainer.save = save_then_die
     elif kill.startswith('iteration='):
-        from polynext.seg.trainer import SegTrainer
-        at, save = int(kill.split('=', 1)[1]), SegTrainer.save
+        if argv[:1] == ['det']:
+            from polynext.det.trainer import DetTrainer as TaskTrainer
+        else:
+            from polynext.seg.trainer import SegTrainer as TaskTrainer
+        at, save = int(kill.split('=', 1)[1]), TaskTrainer.save
 
         def save_then_die(self, tag='last', **kwargs):
             save(self, tag, **kwargs)
             if tag == 'last' and self.iteration == at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        SegTrainer.save = save_then_die
+        TaskTrainer.save = save_then_die
     elif kill:
         raise SystemExit(f'unknown POLYNEXT_TEST_KILL={kill!r}')
     from polynext.cli import main

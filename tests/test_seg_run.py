@@ -183,13 +183,18 @@ def test_cost_of_upernet_cpolynext_s_matches_the_paper():
 
 
 def test_ddp_two_cpu_processes(ade, tmp_path, capsys):
-    """torchrun with 2 CPU processes (gloo): sharded evaluation reduced across ranks equals a 1-process eval."""
-    env = _env()
+    """torchrun with 2 CPU processes (gloo): the replicas hold the same weights after every step (the gradients were
+    all-reduced); sharded evaluation reduced across ranks equals a 1-process eval. (Unlike classification, no
+    single-process run reproduces it bit for bit: the head's BatchNorms normalise over each device's 2 images.)"""
+    from cli_with_hooks import assert_replicas_agree
+    env = dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
+    (tmp_path / 'w').mkdir()
     run = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'polynext']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HOOKS)]
     proc = subprocess.run(cmd + tiny(ade, run, '--set', 'demo_images=0'), env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_replicas_agree(tmp_path / 'w', 4)
     log = (run / 'log.txt').read_text()
     assert 'batch 4 = 2 per device × 2 device(s) × 1 accumulation' in log
     state = torch.load(run / 'last.state.pt', weights_only=True)
