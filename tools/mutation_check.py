@@ -43,6 +43,7 @@ EMA = 'src/polynext/engine/ema.py'
 SESSION = 'src/polynext/engine/session.py'
 TRAINER = 'src/polynext/train/trainer.py'
 SEG_TRAINER = 'src/polynext/seg/trainer.py'
+DET_TRAINER = 'src/polynext/det/trainer.py'
 
 GOLDEN = 'tests/test_golden.py'
 ABL = 'tests/test_ablation_formulas.py'
@@ -54,8 +55,9 @@ EMA_TESTS = ('tests/test_ema.py', 'tests/test_engine_parts.py')
 TRAIN_EMA_RUN = 'tests/test_train_run.py::test_two_epochs_on_an_image_folder'
 TRAIN_RESUME = 'tests/test_train_run.py::test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps'
 SEG_RESUME = 'tests/test_seg_run.py::test_train_eval_and_resume'
+DET_RESUME = 'tests/test_det_run.py::test_train_eval_and_resume_to_identical_weights'
 DDP = 'tests/test_train_run.py::test_ddp_two_cpu_processes'
-RESUME_TESTS = (TRAIN_RESUME, SEG_RESUME)
+RESUME_TESTS = (TRAIN_RESUME, SEG_RESUME, DET_RESUME)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('seg-resume-replays-the-pass', 'segmentation resume restarts the pass over the data',
              SEG_TRAINER, 'self.sampler.set_start(pos * self.cfg.device_batch_size)', 'self.sampler.set_start(0)',
              (SEG_RESUME,)),
+    Mutation('det-resume-restarts', "detection resume logs 'resumed at' and trains from scratch",
+             DET_TRAINER, 'self.session.restore(resume_state)\n', 'pass\n', (DET_RESUME,)),
+    Mutation('det-resume-replays-the-epoch', 'detection resume trains the seen batches of the epoch again',
+             DET_TRAINER, 'self.sampler.set_start(start_batch * self.cfg.device_batch_size)', 'self.sampler.set_start(0)',
+             (DET_RESUME,)),
     Mutation('ddp-not-wrapped', 'torchrun without DistributedDataParallel: each rank trains its own replica',
              STEP, "return nn.parallel.DistributedDataParallel(model, device_ids=", "return model or nn.parallel.DistributedDataParallel(model, device_ids=",
              (DDP,)),
