@@ -25,6 +25,12 @@ calibrate the running statistics.
                                                                               # folder and compare byte for byte
     python tools/make_golden.py --reference-dir /tmp/PolyNeXt --sets APolyNeXt_L --out /tmp/golden
 
+The sail-sg MetaFormer baselines' key list (``metaformer_authors_keys.json``: every state-dict key, shape
+and dtype of five full-size models, one per token mixer) comes from the authors' ``metaformer_baselines.py``:
+
+    git -C /tmp clone https://github.com/sail-sg/metaformer
+    python tools/make_golden.py --metaformer-dir /tmp/metaformer [--check]
+
 The reference runs on two intra-op threads (``--threads 2``), as when the committed files were made:
 regenerating is then bit-identical to them (one thread moves logits by rounding only, ≤ 3.6e-7, and the
 calibrated bn running variances by ≤ 8e-5).
@@ -325,10 +331,49 @@ def _few_random_passes(b: Builder, x) -> Dict[str, Any]:
     return dict(finite=finite, max_abs=m if math.isfinite(m) else str(m))
 
 
+#: one full-size MetaFormer baseline per token mixer (identity, random, pooling, SepConv, SepConv + attention)
+METAFORMER_KEY_MODELS = ('identityformer_s12', 'randformer_s12', 'poolformerv2_s12', 'convformer_s18', 'caformer_s18')
+METAFORMER_KEYS = 'metaformer_authors_keys.json'
+
+
+def metaformer_key_list(metaformer_dir: Path) -> Dict[str, Any]:
+    """Key, shape and dtype of every state-dict entry of the authors' (sail-sg) full-size models.
+
+    ``metaformer_baselines.py`` imports ``timm.models.layers.helpers.to_2tuple``, which timm 1.x moved
+    to ``timm.layers``: a stand-in module provides it. The random init is skipped (names and shapes only)."""
+    import types
+    import timm.layers
+    import torch
+    metaformer_dir = metaformer_dir.resolve()
+    if not (metaformer_dir / 'metaformer_baselines.py').is_file():
+        raise SystemExit(f'error: {metaformer_dir} has no metaformer_baselines.py; clone '
+                         f'https://github.com/sail-sg/metaformer and pass its folder to --metaformer-dir')
+    sys.modules.setdefault('timm.models.layers.helpers', types.SimpleNamespace(to_2tuple=timm.layers.to_2tuple))
+    sys.path.insert(0, str(metaformer_dir))
+    sys.modules.pop('metaformer_baselines', None)
+    mb = importlib.import_module('metaformer_baselines')
+    mb.trunc_normal_ = lambda t, *args, **kwargs: t
+    models = {}
+    for name in METAFORMER_KEY_MODELS:
+        model = getattr(mb, name)()
+        models[name] = dict(param_count=sum(p.numel() for p in model.parameters()),
+                            state_dict=[[k, list(v.shape), str(v.dtype).replace('torch.', '')]
+                                        for k, v in model.state_dict().items()])
+    return dict(source="sail-sg/metaformer metaformer_baselines.py, the model functions' defaults (224 px, "
+                       "1000 classes)", models=models)
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + '\n')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--reference-dir', type=Path, required=True, help="the authors' PolyNeXt checkout (commit be990cb)")
+    p.add_argument('--reference-dir', type=Path, help="the authors' PolyNeXt checkout (commit be990cb)")
+    p.add_argument('--metaformer-dir', type=Path,
+                   help=f"the authors' MetaFormer checkout (sail-sg/metaformer): writes {METAFORMER_KEYS}")
     p.add_argument('--sets', nargs='+', default=list(COMMITTED), metavar='FOLDER',
                    help=f'golden folders to write (default: the committed ones). Known: {", ".join(SETS)}')
     p.add_argument('--out', type=Path, default=GOLDEN, help='parent folder (default: tests/golden)')
@@ -340,8 +385,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         p.error(f'unknown golden folder {unknown[0]!r}; known: {", ".join(SETS)}')
 
+    if args.reference_dir is None and args.metaformer_dir is None:
+        p.error('pass --reference-dir (PolyNeXt golden sets) and / or --metaformer-dir (MetaFormer key list)')
+
     import torch
     torch.set_num_threads(args.threads)
+    bad = 0
+    if args.metaformer_dir is not None:
+        keys = metaformer_key_list(args.metaformer_dir)
+        if not args.check:
+            _write_json(args.out / METAFORMER_KEYS, keys)
+            print(f'{METAFORMER_KEYS}: {len(keys["models"])} models -> {args.out / METAFORMER_KEYS}')
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                _write_json(Path(tmp) / METAFORMER_KEYS, keys)
+                same = (args.out / METAFORMER_KEYS).is_file() and filecmp.cmp(
+                    Path(tmp) / METAFORMER_KEYS, args.out / METAFORMER_KEYS, shallow=False)
+            bad += not same
+            print(f'{METAFORMER_KEYS} {"identical" if same else "DIFFERS"}')
+    if args.reference_dir is None:
+        return 1 if bad else 0
     ref = import_reference(args.reference_dir)
     if not args.check:
         for folder in args.sets:
@@ -350,7 +413,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f'logits mean {meta["logits_mean"]:+.4f} std {meta["logits_std"]:.4f}  '
                   f'fp64 vs fp32 {meta["reproducibility"]["f64_maxdiff"]:.1e}  -> {args.out / folder}')
         return 0
-    bad = 0
     with tempfile.TemporaryDirectory() as tmp:
         for folder in args.sets:
             generate(ref, folder, Path(tmp) / folder)
