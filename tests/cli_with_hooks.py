@@ -7,7 +7,7 @@ torchrun), chosen by environment variables:
 * ``POLYNEXT_TEST_WEIGHTS=DIR``: after every optimizer step, this rank's weights in
   ``DIR/rank<R>_step<global step>.pt``;
 * ``POLYNEXT_TEST_KILL=mid_epoch_after_ema``: SIGKILL right after the first mid-epoch ``last``
-  checkpoint of ``polynext train`` written once the EMA has started; ``POLYNEXT_TEST_KILL=iteration=N``:
+  checkpoint of ``polynext train`` written once the EMA has made two updates (it then differs from the model); ``POLYNEXT_TEST_KILL=iteration=N``:
   right after the checkpoint of iteration N of ``polynext seg train`` or ``polynext det train``. The kill point is a
   deterministic place in the run, not a moment in time.
 
@@ -107,7 +107,9 @@ def _main(argv: List[str]) -> int:
 
         def save_then_die(self, tag='last', **kwargs):
             save(self, tag, **kwargs)
-            if tag == 'last' and self.ema is not None and self.ema.updates > 0 and self.batch_in_epoch > 0:
+            # two EMA updates at least: after the first one the EMA is a copy of the model, and a resume that
+            # dropped the EMA state (restarting it from the model) would go unnoticed
+            if tag == 'last' and self.ema is not None and self.ema.updates >= 2 and self.batch_in_epoch > 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         Trainer.save = save_then_die
     elif kill.startswith('iteration='):

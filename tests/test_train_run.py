@@ -253,26 +253,28 @@ def test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps(folder,
     assert every == [(e, b, 3 * e + i + 1) for e in range(3) for i, b in enumerate((2, 5, 7))]
     assert read_micro_batches(tmp_path / 'ref_steps') == 3 * 8
 
-    # killed (SIGKILL, by itself) right after the first mid-epoch checkpoint written once the EMA has started
+    # killed (SIGKILL, by itself) right after the first mid-epoch checkpoint written once the EMA has made two updates
     proc = subprocess.run(_resume_args(folder, run), capture_output=True, text=True, timeout=300,
                           env=dict(_env(), POLYNEXT_TEST_KILL='mid_epoch_after_ema',
                                    POLYNEXT_TEST_STEPS=str(tmp_path / 'killed_steps')))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = torch.load(run / 'last.state.pt', weights_only=True)
     assert killed['ema_updates'] > 0 and killed['batch_in_epoch'] > 0      # after the EMA started, mid-epoch
-    # exactly: epoch 2 (0-based 1), after its first step (micro-batches 0-2), one EMA update, optimizer step 4
-    assert (killed['epoch'], killed['batch_in_epoch'], killed['global_step'], killed['ema_updates']) == (1, 3, 4, 1)
-    assert read_steps(tmp_path / 'killed_steps') == every[:4]
+    # exactly: epoch 2 (0-based 1), after its second step (micro-batches 0-5), two EMA updates, optimizer step 5
+    assert (killed['epoch'], killed['batch_in_epoch'], killed['global_step'], killed['ema_updates']) == (1, 6, 5, 2)
+    assert read_steps(tmp_path / 'killed_steps') == every[:5]
     ema_at_kill = _tensors(run / 'last_ema.safetensors')
     assert all(torch.equal(ema_at_kill[k], v) for k, v in killed['ema_state'].items())
+    # the EMA is no copy of the model there: a resume that dropped it and restarted from the model would show
+    assert not all(torch.equal(killed['ema_state'][k], v) for k, v in killed['model'].items() if v.is_floating_point())
 
-    # the same command resumes: it runs exactly the 5 remaining optimizer steps and 13 remaining micro-batches
+    # the same command resumes: it runs exactly the 4 remaining optimizer steps and 10 remaining micro-batches
     proc = subprocess.run(_resume_args(folder, run), env=dict(_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'resumed')),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_steps(tmp_path / 'resumed') == every[4:]
-    assert read_micro_batches(tmp_path / 'resumed') == 3 * 8 - (8 + 3)
-    assert 'resumed from epoch 2, batch 3 (optimizer step 4)' in (run / 'log.txt').read_text()
+    assert read_steps(tmp_path / 'resumed') == every[5:]
+    assert read_micro_batches(tmp_path / 'resumed') == 3 * 8 - (8 + 6)
+    assert 'resumed from epoch 2, batch 6 (optimizer step 5)' in (run / 'log.txt').read_text()
     # and ends bit-identical to the uninterrupted run: metrics, raw, EMA and best weights
     assert _metrics(run) == _metrics(ref)
     for name in ('last.safetensors', 'last_ema.safetensors', 'best.safetensors'):
