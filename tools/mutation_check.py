@@ -158,7 +158,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('optimizer-state-not-restored', 'resume: the optimizer state (AdamW moments) is not restored',
              SESSION, "step.optimizer.load_state_dict(state['optimizer'])", 'pass', RESUME_TESTS),
     Mutation('scheduler-not-restored', 'resume: the lr schedule is not restored',
-             SESSION, "self.scheduler.load_state_dict(state['scheduler'])", 'pass', RESUME_TESTS),
+             SESSION, 'self.scheduler.load_state_dict(saved)', 'pass', RESUME_TESTS),
     Mutation('rng-not-restored', "resume: the random streams are not restored",
              SESSION, 'restore_rng_state(rng[self.env.rank])', 'pass', RESUME_TESTS),
     Mutation('global-step-not-restored', 'resume: the optimizer-step counter restarts at 0',
