@@ -32,9 +32,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..errors import ConfigError
 from ..models.polynext import REFERENCE_NAMES
 
-__all__ = ['TrainConfig', 'Preset', 'PRESETS', 'FIDELITY', 'FidelityFlag', 'DEFAULT_RECIPE', 'get_preset',
+__all__ = ['DATASETS', 'TrainConfig', 'Preset', 'PRESETS', 'FIDELITY', 'FidelityFlag', 'DEFAULT_RECIPE', 'get_preset',
            'list_recipes', 'accumulation_steps', 'usual_practice_overrides', 'resolve_config', 'RAND_AUGMENT']
 
+#: the kinds of ``TrainConfig.dataset`` (see ``polynext.train.data``)
+DATASETS = ('folder', 'digits', 'cluttered_digits', 'cifar10', 'svhn', 'tiny_imagenet')
 #: timm RandAugment string of every recipe here: magnitude 9, std 0.5, "increasing" op set
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
 CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
@@ -53,8 +55,10 @@ class TrainConfig:
     initial_checkpoint: Optional[str] = None   # weights to start from (fine-tuning), any layout polynext loads
     head_map: Optional[str] = None             # 'in21k_to_in1k' or a JSON class map: remap a 21841-class head
     # ---- data ----
-    dataset: str = 'folder'                    # folder | digits | cifar10 | svhn | tiny_imagenet
+    dataset: str = 'folder'                    # one of DATASETS
     data: Optional[str] = None                 # dataset root (folder: train/ and val/ class folders)
+    cluttered_train: int = 2400                # cluttered_digits (generated): train / val images
+    cluttered_val: int = 800
     download: bool = False                     # let torchvision download cifar10 / svhn / tiny_imagenet
     num_classes: Optional[int] = None          # None: taken from the data
     img_size: int = 224
@@ -119,7 +123,7 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------
     def validate(self) -> 'TrainConfig':
         """One clear ``ConfigError`` for an impossible value."""
-        choices = dict(dataset=('folder', 'digits', 'cifar10', 'svhn', 'tiny_imagenet'),
+        choices = dict(dataset=DATASETS,
                        train_interpolation=('bicubic', 'bilinear', 'random'),
                        eval_interpolation=('bicubic', 'bilinear'), aug_pipeline=('reference', 'timm'),
                        optimizer=('adamw', 'lamb'), schedule=('cosine', 'constant'),
@@ -132,7 +136,8 @@ class TrainConfig:
         if not (self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:')):
             raise ConfigError(f"bad value for 'device': {self.device!r}; choose auto, cpu, cuda or cuda:N")
         positive = dict(epochs=self.epochs, batch_size=self.batch_size, device_batch_size=self.device_batch_size,
-                        img_size=self.img_size, eval_resize=self.eval_resize)
+                        img_size=self.img_size, eval_resize=self.eval_resize, cluttered_train=self.cluttered_train,
+                        cluttered_val=self.cluttered_val)
         for name, v in positive.items():
             if v <= 0:
                 raise ConfigError(f"bad value for '{name}': {v}; it must be positive")
@@ -303,6 +308,21 @@ PRESETS[DEFAULT_RECIPE] = Preset(TrainConfig(
     crop_ratio=(0.8, 1.25), random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), eval_resize=16,
     eval_crop=None, clip_grad=5.0, ema=False, amp='bf16', workers=0, device='auto', threads=1),
     source='polynext demo: scikit-learn digits (8x8 → 16x16), stratified 80/20 split, seed 0')
+
+# --- generated cluttered digits: the recipe of `polynext ablate` ---------------------------------
+# CPolyNeXt-T at base width 16 (the paper's depth: 12 cells, 36 blocks) on 64 px cluttered digits,
+# 3 epochs of 2400 images: short enough that every row of both ablation tables × 3 seeds fits in
+# 30 minutes on 2 CPU cores, long enough that the baseline leaves the polynomial net's initial
+# plateau (see README "Ablations"). No augmentation: every image is already a fresh rendering.
+PRESETS['cluttered_digits'] = Preset(TrainConfig(
+    model='cpolynext_t', model_kwargs=dict(init_channels=16), dataset='cluttered_digits', img_size=64,
+    cluttered_train=2400, cluttered_val=800,
+    optimizer='adamw', lr=4e-3, min_lr=1e-5, weight_decay=0.05, batch_size=32, device_batch_size=32, epochs=3,
+    schedule='cosine', schedule_granularity='step', warmup_epochs=0, label_smoothing=0.1, mixup_alpha=0.0,
+    cutmix_alpha=0.0, randaugment=None, hflip=0.0, train_interpolation='bilinear', crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0), random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), eval_resize=64,
+    eval_crop=None, clip_grad=5.0, ema=False, amp='bf16', workers=0, device='auto', threads=1),
+    source='polynext: generated cluttered digits (64x64), CPolyNeXt-T C0=16, 3 epochs; `polynext ablate`')
 
 # --- MetaFormer baselines (metaformer_baselines.md §4) -----------------------------------------
 _MF_SCRATCH = TrainConfig(
