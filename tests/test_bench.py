@@ -15,7 +15,7 @@ import timm
 import torch
 
 import polynext.bench as bench
-from polynext.bench import (PINNED_TUNABLES, BenchSettings, ModelSpec, allocator_status, is_out_of_memory,
+from polynext.bench import (PINNED_TUNABLES, BenchSettings, ModelSpec, allocator_status, is_oom_error,
                             make_step, model_specs, parse_model_kwargs, pinned_allocator_env,
                             run_bench, time_interleaved)
 from polynext.cli import main as cli_main
@@ -208,7 +208,7 @@ def test_fixed_size_model_hint():
     torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
 ])
 def test_batch_that_does_not_fit_suggests_half(monkeypatch, capsys, exc):
-    assert is_out_of_memory(exc)
+    assert is_oom_error(exc)
 
     def failing_step(model, settings, device, label='model'):
         def step():
@@ -224,8 +224,8 @@ def test_batch_that_does_not_fit_suggests_half(monkeypatch, capsys, exc):
 
 
 def test_other_runtime_errors_are_not_called_oom():
-    assert not is_out_of_memory(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
-    assert not is_out_of_memory(ValueError('not enough memory'))
+    assert not is_oom_error(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
+    assert not is_oom_error(ValueError('not enough memory'))
 
 
 def test_memory_probe_oom_suggests_half(monkeypatch):

@@ -3,6 +3,10 @@ checkpoints, evaluation, best / last, predictions.png), `polynext seg eval` givi
 an interrupted run resumed to the same weights, clear one-line errors for bad inputs, and the cost of
 UperNet + CPolyNeXt-S at 512x2048 against the paper."""
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,6 @@ from safetensors.torch import load_file
 from polynext.cli import main
 from polynext.seg.data import ADE20KSource
 from polynext.seg.synthetic import write_ade20k_folder
-from polynext.seg.trainer import SegTrainer
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +44,36 @@ def test_fake_ade20k_layout_and_labels(ade):
     assert len(ADE20KSource(ade.parent, 'val')) == 3                                      # the parent folder works too
 
 
-def test_train_eval_and_resume(ade, tmp_path, monkeypatch, capsys):
+#: run `polynext ARGS...` and SIGKILL the process right after it has written the checkpoint of iteration N
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from polynext.cli import main
+from polynext.seg.trainer import SegTrainer
+kill_at, save = int(sys.argv[1]), SegTrainer.save
+def save_then_die(self, tag='last', **kwargs):
+    save(self, tag, **kwargs)
+    if self.iteration == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+SegTrainer.save = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _env():
+    src = Path(__file__).resolve().parents[1] / 'src'
+    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def _metrics(run):
+    """metrics.json without its wall-clock fields."""
+    rows = json.loads((Path(run) / 'metrics.json').read_text())
+    return [{k: v for k, v in r.items() if not k.endswith('_time_s')} for r in rows]
+
+
+def test_train_eval_and_resume(ade, tmp_path, capsys):
     run = tmp_path / 'run'
     assert main(tiny(ade, run)) == 0
     for name in ('config.yaml', 'metrics.csv', 'metrics.json', 'learning_curve.png', 'log.txt', 'last.safetensors',
@@ -66,23 +98,18 @@ def test_train_eval_and_resume(ade, tmp_path, monkeypatch, capsys):
     assert result['mode'] == 'slide' and result['crop'] == 32 and len(result['per_class']) == 150
     assert 'mIoU' in capsys.readouterr().out
 
-    # an interrupted run (killed right after its iteration-3 checkpoint) resumes to the same weights
+    # a run killed with SIGKILL right after its iteration-3 checkpoint, resumed by the same command, ends with the
+    # uninterrupted run's weights and metrics (wall-clock fields aside)
     run2 = tmp_path / 'run2'
-    real_save = SegTrainer.save
-
-    def save_then_die(self, tag='last'):
-        real_save(self, tag)
-        if self.iteration == 3:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(SegTrainer, 'save', save_then_die)
-    assert main(tiny(ade, run2)) == 130
-    monkeypatch.setattr(SegTrainer, 'save', real_save)
+    proc = subprocess.run([sys.executable, '-c', KILL_AFTER_CHECKPOINT, '3', *tiny(ade, run2)], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert torch.load(run2 / 'last.state.pt', weights_only=True)['iteration'] == 3
     assert main(tiny(ade, run2)) == 0                                         # the same command resumes
-    resumed = load_file(run2 / 'last.safetensors')
-    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
-    rows2 = json.loads((run2 / 'metrics.json').read_text())
-    assert [r.get('mIoU') for r in rows2] == [r.get('mIoU') for r in rows]
+    for name in ('last.safetensors', 'best.safetensors'):
+        a, b = load_file(run / name), load_file(run2 / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert _metrics(run2) == _metrics(run) and [r['iter'] for r in _metrics(run)] == [2, 4]
     assert 'resumed at iteration 3' in (run2 / 'log.txt').read_text()
     # a finished run is not retrained
     capsys.readouterr()
@@ -108,8 +135,9 @@ def test_bad_inputs(ade, tmp_path, capsys):
     (broken / 'annotations' / 'training' / 'ADE_train_00000001.png').unlink()
     msg = _error(tiny(broken, out), capsys)
     assert 'do not match' in msg and 'ADE_train_00000001' in msg
-    assert "unknown segmentation recipe 'upernet_cpolynext'" in _error(
-        ['seg', 'train', '--recipe', 'upernet_cpolynext', '--data', str(ade)], capsys)
+    msg = _error(['seg', 'train', '--recipe', 'upernet_cpolynext', '--data', str(ade)], capsys)
+    assert "unknown recipe 'upernet_cpolynext'. Did you mean 'upernet_cpolynext_s'" in msg
+    assert '`polynext seg train --list-recipes` lists them' in msg
     assert "unknown model 'cpolynxt_t'" in _error(tiny(ade, out, '--backbone', 'cpolynxt_t'), capsys)
     assert 'pass --data' in _error(['seg', 'train', '--recipe', 'upernet_cpolynext_s'], capsys)
     assert "unknown config key 'hed_channels'" in _error(tiny(ade, out, '--set', 'hed_channels=3'), capsys)
@@ -125,23 +153,23 @@ def test_bad_inputs(ade, tmp_path, capsys):
     bad = write_ade20k_folder(tmp_path / 'bad', num_train=4, num_val=1, size=32)
     (bad / 'images' / 'training' / 'ADE_train_00000002.jpg').write_bytes(b'not a jpeg')
     msg = _error(tiny(bad, tmp_path / 'y', '--set', 'max_corrupt=0'), capsys)
-    assert 'cannot be read (limit 0)' in msg and 'ADE_train_00000002.jpg' in msg
+    assert 'cannot be read (limit 0, max_corrupt=0)' in msg and 'ADE_train_00000002.jpg' in msg
 
 
 def test_demo_recipe_is_configured_for_a_cpu():
-    from polynext.seg.recipes import DEFAULT_SEG_RECIPE, SEG_PRESETS, resolve_seg_config
-    name, cfg = resolve_seg_config()
+    from polynext.seg.recipes import DEFAULT_SEG_RECIPE, SEG_PRESETS
+    name, cfg = SEG_PRESETS.resolve()
     assert name == DEFAULT_SEG_RECIPE and cfg.dataset == 'shapes' and cfg.backbone == 'cpolynext_t'
-    name, cfg = resolve_seg_config(flags=dict(data='/somewhere'))
+    name, cfg = SEG_PRESETS.resolve(flags=dict(data='/somewhere'))
     assert cfg.dataset == 'ade20k'                     # --data on the demo means an ADE20K folder
-    assert SEG_PRESETS[DEFAULT_SEG_RECIPE].config.custom_keys == SEG_PRESETS['upernet_cpolynext_s'].config.custom_keys
+    assert SEG_PRESETS.get(DEFAULT_SEG_RECIPE).config.custom_keys == SEG_PRESETS.get('upernet_cpolynext_s').config.custom_keys
 
 
 @pytest.mark.slow
 def test_cost_of_upernet_cpolynext_s_matches_the_paper():
     """54M params / 942 GMACs at 512x2048 (PolyNeXt paper; MACs = FLOPs / 2 of one forward, decode path)."""
-    from polynext.commands.seg import cost_rows
-    row, = cost_rows([], ['upernet_cpolynext_s'], progress=False)
+    from polynext.seg import segmentor_costs
+    row, = segmentor_costs(recipes=['upernet_cpolynext_s'])
     assert row['params'] == 53_921_868                 # backbone 24,044,320 + UPerHead 29,174,934 + FCN 702,614
     assert (row['backbone_params'], row['head_params'], row['aux_params']) == (24_044_320, 29_174_934, 702_614)
     assert round(row['params'] / 1e6) == 54
@@ -154,13 +182,7 @@ def test_cost_of_upernet_cpolynext_s_matches_the_paper():
 
 def test_ddp_two_cpu_processes(ade, tmp_path, capsys):
     """torchrun with 2 CPU processes (gloo): sharded evaluation reduced across ranks equals a 1-process eval."""
-    import os
-    import subprocess
-    import sys
-    src = Path(__file__).resolve().parents[1] / 'src'
-    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    env.pop('RANK', None)
-    env.pop('WORLD_SIZE', None)
+    env = _env()
     run = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'polynext']
     proc = subprocess.run(cmd + tiny(ade, run, '--set', 'demo_images=0'), env=env, capture_output=True, text=True,

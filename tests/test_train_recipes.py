@@ -9,10 +9,15 @@ import torch
 
 from polynext.errors import ConfigError
 from polynext.train.class_maps import in21k_to_in1k_class_map, load_class_map, map_head_rows
-from polynext.train.recipes import (
-    FIDELITY, PRESETS, accumulation_steps, get_preset, resolve_config, usual_practice_overrides,
-)
+from polynext.engine.memory import BatchLayout
+from polynext.train.recipes import FIDELITY, PRESETS
 from polynext.train.trainer import build_loss, build_optimizer, build_scheduler, head_dropout_at
+
+get_preset, resolve_config = PRESETS.get, PRESETS.resolve
+
+
+def accumulation_steps(cfg, world_size):
+    return BatchLayout.split(cfg.batch_size, cfg.device_batch_size, world_size).accumulation
 
 # spec §9 table: opt, lr, wd, per-GPU batch, accumulation on the reference's 2 GPUs, drop path,
 # head dropout, ramp epochs (None: constant), random interpolation
@@ -27,8 +32,8 @@ SPEC_IN1K = {
     'apolynext_l':    ('lamb',  2e-3, 0.01, 128, 4, 0.55, 0.7, 300,  True),
     'cpolynext_t_bn': ('adamw', 1e-3, 0.05, 256, 2, 0.0,  0.0, None, False),
     'apolynext_t_bn': ('adamw', 1e-3, 0.05, 256, 2, 0.0,  0.0, None, False),
-    # the script passes --dropout 0.4 but no --rampout: constant 0.4
-    'cpolynext_s_bn': ('adamw', 1e-3, 0.05, 256, 2, 0.2,  0.4, None, False),
+    # scripts/CPolyNeXt_S_BN.sh: --dropout 0.4 --rampout 300 (spec §9 table: "head dropout (ramp 300)")
+    'cpolynext_s_bn': ('adamw', 1e-3, 0.05, 256, 2, 0.2,  0.4, 300,  False),
 }
 
 
@@ -119,6 +124,7 @@ def test_metaformer_recipes_match_the_paper_tables():
         for i, size in enumerate(sizes):
             c = get_preset(f'{fam}_{size}_in21k').config
             assert (c.epochs, c.optimizer, c.lr, c.warmup_epochs, c.num_classes) == (90, opt, lr, 5, 21841)
+            assert (c.cooldown_epochs, c.total_epochs) == (0, 90)      # Table 15's 90 epochs, no hidden cool-down
             assert (c.drop_path, c.head_dropout) == (dp[i], hd[i])
             for suffix, res in (('_in21ft1k', 224), ('_in21ft1k_384', 384)):
                 f = get_preset(f'{fam}_{size}{suffix}').config
@@ -206,7 +212,8 @@ def test_label_smoothing_applies_on_top_of_the_mixed_targets():
 def test_head_dropout_ramp():
     c = get_preset('cpolynext_b').config      # 0.6 over 300 epochs
     assert [head_dropout_at(c, e) for e in (0, 150, 299, 300, 310)] == [0.0, 0.3, 0.6 * 299 / 300, 0.6, 0.6]
-    assert head_dropout_at(get_preset('cpolynext_s_bn').config, 0) == 0.4
+    s_bn = get_preset('cpolynext_s_bn').config  # ramps like the others (the script passes --rampout 300)
+    assert [head_dropout_at(s_bn, e) for e in (0, 150, 299)] == [0.0, 0.2, 0.4 * 299 / 300]
 
 
 def test_overrides_order_and_types(tmp_path):
@@ -219,7 +226,7 @@ def test_overrides_order_and_types(tmp_path):
     assert resolve_config(flags=dict(model='cpolynext_b'))[0] == 'cpolynext_b'
     name, c = resolve_config(flags=dict(data='/x'))
     assert name == 'cpolynext_lr_digits' and c.dataset == 'folder'
-    assert usual_practice_overrides(['all'], c) == {f.field: f.usual for f in FIDELITY.values()}
+    assert PRESETS.usual_practice(['all']) == {f.field: f.usual for f in FIDELITY.values()}
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -270,3 +277,23 @@ def test_in21k_to_in1k_map_and_head_mapping(tmp_path):
         bad = tmp_path / 'bad.json'
         bad.write_text('[1, 2]')
         load_class_map(str(bad))
+
+
+def test_head_dropout_sits_where_the_authors_put_it():
+    """The MetaFormer recipes' head dropout is the authors' --head-dropout, inside the MLP head between its norm and
+    fc2 (caformer_s36: head.fc.head_drop.p = 0.4), not timm's drop_rate before the whole head (head.drop.p = 0);
+    PolyNeXt's sits right before its classifier (the authors' BufferedDropout, head.drop.p)."""
+    import dataclasses
+    from polynext.factory import head_dropout_kwargs
+    from polynext.models import METAFORMER_MODELS
+    from polynext.train.trainer import build_model
+    with torch.device('meta'):
+        m = build_model(get_preset('caformer_s36').config, 1000)
+    assert m.head.drop.p == 0.0 and m.head.fc.head_drop.p == 0.4
+    with_dropout = [(n, p.config) for n, p in PRESETS.items() if p.config.head_dropout]
+    for name, c in with_dropout:      # every such recipe builds its model the same way
+        expected = 'head_dropout' if c.model in METAFORMER_MODELS else 'drop_rate'
+        assert head_dropout_kwargs(c.model, c.head_dropout) == {expected: c.head_dropout}, name
+    assert sum(c.model in METAFORMER_MODELS for _, c in with_dropout) == 35      # Tables 14 and 15
+    m = build_model(dataclasses.replace(get_preset('cpolynext_s').config, model_kwargs=dict(init_channels=8)), 10)
+    assert float(m.head.drop.p) == pytest.approx(0.4)

@@ -115,8 +115,8 @@ def test_two_epochs_on_an_image_folder(tmp_path, capsys):
     assert state['classes'] == [f'class_{c}' for c in range(CLASSES)]
     assert len(state['corrupt']['train']) == 1
     # the saved config reproduces the run's config exactly
-    from polynext.train.recipes import resolve_config
-    name, cfg = resolve_config(config_file=str(out / 'config.yaml'))
+    from polynext.train.recipes import PRESETS
+    name, cfg = PRESETS.resolve(config_file=str(out / 'config.yaml'))
     assert name == 'cpolynext_lr_digits' and cfg.model_kwargs == {'init_channels': 8} and cfg.ema_start_epoch == 1
     # best weights load strictly with their metadata; best = the epoch with the best (raw or EMA) top-1
     model = polynext.create_model('cpolynext_lr', checkpoint=str(out / 'best.safetensors'), init_channels=8)
@@ -432,7 +432,7 @@ def test_tiny_imagenet_as_released_and_torchvision_sets_without_download(tmp_pat
     """Tiny-ImageNet's released layout (val/images + val_annotations.txt) loads as is; a missing CIFAR-10
     folder without --download is one clear message."""
     from polynext.train.data import build_data
-    from polynext.train.recipes import get_preset
+    from polynext.train.recipes import PRESETS
     import dataclasses
     root = tmp_path / 'tiny-imagenet-200'
     wnids = ['n01443537', 'n01629819']
@@ -448,7 +448,7 @@ def test_tiny_imagenet_as_released_and_torchvision_sets_without_download(tmp_pat
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / 'val' / 'images' / f'val_{i}.JPEG')
         lines.append(f'val_{i}.JPEG\t{w}\t0\t0\t63\t63')
     (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
-    cfg = dataclasses.replace(get_preset('cpolynext_lr_tiny_imagenet').config, data=str(tmp_path))
+    cfg = dataclasses.replace(PRESETS.get('cpolynext_lr_tiny_imagenet').config, data=str(tmp_path))
     bundle = build_data(cfg)
     assert bundle.classes == wnids and len(bundle.train) == 4 and len(bundle.val) == 3
     assert [bundle.val[i][1] for i in range(3)] == [1, 0, 1]

@@ -42,12 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engine.distributed import resolve_device
+from .engine.memory import is_oom_error
 from .errors import ConfigError
 
 __all__ = [
     'PINNED_TUNABLES', 'BenchSettings', 'ModelSpec', 'ModelResult', 'BenchReport', 'run_bench',
     'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'make_step',
-    'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_out_of_memory',
+    'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_oom_error',
     'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env',
 ]
 
@@ -219,35 +221,6 @@ def model_specs(names: Sequence[str], common: Optional[Dict[str, Any]] = None,
 # Device, errors
 # --------------------------------------------------------------------------------------
 
-def resolve_device(device: str) -> torch.device:
-    """``torch.device`` for a cpu / cuda / cuda:N string, with a clear error if it is not there."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available():
-            build = f'built for CUDA {torch.version.cuda}' if torch.version.cuda else 'a CPU-only build'
-            raise ConfigError(f'--device {device}: no CUDA device is available on this machine '
-                              f'(torch {torch.__version__}, {build}); use --device cpu')
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) '
-                              f'(cuda:0 .. cuda:{torch.cuda.device_count() - 1})')
-    elif dev.type != 'cpu':
-        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
-    return dev
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for allocation failures: CUDA OOM, Python MemoryError, torch's CPU allocator."""
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("not enough memory", "DefaultCPUAllocator: can't allocate", 'out of memory',
-                            "can't allocate memory"))
-
-
 def _oom_error(label: str, settings: BenchSettings, detail: str) -> ConfigError:
     smaller = max(1, settings.batch_size // 2)
     first = detail.strip().splitlines()[0] if detail.strip() else 'out of memory'
@@ -264,7 +237,7 @@ def _oom_as_config_error(label: str, settings: BenchSettings) -> Iterator[None]:
     except ConfigError:
         raise
     except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if is_out_of_memory(e):
+        if is_oom_error(e):
             raise _oom_error(label, settings, str(e) or type(e).__name__) from None
         raise
 
@@ -415,7 +388,7 @@ def _memory_probe(request: Dict[str, Any]) -> Dict[str, Any]:
         from .errors import PolyNeXtError
         if isinstance(e, PolyNeXtError):
             return dict(error='config', message=str(e))
-        return dict(error='oom' if is_out_of_memory(e) else 'error', message=f'{type(e).__name__}: {e}')
+        return dict(error='oom' if is_oom_error(e) else 'error', message=f'{type(e).__name__}: {e}')
     return dict(peak_bytes=max(0, read_peak() - before), method=method)
 
 
@@ -681,7 +654,7 @@ def _count_macs(model: nn.Module, spec: ModelSpec, img_size: int) -> float:
     try:
         return float(count_macs(model, input_size=img_size))
     except (ValueError, RuntimeError) as e:
-        if is_out_of_memory(e):
+        if is_oom_error(e):
             raise
         msg = str(e).splitlines()[0][:240]
         hint = '' if 'img_size' in msg else f' (a model built for a fixed size needs --model-kwargs img_size={img_size})'

@@ -1,12 +1,17 @@
-"""Checkpoint reading, reference-key conversion and atomic writing.
+"""Checkpoint files: reading any format, strict loading, atomic writing, metadata. Model-agnostic.
 
 * ``read_checkpoint(path)``: a ``.pt/.pth/.tar`` (torch) or ``.safetensors`` file, with one
   clear error for a missing, truncated or foreign file.
 * ``unwrap_state_dict(obj)``: accepts the usual wrappers (``state_dict``, ``model``, an EMA
   entry which wins, ``module.`` / ``_orig_mod.`` prefixes, AveragedModel's ``n_averaged``).
-* ``load_reference_state_dict(model, sd)``: strict load of the authors' key names.
-* ``atomic_save`` / ``save_safetensors``: temp file + fsync + rename, so that a run killed at
-  any moment leaves either the old or the new file, never half of one.
+* ``convert_to_model_layout(sd, model)``: the model family's own timm ``checkpoint_filter_fn``
+  (the convention of timm model files) turns a foreign layout into the model's keys; each family
+  keeps the knowledge of its authors' layout next to its models (``models/polynext.py``,
+  ``models/metaformer_baselines.py``).
+* ``load_state_dict_strict`` / ``load_weights``: strict loading with one clear error.
+* ``atomic_write`` / ``atomic_save`` / ``save_safetensors``: temp file + fsync + rename, so that a
+  run killed at any moment leaves either the old or the new file, never half of one;
+  ``read_safetensors_metadata`` reads back what ``save_safetensors`` wrote.
 """
 from __future__ import annotations
 
@@ -24,9 +29,8 @@ import torch
 from .errors import CheckpointError
 
 __all__ = [
-    'read_checkpoint', 'unwrap_state_dict', 'convert_reference_state_dict', 'load_reference_state_dict',
-    'load_state_dict_strict', 'atomic_save', 'atomic_write', 'save_safetensors', 'load_weights',
-    'infer_reference_arch',
+    'read_checkpoint', 'unwrap_state_dict', 'convert_to_model_layout', 'load_state_dict_strict', 'load_weights',
+    'atomic_save', 'atomic_write', 'save_safetensors', 'read_safetensors_metadata', 'model_name',
 ]
 
 _EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
@@ -101,78 +105,28 @@ def unwrap_state_dict(obj: Any, prefer_ema: bool = True) -> Dict[str, torch.Tens
     return out
 
 
-def _model_name(model: torch.nn.Module) -> str:
+def model_name(model: torch.nn.Module) -> str:
+    """The registered architecture name of a timm model (its class name otherwise), for messages."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return cfg.get('architecture') or type(model).__name__
 
 
-def infer_reference_arch(state_dict: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
-    """Guess (name, init_channels, num_classes) of an authors'-format PolyNeXt checkpoint."""
-    from .models.polynext import PUBLISHED_ARCHS
-    if 'stem.weight' not in state_dict:
-        return None
-    stem = state_dict['stem.weight']
-    c0 = stem.shape[0]
-    n_cells = 1 + max((int(k.split('.')[1]) for k in state_dict if k.startswith('cells.')), default=-1)
-    attn = any('.q_conv.' in k for k in state_dict)
-    bn = any(k.endswith('gamma_hw') for k in state_dict)
-    lowres = stem.shape[-1] == 3
-    num_classes = state_dict['head.3.weight'].shape[0] if 'head.3.weight' in state_dict else None
-    for name, arch in PUBLISHED_ARCHS.items():
-        if (sum(arch['cells']) == n_cells and bool(arch.get('attn_stages')) == attn
-                and (arch.get('norm', 'ln') == 'bn') == bn and (arch.get('stem', 'patch4') == 'conv3') == lowres):
-            return dict(name=name, init_channels=c0, num_classes=num_classes)
-    return None
-
-
-def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    guess = infer_reference_arch(state_dict)
-    if not guess:
-        return ''
-    return (f" The checkpoint looks like {guess['name']} (init_channels={guess['init_channels']}, "
-            f"num_classes={guess['num_classes']}).")
-
-
-def convert_reference_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                                 skip_shape_check: tuple = ()) -> Dict[str, torch.Tensor]:
-    """Rename an authors'-layout state dict to ``model``'s keys, strictly.
-
-    Every model key must be present with the right shape, and every checkpoint key must be
-    used; the first problem raises a ``CheckpointError`` that names the key. Keys starting
-    with a prefix in ``skip_shape_check`` are renamed without a shape check (timm's pretrained
-    path drops a classifier of another class count itself).
-    """
-    from .models.polynext import reference_key_map
-    mapping = reference_key_map(model)
-    expected = model.state_dict()
-    name = _model_name(model)
-    out = OrderedDict()
-    for ours, ref in mapping.items():
-        if ref not in state_dict:
-            raise CheckpointError(
-                f"checkpoint does not match {name}: key '{ref}' is missing (expected shape "
-                f"{list(expected[ours].shape)} for '{ours}'). The file is truncated or was saved from another "
-                f"model.{_arch_hint(state_dict)}")
-        t = state_dict[ref]
-        if tuple(t.shape) != tuple(expected[ours].shape) and not (skip_shape_check and ours.startswith(skip_shape_check)):
-            raise CheckpointError(
-                f"checkpoint does not match {name}: '{ref}' has shape {list(t.shape)} but the model expects "
-                f"{list(expected[ours].shape)} (parameter '{ours}'). Check the model name, init_channels, "
-                f"num_classes and img_size.{_arch_hint(state_dict)}")
-        out[ours] = t
-    used = set(mapping.values())
-    extra = [k for k in state_dict if k not in used]
-    if extra:
-        raise CheckpointError(
-            f"checkpoint does not match {name}: unexpected key '{extra[0]}' ({len(extra)} unused in all)."
-            f"{_arch_hint(state_dict)}")
-    return out
+def convert_to_model_layout(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``state_dict`` in ``model``'s key layout: the ``checkpoint_filter_fn`` of the model's own module (the timm
+    model-file convention), which converts the authors' layouts; unchanged for models without one."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    if filter_fn is None:
+        return dict(state_dict)
+    try:
+        return filter_fn(state_dict, model)
+    except KeyError as e:  # timm's converters index the model's state dict with each checkpoint key
+        raise CheckpointError(f'checkpoint does not match {model_name(model)}: unexpected key {e}') from None
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """``model.load_state_dict(strict=True)`` with one clear error for the first bad key."""
     expected = model.state_dict()
-    name = _model_name(model)
+    name = model_name(model)
     for k, v in expected.items():
         if k not in state_dict:
             raise CheckpointError(f"checkpoint does not match {name}: key '{k}' is missing "
@@ -187,22 +141,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_reference_state_dict(model: torch.nn.Module, state_dict: Any) -> torch.nn.Module:
-    """Load a state dict in the authors' key names (as in their released ``.pt`` files).
-
-    Accepts the usual wrappers (``state_dict`` / ``model`` / EMA entries, ``module.``).
-    Strict: every key is used and every shape is checked. Returns ``model``.
-    """
-    sd = unwrap_state_dict(state_dict)
-    from .models.polynext import _is_reference_layout
-    if not _is_reference_layout(sd):
-        raise CheckpointError(
-            f"this is not an authors'-format PolyNeXt checkpoint (no 'cells.*' keys; first key "
-            f"'{next(iter(sd))}'). For polynext files use polynext.load_weights().")
-    load_state_dict_strict(model, convert_reference_state_dict(model, sd))
-    return model
-
-
 def load_weights(model: torch.nn.Module, path_or_state: Any, prefer_ema: bool = True) -> torch.nn.Module:
     """Load weights strictly from a file or checkpoint object in any supported layout.
 
@@ -210,14 +148,7 @@ def load_weights(model: torch.nn.Module, path_or_state: Any, prefer_ema: bool = 
     foreign layouts: the authors' PolyNeXt keys, sail-sg MetaFormer keys, and so on.
     """
     obj = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
-    sd = unwrap_state_dict(obj, prefer_ema=prefer_ema)
-    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-    if filter_fn is not None:
-        try:
-            sd = filter_fn(sd, model)
-        except KeyError as e:  # timm's converters index the model's state dict with each checkpoint key
-            raise CheckpointError(f'checkpoint does not match {_model_name(model)}: unexpected key {e}') from None
-    load_state_dict_strict(model, sd)
+    load_state_dict_strict(model, convert_to_model_layout(unwrap_state_dict(obj, prefer_ema=prefer_ema), model))
     return model
 
 

@@ -21,6 +21,7 @@ COMMANDS = {
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
     'ablate': ('polynext.commands.ablate', "re-run the paper's ablation tables (every row × seeds) with one command"),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
+    'det': ('polynext.commands.det', 'detection and instance segmentation (Mask R-CNN, Cascade, COCO): det train / eval / cost'),
 }
 
 
@@ -64,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except PolyNeXtError as e:
-        print(f'polynext {name}: error: {e}', file=sys.stderr)
+        if int(os.environ.get('RANK', '0')) == 0:   # under torchrun, rank 0 alone reports the error
+            print(f'polynext {name}: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f'polynext {name}: interrupted', file=sys.stderr)

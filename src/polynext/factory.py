@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_weights, read_checkpoint, unwrap_state_dict
+from .checkpoint import convert_to_model_layout, load_weights, read_checkpoint, unwrap_state_dict
 from .errors import CheckpointError, ConfigError
 
-__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes']
+__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes', 'head_dropout_kwargs']
 
 
 def list_models(pattern: str = '') -> List[str]:
@@ -52,19 +52,26 @@ def checkpoint_num_classes(model: nn.Module, state_dict: dict) -> Optional[int]:
     if not classifier:
         return None
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    import sys
-    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-    sd = state_dict
-    if filter_fn is not None:
-        try:
-            sd = filter_fn(dict(state_dict), model)
-        except Exception:
-            sd = state_dict
+    try:
+        sd = convert_to_model_layout(dict(state_dict), model)
+    except Exception:  # noqa: BLE001 - a checkpoint that does not convert fails with its own message on loading
+        sd = state_dict
     for n in names:
         w = sd.get(n + '.weight')
         if w is not None:
             return int(w.shape[0])
     return None
+
+
+def head_dropout_kwargs(name: str, p: float) -> Dict[str, float]:
+    """The ``create_model`` argument that puts dropout ``p`` right before a model's last linear layer, where the
+    papers' recipes mean it: ``head_dropout`` for the MetaFormer baselines (inside the MLP head, between its norm
+    and fc2: the authors' ``--head-dropout``; timm's ``drop_rate`` would sit before the whole head), else timm's
+    ``drop_rate`` (PolyNeXt's gated head and timm's linear heads: right before the classifier). ``{}`` for 0."""
+    if not p:
+        return {}
+    from .models.metaformer_baselines import METAFORMER_MODELS
+    return dict(head_dropout=p) if name.split('.')[0] in METAFORMER_MODELS else dict(drop_rate=p)
 
 
 def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None, pretrained: bool = False,

@@ -47,9 +47,6 @@ __all__ = ['Cell', 'AblationPlan', 'plan_cells', 'cell_key', 'load_result', 'tra
 RESULT_FORMAT = 'polynext.ablate.cell/1'
 DEFAULT_OUTPUT = 'runs/ablate'
 RESULT_FILE = 'result.json'
-#: config fields that do not change what a cell computes (left out of its key); the trainer's own list
-_RUN_CONTROL = ('data', 'output', 'workers', 'download', 'compile', 'checkpoint_every', 'log_every', 'device',
-                'max_corrupt', 'threads')
 #: files of a finished cell that are only needed to resume it (removed unless keep_checkpoints)
 _RESUME_FILES = ('last.state.pt', 'best.state.pt', 'best.safetensors')
 
@@ -94,7 +91,8 @@ def usable_cores() -> int:
 
 def cell_key(config: TrainConfig) -> str:
     """12 hex digits of a hash of everything in ``config`` that changes the result."""
-    d = {k: v for k, v in config_to_dict(config).items() if k not in _RUN_CONTROL}
+    from ..train.trainer import RESUME_SAFE_KEYS      # what may change between a run and its resumption
+    d = {k: v for k, v in config_to_dict(config).items() if k not in RESUME_SAFE_KEYS}
     text = json.dumps(dict(format=RESULT_FORMAT, config=d), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -46,15 +46,13 @@ def make_plan(recipe: Optional[str] = None, rows: Optional[Sequence[str]] = None
     --device`` < ``--set``), the model of each family, the rows (with the baselines they need) and
     the seeds 0 … seeds−1."""
     from ..factory import check_model_name
-    from ..train.recipes import resolve_config
+    from ..train.recipes import PRESETS
     if seeds < 1:
         raise ConfigError(f'--seeds must be at least 1, got {seeds}')
     if init_channels is not None and init_channels < 0:
         raise ConfigError(f'--init-channels must be positive (or 0 for the model\'s own width), got {init_channels}')
     flags: Dict[str, Any] = dict(epochs=epochs, data=data, dataset=dataset, device=device)
-    if data is not None and dataset is None:
-        flags['dataset'] = 'folder'          # --data on a generated-data recipe means image folders
-    name, base = resolve_config(recipe or DEFAULT_RECIPE, None, flags, set_items or [])
+    name, base = PRESETS.resolve(recipe or DEFAULT_RECIPE, None, flags, set_items or [])
     selected = select_rows(rows)
     families = {r.family for r in selected}
     conv = check_model_name(model) if model else base.model

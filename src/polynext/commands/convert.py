@@ -35,10 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import infer_reference_arch, read_checkpoint, save_safetensors, unwrap_state_dict
+    from ..checkpoint import read_checkpoint, save_safetensors, unwrap_state_dict
     from ..errors import ConfigError
     from ..factory import create_model
     from ..models.metaformer_baselines import match_checkpoint
+    from ..models.polynext import infer_reference_arch
     from ..profile import count_params
 
     if args.output.suffix != '.safetensors':

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.distributed import cleanup_distributed, init_distributed
     from ..engine.memory import is_oom_error
     from ..engine.memory import OutOfMemory
-    from ..errors import ConfigError, PolyNeXtError
+    from ..errors import ConfigError
     from ..factory import check_model_name
     from ..robustness.models import model_entry
     from ..robustness.report import format_report, write_report
@@ -102,15 +101,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_robustness(entries, data, Path(args.output), allow_partial=args.allow_partial,
                                 relative_mce=args.relative_mce, batch_size=args.batch_size, workers=args.workers,
                                 device=env.device, show_progress=not args.no_progress)
-    except PolyNeXtError:
-        if env.rank != 0:
-            sys.exit(2)
-        raise
     except Exception as e:  # noqa: BLE001 - out-of-memory becomes one message with the fix
         if not is_oom_error(e):
             raise
-        if env.rank != 0:
-            sys.exit(2)
         raise OutOfMemory(f'out of memory with --batch-size {args.batch_size} ({len(entries)} model(s) per batch); '
                           f'the finished cells are saved in {args.output}: rerun with --batch-size '
                           f'{max(1, args.batch_size // 2)} to continue') from None

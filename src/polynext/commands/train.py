@@ -19,23 +19,20 @@ Overrides apply in this order: recipe < --config FILE.yaml < --usual < flags < -
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 #: command-line flag → config field
 _FLAGS = {
-    'model': 'model', 'data': 'data', 'dataset': 'dataset', 'output': 'output', 'epochs': 'epochs',
-    'batch_size': 'batch_size', 'device_batch_size': 'device_batch_size', 'lr': 'lr', 'workers': 'workers',
-    'initial_checkpoint': 'initial_checkpoint', 'device': 'device', 'checkpoint_every': 'checkpoint_every',
-    'seed': 'seed',
+    'model': 'model', 'data': 'data', 'dataset': 'dataset', 'download': 'download', 'output': 'output',
+    'epochs': 'epochs', 'batch_size': 'batch_size', 'device_batch_size': 'device_batch_size', 'lr': 'lr',
+    'workers': 'workers', 'initial_checkpoint': 'initial_checkpoint', 'device': 'device',
+    'checkpoint_every': 'checkpoint_every', 'seed': 'seed', 'compile': 'compile',
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.recipes import DATASETS
-    parser.add_argument('--recipe', default=None, help='named preset (default: the digits demo; see --list-recipes)')
-    parser.add_argument('--config', default=None, metavar='FILE.yaml',
-                        help='YAML file of config keys (a run folder\'s config.yaml repeats that run)')
+    from .common import add_run_arguments
+    add_run_arguments(parser, 'the digits demo')
     parser.add_argument('--model', default=None, help='model name (a recipe of the same name is used if one exists)')
     parser.add_argument('--data', default=None, metavar='DIR', help='dataset folder (folder: DIR/train, DIR/val)')
     parser.add_argument('--dataset', default=None, choices=DATASETS,
@@ -56,56 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='also checkpoint every STEPS optimizer steps (mid-epoch)')
     parser.add_argument('--seed', type=int, default=None)
     parser.add_argument('--compile', action='store_true', default=None, help='torch.compile the model')
-    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                        help='override any config key (repeatable), e.g. --set ema_start_epoch=0')
     parser.add_argument('--usual', action='append', default=[], metavar='FLAG',
                         help='use the usual practice instead of a reference quirk: wd_exclusions, ema_from_start, '
                              'no_cooldown, or all')
-    parser.add_argument('--resume', default=None, metavar='PATH',
-                        help='resume from a *.state.pt file or a run folder')
-    parser.add_argument('--fresh', action='store_true', help='start over even if the run folder holds a checkpoint')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
-    parser.add_argument('--list-recipes', action='store_true', help='list the named recipes and exit')
-    parser.add_argument('--show-config', action='store_true', help='print the resolved config (YAML) and exit')
-
-
-def _list_recipes() -> None:
-    from ..train.recipes import PRESETS
-    width = max(len(n) for n in PRESETS)
-    print(f'{"recipe":<{width}}  {"model":<18} {"opt":<5} {"lr":>7} {"epochs":>6} {"batch":>5}  source')
-    for name, p in PRESETS.items():
-        c = p.config
-        ep = f'{c.epochs}+{c.cooldown_epochs}' if c.cooldown_epochs else str(c.epochs)
-        print(f'{name:<{width}}  {c.model:<18} {c.optimizer:<5} {c.lr:>7g} {ep:>6} {c.batch_size:>5}  {p.source}')
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.config import config_to_dict, parse_set_args
-    from ..errors import PolyNeXtError
-    from ..train.recipes import resolve_config
-
-    if args.list_recipes:
-        _list_recipes()
-        return 0
-    flags = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None}
-    if args.download:
-        flags['download'] = True
-    if args.compile:
-        flags['compile'] = True
-    name, cfg = resolve_config(args.recipe, args.config, flags, args.set, args.usual)
-    if args.show_config:
-        import yaml
-        print(yaml.safe_dump(dict(recipe=name, **config_to_dict(cfg)), sort_keys=False, default_flow_style=None),
-              end='')
-        return 0
-    explicit_keys = set(flags) | set(parse_set_args(args.set))
-    explicit = {k: getattr(cfg, k) for k in explicit_keys}
-    from ..train.trainer import train
-    try:
-        train(cfg, name, resume=args.resume, fresh=args.fresh, explicit=explicit,
-              show_progress=not args.no_progress)
-    except PolyNeXtError:
-        if int(os.environ.get('RANK', '0')) != 0:   # under torchrun, rank 0 alone reports the error
-            sys.exit(2)
-        raise
-    return 0
+    from ..train import PRESETS, train
+    from .common import run_recipe
+    return run_recipe(args, PRESETS, train, _FLAGS)

@@ -10,6 +10,8 @@ Generic over any dataclass (the classification ``TrainConfig``, the segmentation
 * ``parse_set_args(['lr=1e-3', 'ema=true'])`` splits ``--set`` arguments.
 * ``load_yaml(path)`` / ``dump_yaml(cfg, path)`` read / write a config file (atomically).
 * ``config_diff(a, b)`` lists the fields that differ (for safe auto-resume).
+* ``check_fields(cfg, ...)`` / ``check_device(device)``: the value checks every task's
+  ``validate()`` makes (choices, positive, non-negative, fractions), each with one clear message.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import yaml
 from ..errors import ConfigError
 
 __all__ = ['apply_overrides', 'parse_set_args', 'load_yaml', 'dump_yaml', 'config_to_dict', 'config_diff',
-           'coerce_value']
+           'coerce_value', 'check_fields', 'check_device']
 
 C = TypeVar('C')
 
@@ -133,7 +135,8 @@ def _unknown_key(cls, key: str, source: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ''
-    return ConfigError(f"unknown config key '{key}' in {source}.{hint} `polynext train --show-config` lists the keys.")
+    command = getattr(cls, 'COMMAND', 'polynext train')
+    return ConfigError(f"unknown config key '{key}' in {source}.{hint} `{command} --show-config` lists the keys.")
 
 
 def apply_overrides(cfg: C, overrides: Mapping[str, Any], source: str = 'overrides') -> C:
@@ -213,3 +216,27 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str
         if va != vb:
             out.append((k, va, vb))
     return out
+
+
+def check_fields(cfg: Any, choices: Mapping[str, Iterable[Any]] = (), positive: Iterable[str] = (),
+                 non_negative: Iterable[str] = (), fractions: Iterable[str] = ()) -> None:
+    """``ConfigError`` for the first field of ``cfg`` outside its choices, not > 0, not >= 0, or not in [0, 1]."""
+    for name, allowed in dict(choices).items():
+        allowed = tuple(allowed)
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"bad value for '{name}': {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"bad value for '{name}': {getattr(cfg, name)}; it must be positive")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"bad value for '{name}': {getattr(cfg, name)}; it must be >= 0")
+    for name in fractions:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"bad value for '{name}': {getattr(cfg, name)}; it must be between 0 and 1")
+
+
+def check_device(device: str) -> None:
+    """``ConfigError`` unless ``device`` is auto, cpu, cuda or cuda:N."""
+    if not (device in ('auto', 'cpu', 'cuda') or device.startswith('cuda:')):
+        raise ConfigError(f"bad value for 'device': {device!r}; choose auto, cpu, cuda or cuda:N")

@@ -3,6 +3,8 @@
 Everything here also works in a single process without ``torch.distributed`` initialised
 (world size 1), so training code calls the same functions in both cases.
 
+* ``resolve_device(device)``: 'auto' / 'cpu' / 'cuda' / 'cuda:N' → a ``torch.device``, with one clear
+  error for a device that is not there (the one home of this rule; ``polynext bench`` uses it too).
 * ``init_distributed(device='auto')`` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by
   ``torchrun``), initialises the process group (NCCL on CUDA, gloo on CPU) and returns a
   ``DistEnv`` with the rank, the world size and the device of this process.
@@ -22,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['DistEnv', 'init_distributed', 'cleanup_distributed', 'is_distributed', 'rank', 'world_size',
-           'is_main', 'barrier', 'all_reduce_sums', 'all_reduce_tensor', 'all_gather_objects', 'broadcast_object', 'resolve_device']
+           'is_main', 'barrier', 'all_reduce_sums', 'all_reduce_tensor', 'all_gather_objects', 'broadcast_object',
+           'resolve_device']
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,29 @@ class DistEnv:
 
 
 def resolve_device(device: str = 'auto', local_rank: int = 0) -> torch.device:
-    """'auto' → the local CUDA device if there is one, else the CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
+    """'auto' → this rank's CUDA device if there is one, else the CPU; 'cpu' / 'cuda' / 'cuda:N' as given
+    (plain 'cuda' → the rank's device, made current), with one clear error for a device that is not there."""
+    from ..errors import ConfigError
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
-            from ..errors import ConfigError
-            raise ConfigError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+            build = f'built for CUDA {torch.version.cuda}' if torch.version.cuda else 'a CPU-only build'
+            raise ConfigError(f'--device {device}: no CUDA device is available on this machine '
+                              f'(torch {torch.__version__}, {build}); use --device cpu')
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f'--device {device}: this machine has {count} CUDA device(s) '
+                              f'(cuda:0 .. cuda:{count - 1})')
         if dev.index is None:
-            dev = torch.device('cuda', local_rank % max(1, torch.cuda.device_count()))
+            dev = torch.device('cuda', local_rank % max(1, count))
         torch.cuda.set_device(dev)
+    elif dev.type != 'cpu':
+        raise ConfigError(f'--device {device}: only cpu and cuda are supported')
     return dev
 
 

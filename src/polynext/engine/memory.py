@@ -1,4 +1,10 @@
-"""Turning out-of-memory failures into one actionable message.
+"""The batch layout of a run, and turning out-of-memory failures into one actionable message.
+
+``BatchLayout.split(batch_size, device_batch_size, world_size)`` is the one place that computes
+effective batch = per-device batch × devices × accumulation steps: a recipe stores the effective
+batch and the per-device batch, and the accumulation follows from the number of devices (a batch
+that does not split into whole steps is refused with the fix).
+
 
 ``oom_advice(batch)`` wraps a training or evaluation step: CUDA's ``OutOfMemoryError`` and
 the CPU allocator's "can't allocate memory" become ``OutOfMemory`` (a one-line user error)
@@ -13,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import PolyNeXtError
+from ..errors import ConfigError, PolyNeXtError
 
 __all__ = ['OutOfMemory', 'BatchLayout', 'is_oom_error', 'oom_advice']
 
@@ -33,12 +39,35 @@ class BatchLayout:
     def effective(self) -> int:
         return self.device_batch * self.world_size * self.accumulation
 
+    @staticmethod
+    def check(batch_size: int, device_batch_size: int) -> None:
+        """``ConfigError`` unless the effective batch is a whole number of per-device batches."""
+        if batch_size % device_batch_size:
+            raise ConfigError(f'the effective batch {batch_size} is not a multiple of the per-device batch '
+                              f'{device_batch_size}; change --batch-size or --device-batch-size')
 
-_OOM_TEXT = ('out of memory', "can't allocate memory", 'cannot allocate memory', 'failed to allocate')
+    @classmethod
+    def split(cls, batch_size: int, device_batch_size: int, world_size: int = 1) -> 'BatchLayout':
+        """The layout of an effective batch on ``world_size`` devices (accumulation = what is left)."""
+        per_step = device_batch_size * world_size
+        if batch_size % per_step:
+            raise ConfigError(
+                f'the effective batch {batch_size} cannot be split into {world_size} device(s) × '
+                f'{device_batch_size} per device × whole accumulation steps; choose --device-batch-size so that '
+                f'{batch_size} is a multiple of (device batch × {world_size})')
+        return cls(device_batch_size, world_size, batch_size // per_step)
+
+
+#: what torch's and Python's allocators say when memory runs out (CUDA, the CPU allocator, others)
+_OOM_TEXT = ('out of memory', "can't allocate memory", 'cannot allocate memory', 'failed to allocate',
+             'not enough memory', "defaultcpuallocator: can't allocate")
 
 
 def is_oom_error(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not isinstance(e, OutOfMemory):
+    """True for allocation failures: CUDA OOM, ``MemoryError``, torch's CPU allocator (not our own advice)."""
+    if isinstance(e, OutOfMemory):
+        return False
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
 

@@ -5,6 +5,7 @@
 from .polynext import *  # noqa: F401,F403
 from .polynext import ABLATIONS, PUBLISHED_ARCHS, REFERENCE_NAMES, PolyNeXt
 from .metaformer_baselines import *  # noqa: F401,F403
+from .folded import *  # noqa: F401,F403
 from .metaformer_baselines import BASELINE_ARCHS, METAFORMER_MODELS, TIMM_ARCHS
 
 POLYNEXT_MODELS = list(PUBLISHED_ARCHS) + list(METAFORMER_MODELS)

@@ -19,13 +19,15 @@ at inference, a memory-lean attention kernel).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
 import re
-from dataclasses import dataclass, fields
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,15 +39,19 @@ from timm.models._features import feature_take_indices
 from timm.models.metaformer import SepConv
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
+from ..errors import CheckpointError
 from ..ops.poly_attention import poly_attention
+from ..ops.window_attention import neighborhood_attention
 
 __all__ = [
-    'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'PolyConvBlock', 'PolyAttnBlock',
+    'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'PolyConvBlock', 'PolyAttnBlock', 'Ablation',
     'PolyMLP', 'PolyConv', 'PolyAttn', 'HadamardProduct',
     'SigmoidScale', 'FreeScale', 'LayerScaleGates', 'ChannelScale',
     'LayerNorm2d', 'ChannelBatchNorm', 'RunningRowSumNorm',
     'GatedHead', 'HeadDropout', 'ABLATIONS', 'PUBLISHED_ARCHS',
-    'checkpoint_filter_fn', 'reference_key_map',
+    'checkpoint_filter_fn', 'reference_key_map', 'is_reference_layout', 'infer_reference_arch',
+    'convert_reference_state_dict', 'load_reference_state_dict', 'CIFAR_MEAN', 'CIFAR_STD',
 ]
 
 CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
@@ -413,6 +419,7 @@ class PolyAttn(nn.Module):
         self.v_conv = nn.Conv2d(a, a, 3, padding=1, groups=a, bias=False)
         self.final_conv = nn.Conv2d(a, a, 3, padding=1, groups=a, bias=False)
         self.fully_polynomial = norm == 'bn'
+        self.window: Optional[int] = None   # sliding-window attention (``polynext.models.set_attention_window``)
         if self.fully_polynomial:
             h, w = _size2(spatial_size)
             self.norm = RunningRowSumNorm(self.num_heads, h * w)
@@ -430,7 +437,10 @@ class PolyAttn(nn.Module):
         b, _, h, w = x.shape
         qk, v = self.qkv(x).split(self.attn_dim, dim=1)
         q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
-        if self.kernel == 'softmax':
+        if self.window and not self.fully_polynomial:   # each query sees the window x window keys around it
+            q = q if self.kernel == 'softmax' else q * self.scale.sigmoid().to(q.dtype)
+            o = neighborhood_attention(q, k, v, (h, w), self.window, self.kernel, power=self.power)
+        elif self.kernel == 'softmax':
             o = F.scaled_dot_product_attention(q, k, v)
         elif self.fully_polynomial:
             attn = ((q @ k.transpose(-1, -2)) * self.scale.sigmoid() + 1) ** self.power
@@ -448,29 +458,69 @@ class PolyAttn(nn.Module):
 # Blocks, cells, stages
 # --------------------------------------------------------------------------------------
 
+def _switch(default: Any, choices: Optional[Tuple[Any, ...]] = None, rows: Optional[Dict[str, Any]] = None):
+    """An ablation switch: its default (the published model), its allowed values and the paper's ablation rows
+    that set it (``{row: value}``, or ``{row: {switch: value, ...}}`` for a row that sets several)."""
+    return field(default=default, metadata=dict(choices=choices, rows=rows or {}))
+
+
 @dataclass(frozen=True)
 class Ablation:
-    """The paper's ablation switches (Tables "activation" and "stabilisation"). Defaults = published."""
-    mlp: str = 'poly'                 # 'poly' | 'gelu'          PolyMLP → MLP + GELU
-    conv_mixer: str = 'poly'          # 'poly' | 'sepconv'       PolyConv → SepConv + GELU
-    product_gelu: str = 'none'        # 'none' | 'one_branch' | 'after'
-    product_op: str = 'mul'           # 'mul' | 'add'            Hadamard → addition
-    attn: str = 'poly'                # 'poly' | 'poly_softmax' | 'standard'
-    residual_scale: str = 'sigmoid'   # 'sigmoid' | 'free' | 'layerscale'
-    layerscale_init: float = 1e-6
-    multi_input_skip: bool = True
-    cell_norm: bool = True
-    stacks: Optional[int] = None      # blocks per cell (wider 2-/1-stack cells at matched params)
+    """The paper's ablation switches (Tables "activation" and "stabilisation"). Defaults = published.
 
-    def validate(self) -> None:
-        choices = dict(mlp=('poly', 'gelu'), conv_mixer=('poly', 'sepconv'),
-                       product_gelu=('none', 'one_branch', 'after'), product_op=('mul', 'add'),
-                       attn=('poly', 'poly_softmax', 'standard'), residual_scale=('sigmoid', 'free', 'layerscale'))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f'{name}={getattr(self, name)!r} is not one of {allowed}')
+    Each switch is declared once, here: adding one is one field (the model reads it where it builds the
+    part it changes). ``PolyNeXt(..., ablation=Ablation(mlp='gelu'))`` or, equally, the switch as a keyword
+    argument of ``PolyNeXt`` / ``timm.create_model`` / ``polynext.create_model``; ``ABLATIONS`` (paper row →
+    switches) is built from the ``rows`` below."""
+    mlp: str = _switch('poly', ('poly', 'gelu'), {'mlp_gelu': 'gelu'})                    # PolyMLP → MLP + GELU
+    conv_mixer: str = _switch('poly', ('poly', 'sepconv'), {'sepconv_gelu': 'sepconv'})   # PolyConv → SepConv + GELU
+    product_gelu: str = _switch('none', ('none', 'one_branch', 'after'),                 # GELU on one multiplied
+                                {'gelu_one_branch': 'one_branch', 'gelu_after_product': 'after'})   # branch / after
+    product_op: str = _switch('mul', ('mul', 'add'), {'hadamard_to_add': 'add'})         # Hadamard → addition
+    attn: str = _switch('poly', ('poly', 'poly_softmax', 'standard'),                    # PolyAttn → softmax MHSA;
+                        {'std_attention': 'standard', 'poly_kernel_to_softmax': 'poly_softmax'})   # kernel → softmax
+    residual_scale: str = _switch('sigmoid', ('sigmoid', 'free', 'layerscale'), {         # Sigmoid-Scale → ...
+        'free_scalar': 'free',
+        'layerscale_1e-6': dict(residual_scale='layerscale', layerscale_init=1e-6),
+        'layerscale_1': dict(residual_scale='layerscale', layerscale_init=1.0)})
+    layerscale_init: float = _switch(1e-6)
+    multi_input_skip: bool = _switch(True, rows={'no_multi_input_skip': False})
+    cell_norm: bool = _switch(True, rows={'no_cell_norm': False})
+    stacks: Optional[int] = _switch(None, rows={'wide_2_stacks': 2, 'wide_1_stack': 1})  # blocks per cell (wider
+    #                                                                                        cells, matched params)
+
+    def validate(self) -> 'Ablation':
+        for f in fields(self):
+            choices = f.metadata['choices']
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f'{f.name}={getattr(self, f.name)!r} is not one of {choices}')
         if self.stacks is not None and self.stacks < 1:
             raise ValueError(f'stacks must be >= 1, got {self.stacks}')
+        return self
+
+    @classmethod
+    def names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def rows(cls) -> Dict[str, Dict[str, Any]]:
+        """The paper's ablation rows, in order: row name → the switches it sets."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for f in fields(cls):
+            for row, value in f.metadata['rows'].items():
+                out[row] = dict(value) if isinstance(value, dict) else {f.name: value}
+        return out
+
+    @classmethod
+    def from_kwargs(cls, base: Optional['Ablation'], switches: Dict[str, Any]) -> 'Ablation':
+        """``base`` (default: the published model) with ``switches`` applied; one clear error for an unknown one."""
+        names = cls.names()
+        for key in switches:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ''
+                raise TypeError(f"PolyNeXt: unknown argument '{key}'.{hint}")
+        return dataclasses.replace(base or cls(), **switches).validate()
 
     @property
     def is_published(self) -> bool:
@@ -556,7 +606,8 @@ class PolyNeXtCell(nn.Module):
             # construction order = the reference's (mixer, then MLP), so a seed gives its weights
             if mixer == 'conv':
                 if ablation.conv_mixer == 'poly':
-                    token_mixer = PolyConv(dim, conv_inner, coarse_kernel, 2, product)
+                    token_mixer = PolyConv(dim, conv_inner, coarse_kernel=coarse_kernel, coarse_dilation=2,
+                                           product=product)
                 else:  # ablation: MetaFormer SepConv (pw → GELU → dw7x7 → pw), reused from timm
                     token_mixer = SepConv(dim, expansion_ratio=conv_inner / dim, act1_layer=nn.GELU)
                 mixer_norm = norm_layer(dim)
@@ -568,16 +619,17 @@ class PolyNeXtCell(nn.Module):
                         heads -= 1
                     token_mixer = Attention2d(dim, num_heads=heads, bias=False)
                 else:
-                    token_mixer = PolyAttn(dim, head_dim, kernel='softmax' if ablation.attn == 'poly_softmax' else 'poly',
+                    token_mixer = PolyAttn(dim, head_dim=head_dim,
+                                           kernel='softmax' if ablation.attn == 'poly_softmax' else 'poly',
                                            norm=norm, spatial_size=spatial_size, chunk_bytes=attn_chunk_bytes)
             if ablation.mlp == 'poly':
-                mlp = PolyMLP(dim, mlp_hidden, norm_layer, product)
+                mlp = PolyMLP(dim, mlp_hidden, norm_layer=norm_layer, product=product)
             else:  # ablation: a standard MLP (1x1 convs) with GELU, norm before fc2 like PolyMLP
                 mlp = Mlp(dim, 2 * mlp_hidden, act_layer=nn.GELU, norm_layer=norm_layer, bias=False, use_conv=True)
             if mixer == 'conv':
-                blocks.append(PolyConvBlock(token_mixer, mixer_norm, mlp, drop_path))
+                blocks.append(PolyConvBlock(token_mixer, mixer_norm, mlp, drop_path=drop_path))
             else:
-                blocks.append(PolyAttnBlock(token_mixer, mixer_norm, mlp, drop_path))
+                blocks.append(PolyAttnBlock(token_mixer, mixer_norm, mlp, drop_path=drop_path))
         self.blocks = nn.ModuleList(blocks)
 
         self.gate_index = [(j, j + 1) if paired_gates else (2 * j, 2 * j + 1) for j in range(num_blocks)]
@@ -735,18 +787,12 @@ class PolyNeXt(nn.Module):
             drop_path_rate: float = 0.,
             head_dim: int = 32,
             channels_last: bool = True,
-            attn_chunk_mb: float = 64.,
-            mlp: str = 'poly',
-            conv_mixer: str = 'poly',
-            product_gelu: str = 'none',
-            product_op: str = 'mul',
-            attn: str = 'poly',
-            residual_scale: str = 'sigmoid',
-            layerscale_init: float = 1e-6,
-            multi_input_skip: bool = True,
-            cell_norm: bool = True,
-            stacks: Optional[int] = None,
+            attn_chunk_mb: Optional[float] = None,
+            ablation: Optional[Ablation] = None,
+            **switches: Any,
     ):
+        """``attn_chunk_mb``: score memory per PolyAttn chunk (default: ``poly_attention``'s); ``ablation`` /
+        ``switches``: the paper's ablation switches (``Ablation``), as an object or as keyword arguments."""
         super().__init__()
         num_stages = len(cells)
         for name, seq in dict(blocks=blocks, width_mults=width_mults, conv_expansion=conv_expansion,
@@ -755,9 +801,7 @@ class PolyNeXt(nn.Module):
                 raise ValueError(f'{name} has {len(seq)} entries but there are {num_stages} stages')
         if stem not in ('patch4', 'conv3'):
             raise ValueError(f"stem must be 'patch4' (7x7 stride 4) or 'conv3' (3x3 stride 1), got {stem!r}")
-        self.ablation = Ablation(mlp, conv_mixer, product_gelu, product_op, attn, residual_scale,
-                                 layerscale_init, multi_input_skip, cell_norm, stacks)
-        self.ablation.validate()
+        self.ablation = ablation = Ablation.from_kwargs(ablation, switches)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.norm_kind = norm
@@ -766,15 +810,15 @@ class PolyNeXt(nn.Module):
         if img_size is None:
             img_size = 224 if stem == 'patch4' else 32
         self.img_size = _size2(img_size)
-        sizes = _feature_sizes(self.img_size, stem, num_stages)
 
         self.stem = (nn.Conv2d(in_chans, init_channels, 7, stride=4, padding=3, bias=False) if stem == 'patch4'
                      else nn.Conv2d(in_chans, init_channels, 3, stride=1, padding=1, bias=False))
-        stem_stride = 4 if stem == 'patch4' else 1
+        size = conv_output_size(self.img_size, self.stem)     # feature-map size of the stage being built
+        reduction = self.stem.stride[0]
 
         total_cells = sum(cells)
         dpr = torch.linspace(0, drop_path_rate, total_cells).tolist()  # float32 linspace, like the reference
-        attn_chunk_bytes = int(attn_chunk_mb * 2 ** 20)
+        attn_chunk_bytes = int(attn_chunk_mb * 2 ** 20) if attn_chunk_mb else None
         self.feature_info = []
         stages = []
         prev_dim = init_channels
@@ -783,9 +827,9 @@ class PolyNeXt(nn.Module):
             dim = int(width_mults[s] * init_channels)
             num_blocks = blocks[s]
             width_factor = 1.0
-            if stacks is not None:  # wider, shallower cells at matched parameters
-                width_factor = num_blocks / stacks
-                num_blocks = stacks
+            if ablation.stacks is not None:  # wider, shallower cells at matched parameters
+                width_factor = num_blocks / ablation.stacks
+                num_blocks = ablation.stacks
             conv_inner = int(dim * conv_expansion[s] * width_factor)
             mlp_width = int(dim * mlp_expansion[s] * width_factor)
             if mlp_width % 2:
@@ -794,21 +838,25 @@ class PolyNeXt(nn.Module):
                     f'split into two halves; choose an init_channels that makes it even')
             ds0 = ds1 = None
             if s > 0:
-                ds0 = make_downsample(downsample[0], prev_dim, dim) if multi_input_skip else None
+                ds0 = make_downsample(downsample[0], prev_dim, dim) if ablation.multi_input_skip else None
                 ds1 = make_downsample(downsample[1], prev_dim, dim)
+                size = conv_output_size(size, ds1)
+                reduction *= conv_stride(ds1)
             stage_cells = []
             for _ in range(cells[s]):
                 stage_cells.append(PolyNeXtCell(
-                    dim, num_blocks, 'attn' if s in attn_stages else 'conv', conv_inner, mlp_width // 2,
-                    coarse_kernels[s], gate_init, gate_init_is_logit, paired_gates, norm, sizes[s],
-                    dpr[cell_idx], head_dim, attn_chunk_bytes, self.ablation))
+                    dim=dim, num_blocks=num_blocks, mixer='attn' if s in attn_stages else 'conv',
+                    conv_inner=conv_inner, mlp_hidden=mlp_width // 2, coarse_kernel=coarse_kernels[s],
+                    gate_init=gate_init, gate_init_is_logit=gate_init_is_logit, paired_gates=paired_gates,
+                    norm=norm, spatial_size=size, drop_path=dpr[cell_idx], head_dim=head_dim,
+                    attn_chunk_bytes=attn_chunk_bytes, ablation=ablation))
                 cell_idx += 1
             stages.append(PolyNeXtStage(ds0, ds1, stage_cells))
-            self.feature_info.append(dict(num_chs=dim, reduction=stem_stride * 2 ** s, module=f'stages.{s}'))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{s}'))
             prev_dim = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = prev_dim
-        self.head = GatedHead(prev_dim, num_classes, partial(make_norm, norm, spatial_size=sizes[-1]),
+        self.head = GatedHead(prev_dim, num_classes, partial(make_norm, norm, spatial_size=size),
                               global_pool, drop_rate)
         self.head_hidden_size = self.head.hidden_size
 
@@ -922,22 +970,26 @@ class PolyNeXt(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _feature_sizes(img_size: Tuple[int, int], stem: str, num_stages: int) -> List[Tuple[int, int]]:
-    """Feature-map size per stage (conv arithmetic of the stem and the stride-2 reductions)."""
-    h, w = img_size
-    if stem == 'patch4':
-        h, w = (h + 6 - 7) // 4 + 1, (w + 6 - 7) // 4 + 1
-    sizes = [(h, w)]
-    for _ in range(num_stages - 1):
-        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-        sizes.append((h, w))
-    return sizes
+def _convs(module: nn.Module) -> List[nn.Conv2d]:
+    return [module] if isinstance(module, nn.Conv2d) else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
+def conv_output_size(size: Tuple[int, int], module: nn.Module) -> Tuple[int, int]:
+    """Spatial size after the convolutions of ``module``, in order: n ← ⌊(n + 2p − d(k − 1) − 1) / s⌋ + 1."""
+    h, w = size
+    for conv in _convs(module):
+        h, w = ((n + 2 * p - d * (k - 1) - 1) // st + 1
+                for n, k, st, p, d in zip((h, w), conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+    return h, w
+
+
+def conv_stride(module: nn.Module) -> int:
+    """The total (row) stride of the convolutions of ``module``."""
+    return math.prod(conv.stride[0] for conv in _convs(module))
 
 
 # --------------------------------------------------------------------------------------
-# Reference checkpoints: key conversion
+# The authors' checkpoints: their key layout, architecture inference, strict conversion
 # --------------------------------------------------------------------------------------
 
 _ATTN_NAMES = {'scale': 'scale', 'qkv': 'qkv', 'proj': 'proj', 'q_conv': 'q_conv', 'k_conv': 'k_conv',
@@ -1002,19 +1054,96 @@ def reference_key_map(model: PolyNeXt) -> Dict[str, str]:
     return {k: _reference_key(k, offsets, attn_stages) for k in model.state_dict().keys()}
 
 
-def _is_reference_layout(state_dict: Dict[str, Any]) -> bool:
+def is_reference_layout(state_dict: Mapping[str, Any]) -> bool:
+    """True for a state dict in the authors' key names (``cells.*``, no ``stages.*``)."""
     return any(k.startswith('cells.') for k in state_dict) and not any(k.startswith('stages.') for k in state_dict)
 
 
+def infer_reference_arch(state_dict: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
+    """Guess (name, init_channels, num_classes) of an authors'-format PolyNeXt checkpoint."""
+    if 'stem.weight' not in state_dict:
+        return None
+    stem = state_dict['stem.weight']
+    c0 = stem.shape[0]
+    n_cells = 1 + max((int(k.split('.')[1]) for k in state_dict if k.startswith('cells.')), default=-1)
+    attn = any('.q_conv.' in k for k in state_dict)
+    bn = any(k.endswith('gamma_hw') for k in state_dict)
+    lowres = stem.shape[-1] == 3
+    num_classes = state_dict['head.3.weight'].shape[0] if 'head.3.weight' in state_dict else None
+    for name, arch in PUBLISHED_ARCHS.items():
+        if (sum(arch['cells']) == n_cells and bool(arch.get('attn_stages')) == attn
+                and (arch.get('norm', 'ln') == 'bn') == bn and (arch.get('stem', 'patch4') == 'conv3') == lowres):
+            return dict(name=name, init_channels=c0, num_classes=num_classes)
+    return None
+
+
+def _arch_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    guess = infer_reference_arch(state_dict)
+    if not guess:
+        return ''
+    return (f" The checkpoint looks like {guess['name']} (init_channels={guess['init_channels']}, "
+            f"num_classes={guess['num_classes']}).")
+
+
+def convert_reference_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                                 skip_shape_check: tuple = ()) -> Dict[str, torch.Tensor]:
+    """Rename an authors'-layout state dict to ``model``'s keys, strictly.
+
+    Every model key must be present with the right shape, and every checkpoint key must be
+    used; the first problem raises a ``CheckpointError`` that names the key. Keys starting
+    with a prefix in ``skip_shape_check`` are renamed without a shape check (timm's pretrained
+    path drops a classifier of another class count itself).
+    """
+    mapping = reference_key_map(model)
+    expected = model.state_dict()
+    name = model_name(model)
+    out = OrderedDict()
+    for ours, ref in mapping.items():
+        if ref not in state_dict:
+            raise CheckpointError(
+                f"checkpoint does not match {name}: key '{ref}' is missing (expected shape "
+                f"{list(expected[ours].shape)} for '{ours}'). The file is truncated or was saved from another "
+                f"model.{_arch_hint(state_dict)}")
+        t = state_dict[ref]
+        if tuple(t.shape) != tuple(expected[ours].shape) and not (skip_shape_check and ours.startswith(skip_shape_check)):
+            raise CheckpointError(
+                f"checkpoint does not match {name}: '{ref}' has shape {list(t.shape)} but the model expects "
+                f"{list(expected[ours].shape)} (parameter '{ours}'). Check the model name, init_channels, "
+                f"num_classes and img_size.{_arch_hint(state_dict)}")
+        out[ours] = t
+    used = set(mapping.values())
+    extra = [k for k in state_dict if k not in used]
+    if extra:
+        raise CheckpointError(
+            f"checkpoint does not match {name}: unexpected key '{extra[0]}' ({len(extra)} unused in all)."
+            f"{_arch_hint(state_dict)}")
+    return out
+
+
+def load_reference_state_dict(model: torch.nn.Module, state_dict: Any) -> torch.nn.Module:
+    """Load a state dict in the authors' key names (as in their released ``.pt`` files).
+
+    Accepts the usual wrappers (``state_dict`` / ``model`` / EMA entries, ``module.``).
+    Strict: every key is used and every shape is checked. Returns ``model``.
+    """
+    sd = unwrap_state_dict(state_dict)
+    if not is_reference_layout(sd):
+        raise CheckpointError(
+            f"this is not an authors'-format PolyNeXt checkpoint (no 'cells.*' keys; first key "
+            f"'{next(iter(sd))}'). For polynext files use polynext.load_weights().")
+    load_state_dict_strict(model, convert_reference_state_dict(model, sd))
+    return model
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PolyNeXt) -> Dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: unwrap a checkpoint and convert the authors' key names.
+    """timm ``pretrained_filter_fn`` (and ``polynext.load_weights``' filter): unwrap a checkpoint and convert
+    the authors' key names.
 
     Used by ``create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``.
     Files already in polynext's layout pass through unchanged.
     """
-    from ..checkpoint import convert_reference_state_dict, unwrap_state_dict
     state_dict = unwrap_state_dict(state_dict)
-    if _is_reference_layout(state_dict):
+    if is_reference_layout(state_dict):
         return convert_reference_state_dict(model, state_dict, skip_shape_check=('head.fc.',))
     return state_dict
 
@@ -1058,23 +1187,8 @@ REFERENCE_NAMES = {
     'cpolynext_lr': 'LowRes',
 }
 
-#: The paper's ablation rows as constructor options (one switch each on the same models).
-ABLATIONS: Dict[str, Dict[str, Any]] = {
-    'mlp_gelu': dict(mlp='gelu'),                         # PolyMLP → MLP + GELU
-    'sepconv_gelu': dict(conv_mixer='sepconv'),           # PolyConv → SepConv + GELU
-    'gelu_one_branch': dict(product_gelu='one_branch'),   # GELU on one multiplied branch
-    'gelu_after_product': dict(product_gelu='after'),     # GELU after the product
-    'hadamard_to_add': dict(product_op='add'),            # Hadamard → addition
-    'std_attention': dict(attn='standard'),               # PolyAttn → standard softmax attention
-    'poly_kernel_to_softmax': dict(attn='poly_softmax'),  # polynomial kernel → softmax (Q/K sharing, convs kept)
-    'free_scalar': dict(residual_scale='free'),           # Sigmoid-Scale → free scalar
-    'layerscale_1e-6': dict(residual_scale='layerscale', layerscale_init=1e-6),
-    'layerscale_1': dict(residual_scale='layerscale', layerscale_init=1.0),
-    'no_multi_input_skip': dict(multi_input_skip=False),
-    'no_cell_norm': dict(cell_norm=False),
-    'wide_2_stacks': dict(stacks=2),                      # wider 2-stack cells at matched parameters
-    'wide_1_stack': dict(stacks=1),                       # wider 1-stack cells at matched parameters
-}
+#: The paper's ablation rows as constructor options (one switch each on the same models), from ``Ablation``.
+ABLATIONS: Dict[str, Dict[str, Any]] = Ablation.rows()
 
 # timm-level keyword arguments that build_model_with_cfg consumes itself
 _TIMM_KWARGS = {'features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'flatten_sequential', 'output_stride',
@@ -1082,7 +1196,7 @@ _TIMM_KWARGS = {'features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'f
 
 
 def _check_kwargs(variant: str, kwargs: Dict[str, Any]) -> None:
-    valid = set(inspect.signature(PolyNeXt.__init__).parameters) - {'self'}
+    valid = set(inspect.signature(PolyNeXt.__init__).parameters) - {'self', 'switches'} | set(Ablation.names())
     for key in kwargs:
         if key not in valid and key not in _TIMM_KWARGS:
             close = difflib.get_close_matches(key, sorted(valid), n=1)

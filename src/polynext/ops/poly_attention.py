@@ -128,6 +128,18 @@ class _PolyAttentionFunction(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)   # torch >= 2.5
+    return bool(is_exporting and is_exporting())
+
+
+def _export_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int) -> torch.Tensor:
+    """The same function as one graph, for ``torch.export`` / ONNX: the chunk loop of ``_forward``
+    depends on the token count, which is symbolic in a program with dynamic height and width."""
+    a = _power_(q @ k.transpose(-1, -2) + 1, power)
+    return (a @ v) / a.sum(-1, keepdim=True).clamp_min(_EPS)
+
+
 def poly_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -143,6 +155,8 @@ def poly_attention(
     """
     if power % 2:
         raise ValueError(f"poly_attention needs an even power (got {power}); odd powers make A signed")
+    if _is_exporting():
+        return _export_forward(q, k, v, power)
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _PolyAttentionFunction.apply(q, k, v, power, chunk_bytes)

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import atomic_write
+from ..engine.data import readable_batches
 from ..engine.distributed import all_reduce_sums, is_main, rank, world_size
 from ..engine.run import progress
 from ..errors import ConfigError, DataError
@@ -218,13 +219,7 @@ def score_cell(heads: Sequence[nn.Module], loader, device: torch.device, show_pr
     skipped: List[int] = []
     for h in heads:
         h.eval()
-    for x, y, bad in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
-        keep = bad < 0
-        if not bool(keep.all()):
-            skipped += bad[~keep].tolist()
-            x, y = x[keep], y[keep]
-            if len(y) == 0:
-                continue
+    for x, y in readable_batches(progress(loader, total=len(loader), desc=desc, enabled=show_progress), skipped):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         for i, head in enumerate(heads):

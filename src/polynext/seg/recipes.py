@@ -37,17 +37,19 @@ UperNet on the generated shapes (no download) with the same pipeline scaled to 6
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
+from ..engine.config import check_device, check_fields
+from ..engine.memory import BatchLayout
+from ..engine.precision import AMP_CHOICES
+from ..engine.presets import PresetTable
 from ..errors import ConfigError
 from .segmentor import SegmentorSpec
 from .transforms import ADE_MEAN, ADE_STD
 
-__all__ = ['SegConfig', 'SegPreset', 'SEG_PRESETS', 'DEFAULT_SEG_RECIPE', 'POLYNEXT_KEYS', 'REFERENCE_KEYS',
-           'get_seg_preset', 'resolve_seg_config', 'seg_accumulation_steps', 'effective_custom_keys',
-           'RESUME_SAFE_KEYS']
+__all__ = ['SegConfig', 'SEG_PRESETS', 'DEFAULT_SEG_RECIPE', 'POLYNEXT_KEYS', 'REFERENCE_KEYS',
+           'effective_custom_keys', 'RESUME_SAFE_KEYS']
 
 #: the reference's custom_keys mapped onto polynext's parameter names (same effect, see the module doc)
 POLYNEXT_KEYS: Dict[str, Dict[str, float]] = {
@@ -128,11 +130,13 @@ class SegConfig:
     eval_stride: int = 341
     eval_window_batch: int = 4                   # sliding windows per forward
     # ---- precision and speed ----
-    amp: str = 'bf16'                            # bf16 | fp16 | none (CUDA training only; evaluation fp32)
+    amp: str = 'bf16'                            # bf16 | fp16 | none: training autocast on CUDA (evaluation fp32)
+    cpu_amp: bool = False                        # also autocast on CPU (slow on most CPUs; for testing)
     compile: bool = False
     channels_last: bool = True
     device: str = 'auto'
     threads: int = 0
+    deterministic: bool = False                  # CUDA: deterministic algorithms, no TF32 / cudnn.benchmark (slower)
     # ---- run ----
     seed: int = 0
     output: Optional[str] = None                 # run folder (default runs/<recipe>)
@@ -145,32 +149,32 @@ class SegConfig:
                              drop_path=self.drop_path, extra_norms=self.extra_norms, channels=self.head_channels,
                              dropout=self.dropout, aux_channels=self.aux_channels, aux_index=self.aux_index)
 
+    # ---- what the engine's preset table needs ----
+    COMMAND: ClassVar[str] = 'polynext seg train'
+    MODEL_FIELDS: ClassVar[Tuple[str, str]] = ('backbone', 'backbone_kwargs')
+    DATA_DATASETS: ClassVar[Dict[str, str]] = {'shapes': 'ade20k'}   # --data on the demo: an ADE20K folder
+
+    def summary(self) -> Dict[str, str]:
+        """The columns of ``polynext seg train --list-recipes``."""
+        return dict(backbone=self.backbone, data=self.dataset, iters=str(self.iters), batch=str(self.batch_size),
+                    lr=f'{self.lr:g}')
+
     def validate(self) -> 'SegConfig':
-        choices = dict(dataset=('ade20k', 'shapes'), loss_average=('all_pixels', 'valid_pixels'),
-                       eval_mode=('slide', 'whole'), amp=('bf16', 'fp16', 'none'))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"bad value for '{name}': {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if not (self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:')):
-            raise ConfigError(f"bad value for 'device': {self.device!r}; choose auto, cpu, cuda or cuda:N")
-        for name in ('iters', 'batch_size', 'device_batch_size', 'crop_size', 'head_channels', 'eval_crop',
-                     'eval_stride', 'eval_every', 'shapes_size', 'shapes_train', 'shapes_val', 'eval_window_batch'):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"bad value for '{name}': {getattr(self, name)}; it must be positive")
-        for name in ('lr', 'min_lr', 'weight_decay', 'warmup_iters', 'workers', 'checkpoint_every', 'aux_channels',
-                     'aux_weight', 'threads', 'max_corrupt', 'log_every', 'demo_images'):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"bad value for '{name}': {getattr(self, name)}; it must be >= 0")
-        for name in ('drop_path', 'dropout', 'hflip', 'warmup_ratio'):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"bad value for '{name}': {getattr(self, name)}; it must be between 0 and 1")
+        check_fields(
+            self,
+            choices=dict(dataset=('ade20k', 'shapes'), loss_average=('all_pixels', 'valid_pixels'),
+                         eval_mode=('slide', 'whole'), amp=AMP_CHOICES),
+            positive=('iters', 'batch_size', 'device_batch_size', 'crop_size', 'head_channels', 'eval_crop',
+                      'eval_stride', 'eval_every', 'shapes_size', 'shapes_train', 'shapes_val', 'eval_window_batch'),
+            non_negative=('lr', 'min_lr', 'weight_decay', 'warmup_iters', 'workers', 'checkpoint_every',
+                          'aux_channels', 'aux_weight', 'threads', 'max_corrupt', 'log_every', 'demo_images'),
+            fractions=('drop_path', 'dropout', 'hflip', 'warmup_ratio'))
+        check_device(self.device)
         if not 0.0 < self.cat_max_ratio <= 1.0:
             raise ConfigError(f"bad value for 'cat_max_ratio': {self.cat_max_ratio}; it must be in (0, 1]")
         if self.ratio_range[0] <= 0 or self.ratio_range[0] > self.ratio_range[1]:
             raise ConfigError(f"bad value for 'ratio_range': {list(self.ratio_range)}; need 0 < min <= max")
-        if self.batch_size % self.device_batch_size:
-            raise ConfigError(f'the effective batch {self.batch_size} is not a multiple of the per-device batch '
-                              f'{self.device_batch_size}; change --batch-size or --device-batch-size')
+        BatchLayout.check(self.batch_size, self.device_batch_size)
         if self.warmup_iters >= self.iters and self.warmup_iters:
             raise ConfigError(f'warmup_iters {self.warmup_iters} must be below iters {self.iters}')
         if self.min_lr > self.lr:
@@ -193,79 +197,26 @@ def effective_custom_keys(cfg: SegConfig) -> Dict[str, Dict[str, float]]:
     return keys
 
 
-def seg_accumulation_steps(cfg: SegConfig, world_size: int) -> int:
-    per_step = cfg.device_batch_size * world_size
-    if cfg.batch_size % per_step:
-        raise ConfigError(
-            f'the effective batch {cfg.batch_size} cannot be split into {world_size} device(s) × '
-            f'{cfg.device_batch_size} per device × whole accumulation steps; choose --device-batch-size so that '
-            f'{cfg.batch_size} is a multiple of (device batch × {world_size})')
-    return cfg.batch_size // per_step
-
-
-@dataclass(frozen=True)
-class SegPreset:
-    config: SegConfig
-    source: str
-
-
-SEG_PRESETS: Dict[str, SegPreset] = {}
+DEFAULT_SEG_RECIPE = 'upernet_shapes_demo'
+SEG_PRESETS: PresetTable = PresetTable(SegConfig, default=DEFAULT_SEG_RECIPE)
 
 _ADE = SegConfig()   # the field defaults are the ADE20K protocol
-SEG_PRESETS['upernet_cpolynext_s'] = SegPreset(
-    dataclasses.replace(_ADE, backbone='cpolynext_s'),
-    source="spec §11 (authors' configs/PolyNeXt/upernet_polynext_s_512_160k_ade20k.py)")
-SEG_PRESETS['upernet_apolynext_s'] = SegPreset(
-    dataclasses.replace(_ADE, backbone='apolynext_s', clip_grad=5.0, cell_grad_clip=5.0),
-    source="spec §11 (authors' configs/PolyNeXt/upernet_apolynext_s_512_160k_ade20k.py)")
+SEG_PRESETS.add('upernet_cpolynext_s', dataclasses.replace(_ADE, backbone='cpolynext_s'),
+                source="spec §11 (authors' configs/PolyNeXt/upernet_polynext_s_512_160k_ade20k.py)")
+SEG_PRESETS.add('upernet_apolynext_s', dataclasses.replace(_ADE, backbone='apolynext_s', clip_grad=5.0,
+                                                           cell_grad_clip=5.0),
+                source="spec §11 (authors' configs/PolyNeXt/upernet_apolynext_s_512_160k_ade20k.py)")
 for _name in ('convformer_s18', 'caformer_s18'):
-    SEG_PRESETS[f'upernet_{_name}'] = SegPreset(
-        dataclasses.replace(_ADE, backbone=_name, custom_keys={k: v for k, v in REFERENCE_KEYS.items()
-                                                               if k != 'norm'}, decay_backbone_norms=False),
+    SEG_PRESETS.add(f'upernet_{_name}', dataclasses.replace(
+        _ADE, backbone=_name, custom_keys={k: v for k, v in REFERENCE_KEYS.items() if k != 'norm'},
+        decay_backbone_norms=False),
         source='MetaFormer Table 10 setting (no config released): the PolyNeXt recipe, reference keys literally, '
                'drop path 0.3')
 
-DEFAULT_SEG_RECIPE = 'upernet_shapes_demo'
-SEG_PRESETS[DEFAULT_SEG_RECIPE] = SegPreset(dataclasses.replace(
+SEG_PRESETS.add(DEFAULT_SEG_RECIPE, dataclasses.replace(
     _ADE, backbone='cpolynext_t', backbone_kwargs=dict(init_channels=16), drop_path=0.0, head_channels=32,
     aux_channels=16, dataset='shapes', reduce_zero_label=False, img_scale=(128, 64), ratio_range=(0.75, 1.5),
     crop_size=64, eval_scale=(128, 64), eval_mode='whole', eval_crop=64, eval_stride=43, lr=2e-3, warmup_iters=50,
     iters=1000, batch_size=8, device_batch_size=8, eval_every=250, checkpoint_every=250, log_every=25, workers=1),
     source='polynext demo: generated shapes (4 classes, 64x64, 400 train / 100 val), CPolyNeXt-T C0=16')
 
-
-def list_seg_recipes() -> List[str]:
-    return list(SEG_PRESETS)
-
-
-def get_seg_preset(name: str) -> SegPreset:
-    if name in SEG_PRESETS:
-        return SEG_PRESETS[name]
-    close = difflib.get_close_matches(name, list(SEG_PRESETS), n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ''
-    raise ConfigError(f"unknown segmentation recipe '{name}'.{hint} `polynext seg train --list-recipes` lists them.")
-
-
-def resolve_seg_config(recipe: Optional[str] = None, config_file: Optional[str] = None,
-                       flags: Optional[Mapping[str, Any]] = None,
-                       set_items: Optional[List[str]] = None) -> Tuple[str, SegConfig]:
-    """The recipe name and its config after the overrides: preset < YAML file < flags < ``--set``.
-
-    The base preset is ``recipe``, else the YAML file's ``recipe:`` key, else the demo; ``--data``
-    on the demo switches to ADE20K."""
-    from ..engine.config import apply_overrides, load_yaml, parse_set_args
-    file_values = load_yaml(config_file) if config_file else {}
-    file_recipe = file_values.pop('recipe', None)
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    name = recipe or file_recipe or DEFAULT_SEG_RECIPE
-    cfg = get_seg_preset(name).config
-    cfg = apply_overrides(cfg, file_values, source=str(config_file))
-    set_values = parse_set_args(set_items or [])
-    if 'backbone' in flags and flags['backbone'] != cfg.backbone and 'backbone_kwargs' not in set_values \
-            and 'backbone_kwargs' not in file_values:
-        flags['backbone_kwargs'] = {}          # the preset's extra arguments belong to its own backbone
-    if 'data' in flags and cfg.dataset == 'shapes' and 'dataset' not in flags and 'dataset' not in set_values:
-        flags['dataset'] = 'ade20k'            # --data on the demo means an ADE20K folder
-    cfg = apply_overrides(cfg, flags, source='the command line')
-    cfg = apply_overrides(cfg, set_values, source='--set')
-    return name, cfg.validate()

@@ -43,7 +43,7 @@ from ..errors import DataError
 from .recipes import TrainConfig
 
 __all__ = ['Samples', 'DataBundle', 'build_transforms', 'build_eval_transform', 'build_data', 'build_eval_data',
-           'load_digits_split', 'corrupt_limit']
+           'load_digits_split']
 
 TINY_IMAGENET_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 #: images tried in a row (the requested one and its successors) before a batch slot gives up
@@ -110,11 +110,6 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def corrupt_limit(max_corrupt: float, num_images: int) -> int:
-    """Unreadable images tolerated: a fraction of ``num_images`` (< 1) or a count (>= 1)."""
-    return int(max_corrupt * num_images) if max_corrupt < 1 else int(max_corrupt)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,29 +18,34 @@ usual practice (``polynext train --usual NAME`` switches it).
 
 The effective batch is stored (``batch_size``) together with the per-device batch
 (``device_batch_size``); the accumulation steps follow from the number of devices
-(``accumulation_steps``), so the recipe is the same on 1, 2 or 8 GPUs.
+(``engine.memory.BatchLayout.split``), so the recipe is the same on 1, 2 or 8 GPUs.
+
+``PRESETS`` is an ``engine.presets.PresetTable``: ``PRESETS.get(name)``, ``PRESETS.names()``,
+``PRESETS.resolve(recipe, config_file, flags, set_items, usual)`` and ``PRESETS.show_config``.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..engine.config import check_device, check_fields
+from ..engine.ema import EMA_INITS
+from ..engine.memory import BatchLayout
+from ..engine.precision import AMP_CHOICES
+from ..engine.presets import FidelityFlag, PresetTable
 from ..errors import ConfigError
-from ..models.polynext import REFERENCE_NAMES
+from ..models.polynext import CIFAR_MEAN, CIFAR_STD, REFERENCE_NAMES
 
-__all__ = ['DATASETS', 'TrainConfig', 'Preset', 'PRESETS', 'FIDELITY', 'FidelityFlag', 'DEFAULT_RECIPE', 'get_preset',
-           'list_recipes', 'accumulation_steps', 'usual_practice_overrides', 'resolve_config', 'RAND_AUGMENT']
+__all__ = ['DATASETS', 'TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'RAND_AUGMENT', 'CIFAR_MEAN',
+           'CIFAR_STD']
 
 #: the kinds of ``TrainConfig.dataset`` (see ``polynext.train.data``)
 DATASETS = ('folder', 'digits', 'cluttered_digits', 'cifar10', 'svhn', 'tiny_imagenet')
 #: timm RandAugment string of every recipe here: magnitude 9, std 0.5, "increasing" op set
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
-CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
-CIFAR_STD = (0.24703233, 0.24348505, 0.26158768)
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class TrainConfig:
     channels_last: bool = True
     device: str = 'auto'                       # auto | cpu | cuda
     threads: int = 0                           # CPU threads of torch per process; 0: torch's default
+    deterministic: bool = False                # CUDA: deterministic algorithms, no TF32 / cudnn.benchmark (slower)
     # ---- run ----
     seed: int = 0
     output: Optional[str] = None               # run folder (default runs/<recipe>)
@@ -121,44 +127,40 @@ class TrainConfig:
     log_every: int = 50                        # progress-bar refresh, in micro-batches
 
     # ------------------------------------------------------------------------------------
+    # ---- what the engine's preset table needs ----
+    COMMAND: ClassVar[str] = 'polynext train'
+    MODEL_FIELDS: ClassVar[Tuple[str, str]] = ('model', 'model_kwargs')
+    # --data on a recipe of built-in data (the digits demo, the ablation recipe): image folders
+    DATA_DATASETS: ClassVar[Dict[str, str]] = {'digits': 'folder', 'cluttered_digits': 'folder'}
+
+    def summary(self) -> Dict[str, str]:
+        """The columns of ``polynext train --list-recipes``."""
+        epochs = f'{self.epochs}+{self.cooldown_epochs}' if self.cooldown_epochs else str(self.epochs)
+        return dict(model=self.model, opt=self.optimizer, lr=f'{self.lr:g}', epochs=epochs, batch=str(self.batch_size))
+
     def validate(self) -> 'TrainConfig':
         """One clear ``ConfigError`` for an impossible value."""
-        choices = dict(dataset=DATASETS,
-                       train_interpolation=('bicubic', 'bilinear', 'random'),
-                       eval_interpolation=('bicubic', 'bilinear'), aug_pipeline=('reference', 'timm'),
-                       optimizer=('adamw', 'lamb'), schedule=('cosine', 'constant'),
-                       schedule_granularity=('epoch', 'step'), ema_init=('first_update', 'model'),
-                       amp=('bf16', 'fp16', 'none'), device=None)
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if allowed is not None and value not in allowed:
-                raise ConfigError(f"bad value for '{name}': {value!r}; choose one of {', '.join(allowed)}")
-        if not (self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:')):
-            raise ConfigError(f"bad value for 'device': {self.device!r}; choose auto, cpu, cuda or cuda:N")
-        positive = dict(epochs=self.epochs, batch_size=self.batch_size, device_batch_size=self.device_batch_size,
-                        img_size=self.img_size, eval_resize=self.eval_resize, cluttered_train=self.cluttered_train,
-                        cluttered_val=self.cluttered_val)
-        for name, v in positive.items():
-            if v <= 0:
-                raise ConfigError(f"bad value for '{name}': {v}; it must be positive")
-        for name in ('lr', 'min_lr', 'weight_decay', 'warmup_lr', 'mixup_alpha', 'cutmix_alpha', 'max_corrupt',
-                     'warmup_epochs', 'cooldown_epochs', 'workers', 'checkpoint_every', 'ema_start_epoch', 'threads'):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"bad value for '{name}': {getattr(self, name)}; it must be >= 0")
-        for name in ('drop_path', 'head_dropout', 'hflip', 'random_erasing', 'mix_switch_prob',
-                     'label_smoothing'):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"bad value for '{name}': {v}; it must be between 0 and 1")
+        check_fields(
+            self,
+            choices=dict(dataset=DATASETS,
+                         train_interpolation=('bicubic', 'bilinear', 'random'),
+                         eval_interpolation=('bicubic', 'bilinear'), aug_pipeline=('reference', 'timm'),
+                         optimizer=('adamw', 'lamb'), schedule=('cosine', 'constant'),
+                         schedule_granularity=('epoch', 'step'), ema_init=EMA_INITS, amp=AMP_CHOICES),
+            positive=('epochs', 'batch_size', 'device_batch_size', 'img_size', 'eval_resize', 'cluttered_train',
+                      'cluttered_val'),
+            non_negative=('lr', 'min_lr', 'weight_decay', 'warmup_lr', 'mixup_alpha', 'cutmix_alpha', 'max_corrupt',
+                          'warmup_epochs', 'cooldown_epochs', 'workers', 'checkpoint_every', 'ema_start_epoch',
+                          'threads'),
+            fractions=('drop_path', 'head_dropout', 'hflip', 'random_erasing', 'mix_switch_prob', 'label_smoothing'))
+        check_device(self.device)
         if self.head_dropout >= 1.0:
             raise ConfigError(f"bad value for 'head_dropout': {self.head_dropout}; it must be below 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"bad value for 'ema_decay': {self.ema_decay}; it must be in [0, 1)")
         if self.head_dropout_ramp is not None and self.head_dropout_ramp <= 0:
             raise ConfigError("bad value for 'head_dropout_ramp': must be a positive number of epochs or null")
-        if self.batch_size % self.device_batch_size:
-            raise ConfigError(f'the effective batch {self.batch_size} is not a multiple of the per-device batch '
-                              f'{self.device_batch_size}; change --batch-size or --device-batch-size')
+        BatchLayout.check(self.batch_size, self.device_batch_size)
         if self.eval_crop is not None and self.eval_crop > self.eval_resize:
             raise ConfigError(f'eval_crop {self.eval_crop} is larger than eval_resize {self.eval_resize}')
         if self.warmup_epochs >= self.epochs and self.schedule == 'cosine' and self.warmup_epochs:
@@ -177,28 +179,9 @@ class TrainConfig:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
-def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Gradient-accumulation steps that give the effective batch on ``world_size`` devices."""
-    per_step = cfg.device_batch_size * world_size
-    if cfg.batch_size % per_step:
-        raise ConfigError(
-            f'the effective batch {cfg.batch_size} cannot be split into {world_size} device(s) × '
-            f'{cfg.device_batch_size} per device × whole accumulation steps; choose --device-batch-size so that '
-            f'{cfg.batch_size} is a multiple of (device batch × {world_size})')
-    return cfg.batch_size // per_step
-
-
 # ----------------------------------------------------------------------------------------
 # Fidelity flags: the reference's quirks, each a field with the usual practice as the other value
 # ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FidelityFlag:
-    field: str
-    usual: Any
-    reference: str      # what the reference does
-    practice: str       # what the usual value does
-
 
 FIDELITY: Dict[str, FidelityFlag] = {
     'wd_exclusions': FidelityFlag(
@@ -216,35 +199,12 @@ FIDELITY: Dict[str, FidelityFlag] = {
 }
 
 
-def usual_practice_overrides(names: List[str], cfg: TrainConfig) -> Dict[str, Any]:
-    """``{field: usual value}`` for the named fidelity flags ('all' = every one)."""
-    if not names:
-        return {}
-    if 'all' in names:
-        names = list(FIDELITY)
-    out = {}
-    for n in names:
-        if n not in FIDELITY:
-            close = difflib.get_close_matches(n, list(FIDELITY), n=1) or [f for f in FIDELITY if f.startswith(n)]
-            hint = f" Did you mean '{close[0]}'?" if close else ''
-            raise ConfigError(f"unknown fidelity flag '{n}'.{hint} Choose from: {', '.join(FIDELITY)}, all")
-        flag = FIDELITY[n]
-        out[flag.field] = flag.usual
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Preset:
-    config: TrainConfig
-    source: str                        # where the values come from
-    needs_checkpoint: bool = False     # fine-tuning recipes need --initial-checkpoint
-
-
-PRESETS: Dict[str, Preset] = {}
+DEFAULT_RECIPE = 'cpolynext_lr_digits'
+PRESETS: PresetTable = PresetTable(TrainConfig, default=DEFAULT_RECIPE, fidelity=FIDELITY)
 
 # --- PolyNeXt ImageNet-1k (spec §9): shared by every script ---------------------------------
 _POLYNEXT_IN1K = TrainConfig(
@@ -267,14 +227,14 @@ _POLYNEXT_TABLE = {
     'apolynext_l':    ('lamb',  2e-3, 0.01, 128, 0.55, 0.7, 300,  True,  dict(opt_eps=1e-6)),
     'cpolynext_t_bn': ('adamw', 1e-3, 0.05, 256, 0.0,  0.0, None, False, {}),
     'apolynext_t_bn': ('adamw', 1e-3, 0.05, 256, 0.0,  0.0, None, False, {}),
-    # the S_BN script passes --dropout 0.4 without --rampout: constant 0.4 from the first epoch
-    'cpolynext_s_bn': ('adamw', 1e-3, 0.05, 256, 0.2,  0.4, None, False, {}),
+    # scripts/CPolyNeXt_S_BN.sh: --dropout 0.4 --rampout 300, the ramp of the other models
+    'cpolynext_s_bn': ('adamw', 1e-3, 0.05, 256, 0.2,  0.4, 300,  False, {}),
 }
 for _name, (_opt, _lr, _wd, _bs, _dp, _hd, _ramp, _ri, _extra) in _POLYNEXT_TABLE.items():
     _opt_fields = (dict(clip_grad=5.0) if _opt == 'adamw' else
                    # LAMB: internal clip at 5, external clip disabled, decay before the trust ratio
                    dict(clip_grad=None, lamb_max_grad_norm=5.0, lamb_decoupled_decay=True))
-    PRESETS[_name] = Preset(dataclasses.replace(
+    PRESETS.add(_name, dataclasses.replace(
         _POLYNEXT_IN1K, model=_name, optimizer=_opt, lr=_lr, weight_decay=_wd, device_batch_size=_bs,
         drop_path=_dp, head_dropout=_hd, head_dropout_ramp=_ramp,
         train_interpolation='random' if _ri else 'bicubic', **_opt_fields, **_extra),
@@ -290,17 +250,16 @@ _LOWRES = TrainConfig(
     aug_pipeline='reference', wd_exclusions=False, workers=8)
 for _name, _size, _flip, _script in (('cifar10', 32, 0.5, 'CIFAR10'), ('svhn', 32, 0.0, 'SVHN'),
                                      ('tiny_imagenet', 64, 0.5, 'TinyImageNet')):
-    PRESETS[f'cpolynext_lr_{_name}'] = Preset(dataclasses.replace(
+    PRESETS.add(f'cpolynext_lr_{_name}', dataclasses.replace(
         _LOWRES, dataset=_name, img_size=_size, hflip=_flip, eval_resize=_size, eval_crop=None),
         source=f"spec §9.2 (authors' scripts/CPolyNeXt_LR_{_script}.sh)")
-PRESETS['cpolynext_lr'] = PRESETS['cpolynext_lr_cifar10']
+PRESETS.alias('cpolynext_lr', 'cpolynext_lr_cifar10')
 
 # --- the built-in demo: scikit-learn digits, 2 CPU cores, a few minutes ------------------------
 # one compute thread: the tiny model gains little from a second one, and on a busy machine two
 # OpenMP threads slow it down many times over; batch 32 leaves the polynomial net's initial
 # plateau within ~2 epochs (lr 1e-2; at 3e-3 it stays there much longer)
-DEFAULT_RECIPE = 'cpolynext_lr_digits'
-PRESETS[DEFAULT_RECIPE] = Preset(TrainConfig(
+PRESETS.add(DEFAULT_RECIPE, TrainConfig(
     model='cpolynext_lr', model_kwargs=dict(init_channels=8), dataset='digits', img_size=16,
     optimizer='adamw', lr=1e-2, min_lr=1e-5, weight_decay=0.05, batch_size=32, device_batch_size=32, epochs=15,
     schedule='cosine', schedule_granularity='step', warmup_epochs=0, label_smoothing=0.1, mixup_alpha=0.0,
@@ -314,7 +273,7 @@ PRESETS[DEFAULT_RECIPE] = Preset(TrainConfig(
 # 3 epochs of 2400 images: short enough that every row of both ablation tables × 3 seeds fits in
 # 30 minutes on 2 CPU cores, long enough that the baseline leaves the polynomial net's initial
 # plateau (see README "Ablations"). No augmentation: every image is already a fresh rendering.
-PRESETS['cluttered_digits'] = Preset(TrainConfig(
+PRESETS.add('cluttered_digits', TrainConfig(
     model='cpolynext_t', model_kwargs=dict(init_channels=16), dataset='cluttered_digits', img_size=64,
     cluttered_train=2400, cluttered_val=800,
     optimizer='adamw', lr=4e-3, min_lr=1e-5, weight_decay=0.05, batch_size=32, device_batch_size=32, epochs=3,
@@ -342,13 +301,13 @@ _TABLE13 = {  # family: drop path S12/S24/S36/M36/M48 (AdamW 4e-3, 5 warm-up epo
 }
 for _fam, _dps in _TABLE13.items():
     for _size, _dp in zip(_MF_SIZES_13, _dps):
-        PRESETS[f'{_fam}_{_size}'] = Preset(dataclasses.replace(
+        PRESETS.add(f'{_fam}_{_size}', dataclasses.replace(
             _MF_SCRATCH, model=f'{_fam}_{_size}', optimizer='adamw', lr=4e-3, warmup_epochs=5, drop_path=_dp),
             source='MetaFormer Table 13 + train.py defaults')
 # Table 4's isotropic IdentityFormer-S: the paper gives no separate recipe; it follows DeiT-S, whose
 # drop path (0.1) equals the Table 13 S12 setting, so the Table 13 recipe is used (an inference).
 for _model in ('identityformer_s_iso', 'identityformer_s_iso_convstem'):
-    PRESETS[_model] = Preset(dataclasses.replace(
+    PRESETS.add(_model, dataclasses.replace(
         _MF_SCRATCH, model=_model, optimizer='adamw', lr=4e-3, warmup_epochs=5, drop_path=0.1),
         source='MetaFormer Table 4 (no recipe published; Table 13 recipe with DeiT-S drop path 0.1, inferred)')
 _TABLE14 = {  # family: (optimizer fields, lr, warmup, drop path, head dropout, finetune lr, ft drop path, ft head dropout)
@@ -363,10 +322,10 @@ _MF_FINETUNE = dict(epochs=30, cooldown_epochs=0, schedule='constant', warmup_ep
 for _fam, (_optf, _lr, _dps, _hds, _ftlr, _ftdps, _fthds) in _TABLE14.items():
     for i, _size in enumerate(_MF_SIZES_14):
         _model = f'{_fam}_{_size}'
-        PRESETS[_model] = Preset(dataclasses.replace(
+        PRESETS.add(_model, dataclasses.replace(
             _MF_SCRATCH, model=_model, lr=_lr, warmup_epochs=20, drop_path=_dps[i], head_dropout=_hds[i], **_optf),
             source='MetaFormer Table 14 + scripts/' + _fam + f'/train_{_model}.sh')
-        PRESETS[f'{_model}_384'] = Preset(dataclasses.replace(
+        PRESETS.add(f'{_model}_384', dataclasses.replace(
             _MF_SCRATCH, model=_model, lr=_ftlr, drop_path=_ftdps[i], head_dropout=_fthds[i], img_size=384,
             eval_resize=384, eval_crop=384, **_optf, **_MF_FINETUNE),
             source='MetaFormer Table 14 (384 fine-tuning) + scripts/' + _fam + f'/finetune_{_model}_384.sh',
@@ -377,58 +336,25 @@ _TABLE15 = {  # family: (opt fields, pretrain lr, pretrain dp, pretrain hd, fine
     'caformer': (_LAMB_TIMM06, 2e-3, (0.1, 0.1, 0.1, 0.3), (0.2, 0.2, 0.2, 0.4),
                  1e-4, (0.1, 0.1, 0.1, 0.3), (0.2, 0.2, 0.2, 0.5)),
 }
+# ImageNet-21K pre-training runs exactly Table 15's 90 epochs, with no cool-down. No 21K script was released.
+# The cool-down of the 1K recipes is not a choice of the authors: train.py lists the defaults it changed
+# ("following DeiT": epochs, warm-up, lrs, decay, augmentation) and --cooldown-epochs 10 is not among them; it is
+# timm 0.6's argument default, which the released 1K scripts never override (spec: "the hidden 10-epoch
+# cool-down", documented for the ImageNet-1K runs from scratch only, and kept there as a quirk, see
+# FIDELITY['no_cooldown']). A 21K run needs its own --epochs 90, and nothing says the cool-down came with it;
+# the paper's count is the evidence. `--set cooldown_epochs=10` gives train.py's unmodified default.
 for _fam, (_optf, _lr, _dps, _hds, _ftlr, _ftdps, _fthds) in _TABLE15.items():
     for i, _size in enumerate(_MF_SIZES_14):
         _model = f'{_fam}_{_size}'
-        PRESETS[f'{_model}_in21k'] = Preset(dataclasses.replace(
-            _MF_SCRATCH, model=_model, epochs=90, lr=_lr, warmup_epochs=5, drop_path=_dps[i], head_dropout=_hds[i],
-            num_classes=21841, **_optf),
-            source='MetaFormer Table 15 (ImageNet-21K pre-training; no script released, train.py defaults)')
+        PRESETS.add(f'{_model}_in21k', dataclasses.replace(
+            _MF_SCRATCH, model=_model, epochs=90, cooldown_epochs=0, lr=_lr, warmup_epochs=5, drop_path=_dps[i],
+            head_dropout=_hds[i], num_classes=21841, **_optf),
+            source='MetaFormer Table 15 (ImageNet-21K pre-training, 90 epochs; no script released)')
         for _res in (224, 384):
             _suffix = '_in21ft1k' + ('_384' if _res == 384 else '')
-            PRESETS[_model + _suffix] = Preset(dataclasses.replace(
+            PRESETS.add(_model + _suffix, dataclasses.replace(
                 _MF_SCRATCH, model=_model, lr=_ftlr, drop_path=_ftdps[i], head_dropout=_fthds[i], img_size=_res,
                 eval_resize=_res, eval_crop=_res, head_map='in21k_to_in1k', **_optf, **_MF_FINETUNE),
                 source=f'MetaFormer Table 15 (21K → 1K fine-tuning at {_res}; head rows mapped 21841 → 1000)',
                 needs_checkpoint=True)
 
-
-def list_recipes(pattern: str = '') -> List[str]:
-    return [n for n in PRESETS if pattern in n]
-
-
-def get_preset(name: str) -> Preset:
-    """The named preset, or a ``ConfigError`` naming the closest recipes."""
-    if name in PRESETS:
-        return PRESETS[name]
-    close = difflib.get_close_matches(name, list(PRESETS), n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ''
-    raise ConfigError(f"unknown recipe '{name}'.{hint} `polynext train --list-recipes` lists them.")
-
-
-def resolve_config(recipe: Optional[str] = None, config_file: Optional[str] = None,
-                   flags: Optional[Mapping[str, Any]] = None, set_items: Optional[List[str]] = None,
-                   usual: Optional[List[str]] = None) -> Tuple[str, TrainConfig]:
-    """The recipe name and its config after every override, in this order: preset < YAML file
-    < ``--usual`` fidelity flags < command-line flags < ``--set key=value``.
-
-    The base preset is ``recipe``, else the YAML file's ``recipe:`` key, else the preset named
-    like ``flags['model']``, else the built-in digits demo.
-    """
-    from ..engine.config import apply_overrides, load_yaml, parse_set_args
-    file_values = load_yaml(config_file) if config_file else {}
-    file_recipe = file_values.pop('recipe', None)
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    model_flag = flags.get('model')
-    name = recipe or file_recipe or (model_flag if model_flag in PRESETS else None) or DEFAULT_RECIPE
-    cfg = get_preset(name).config
-    cfg = apply_overrides(cfg, file_values, source=str(config_file))
-    cfg = apply_overrides(cfg, usual_practice_overrides(list(usual or []), cfg), source='--usual')
-    set_values = parse_set_args(set_items or [])
-    if model_flag and model_flag != cfg.model and 'model_kwargs' not in set_values and 'model_kwargs' not in file_values:
-        flags['model_kwargs'] = {}   # the preset's extra model arguments belong to its own model
-    if 'data' in flags and cfg.dataset == 'digits' and 'dataset' not in flags and 'dataset' not in set_values:
-        flags['dataset'] = 'folder'  # --data on the built-in demo means image folders
-    cfg = apply_overrides(cfg, flags, source='the command line')
-    cfg = apply_overrides(cfg, set_values, source='--set')
-    return name, cfg.validate()

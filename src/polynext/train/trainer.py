@@ -1,48 +1,50 @@
-"""The classification training loop (``polynext train``).
+"""Classification training (``polynext train``): what differs from the other tasks, on the shared engine.
 
 One ``Trainer`` per process; under ``torchrun`` every rank runs it and DDP keeps the replicas in
-step. What the loop does, in the reference's order (spec §9):
+step. The engine (``polynext.engine``) does the run folder, resumption, the backend, precision,
+the micro-batch and optimizer step, the EMA, checkpoints and metric files; this file holds the
+classifier, its data, loss, metrics and the epoch-counted schedule. In the reference's order
+(spec §9):
 
 * at each epoch start: head dropout p_e = min(p, p·e/R) (``head_dropout_ramp``), the epoch's
   learning rate (timm scheduler, ``step(epoch)``; per-step schedules call ``step_update``);
 * per micro-batch: Mixup/CutMix on the device batch (timm ``Mixup``, label smoothing applied to
-  the mixed targets), forward + loss under autocast (CUDA), backward of loss / accumulation;
+  the mixed targets), forward + loss under autocast, backward of loss / accumulation;
 * per optimizer step (every ``accumulation`` micro-batches and at the last one of the epoch):
-  gradient norm (clipped to ``clip_grad`` when set), a non-finite check that stops before the
-  weights change, the step, the EMA update (from ``ema_start_epoch``), and a mid-epoch
-  checkpoint every ``checkpoint_every`` steps;
+  the engine's step (clip, non-finite check, step, EMA update from ``ema_start_epoch``), the
+  scheduler, and a mid-epoch checkpoint every ``checkpoint_every`` steps;
 * at each epoch end: validation of the raw weights (and the EMA), metrics reduced over ranks,
   the run folder updated (metrics, curve, ``last`` and, when the top-1 improved, ``best``).
+
+``train(cfg, recipe)`` is the Python entry point (``polynext train`` calls it).
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import read_checkpoint, unwrap_state_dict
-from ..engine.config import config_diff, config_to_dict
-from ..engine.determinism import (
-    ResumableDistributedSampler, ShardSampler, capture_rng_state, restore_rng_state, seed_everything,
-)
-from ..engine.distributed import DistEnv, all_gather_objects, all_reduce_sums, cleanup_distributed, init_distributed
+from ..engine.data import CorruptImages, make_loader
+from ..engine.determinism import ResumableDistributedSampler, ShardSampler
+from ..engine.distributed import DistEnv
+from ..engine.ema import EmaTracker
 from ..engine.memory import BatchLayout, oom_advice
-from ..engine.nonfinite import check_step
-from ..engine.run import RunFolder, load_training_state, progress
+from ..engine.metrics import Meters, banner
+from ..engine.precision import Precision
+from ..engine.run import launch, plan_run, progress, start_run
+from ..engine.session import Session
+from ..engine.step import TrainStep
 from ..errors import CheckpointError, ConfigError, DataError
-from .data import DataBundle, build_data, corrupt_limit
-from .recipes import PRESETS, TrainConfig, accumulation_steps, get_preset
+from .data import DataBundle, build_data
+from .recipes import PRESETS, TrainConfig
 from .validate import evaluate
 
-__all__ = ['Trainer', 'train', 'build_optimizer', 'build_scheduler', 'build_loss', 'head_dropout_at', 'STATE_FORMAT',
-           'RESUME_SAFE_KEYS', 'default_output']
+__all__ = ['Trainer', 'train', 'build_model', 'build_optimizer', 'build_scheduler', 'build_loss', 'head_dropout_at',
+           'STATE_FORMAT', 'RESUME_SAFE_KEYS']
 
 STATE_FORMAT = 'polynext.train/1'
 #: config keys that may differ between a run and its resumption
@@ -56,19 +58,19 @@ CURVE_PANELS = [
 ]
 
 
-def default_output(recipe: str) -> str:
-    return str(Path('runs') / recipe)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _classifier_keys(model: nn.Module) -> Tuple[str, ...]:
+def _classifier_keys(model: nn.Module):
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     names = cfg.get('classifier') or ()
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f'{n}.{p}' for n in names for p in ('weight', 'bias'))
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The recipe's classifier: drop path, and the head dropout where the model family puts it (PolyNeXt:
+    before the classifier; MetaFormer MLP heads: between their norm and fc2, the authors' ``--head-dropout``)."""
+    from ..factory import create_model, head_dropout_kwargs
+    return create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path,
+                        **head_dropout_kwargs(cfg.model, cfg.head_dropout), **cfg.model_kwargs)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -127,74 +129,67 @@ def head_dropout_at(cfg: TrainConfig, epoch: int) -> float:
 
 
 class Trainer:
-    """State and loop of one training process."""
+    """State and loop of one classification training process."""
 
     def __init__(self, cfg: TrainConfig, recipe: str, run_dir: Path, env: DistEnv,
                  resume_state: Optional[Dict[str, Any]] = None, show_progress: bool = True, quiet: bool = False):
-        self.cfg, self.recipe, self.env = cfg, recipe, env
-        self.device = env.device
-        self.cuda = self.device.type == 'cuda'
+        self.cfg, self.recipe, self.env, self.device = cfg, recipe, env, env.device
         self.show_progress = show_progress and env.is_main
-        self.run = RunFolder(run_dir, is_main=env.is_main, quiet=quiet)
-        self.accumulation = accumulation_steps(cfg, env.world_size)
-        self.layout = BatchLayout(cfg.device_batch_size, env.world_size, self.accumulation)
-        seed_everything(cfg.seed + env.rank)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True   # as the reference
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        self.run, self.layout = start_run(run_dir, env, cfg, quiet)
+        cuda = self.device.type == 'cuda'
 
         self.data: DataBundle = build_data(cfg)
         self.num_classes = cfg.num_classes or self.data.num_classes
         if cfg.num_classes and cfg.num_classes != self.data.num_classes:
             raise DataError(f'the recipe sets num_classes={cfg.num_classes} but {self.data.description} has '
                             f'{self.data.num_classes} classes')
-        self.model = self._build_model()
-        self.ema = self._build_ema()
-        self.optimizer = self._build_optimizer()
+        model = self._build_model()
+        ema = EmaTracker(model, cfg.ema_decay, cfg.ema_start_epoch, cfg.ema_init) if cfg.ema else None
+        optimizer = build_optimizer(model, cfg, fused=cuda)
         self.train_sampler = ResumableDistributedSampler(self.data.train, env.world_size, env.rank, shuffle=True,
                                                          seed=cfg.seed)
-        self.train_loader = self._loader(self.data.train, self.train_sampler, drop_last=cfg.mixing)
-        self.val_loader = self._loader(self.data.val, ShardSampler(len(self.data.val), env.world_size, env.rank),
-                                       drop_last=False)
+        self.train_loader = make_loader(self.data.train, self.train_sampler, cfg.device_batch_size, cfg.workers,
+                                        cfg.seed, pin_memory=cuda, drop_last=cfg.mixing)
+        self.val_loader = make_loader(self.data.val, ShardSampler(len(self.data.val), env.world_size, env.rank),
+                                      cfg.device_batch_size, cfg.workers, cfg.seed, pin_memory=cuda)
         self.batches_per_epoch = self._batches_per_epoch()
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
-        self.scheduler = self._build_scheduler()
-        self.mixup, self.criterion = self._build_loss()
-        self.amp_dtype = None
-        if cfg.amp != 'none' and (self.cuda or cfg.cpu_amp):
-            self.amp_dtype = torch.bfloat16 if cfg.amp == 'bf16' else torch.float16
-        # fp16 needs loss scaling; bf16 (the reference) does not
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.layout.accumulation)
+        scheduler = build_scheduler(optimizer, cfg, self.steps_per_epoch)
+        self.mixup, self.criterion = build_loss(cfg, self.num_classes)
 
-        # progress counters (restored on resume)
+        self.meters = Meters('loss', 'correct', 'n')
+        self.step = TrainStep(model, optimizer, Precision(self.device, cfg.amp, cfg.cpu_amp), self.layout,
+                              self.meters, device=self.device, clip_grad=cfg.clip_grad,
+                              channels_last=cfg.channels_last, ema=ema)
+        corrupt = {split: CorruptImages(f'{split} image', len(ds), cfg.max_corrupt, ds.path_of, self.run.log)
+                   for split, ds in (('train', self.data.train), ('val', self.data.val))}
+        self.session = Session(state_format=STATE_FORMAT, recipe=recipe, config=cfg, env=env, run=self.run,
+                               step=self.step, scheduler=scheduler, classes=self.data.classes, corrupt=corrupt,
+                               best=dict(top1=-1.0, epoch=None, weights=None))
+        self.step.resume_hint = self.session.resume_hint('polynext train', cfg.lr)
+        # progress counters (restored on resume; the optimizer steps are the engine's global_step)
         self.epoch = 0                 # epoch in progress
         self.batch_in_epoch = 0        # micro-batches of that epoch already trained
-        self.global_step = 0           # optimizer steps taken
-        self.ema_updates = 0
-        self.meters = self._zero_meters()
-        self.history: List[Dict[str, Any]] = []
-        self.best: Dict[str, Any] = dict(top1=-1.0, epoch=None, weights=None)
-        self.corrupt: Dict[str, List[str]] = dict(train=[], val=[])
         if resume_state is not None:
             self._restore(resume_state)
-
         if cfg.compile:
-            _unwrap(self.model).compile()
-        if env.distributed:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.cuda else None)
+            model.compile()
+        self.step.distribute(env)
 
     # ---------------------------------------------------------------------------------
     # set-up
     # ---------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.step.model
+
+    @property
+    def ema(self) -> Optional[EmaTracker]:
+        return self.step.ema
+
     def _build_model(self) -> nn.Module:
-        from ..factory import create_model
         cfg = self.cfg
-        model = create_model(cfg.model, num_classes=self.num_classes, drop_path_rate=cfg.drop_path,
-                             drop_rate=cfg.head_dropout, **cfg.model_kwargs)
+        model = build_model(cfg, self.num_classes)
         if cfg.initial_checkpoint:
             self._load_initial(model)
         model.to(self.device)
@@ -204,14 +199,10 @@ class Trainer:
 
     def _load_initial(self, model: nn.Module) -> None:
         """Strict load of ``initial_checkpoint`` (any layout), with the 21K → 1K head mapping."""
-        import sys
-        from ..checkpoint import load_state_dict_strict
+        from ..checkpoint import convert_to_model_layout, load_state_dict_strict, read_checkpoint, unwrap_state_dict
         from .class_maps import map_head_rows
         cfg = self.cfg
-        sd = unwrap_state_dict(read_checkpoint(cfg.initial_checkpoint))
-        filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-        if filter_fn is not None:
-            sd = filter_fn(sd, model)
+        sd = convert_to_model_layout(unwrap_state_dict(read_checkpoint(cfg.initial_checkpoint)), model)
         if cfg.head_map:
             sd, mapped = map_head_rows(sd, cfg.head_map)
             self.run.log(f'head mapped 21841 → 1000 classes ({", ".join(mapped)})')
@@ -226,31 +217,6 @@ class Trainer:
         load_state_dict_strict(model, sd)
         self.run.log(f'initial weights: {cfg.initial_checkpoint}')
 
-    def _build_ema(self):
-        if not self.cfg.ema:
-            return None
-        from timm.utils import ModelEmaV3
-        return ModelEmaV3(self.model, decay=self.cfg.ema_decay)
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, self.cfg, fused=self.cuda)
-
-    def _build_scheduler(self):
-        return build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
-
-    def _build_loss(self):
-        return build_loss(self.cfg, self.num_classes)
-
-    def _loader(self, dataset, sampler, drop_last: bool):
-        from torch.utils.data import DataLoader
-        cfg = self.cfg
-        gen = torch.Generator()
-        gen.manual_seed(cfg.seed)   # the loader's base seed never touches the global generator
-        workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else
-                      (os.cpu_count() or 1))     # no more loader processes than usable cores
-        return DataLoader(dataset, batch_size=cfg.device_batch_size, sampler=sampler, num_workers=workers,
-                          pin_memory=self.cuda, drop_last=drop_last, generator=gen, persistent_workers=workers > 0)
-
     def _batches_per_epoch(self) -> int:
         n = self.train_sampler.num_samples
         b = self.cfg.device_batch_size
@@ -260,78 +226,22 @@ class Trainer:
                             f'{b}; use a smaller --device-batch-size')
         return batches
 
-    @staticmethod
-    def _zero_meters() -> Dict[str, float]:
-        return dict(loss=0.0, correct=0.0, n=0.0, grad_norm=0.0, steps=0.0)
-
     # ---------------------------------------------------------------------------------
     # state
     # ---------------------------------------------------------------------------------
-    def state_dict(self, rng_states: List[Any]) -> Dict[str, Any]:
-        return {
-            'format': STATE_FORMAT, 'recipe': self.recipe, 'config': config_to_dict(self.cfg),
-            'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch, 'global_step': self.global_step,
-            'model': _unwrap(self.model).state_dict(),
-            # not named 'ema': checkpoint readers would take a never-updated EMA for the weights
-            'ema_state': self.ema.module.state_dict() if self.ema is not None else None,
-            'ema_updates': self.ema_updates,
-            'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict() if self.scheduler is not None else None,
-            'scaler': self.scaler.state_dict() if self.scaler is not None else None,
-            'meters': dict(self.meters), 'history': list(self.history), 'best': dict(self.best),
-            'corrupt': {k: list(v) for k, v in self.corrupt.items()},
-            'classes': list(self.data.classes), 'world_size': self.env.world_size, 'rng': rng_states,
-            'versions': dict(torch=str(torch.__version__)),
-        }
-
     def _restore(self, state: Dict[str, Any]) -> None:
-        from ..checkpoint import load_state_dict_strict
-        if state.get('classes') and list(state['classes']) != list(self.data.classes):
-            saved, now = state['classes'], self.data.classes
-            first = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
-            raise CheckpointError(
-                f'the checkpoint was trained on {len(saved)} classes but {self.data.description} has {len(now)}; '
-                f'they first differ at class {first} '
-                f'({saved[first] if first < len(saved) else "-"} vs {now[first] if first < len(now) else "-"})')
-        load_state_dict_strict(_unwrap(self.model), state['model'])
-        if self.ema is not None:
-            if state.get('ema_state') is not None:
-                load_state_dict_strict(self.ema.module, state['ema_state'])
-            else:
-                self.ema.set(_unwrap(self.model))
-        self.ema_updates = int(state.get('ema_updates', 0))
-        self.optimizer.load_state_dict(state['optimizer'])
-        if self.scheduler is not None and state.get('scheduler') is not None:
-            self.scheduler.load_state_dict(state['scheduler'])
-        if self.scaler is not None and state.get('scaler') is not None:
-            self.scaler.load_state_dict(state['scaler'])
+        self.session.check_classes(state.get('classes'), self.data.description)
+        self.session.restore(state)
         self.epoch = int(state['epoch'])
         self.batch_in_epoch = int(state['batch_in_epoch'])
-        self.global_step = int(state['global_step'])
-        self.meters = dict(state.get('meters') or self._zero_meters())
-        self.history = list(state.get('history') or [])
-        self.best = dict(state.get('best') or self.best)
-        self.corrupt = {k: list(v) for k, v in (state.get('corrupt') or self.corrupt).items()}
-        rng = state.get('rng') or []
-        if int(state.get('world_size', 1)) != self.env.world_size:
-            self.run.log(f'note: resumed on {self.env.world_size} device(s) but the checkpoint was written on '
-                         f'{state.get("world_size")}; data order and random streams differ from the original run')
-        elif self.env.rank < len(rng):
-            restore_rng_state(rng[self.env.rank])
         where = (f'epoch {self.epoch + 1}, batch {self.batch_in_epoch}' if self.batch_in_epoch else
                  f'the start of epoch {self.epoch + 1}')
-        self.run.log(f'resumed from {where} (optimizer step {self.global_step})')
+        self.run.log(f'resumed from {where} (optimizer step {self.step.global_step})')
 
-    def save(self, tag: str = 'last') -> None:
-        """Checkpoint ``tag`` (collective: every rank contributes its RNG state)."""
-        rng_states = all_gather_objects(capture_rng_state())
-        if not self.env.is_main:
-            return
-        model = _unwrap(self.model)
-        meta = self._weights_meta('raw')
-        extra = {'ema': self.ema.module.state_dict()} if self.ema is not None and self.ema_updates else None
-        self.run.save_checkpoint(tag, self.state_dict(rng_states), model.state_dict(), metadata=meta,
-                                 extra_weights=extra)
+    def save(self, tag: str = 'last', unreadable: Optional[List[int]] = None) -> None:
+        """Checkpoint ``tag`` (collective: every rank contributes its RNG state and its unreadable images)."""
+        self.session.save(tag, self._weights_meta('raw'), unreadable=dict(train=unreadable or []), epoch=self.epoch,
+                          batch_in_epoch=self.batch_in_epoch)
 
     def _weights_meta(self, which: str) -> Dict[str, Any]:
         return {'format': 'polynext', 'architecture': self.cfg.model, 'num_classes': self.num_classes,
@@ -344,166 +254,103 @@ class Trainer:
     # ---------------------------------------------------------------------------------
     # loop
     # ---------------------------------------------------------------------------------
-    def _resume_hint(self) -> str:
-        last = self.run.state_path('last')
-        if last.exists() or self.env.world_size > 1:
-            return (f'Resume from the last good checkpoint with `polynext train --resume {last}` (a lower lr, e.g. '
-                    f'--set lr={self.cfg.lr / 2:g}, or --set clip_grad=1 can help).')
-        return 'No checkpoint was written yet; restart with a lower lr (e.g. --set lr=%g).' % (self.cfg.lr / 2)
-
     def _set_epoch_hyperparams(self, epoch: int) -> None:
         cfg = self.cfg
-        model = _unwrap(self.model)
+        model = self.step.module
         if cfg.head_dropout_ramp and hasattr(model, 'set_head_dropout'):
             model.set_head_dropout(head_dropout_at(cfg, epoch))
-        if self.scheduler is not None:
+        scheduler = self.session.scheduler
+        if scheduler is not None:
             if cfg.schedule_granularity == 'epoch':
-                self.scheduler.step(epoch)
+                scheduler.step(epoch)
             else:
-                self.scheduler.step_update(self.global_step)
+                scheduler.step_update(self.step.global_step)
 
     def _current_head_dropout(self) -> Optional[float]:
-        head = getattr(_unwrap(self.model), 'head', None)
+        head = getattr(self.step.module, 'head', None)
         drop = getattr(head, 'drop', None)
         p = getattr(drop, 'p', None)
         return float(p) if torch.is_tensor(p) else None
 
-    def _ema_update(self, epoch: int) -> None:
-        if self.ema is None or epoch < self.cfg.ema_start_epoch:
-            return
-        model = _unwrap(self.model)
-        if self.cfg.ema_init == 'first_update' and self.ema_updates == 0:
-            self.ema.set(model)            # AveragedModel: the first update copies the weights
-        else:
-            self.ema.update(model)
-        self.ema_updates += 1
-
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
-        cfg = self.cfg
-        model = self.model
+        cfg, step = self.cfg, self.step
+        model = step.model
         model.train()
         self._set_epoch_hyperparams(epoch)
         start = self.batch_in_epoch
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(start * cfg.device_batch_size)
         if start == 0:
-            self.meters = self._zero_meters()
-        params = [p for p in model.parameters() if p.requires_grad]
-        clip = cfg.clip_grad if cfg.clip_grad is not None else float('inf')
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-               else contextlib.nullcontext())
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+            self.meters.reset()
         n_batches = self.batches_per_epoch
         skipped: List[int] = []
         bar = progress(self.train_loader, total=n_batches - start, desc=f'epoch {epoch + 1}/{cfg.total_epochs}',
                        enabled=self.show_progress)
-        self.optimizer.zero_grad(set_to_none=True)
         b = start
         for x, y, bad in bar:
             if b >= n_batches:
                 break
             if bool((bad >= 0).any()):
                 skipped += bad[bad >= 0].tolist()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = step.to_device(x, y)
             if self.mixup is not None:
                 x, target = self.mixup(x, y)
                 hard = target.argmax(dim=1)       # the reference's train accuracy: argmax of the mixed target
             else:
                 target, hard = y, y
-            is_step = (b + 1) % self.accumulation == 0 or b + 1 == n_batches
-            sync = contextlib.nullcontext() if (is_step or not ddp) else model.no_sync()
-            with oom_advice(self.layout, 'training'), sync:
-                with amp:
+            is_step = (b + 1) % self.layout.accumulation == 0 or b + 1 == n_batches
+            with step.micro_batch(sync=is_step):
+                with step.autocast():
                     logits = model(x)
                     loss = self.criterion(logits, target)
-                scaled = loss / self.accumulation
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                step.backward(loss)
             loss_v = float(loss.detach())
             n = len(y)
-            self.meters['loss'] += loss_v * n
-            self.meters['correct'] += float((logits.detach().argmax(dim=1) == hard).sum())
-            self.meters['n'] += n
+            self.meters.add(loss=loss_v * n, correct=float((logits.detach().argmax(dim=1) == hard).sum()), n=n)
             if is_step:
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                # fp16: an infinite gradient is the scaler's business (it skips the step and lowers the scale)
-                check_step(loss_v, norm if self.scaler is None else 0.0, epoch=epoch + 1, step=b,
-                           global_step=self.global_step, resume_hint=self._resume_hint())
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                if math.isfinite(float(norm)):      # fp16: steps the scaler skipped do not count
-                    self.meters['grad_norm'] += float(norm)
-                    self.meters['steps'] += 1
-                if self.scheduler is not None and cfg.schedule_granularity == 'step':
-                    self.scheduler.step_update(self.global_step)
-                self._ema_update(epoch)
+                step.optimizer_step(loss_v, epoch=epoch, batch=b)
+                if self.session.scheduler is not None and cfg.schedule_granularity == 'step':
+                    self.session.scheduler.step_update(step.global_step)
             b += 1
             self.batch_in_epoch = b
-            if self.show_progress and hasattr(bar, 'set_postfix') and (b % max(1, cfg.log_every // 10) == 0):
+            if b % max(1, cfg.log_every // 10) == 0:
                 bar.set_postfix(loss=f'{self.meters["loss"] / max(self.meters["n"], 1):.4f}', refresh=False)
-            if is_step and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and b < n_batches:
-                self._check_corrupt('train', skipped)
+            if is_step and cfg.checkpoint_every and step.global_step % cfg.checkpoint_every == 0 and b < n_batches:
+                self.save('last', unreadable=skipped)
                 skipped = []
-                self.save('last')
-        if hasattr(bar, 'close'):
-            bar.close()
-        self._check_corrupt('train', skipped)
-        red = all_reduce_sums(self.meters)
+        bar.close()
+        self.session.corrupt['train'].add(skipped)
+        red = self.meters.reduce()
         n = max(red['n'], 1.0)
         return dict(train_loss=red['loss'] / n, train_top1=100.0 * red['correct'] / n,
-                    grad_norm=red['grad_norm'] / max(red['steps'], 1.0))
-
-    def _check_corrupt(self, split: str, local: List[int]) -> None:
-        """Gather unreadable-image indices of all ranks, log new ones, stop past the limit."""
-        gathered = all_gather_objects(sorted(set(local)))
-        ds = self.data.train if split == 'train' else self.data.val
-        names = sorted({ds.path_of(i) for part in gathered for i in part})
-        new = [p for p in names if p not in self.corrupt[split]]
-        for p in new:
-            self.run.log(f'warning: unreadable {split} image skipped: {p}')
-        self.corrupt[split] = sorted(set(self.corrupt[split]) | set(new))
-        limit = corrupt_limit(self.cfg.max_corrupt, len(ds))
-        if len(self.corrupt[split]) > limit:
-            shown = ', '.join(self.corrupt[split][:3])
-            raise DataError(f'{len(self.corrupt[split])} of {len(ds)} {split} images cannot be read (limit {limit}, '
-                            f'max_corrupt={self.cfg.max_corrupt:g}), e.g. {shown}; fix or remove them, or raise the '
-                            f'limit with --set max_corrupt=...')
+                    grad_norm=Meters.mean_grad_norm(red))
 
     def validate(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
-        with oom_advice(BatchLayout(self.cfg.device_batch_size, self.env.world_size, 1), 'validation'):
-            res = evaluate(self.model if not isinstance(self.model, nn.parallel.DistributedDataParallel)
-                           else self.model.module, self.val_loader, self.num_classes, self.device,
-                           channels_last=self.cfg.channels_last, show_progress=self.show_progress)
+        cfg = self.cfg
+        with oom_advice(BatchLayout(cfg.device_batch_size, self.env.world_size, 1), 'validation'):
+            res = evaluate(self.step.module, self.val_loader, self.num_classes, self.device,
+                           channels_last=cfg.channels_last, show_progress=self.show_progress)
             out.update(val_loss=res.loss, val_top1=res.top1, val_top5=res.top5, val_images=res.images)
-            self._check_corrupt('val', res.skipped)
-            if self.ema is not None and self.ema_updates > 0:
+            self.session.corrupt['val'].add(res.skipped)
+            if self.ema is not None and self.ema.started:
                 ema_res = evaluate(self.ema.module, self.val_loader, self.num_classes, self.device,
-                                   channels_last=self.cfg.channels_last, show_progress=self.show_progress,
+                                   channels_last=cfg.channels_last, show_progress=self.show_progress,
                                    desc='val EMA')
                 out.update(val_ema_loss=ema_res.loss, val_ema_top1=ema_res.top1, val_ema_top5=ema_res.top5)
         return out
 
     def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
+        cfg, session = self.cfg, self.session
         total = cfg.total_epochs
-        self._write_config()
+        session.write_config('polynext train', PRESETS.source(self.recipe))
         if self.epoch == 0 and self.batch_in_epoch == 0:
             self.run.log(self._banner())
         while self.epoch < total:
             epoch = self.epoch
             t0 = time.time()
             train_metrics = self.train_one_epoch(epoch)
-            lr = self.optimizer.param_groups[0]['lr']
+            lr = self.step.optimizer.param_groups[0]['lr']
             val_metrics = self.validate()
             elapsed = time.time() - t0
             row: Dict[str, Any] = dict(epoch=epoch + 1, lr=lr, head_dropout=self._current_head_dropout(),
@@ -512,45 +359,36 @@ class Trainer:
             if 'val_ema_top1' in val_metrics:
                 cand.append(('ema', val_metrics['val_ema_top1']))
             which, top1 = max(cand, key=lambda t: t[1])
-            improved = top1 > self.best['top1']
+            improved = top1 > session.best['top1']
             if improved:
-                self.best = dict(top1=top1, epoch=epoch + 1, weights=which)
-            row['best_top1'] = self.best['top1']
-            self.history.append(row)
+                session.best = dict(top1=top1, epoch=epoch + 1, weights=which)
+            row['best_top1'] = session.best['top1']
+            session.add_row(row, 'epoch')
             self.epoch, self.batch_in_epoch = epoch + 1, 0
             self.save('last')
             if improved:
                 self._save_best(which)
-            self.run.write_metrics(self.history)
-            self.run.plot_curves(self.history, CURVE_PANELS, title=f'{self.recipe} ({cfg.model})')
+            session.write_metrics('epoch', CURVE_PANELS, title=f'{self.recipe} ({cfg.model})')
             self.run.log(self._epoch_line(row, total))
-        self.run.log(f'done: best val top-1 {self.best["top1"]:.2f}% at epoch {self.best["epoch"]} '
-                     f'({self.best["weights"]} weights); run folder {self.run.path}')
-        return dict(best=self.best, history=self.history, run=str(self.run.path))
+        best = session.best
+        self.run.log(f'done: best val top-1 {best["top1"]:.2f}% at epoch {best["epoch"]} '
+                     f'({best["weights"]} weights); run folder {self.run.path}')
+        return dict(best=best, history=session.history, run=str(self.run.path))
 
     def _save_best(self, which: str) -> None:
         if not self.env.is_main:
             return
-        self.run.copy_checkpoint('last', 'best', extra=('ema',) if self.ema is not None and self.ema_updates else ())
-        weights = (self.ema.module.state_dict() if which == 'ema' else _unwrap(self.model).state_dict())
+        self.session.copy_to_best()
+        weights = self.ema.module.state_dict() if which == 'ema' else self.step.module.state_dict()
         self.run.write_weights('best', weights, metadata=self._weights_meta(which))
 
-    def _write_config(self) -> None:
-        preset = PRESETS.get(self.recipe)
-        header = (f'# polynext train: recipe {self.recipe}' + (f' ({preset.source})' if preset else '') +
-                  f'\n# resolved config; repeat with: polynext train --config {self.run.path / RunFolder.CONFIG}')
-        self.run.write_config(dict(recipe=self.recipe, **config_to_dict(self.cfg)), header=header)
-
     def _banner(self) -> str:
-        cfg, L = self.cfg, self.layout
-        model = _unwrap(self.model)
-        n_params = sum(p.numel() for p in model.parameters())
-        amp = cfg.amp if self.amp_dtype is not None else 'fp32'
-        return (f'polynext train: recipe {self.recipe} | model {cfg.model} ({n_params:,} params, '
-                f'{self.num_classes} classes) | {self.data.description}\n'
-                f'  batch {L.effective} = {L.device_batch} per device × {L.world_size} device(s) × {L.accumulation} '
-                f'accumulation | {cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g} | {cfg.total_epochs} epochs, '
-                f'{self.steps_per_epoch} steps/epoch | {self.device.type} {amp} | run folder {self.run.path}')
+        cfg = self.cfg
+        return banner('polynext train', self.recipe, f'model {cfg.model}', _count_params(self.step.module),
+                      self.num_classes, self.data.description, self.layout,
+                      f'{cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g}',
+                      f'{cfg.total_epochs} epochs, {self.steps_per_epoch} steps/epoch', self.device.type,
+                      self.step.precision.name, str(self.run.path))
 
     @staticmethod
     def _epoch_line(row: Dict[str, Any], total: int) -> str:
@@ -562,61 +400,25 @@ class Trainer:
         return s + f'  lr {row["lr"]:.3g}  {row["epoch_time_s"]:.1f} s'
 
 
-# -------------------------------------------------------------------------------------------
-# entry point
-# -------------------------------------------------------------------------------------------
-
-def _prepare(cfg: TrainConfig, recipe: str, resume: Optional[str], fresh: bool,
-             explicit: Dict[str, Any]) -> Tuple[TrainConfig, str, Path, Optional[Dict[str, Any]]]:
-    """Decide the run folder and whether to resume (explicitly, or from the folder's last.state.pt)."""
-    state = None
-    if resume:
-        state = load_training_state(resume)
-        from ..engine.config import apply_overrides
-        saved = apply_overrides(TrainConfig(), state['config'], source=str(resume))
-        # the saved config is the base; only run-control keys may be changed on the command line
-        bad = [k for k, v in explicit.items()
-               if k not in RESUME_SAFE_KEYS and config_diff({k: v}, {k: getattr(saved, k)})]
-        if bad:
-            raise ConfigError(f"cannot change '{bad[0]}' when resuming ({getattr(saved, bad[0])!r} in the checkpoint, "
-                              f"{explicit[bad[0]]!r} asked for); start a new run with --output DIR instead")
-        changes = {k: v for k, v in explicit.items() if k in RESUME_SAFE_KEYS}
-        cfg = dataclasses.replace(saved, **changes).validate()
-        recipe = state.get('recipe', recipe)
-        if changes.get('output'):
-            run_dir = Path(changes['output'])
-        else:
-            run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
-        return cfg, recipe, run_dir, state
-    run_dir = Path(cfg.output or default_output(recipe))
-    last = run_dir / 'last.state.pt'
-    if last.is_file() and not fresh:
-        state = load_training_state(last)
-        diff = config_diff(state['config'], config_to_dict(cfg), ignore=RESUME_SAFE_KEYS)
-        if diff:
-            k, old, new = diff[0]
-            raise ConfigError(f"{run_dir} holds a run with another config ({k}: {old!r} there, {new!r} now); resume "
-                              f"it unchanged, pass --output NEW_DIR for a new run, or --fresh to overwrite it")
-    return cfg, recipe, run_dir, state
-
-
 def train(cfg: TrainConfig, recipe: str, resume: Optional[str] = None, fresh: bool = False,
           explicit: Optional[Dict[str, Any]] = None, show_progress: bool = True, quiet: bool = False) -> Dict[str, Any]:
-    """Train (or resume) a run; returns ``{'best': ..., 'history': [...], 'run': folder}``."""
+    """Train (or resume) a classifier; returns ``{'best': ..., 'history': [...], 'run': folder}``.
+
+    ``cfg``: a resolved config (``PRESETS.resolve(...)``); ``recipe``: its name (the run folder's default
+    name); ``resume``: a ``*.state.pt`` or run folder (re-running the same config in the same folder also
+    resumes); ``fresh``: start over; ``explicit``: the keys set on the command line (checked on resume)."""
     from ..factory import check_model_name
     check_model_name(cfg.model)
-    if get_preset(recipe).needs_checkpoint and not cfg.initial_checkpoint and not resume:
+    if recipe in PRESETS and PRESETS.get(recipe).needs_checkpoint and not cfg.initial_checkpoint and not resume:
         raise ConfigError(f"recipe '{recipe}' fine-tunes a trained model: pass --initial-checkpoint PATH")
-    cfg, recipe, run_dir, state = _prepare(cfg, recipe, resume, fresh, dict(explicit or {}))
-    env = init_distributed(cfg.device)
-    try:
-        if state is not None and int(state['epoch']) >= cfg.total_epochs:
-            best = state.get('best') or {}
-            if env.is_main and not quiet:
-                print(f'{run_dir} is a finished run ({cfg.total_epochs} epochs, best val top-1 '
-                      f'{best.get("top1", float("nan")):.2f}%); pass --fresh to train it again or --output NEW_DIR')
-            return dict(best=best, history=state.get('history', []), run=str(run_dir))
-        trainer = Trainer(cfg, recipe, run_dir, env, resume_state=state, show_progress=show_progress, quiet=quiet)
-        return trainer.fit()
-    finally:
-        cleanup_distributed()
+    plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
+                    command='polynext train', resume=resume, fresh=fresh, explicit=explicit)
+
+    return launch(plan, lambda env: Trainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
+                                            show_progress=show_progress, quiet=quiet).fit(),
+                  progress=('epoch', plan.config.total_epochs, 'epochs'),
+                  best=lambda b: f'best val top-1 {b.get("top1", float("nan")):.2f}%', quiet=quiet)
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -4,20 +4,31 @@
 autocast (the reference validates in fp32), counts correct predictions as sums and reduces
 them over all ranks, so every image counts exactly once however the shards fall. Images that
 could not be read (``skipped >= 0`` from ``Samples``) are left out of the counts.
+
+``validate_checkpoint(path, data=...)`` is ``polynext validate`` from Python: it reads any
+checkpoint polynext loads (``*.safetensors`` with polynext metadata, ``*.state.pt`` training
+states with the EMA preferred, the authors' ``.pt`` / ``.pth``), builds the model its metadata
+names, picks the eval transform (the recipe's, or timm's ``pretrained_cfg``), checks that the
+classes match the data, evaluates (sharded under ``torchrun``) and writes ``validate.json`` and
+``per_class.csv`` to ``output``.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..engine.data import readable_batches
 from ..engine.distributed import all_reduce_sums, all_reduce_tensor
 from ..engine.run import progress
 
-__all__ = ['EvalResult', 'evaluate', 'per_class_rows']
+__all__ = ['EvalResult', 'evaluate', 'per_class_rows', 'ValidationResult', 'validate_checkpoint', 'eval_transform_of']
 
 
 @dataclass
@@ -50,13 +61,7 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
     skipped: List[int] = []
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    for x, y, bad in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
-        keep = bad < 0
-        if not bool(keep.all()):
-            skipped += bad[~keep].tolist()
-            x, y = x[keep], y[keep]
-            if len(y) == 0:
-                continue
+    for x, y in readable_batches(progress(loader, total=len(loader), desc=desc, enabled=show_progress), skipped):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -100,3 +105,134 @@ def per_class_rows(res: EvalResult, classes: List[str]) -> List[Dict[str, object
                          top5_correct=res.per_class_top5[i],
                          top5=round(100.0 * res.per_class_top5[i] / n, 4) if n else None))
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# polynext validate
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class ValidationResult:
+    """What ``validate_checkpoint`` measured: the summary (``result``), one row per class, the files written."""
+    result: Dict[str, Any]
+    per_class: List[Dict[str, Any]]
+    files: List[Path] = field(default_factory=list)
+    is_main: bool = True           # rank 0 (the one that reports) under torchrun
+
+
+def eval_transform_of(name: str, meta: Mapping[str, Any], img_size: Optional[int] = None) -> Tuple[Any, ...]:
+    """(resize, crop, interpolation, mean, std) of a checkpoint: its own ``eval`` metadata, else the recipe
+    that trains ``name`` (the PolyNeXt ImageNet protocol 232 → 224 bicubic for a model without one), rescaled
+    to ``img_size`` when given."""
+    from .recipes import PRESETS
+    if isinstance(meta.get('eval'), dict):
+        e = meta['eval']
+        return e['resize'], e['crop'], e['interpolation'], tuple(e['mean']), tuple(e['std'])
+    c = PRESETS.get(name if name in PRESETS else 'cpolynext_t').config
+    resize, crop = c.eval_resize, c.eval_crop
+    if img_size:
+        resize = round(img_size * c.eval_resize / (c.eval_crop or c.eval_resize))
+        crop = img_size if c.eval_crop else None
+        resize = img_size if crop is None else resize
+    return resize, crop, c.eval_interpolation, c.mean, c.std
+
+
+def _read_for_eval(path: Path, prefer_ema: bool) -> Tuple[Any, Dict[str, Any]]:
+    """(weights object, metadata) of any checkpoint; a training state's config stands in for the metadata."""
+    from ..checkpoint import read_checkpoint, read_safetensors_metadata
+    meta = read_safetensors_metadata(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and str(obj.get('format', '')).startswith('polynext.train') and \
+            isinstance(obj.get('config'), dict):
+        config = obj['config']
+        meta = dict(architecture=config.get('model'), model_kwargs=config.get('model_kwargs'),
+                    classes=obj.get('classes'),
+                    eval=dict(resize=config['eval_resize'], crop=config['eval_crop'],
+                              interpolation=config['eval_interpolation'], mean=config['mean'], std=config['std']))
+        use_ema = prefer_ema and obj.get('ema_updates') and obj.get('ema_state') is not None
+        obj = obj['ema_state'] if use_ema else obj['model']
+    return obj, meta
+
+
+def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None, dataset: str = 'folder',
+                        split: str = 'val', model: Optional[str] = None,
+                        model_kwargs: Optional[Mapping[str, Any]] = None, transform: str = 'reference',
+                        img_size: Optional[int] = None, prefer_ema: bool = True, batch_size: int = 100,
+                        workers: int = 4, device: str = 'auto', download: bool = False,
+                        output: Optional[Union[str, Path]] = None, show_progress: bool = False) -> ValidationResult:
+    """Top-1 / top-5 / loss and per-class accuracy of a checkpoint on a dataset (see the module doc).
+
+    ``model``: the architecture (default: the checkpoint's metadata); ``model_kwargs`` add to the
+    checkpoint's; ``transform``: 'reference' (the recipe's eval transform) or 'timm' (``pretrained_cfg``);
+    ``output``: where ``validate.json`` and ``per_class.csv`` go (default ``validate-MODEL``)."""
+    from ..engine.data import make_loader
+    from ..engine.determinism import ShardSampler
+    from ..engine.distributed import cleanup_distributed, init_distributed
+    from ..engine.memory import BatchLayout, oom_advice
+    from ..errors import CheckpointError, ConfigError
+    from ..factory import create_model
+    from ..checkpoint import unwrap_state_dict
+    from .data import build_eval_data, build_eval_transform
+
+    path = Path(checkpoint)
+    obj, meta = _read_for_eval(path, prefer_ema)
+    name = model or meta.get('architecture')
+    if not name:
+        raise ConfigError('pass --model NAME (this checkpoint does not say which model it holds)')
+    same = not model or model == meta.get('architecture')
+    kwargs = dict(meta.get('model_kwargs') or {}) if same else {}
+    if not same:
+        meta = {}     # another model than the file's: its metadata does not apply
+    kwargs.update(model_kwargs or {})
+    net = create_model(name, checkpoint=unwrap_state_dict(obj, prefer_ema=prefer_ema), **kwargs)
+
+    if transform == 'timm':
+        from timm.data import create_transform, resolve_data_config
+        dcfg = resolve_data_config(model=net)
+        if img_size:
+            dcfg['input_size'] = (3, img_size, img_size)
+        tf = create_transform(**dcfg, is_training=False)
+        tdesc = (f"timm pretrained_cfg: {dcfg['input_size'][-1]} px, crop_pct {dcfg['crop_pct']:.4g}, "
+                 f"{dcfg['interpolation']}")
+        size = dcfg['input_size'][-1]
+    else:
+        resize, crop, interp, mean, std = eval_transform_of(name, meta, img_size)
+        tf = build_eval_transform(resize, crop, interp, mean, std)
+        tdesc = f'resize {resize} → ' + (f'centre crop {crop}' if crop else 'no crop') + f', {interp}'
+        size = crop or resize
+    ds, classes, desc = build_eval_data(dataset, data, tf, split=split, download=download, img_size=size)
+    num_classes = getattr(net, 'num_classes', None)
+    if num_classes != len(classes):
+        raise CheckpointError(f'the checkpoint has {num_classes} classes but {desc} has {len(classes)}; evaluate it '
+                              f'on data with the classes it was trained on')
+    saved = meta.get('classes')
+    if isinstance(saved, list) and saved and list(saved) != list(classes):
+        i = next(i for i, (a, b) in enumerate(zip(saved, classes)) if a != b)
+        raise CheckpointError(f"the checkpoint's classes differ from {desc}: class {i} is '{saved[i]}' in the "
+                              f"checkpoint but '{classes[i]}' in the data")
+
+    env = init_distributed(device)
+    try:
+        net.to(env.device).to(memory_format=torch.channels_last)
+        loader = make_loader(ds, ShardSampler(len(ds), env.world_size, env.rank), batch_size, workers, seed=0,
+                             pin_memory=env.device.type == 'cuda')
+        with oom_advice(BatchLayout(batch_size, env.world_size), 'validation'):
+            res = evaluate(net, loader, len(classes), env.device, per_class=True,
+                           show_progress=env.is_main and show_progress)
+    finally:
+        cleanup_distributed()
+    rows = per_class_rows(res, classes)
+    result = dict(model=name, checkpoint=str(path), data=desc, transform=tdesc, images=res.images,
+                  top1=round(res.top1, 4), top5=round(res.top5, 4), loss=round(res.loss, 6),
+                  classes=len(classes), unreadable_images=len(res.skipped))
+    out = ValidationResult(result, rows, is_main=env.is_main)
+    if env.is_main:
+        out_dir = Path(output or f'validate-{name}')
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / 'validate.json').write_text(json.dumps(dict(result, per_class=rows), indent=1) + '\n')
+        with open(out_dir / 'per_class.csv', 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        out.files = [out_dir / 'validate.json', out_dir / 'per_class.csv']
+    return out

@@ -1,0 +1,131 @@
+"""One training step, the same for every task: micro-batches, then the optimizer step.
+
+A task's loop stays explicit; ``TrainStep`` does the parts that do not depend on the task::
+
+    step = TrainStep(model, optimizer, precision, layout, meters=meters, ema=ema, clip_grad=5.0)
+    for k, (x, y) in enumerate(micro_batches):
+        x, y = step.to_device(x, y)
+        with step.micro_batch(sync=last_of_the_step):    # DDP no_sync before the last one, OOM advice
+            with step.autocast():
+                loss = criterion(model(x), y)             # the task's forward and loss
+            step.backward(loss)                           # (loss / accumulation), scaled under fp16
+        if last_of_the_step:
+            step.optimizer_step(float(loss), epoch=epoch, batch=k)
+
+``optimizer_step``: unscale (fp16), global-norm clip (``clip_grad``; without it the norm is still
+measured), the non-finite check that stops the run before the weights change (fp16 overflow is
+the scaler's business: it skips the step), the optimizer step, ``zero_grad``, the gradient norm
+into the meters (finite only), the EMA update and ``global_step + 1``.
+
+The model may be wrapped in ``DistributedDataParallel`` (``wrap_model``): gradients are then
+all-reduced on the last micro-batch of each step only, so every rank sees the same norm and all
+ranks stop together on a non-finite value.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .distributed import DistEnv
+from .ema import EmaTracker
+from .memory import BatchLayout, oom_advice
+from .metrics import Meters
+from .nonfinite import check_step
+from .precision import Precision
+
+__all__ = ['TrainStep', 'unwrap', 'wrap_model']
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_model(model: nn.Module, env: DistEnv, sync_batchnorm: bool = False,
+               log: Optional[Callable[[str], None]] = None) -> nn.Module:
+    """``DistributedDataParallel`` over the ranks (the model itself in one process).
+
+    ``sync_batchnorm``: BatchNorm statistics over every rank's images (torch's SyncBatchNorm runs on
+    CUDA only; on CPU each process keeps its own statistics, which ``log`` is told)."""
+    if not env.distributed:
+        return model
+    if sync_batchnorm:
+        if env.device.type == 'cuda':
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif log is not None:
+            log('note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA)')
+    return nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == 'cuda' else None)
+
+
+class TrainStep:
+    """Micro-batch context, backward and optimizer step of one training process (see the module doc)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, layout: BatchLayout,
+                 meters: Meters, *, device: torch.device, clip_grad: Optional[float] = None,
+                 channels_last: bool = False, ema: Optional[EmaTracker] = None,
+                 resume_hint: Callable[[], str] = lambda: ''):
+        self.model = model
+        self.optimizer = optimizer
+        self.precision = precision
+        self.layout = layout
+        self.meters = meters
+        self.device = device
+        self.clip = clip_grad if clip_grad is not None else float('inf')
+        self.channels_last = channels_last
+        self.ema = ema
+        self.resume_hint = resume_hint
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.global_step = 0          # optimizer steps taken
+
+    @property
+    def module(self) -> nn.Module:
+        return unwrap(self.model)
+
+    def distribute(self, env: DistEnv, sync_batchnorm: bool = False,
+                   log: Optional[Callable[[str], None]] = None) -> None:
+        """Wrap the model in ``DistributedDataParallel`` (``wrap_model``); call after restoring a checkpoint."""
+        self.model = wrap_model(self.model, env, sync_batchnorm, log)
+
+    def to_device(self, x: torch.Tensor, *targets: torch.Tensor) -> Sequence[torch.Tensor]:
+        """The batch on the device (asynchronous copies; channels-last images when the run uses it)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x, *(t.to(self.device, non_blocking=True) for t in targets))
+
+    def autocast(self):
+        return self.precision.autocast()
+
+    @contextlib.contextmanager
+    def micro_batch(self, sync: bool) -> Iterator[None]:
+        """Forward and backward of one micro-batch: DDP's ``no_sync`` unless ``sync`` (the last micro-batch of
+        an optimizer step), and an out-of-memory error turned into advice that keeps the effective batch."""
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        no_sync = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+        with oom_advice(self.layout, 'training'), no_sync:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss / accumulation`` (gradients add up to the mean over the effective batch)."""
+        self.precision.backward(loss / self.layout.accumulation)
+
+    def optimizer_step(self, loss: float, *, epoch: int, batch: int) -> float:
+        """Unscale, clip, check, step, EMA (see the module doc); returns the gradient norm.
+
+        ``epoch`` (0-based) is the epoch (or pass over the data) and ``batch`` the micro-batch within it:
+        they date a non-finite value in the message and gate the EMA's start."""
+        self.precision.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        # fp16: an infinite gradient is the scaler's business (it skips the step and lowers the scale)
+        check_step(loss, norm if self.precision.scaler is None else 0.0, epoch=epoch + 1, step=batch,
+                   global_step=self.global_step, resume_hint=self.resume_hint())
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.meters.add_grad_norm(norm)
+        if self.ema is not None:
+            self.ema.update(self.module, epoch)
+        return float(norm)
