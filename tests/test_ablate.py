@@ -15,7 +15,6 @@ from polynext.ablate import runner, study
 from polynext.ablate.report import REPORT_FILES, summarise
 from polynext.ablate.rows import PAPER_ROWS, select_rows
 from polynext.cli import main
-from polynext.errors import ConfigError
 from polynext.train.synthetic import CLASSES, cluttered_digits_arrays, make_cluttered_digit
 
 #: a study small enough for a test: C0 = 8, 32 px, 48 train / 20 val images, one epoch

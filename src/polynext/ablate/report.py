@@ -158,7 +158,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         if not any(not e['baseline'] for e in entries):
             continue
         lines += [f'### {title}', '',
-                  f'| row | option | top-1 (%) | Δ top-1 | paper Δ | sign | order | note |',
+                  '| row | option | top-1 (%) | Δ top-1 | paper Δ | sign | order | note |',
                   '|---|---|---|---|---|---|---|---|']
         for e in entries:
             if e['baseline']:

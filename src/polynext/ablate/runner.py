@@ -25,11 +25,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import resource
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +36,7 @@ from ..checkpoint import atomic_write
 from ..engine.config import config_to_dict
 from ..errors import ConfigError
 from ..train.recipes import TrainConfig
-from .rows import BASELINES, PaperRow, row_options
+from .rows import PaperRow, row_options
 
 __all__ = ['Cell', 'AblationPlan', 'plan_cells', 'cell_key', 'load_result', 'train_cell', 'run_cells',
            'RESULT_FORMAT', 'DEFAULT_OUTPUT', 'usable_cores']
@@ -275,8 +272,9 @@ def run_cells(cells: Sequence[Cell], recipe: str, jobs: int = 1, threads: int = 
                     if progress:
                         progress.cell_done(cell, res)
         except BaseException:
-            for fut in pending:
-                fut.cancel()
+            # an error in one cell (bad data, out of memory) or Ctrl-C stops the study: the finished cells
+            # keep their results and a re-run resumes the others from their last epoch
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
     return results
 
@@ -314,8 +312,3 @@ def default_jobs(device: str, cells: int) -> int:
     if on_gpu:
         return 1
     return max(1, min(usable_cores(), cells))
-
-
-def remove_stale(plan_cells_: Sequence[Cell]) -> None:  # pragma: no cover - kept small on purpose
-    """(unused) placeholder for a future cleanup of cells of older configs."""
-    del plan_cells_

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,8 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
-from .report import summarise, write_report, format_table, REPORT_FILES
-from .rows import BASELINES, select_rows
+from .report import format_table, summarise, write_report
+from .rows import select_rows
 from .runner import (
     DEFAULT_OUTPUT, AblationPlan, Progress, default_jobs, distributed_share, load_result, model_kwargs_for, run_cells,
     usable_cores, wait_for_results,
@@ -30,7 +29,7 @@ DEFAULT_RECIPE = 'cluttered_digits'
 def attention_twin(model: str) -> Optional[str]:
     """'cpolynext_s' → 'apolynext_s' (the APolyNeXt of the same size), if it exists."""
     import timm
-    from .. import models  # noqa: F401  (registration)
+    from .. import models  # noqa: F401  (registers the models with timm)
     if model.startswith('cpolynext'):
         twin = 'a' + model[1:]
         return twin if timm.is_model(twin) else None
