@@ -59,12 +59,14 @@ def test_two_rows_one_epoch_writes_table_plot_and_files_then_resumes(tmp_path, c
     assert (folder / 'ablation_deltas.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     table = (folder / 'ablation.md').read_text()
     assert '| Hadamard → addition | `hadamard_to_add` |' in table and '-22.3' in table
+    assert ' CPU-s, ' in table.splitlines()[2] \
+        and f'{max(1, runner.usable_cores() // 2)} thread(s) each' in table.splitlines()[2]
     by_row = {e['row']: e for e in report['rows']}
     base, add = by_row['baseline'], by_row['hadamard_to_add']
     cells = {(c['row'], c['seed']): c for c in report['cells']}
     assert base['top1'] == [cells[('baseline', 0)]['final_top1']]
     assert add['delta'] == [pytest.approx(add['top1'][0] - base['top1'][0])]
-    assert all(len(c['history']) == 1 and c['status'] == 'finished' for c in cells.values())
+    assert all(len(c['history']) == 1 and c['status'] == 'finished' and c['device'] for c in cells.values())
     with open(folder / 'ablation.csv') as f:
         assert [r['row'] for r in csv.DictReader(f)] == ['baseline', 'hadamard_to_add']
     saved = json.loads((folder / 'ablation.json').read_text())
@@ -82,6 +84,19 @@ def test_two_rows_one_epoch_writes_table_plot_and_files_then_resumes(tmp_path, c
     # a changed setting is a different cell (new key, new folder), never mixed with the old one
     other = _tiny_plan(tmp_path, ['hadamard_to_add'], extra=['lr=1e-3'])
     assert {c.key for c in runner.plan_cells(other)}.isdisjoint({c.key for c in runner.plan_cells(plan)})
+
+
+def test_cell_keys_follow_the_data_folder(tmp_path, monkeypatch):
+    """The trainer may resume a run whose dataset moved, but a study on other data is another study."""
+    monkeypatch.chdir(tmp_path)
+
+    def keys(data):
+        return [c.key for c in runner.plan_cells(study.make_plan(rows=['free_scalar'], seeds=1, data=data, output='s'))]
+
+    builtin, a, b = keys(None), keys('data_a'), keys('data_b')
+    assert len(set(builtin + a + b)) == 6
+    assert keys(str(tmp_path / 'data_a')) == a            # the same folder, relative or absolute
+    assert all(c.config.dataset == 'folder' for c in runner.plan_cells(study.make_plan(data='data_a', rows=['baseline'])))
 
 
 def test_only_unfinished_cells_are_trained(tmp_path, monkeypatch):

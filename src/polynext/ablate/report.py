@@ -185,6 +185,10 @@ def _header(report: Mapping[str, Any]) -> str:
         bits.append(f'C0 = {st["init_channels"]}')
     bits += [f'{st.get("epochs")} epochs', f'{len(report["seeds"])} seeds ({", ".join(map(str, report["seeds"]))})',
              f'{st.get("data")}', f'{report["num_classes"]} classes (chance {report["chance"]:.1f} %)']
+    if st.get('cpu_s_per_cell') is not None:
+        threads = '/'.join(str(t) for t in st.get('cell_threads') or [])
+        bits.append(f'per cell {st["cpu_s_per_cell"]:.0f} CPU-s, {st["wall_s_per_cell"]:.0f} s wall '
+                    f'({threads} thread(s) each' + ''.join(f'; {d}' for d in st.get('devices') or []) + ')')
     return ('# PolyNeXt ablations\n\n' + ' · '.join(b for b in bits if b) +
             '\n\ntop-1: val top-1 after the last epoch, mean ± std over seeds; Δ: paired against the baseline of '
             'the same model family and seed; sign ✓ / ✗: the measured Δ has / has not the paper\'s sign, (n.s.): '

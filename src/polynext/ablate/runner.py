@@ -87,9 +87,14 @@ def usable_cores() -> int:
 
 
 def cell_key(config: TrainConfig) -> str:
-    """12 hex digits of a hash of everything in ``config`` that changes the result."""
+    """12 hex digits of a hash of everything in ``config`` that changes the result (not the code: a
+    changed model or data generator needs a new ``--output`` folder)."""
     from ..train.trainer import RESUME_SAFE_KEYS      # what may change between a run and its resumption
     d = {k: v for k, v in config_to_dict(config).items() if k not in RESUME_SAFE_KEYS}
+    if config.data:
+        # the trainer lets a moved dataset resume, but a study on other data is another study: the folder
+        # (resolved) is part of the key; left out when unset, so that the built-in study's keys stay as they were
+        d['data'] = str(Path(config.data).expanduser().resolve())
     text = json.dumps(dict(format=RESULT_FORMAT, config=d), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -166,6 +171,15 @@ def _read_history(folder: Path) -> List[Dict[str, Any]]:
         return []
 
 
+def _device_name(device: str) -> str:
+    """What a cell trained on, for the report's timings: the GPU's or the CPU's name."""
+    import torch
+    if device != 'cpu' and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device) if device.startswith('cuda:') else None)
+    from ..bench import _cpu_name
+    return _cpu_name()
+
+
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -197,7 +211,7 @@ def train_cell(cell: Cell, recipe: str, keep_checkpoints: bool = False) -> Dict[
         final_top1=tops[-1] if tops and status == 'finished' else None,
         last_top1=tops[-1] if tops else None, best_top1=max(tops) if tops else None,
         history=rows, cpu_s=round(_cpu_seconds() - c0, 2), wall_s=round(time.time() - t0, 2),
-        threads=cell.config.threads)
+        threads=cell.config.threads, device=_device_name(cell.config.device))
     atomic_write(cell.folder / RESULT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + '\n'))
     if not keep_checkpoints:
         for name in _RESUME_FILES:

@@ -149,8 +149,14 @@ def run_ablation(plan: AblationPlan, jobs: Optional[int] = None, echo: Callable[
         if res is None:
             raise RuntimeError(f'cell {c.label} has no result in {c.folder}')
         results[(c.row, c.seed)] = res
+    n = len(results)
     settings = dict(_settings(plan), wall_s_this_invocation=round(time.time() - start, 1),
+                    cells_trained_this_invocation=len(todo),
                     cpu_s_all_cells=round(sum(r['cpu_s'] for r in results.values()), 1),
+                    cpu_s_per_cell=round(sum(r['cpu_s'] for r in results.values()) / n, 1),
+                    wall_s_per_cell=round(sum(r['wall_s'] for r in results.values()) / n, 1),
+                    cell_threads=sorted({r.get('threads') for r in results.values()}, key=str),
+                    devices=sorted({r['device'] for r in results.values() if r.get('device')}),
                     jobs=jobs, threads=threads, world_size=world)
     report = summarise(plan.rows, results, plan.seeds, num_classes, plan.models, plan.params, settings)
     paths = write_report(report, plan.output)

@@ -3,19 +3,17 @@
 scikit-learn's bundled 8x8 handwritten digits (1797 images, no download) are drawn into a larger
 canvas the way a detector would meet them:
 
-* the digit is upsampled to 50-70 % of the canvas, rotated by up to ±20°, sheared by up to ±0.25,
+* the digit is upsampled to 50-70 % of the canvas, rotated by up to ±15°, sheared by up to ±0.2,
   and put at a random position (the whole digit stays inside);
-* its brightness is random (0.6-1.0 above a background of 0-0.25);
-* 2-4 fragments of other digits (a random 4x4 window of the 8x8 image, upsampled to 20-30 % of
-  the canvas and rotated freely) are drawn at 30-70 % of the digit's contrast first, so strokes
-  of the wrong class sit next to the right one;
-* Gaussian pixel noise with a standard deviation of 0.02-0.10 is added.
+* its contrast is random (0.7-1.0 above a background of 0-0.15);
+* 1-3 fragments of other digits (a random 4x4 window of the 8x8 image, upsampled to 20-30 % of
+  the canvas and rotated freely) are drawn first at 30-60 % of the digit's contrast, so strokes
+  of other classes sit next to the right one;
+* Gaussian pixel noise with a standard deviation of 0.02-0.08 is added.
 
-The class cannot be read from a fixed set of pixels: with the random position a linear read-out
-of the pixels (or of any translation-invariant linear map of them, such as a global average of
-convolution outputs) is near chance, so the model has to build position-invariant, nonlinear
-features of stroke configurations, the kind of interaction that products of feature maps
-provide.
+The class cannot be read from a fixed set of pixels: position, size, angle, shear and clutter
+all vary, so the model has to build position-invariant features of stroke configurations (which
+strokes meet which), the kind of interaction that products of feature maps provide.
 
 Train and val images come from disjoint digit images: the stratified 80/20 split with seed 0 of
 the digits demo (1437 / 360 source images). Every image is a pure function of
