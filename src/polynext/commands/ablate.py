@@ -1,10 +1,11 @@
 """Re-run the PolyNeXt paper's ablation tables: every row trained under one recipe and the same
 seeds, reported with error bars beside the paper's numbers.
 
-With no arguments: all 16 rows of both tables (14 switches and the two baselines) (the activation / kernel rows and the
-stabilisation / architecture table on CPolyNeXt-T, the attention rows on APolyNeXt-T, both at
-base width 16) on generated 64 px cluttered digits, 3 epochs, seeds 0-2: 48 training runs,
-under 30 minutes on 2 CPU cores. Re-running the command skips the finished runs.
+With no arguments: all 16 rows of both tables (14 switches and the two baselines; the activation /
+kernel rows and the stabilisation / architecture table on CPolyNeXt-T, the attention rows on
+APolyNeXt-T, both at base width 16) on generated 64 px cluttered digits, 3 epochs, seeds 0-2:
+48 training runs (their measured cost: README "Ablations"). Re-running the command skips the
+finished runs.
 
 Examples:
   polynext ablate                                             # the whole study (runs/ablate/)

@@ -269,10 +269,10 @@ PRESETS.add(DEFAULT_RECIPE, TrainConfig(
     source='polynext demo: scikit-learn digits (8x8 → 16x16), stratified 80/20 split, seed 0')
 
 # --- generated cluttered digits: the recipe of `polynext ablate` ---------------------------------
-# CPolyNeXt-T at base width 16 (the paper's depth: 12 cells, 36 blocks) on 64 px cluttered digits,
-# 3 epochs of 2400 images: short enough that every row of both ablation tables × 3 seeds fits in
-# 30 minutes on 2 CPU cores, long enough that the baseline leaves the polynomial net's initial
-# plateau (see README "Ablations"). No augmentation: every image is already a fresh rendering.
+# CPolyNeXt-T at base width 16 (the T model's depth, narrower) on 64 px cluttered digits, 3 epochs of
+# 2400 images: short enough for every row of both ablation tables × 3 seeds on a laptop CPU (measured
+# cost per cell and the projected total: README "Ablations"), long enough that the baseline leaves
+# the polynomial net's initial plateau. No augmentation: every image is already a fresh rendering.
 PRESETS.add('cluttered_digits', TrainConfig(
     model='cpolynext_t', model_kwargs=dict(init_channels=16), dataset='cluttered_digits', img_size=64,
     cluttered_train=2400, cluttered_val=800,
