@@ -18,6 +18,10 @@ GOLDEN_MODELS = {
     'APolyNeXt_T': ('apolynext_t', {}),
     'LowRes': ('cpolynext_lr', {}),
     'CPolyNeXt_T_bn': ('cpolynext_t_bn', {'img_size': 64}),
+    'CPolyNeXt_S': ('cpolynext_s', {}),
+    'CPolyNeXt_L': ('cpolynext_l', {}),
+    'APolyNeXt_T_bn': ('apolynext_t_bn', {'img_size': 64}),
+    'CPolyNeXt_S_bn': ('cpolynext_s_bn', {'img_size': 64}),
 }
 
 

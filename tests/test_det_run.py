@@ -1,9 +1,10 @@
-"""Detection runs on generated COCO-layout data: train → eval → resume to identical weights, DDP with 2 CPU
+"""Detection runs on generated COCO-layout data: train → eval → SIGKILL mid-epoch and resume to identical weights, DDP with 2 CPU
 processes, results files re-scored, and bad inputs (one line naming the problem and the fix, nothing written)."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +35,36 @@ def tiny(data, out, *extra):
             *TINY, *extra]
 
 
+HOOKS = Path(__file__).with_name('cli_with_hooks.py')   # the CLI with test hooks (SIGKILL at a checkpoint)
+
+
+def _env():
+    src = Path(__file__).resolve().parents[1] / 'src'
+    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def _metrics(run):
+    """metrics.json without its wall-clock fields."""
+    rows = json.loads((Path(run) / 'metrics.json').read_text())
+    return [{k: v for k, v in r.items() if not k.endswith('_time_s')} for r in rows]
+
+
 def _weights(path):
     from safetensors.torch import load_file
     return load_file(str(path))
 
 
 def test_train_eval_and_resume_to_identical_weights(coco, tmp_path, monkeypatch):
+    from cli_with_hooks import record_steps
     full = tmp_path / 'full'
+    seen = record_steps(monkeypatch)
     assert main(tiny(coco, full)) == 0
+    # 8 images, 2 per micro-batch, 2 micro-batches per iteration: (epoch, micro-batch, iteration after the step)
+    every = list(seen['steps'])
+    assert every == [(0, 1, 1), (0, 3, 2), (1, 1, 3), (1, 3, 4)] and len(seen['micro']) == 8
     files = sorted(p.name for p in full.iterdir())
     for name in ('best.safetensors', 'last.state.pt', 'metrics.json', 'metrics.csv', 'learning_curve.png', 'log.txt',
                  'config.yaml', 'results_bbox.json', 'results_segm.json', 'predictions.png'):
@@ -60,34 +83,39 @@ def test_train_eval_and_resume_to_identical_weights(coco, tmp_path, monkeypatch)
                  '--data', str(coco), '--json', str(tmp_path / 'm.json')]) == 0
     assert json.loads((tmp_path / 'm.json').read_text())['metrics'] == metrics
 
-    # interrupted after epoch 1 (its checkpoint written), then the same command resumes it
-    from polynext.det import trainer as det_trainer
+    # SIGKILL (by the process itself) right after the checkpoint of iteration 3, in the middle of epoch 2; the same
+    # command resumes it, runs only iteration 4 and ends with the uninterrupted run's weights and metrics
     part = tmp_path / 'part'
-    original = det_trainer.DetTrainer._evaluate
-
-    def stop_after_first_epoch(self, epoch, t):
-        original(self, epoch, t)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(det_trainer.DetTrainer, '_evaluate', stop_after_first_epoch)
-    assert main(tiny(coco, part, '--eval-every', '1')) == 130
-    monkeypatch.setattr(det_trainer.DetTrainer, '_evaluate', original)
-    assert torch.load(part / 'last.state.pt', weights_only=True)['global_step'] == 2
-    assert main(tiny(coco, part, '--eval-every', '1')) == 0
-    a, b = _weights(full / 'last.safetensors'), _weights(part / 'last.safetensors')
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    proc = subprocess.run([sys.executable, str(HOOKS), *tiny(coco, part, '--checkpoint-every', '1')],
+                          env=dict(_env(), POLYNEXT_TEST_KILL='iteration=3'), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = torch.load(part / 'last.state.pt', weights_only=True)
+    assert (killed['global_step'], killed['iteration'], killed['iters_per_epoch'], killed['epochs_done']) == (3, 3, 2, 1)
+    seen['steps'].clear()
+    seen['micro'].clear()
+    assert main(tiny(coco, part, '--checkpoint-every', '1')) == 0
+    assert seen['steps'] == every[3:] and len(seen['micro']) == 2
+    assert 'resumed at iteration 3 (epoch 2 of 2)' in (part / 'log.txt').read_text()
+    for name in ('last.safetensors', 'best.safetensors'):
+        a, b = _weights(full / name), _weights(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert _metrics(part) == _metrics(full)
 
 
 def test_ddp_two_cpu_processes(coco, tmp_path):
-    """torchrun with 2 CPU processes (gloo): evaluation sharded over the ranks equals a 1-process evaluation."""
-    src = Path(__file__).resolve().parents[1] / 'src'
-    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    env.pop('RANK', None)
-    env.pop('WORLD_SIZE', None)
+    """torchrun with 2 CPU processes (gloo): the replicas hold the same weights after every step (the gradients were
+    all-reduced); evaluation sharded over the ranks equals a 1-process evaluation. (No single-process run
+    reproduces it bit for bit: each rank samples its own RPN / RoI training boxes from its own random stream.)"""
+    from cli_with_hooks import assert_replicas_agree
+    env = dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
+    (tmp_path / 'w').mkdir()
     run = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'polynext']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HOOKS)]
     proc = subprocess.run(cmd + tiny(coco, run, '--set', 'demo_images=0', '--epochs', '1'), env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_replicas_agree(tmp_path / 'w', 2)
     assert 'batch 4 = 2 per device × 2 device(s) × 1 accumulation' in (run / 'log.txt').read_text()
     state = torch.load(run / 'last.state.pt', weights_only=True)
     assert state['world_size'] == 2 and len(state['rng']) == 2 and state['global_step'] == 2

@@ -1,6 +1,7 @@
 """MetaFormer baselines: RandFormer's frozen matrices and input sizes, the StarReLU variants and
 other Table 8 switches, the authors' head, timm conventions, and loading sail-sg checkpoints."""
 import copy
+import json
 import math
 import re
 
@@ -453,6 +454,25 @@ def to_authors_layout(state_dict):
             v = v.reshape(v.shape[:2])
         out[k] = v.clone()
     return out
+
+
+@pytest.mark.parametrize('name', list(FAMILY))
+def test_authors_layout_is_the_authors_key_list(name):
+    """The key map above is checked against the authors' own models: every key, shape and dtype of the
+    full-size sail-sg model (``tests/golden/metaformer_authors_keys.json``, written from their
+    ``metaformer_baselines.py`` by ``tools/make_golden.py --metaformer-dir``); a state dict with exactly those
+    keys and shapes loads strictly into ours and comes back unchanged."""
+    from conftest import GOLDEN
+    theirs = json.loads((GOLDEN / 'metaformer_authors_keys.json').read_text())['models'][name]
+    model = build(name)
+    authors = to_authors_layout(model.state_dict())
+    assert {k: [list(v.shape), str(v.dtype).replace('torch.', '')] for k, v in authors.items()} == {
+        k: [shape, dtype] for k, shape, dtype in theirs['state_dict']}
+    g = torch.Generator().manual_seed(0)
+    theirs_sd = {k: torch.randn(shape, generator=g) for k, shape, _ in theirs['state_dict']}
+    polynext.load_weights(model, {'state_dict': theirs_sd})
+    back = to_authors_layout(model.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in theirs_sd.items())
 
 
 @pytest.mark.parametrize('name', list(FAMILY))

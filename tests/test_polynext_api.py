@@ -205,7 +205,13 @@ def test_ablation_switch_builds_and_runs(ablation):
     out = model(_input(name))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
-    assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    if ablation == 'poly_kernel_to_softmax':
+        # the softmax kernel does not read PolyAttn's per-head scale: 8 attention cells × 3 blocks leave it
+        # without a gradient (DDP then needs find_unused_parameters=True for this ablation)
+        assert len(no_grad) == 24 and all(n.endswith('.mixer.scale') for n in no_grad)
+    else:
+        assert no_grad == []                                    # every parameter takes part
     assert not model.ablation.is_published and base.ablation.is_published
     assert repr(model) != repr(base)
 

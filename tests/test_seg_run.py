@@ -44,19 +44,7 @@ def test_fake_ade20k_layout_and_labels(ade):
     assert len(ADE20KSource(ade.parent, 'val')) == 3                                      # the parent folder works too
 
 
-#: run `polynext ARGS...` and SIGKILL the process right after it has written the checkpoint of iteration N
-KILL_AFTER_CHECKPOINT = """
-import os, signal, sys
-from polynext.cli import main
-from polynext.seg.trainer import SegTrainer
-kill_at, save = int(sys.argv[1]), SegTrainer.save
-def save_then_die(self, tag='last', **kwargs):
-    save(self, tag, **kwargs)
-    if self.iteration == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-SegTrainer.save = save_then_die
-sys.exit(main(sys.argv[2:]))
-"""
+HOOKS = Path(__file__).with_name('cli_with_hooks.py')   # the CLI with test hooks (SIGKILL at a checkpoint)
 
 
 def _env():
@@ -73,16 +61,23 @@ def _metrics(run):
     return [{k: v for k, v in r.items() if not k.endswith('_time_s')} for r in rows]
 
 
-def test_train_eval_and_resume(ade, tmp_path, capsys):
+def test_train_eval_and_resume(ade, tmp_path, capsys, monkeypatch):
+    from cli_with_hooks import record_steps
     run = tmp_path / 'run'
+    seen = record_steps(monkeypatch)
     assert main(tiny(ade, run)) == 0
+    # 8 images, 2 per micro-batch: 4 micro-batches per pass over the data; 4 iterations of 2 micro-batches
+    every = list(seen['steps'])                          # (pass, micro-batch index in it, iteration after the step)
+    assert every == [(0, 1, 1), (0, 3, 2), (1, 1, 3), (1, 3, 4)] and len(seen['micro']) == 8
     for name in ('config.yaml', 'metrics.csv', 'metrics.json', 'learning_curve.png', 'log.txt', 'last.safetensors',
                  'last.state.pt', 'best.safetensors', 'best.state.pt', 'predictions.png'):
         assert (run / name).is_file(), name
     rows = json.loads((run / 'metrics.json').read_text())
     evals = [r for r in rows if 'mIoU' in r]
-    assert [r['iter'] for r in evals] == [2, 4] and all(0 <= r['mIoU'] <= 100 for r in evals)
-    assert all(r['lr'] >= 0 for r in rows) and rows[-1]['lr'] == 0.0            # poly reaches 0 at the end
+    assert [r['iter'] for r in evals] == [2, 4]
+    assert [r['best_mIoU'] for r in evals] == [evals[0]['mIoU'], max(evals[0]['mIoU'], evals[1]['mIoU'])]
+    # poly decay, power 1, to 0 at the last iteration (the 1-iteration warm-up is over by iteration 2)
+    assert [r['lr'] for r in rows] == [pytest.approx(1e-4 * (1 - 2 / 4)), 0.0]
     state = torch.load(run / 'last.state.pt', weights_only=True)
     assert state['iteration'] == 4 and state['spec']['backbone'] == 'cpolynext_t'
     weights = load_file(run / 'last.safetensors')
@@ -101,11 +96,18 @@ def test_train_eval_and_resume(ade, tmp_path, capsys):
     # a run killed with SIGKILL right after its iteration-3 checkpoint, resumed by the same command, ends with the
     # uninterrupted run's weights and metrics (wall-clock fields aside)
     run2 = tmp_path / 'run2'
-    proc = subprocess.run([sys.executable, '-c', KILL_AFTER_CHECKPOINT, '3', *tiny(ade, run2)], env=_env(),
+    proc = subprocess.run([sys.executable, str(HOOKS), *tiny(ade, run2)], env=dict(_env(), POLYNEXT_TEST_KILL='iteration=3'),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert torch.load(run2 / 'last.state.pt', weights_only=True)['iteration'] == 3
+    killed = torch.load(run2 / 'last.state.pt', weights_only=True)
+    # iteration 3 = micro-batch 6 = in the middle of the second pass over the data (index 2 of 4)
+    cfg = killed['config']
+    accumulation, per_pass = cfg['batch_size'] // cfg['device_batch_size'], 8 // cfg['device_batch_size']
+    assert killed['iteration'] == killed['global_step'] == 3 and (3 * accumulation) % per_pass == 2
+    seen['steps'].clear()
+    seen['micro'].clear()
     assert main(tiny(ade, run2)) == 0                                         # the same command resumes
+    assert seen['steps'] == every[3:] and len(seen['micro']) == 2            # and runs only the last iteration
     for name in ('last.safetensors', 'best.safetensors'):
         a, b = load_file(run / name), load_file(run2 / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -181,13 +183,18 @@ def test_cost_of_upernet_cpolynext_s_matches_the_paper():
 
 
 def test_ddp_two_cpu_processes(ade, tmp_path, capsys):
-    """torchrun with 2 CPU processes (gloo): sharded evaluation reduced across ranks equals a 1-process eval."""
-    env = _env()
+    """torchrun with 2 CPU processes (gloo): the replicas hold the same weights after every step (the gradients were
+    all-reduced); sharded evaluation reduced across ranks equals a 1-process eval. (Unlike classification, no
+    single-process run reproduces it bit for bit: the head's BatchNorms normalise over each device's 2 images.)"""
+    from cli_with_hooks import assert_replicas_agree
+    env = dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
+    (tmp_path / 'w').mkdir()
     run = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'polynext']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HOOKS)]
     proc = subprocess.run(cmd + tiny(ade, run, '--set', 'demo_images=0'), env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_replicas_agree(tmp_path / 'w', 4)
     log = (run / 'log.txt').read_text()
     assert 'batch 4 = 2 per device × 2 device(s) × 1 accumulation' in log
     state = torch.load(run / 'last.state.pt', weights_only=True)

@@ -83,12 +83,22 @@ def _tensors(path):
 # 2 epochs on generated images, reference augmentation, EMA, one corrupt image
 # ---------------------------------------------------------------------------------------------
 
-def test_two_epochs_on_an_image_folder(tmp_path, capsys):
+def test_two_epochs_on_an_image_folder(tmp_path, capsys, monkeypatch):
     data = make_image_folder(tmp_path / 'data')
     (data / 'train' / 'class_1' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
     out = tmp_path / 'run'
+    from polynext.engine.step import TrainStep
+    after_step = []                      # (epoch, the raw weights after each optimizer step)
+    step_fn = TrainStep.optimizer_step
+
+    def recording_step(self, loss, *, epoch, batch):
+        norm = step_fn(self, loss, epoch=epoch, batch=batch)
+        after_step.append((epoch, {k: v.detach().clone() for k, v in self.module.state_dict().items()}))
+        return norm
+    monkeypatch.setattr(TrainStep, 'optimizer_step', recording_step)
     code, stdout, err = run_cli(tiny_args(
-        data, out, '--epochs', '2', '--set', 'ema=true', '--set', 'ema_start_epoch=1', '--set', 'mixup_alpha=0.8',
+        data, out, '--epochs', '2', '--set', 'ema=true', '--set', 'ema_start_epoch=1', '--set', 'ema_decay=0.5',
+        '--set', 'mixup_alpha=0.8',
         '--set', 'cutmix_alpha=1.0', '--set', 'randaugment=rand-m9-mstd0.5-inc1', '--set', 'random_erasing=0.25',
         '--set', 'train_interpolation=random', '--set', 'max_corrupt=2', '--set', 'schedule_granularity=epoch',
         '--set', 'head_dropout=0.2', '--set', 'head_dropout_ramp=2'), capsys)
@@ -100,7 +110,7 @@ def test_two_epochs_on_an_image_folder(tmp_path, capsys):
     rows = _metrics(out)
     assert [r['epoch'] for r in rows] == [1, 2]
     assert [r['val_images'] for r in rows] == [13, 13]
-    assert 'val_ema_top1' not in rows[0] and 0 <= rows[1]['val_ema_top1'] <= 100     # EMA from the 2nd epoch
+    assert 'val_ema_top1' not in rows[0] and 'val_ema_top1' in rows[1]              # EMA from the 2nd epoch
     assert [r['head_dropout'] for r in rows] == [0.0, pytest.approx(0.1)]              # min(0.2, 0.2 · e / 2)
     lr0 = 1e-2
     assert rows[0]['lr'] == lr0 and rows[1]['lr'] == pytest.approx(1e-5 + (lr0 - 1e-5) * 0.5)   # cosine per epoch
@@ -114,6 +124,23 @@ def test_two_epochs_on_an_image_folder(tmp_path, capsys):
     assert (state['epoch'], state['batch_in_epoch'], state['global_step'], state['ema_updates']) == (2, 0, 8, 4)
     assert state['classes'] == [f'class_{c}' for c in range(CLASSES)]
     assert len(state['corrupt']['train']) == 1
+    # the EMA is the math: from the first step of epoch 2 a copy, then ema ← 0.5 · ema + 0.5 · w after each step
+    assert [e for e, _ in after_step] == [0] * 4 + [1] * 4
+    expected = None
+    for _, w in after_step[4:]:
+        expected = dict(w) if expected is None else {k: 0.5 * expected[k] + 0.5 * v if v.is_floating_point() else v
+                                                     for k, v in w.items()}
+    ema_file = _tensors(out / 'last_ema.safetensors')
+    assert ema_file.keys() == expected.keys() == state['ema_state'].keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema_file[k], v, atol=1e-6, rtol=1e-5, msg=k)
+        assert torch.equal(state['ema_state'][k], ema_file[k]), k
+    assert not torch.equal(ema_file['head.fc.weight'], after_step[-1][1]['head.fc.weight'])   # not the raw weights
+    # its val top-1 is what `polynext validate` measures on those EMA weights
+    code, vout, err = run_cli(['validate', '--checkpoint', str(out / 'last_ema.safetensors'), '--data', str(data),
+                               '--json', '--no-progress', '--workers', '0', '--output', str(tmp_path / 'v_ema')], capsys)
+    assert code == 0, err
+    assert json.loads(vout)['top1'] == pytest.approx(rows[1]['val_ema_top1'], abs=1e-4)
     # the saved config reproduces the run's config exactly
     from polynext.train.recipes import PRESETS
     name, cfg = PRESETS.resolve(config_file=str(out / 'config.yaml'))
@@ -125,7 +152,7 @@ def test_two_epochs_on_an_image_folder(tmp_path, capsys):
     assert rows[-1]['best_top1'] == best
     # running the finished command again does not train again
     code, stdout, _ = run_cli(tiny_args(data, out, '--epochs', '2', '--set', 'ema=true', '--set', 'ema_start_epoch=1',
-                                        '--set', 'mixup_alpha=0.8', '--set', 'cutmix_alpha=1.0', '--set',
+                                        '--set', 'ema_decay=0.5', '--set', 'mixup_alpha=0.8', '--set', 'cutmix_alpha=1.0', '--set',
                                         'randaugment=rand-m9-mstd0.5-inc1', '--set', 'random_erasing=0.25', '--set',
                                         'train_interpolation=random', '--set', 'max_corrupt=2', '--set',
                                         'schedule_granularity=epoch', '--set', 'head_dropout=0.2', '--set',
@@ -145,13 +172,35 @@ def _env():
 
 
 def test_ddp_two_cpu_processes(folder, tmp_path):
+    """2 ranks × 4 images: after every optimizer step both replicas hold the same weights (the gradients were
+    all-reduced), and they equal a single process that trains on the same global batch of 8 (the sampler
+    interleaves the ranks, so the 8 images are the same). lr 1e-4: AdamW's first steps are ±lr for every
+    weight, which turns rounding in a near-zero gradient into a difference of up to ~1e-3·lr; at the
+    recipe's 1e-2 that grows to 1e-3 within 4 steps, at 1e-4 it stays ≤ 2.4e-7."""
     out = tmp_path / 'ddp'
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    args = tiny_args(folder, out, '--epochs', '2', '--device-batch-size', '4', '--set', 'ema=true',
+    args = tiny_args(folder, out, '--epochs', '2', '--device-batch-size', '4', '--lr', '1e-4', '--set', 'ema=true',
                      '--set', 'ema_start_epoch=0')
-    proc = subprocess.run(torchrun + ['-m', 'polynext'] + args, env=_env(), capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    hooks = Path(__file__).with_name('cli_with_hooks.py')
+    (tmp_path / 'w_ddp').mkdir()
+    proc = subprocess.run(torchrun + [str(hooks)] + args, env=dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w_ddp')),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / 'w_one').mkdir()
+    single = tiny_args(folder, tmp_path / 'one', '--epochs', '2', '--device-batch-size', '8', '--lr', '1e-4',
+                       '--set', 'ema=true', '--set', 'ema_start_epoch=0')
+    proc = subprocess.run([sys.executable, str(hooks)] + single, env=dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w_one')),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in range(1, 9):
+        r0, r1, one = (torch.load(tmp_path / d / f'rank{r}_step{k}.pt', weights_only=True)
+                       for d, r in (('w_ddp', 0), ('w_ddp', 1), ('w_one', 0)))
+        assert all(torch.equal(r0[n], r1[n]) for n in r0), f'the replicas differ after step {k}'
+        for n in r0:    # the same update up to the order of the gradient sums
+            torch.testing.assert_close(r0[n], one[n], atol=1e-6, rtol=1e-5, msg=f'{n} after step {k}')
+    assert not (tmp_path / 'w_ddp' / 'rank0_step9.pt').exists()
+    moved = torch.load(tmp_path / 'w_ddp' / 'rank0_step8.pt', weights_only=True)['head.fc.weight']
+    assert not torch.equal(moved, torch.load(tmp_path / 'w_ddp' / 'rank0_step1.pt', weights_only=True)['head.fc.weight'])
     log = (out / 'log.txt').read_text()
     assert 'batch 8 = 4 per device × 2 device(s) × 1 accumulation' in log
     rows = _metrics(out)
@@ -161,8 +210,8 @@ def test_ddp_two_cpu_processes(folder, tmp_path):
     # 32 images / 2 ranks / 4 per device = 4 steps per epoch (no accumulation)
     assert state['global_step'] == 8
     assert not torch.equal(state['rng'][0]['torch'], state['rng'][1]['torch'])   # per-rank random streams
-    w = _tensors(out / 'last.safetensors')
-    assert all(torch.isfinite(t).all() for t in w.values())
+    w = _tensors(out / 'last.safetensors')                 # rank 0's weights after the 8th step
+    assert all(torch.equal(w[k], v) for k, v in torch.load(tmp_path / 'w_ddp' / 'rank0_step8.pt').items())
     assert proc.stdout.count('epoch 1/2') == 1            # only rank 0 prints
     # validate with 2 ranks: sharded, reduced, the same numbers as the run's last epoch
     proc = subprocess.run(torchrun + ['-m', 'polynext', 'validate', '--checkpoint', str(out / 'last.state.pt'),
@@ -177,44 +226,63 @@ def test_ddp_two_cpu_processes(folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SIGKILL mid-training, then resume: the same metrics and weights as an uninterrupted run
+# SIGKILL mid-epoch after the EMA has started, then resume: only the remaining steps, the same end
 # ---------------------------------------------------------------------------------------------
 
+HOOKS = Path(__file__).with_name('cli_with_hooks.py')
+
+
 def _resume_args(folder, out):
-    # accumulation 3 over 4 micro-batches per epoch (a partial last step), checkpoints every optimizer step,
-    # mixing + RandAugment + erasing + drop path + head-dropout ramp + EMA: every random stream is exercised
-    return [sys.executable, '-m', 'polynext'] + tiny_args(
+    # 32 images, batch 12 = 4 per device × accumulation 3: 8 micro-batches and 3 optimizer steps per epoch (3, 3
+    # and a partial 2); a checkpoint after every optimizer step; mixing + RandAugment + erasing + drop path +
+    # head-dropout ramp + EMA from the 2nd epoch: every random stream and every piece of state is exercised
+    return [sys.executable, str(HOOKS)] + tiny_args(
         folder, out, '--epochs', '3', '--batch-size', '12', '--device-batch-size', '4', '--checkpoint-every', '1',
         '--set', 'mixup_alpha=0.8', '--set', 'cutmix_alpha=1.0', '--set', 'randaugment=rand-m9-mstd0.5-inc1',
         '--set', 'random_erasing=0.25', '--set', 'drop_path=0.1', '--set', 'head_dropout=0.3',
-        '--set', 'head_dropout_ramp=2', '--set', 'ema=true', '--set', 'ema_start_epoch=1')
+        '--set', 'head_dropout_ramp=2', '--set', 'ema=true', '--set', 'ema_start_epoch=1', '--set', 'ema_decay=0.5')
 
 
-def test_sigkill_and_resume_ends_like_an_uninterrupted_run(folder, tmp_path):
-    ref = tmp_path / 'ref'
-    proc = subprocess.run(_resume_args(folder, ref), env=_env(), capture_output=True, text=True, timeout=300)
+def test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps(folder, tmp_path):
+    from cli_with_hooks import read_micro_batches, read_steps
+    ref, run = tmp_path / 'ref', tmp_path / 'killed'
+    proc = subprocess.run(_resume_args(folder, ref), env=dict(_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'ref_steps')),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    every = read_steps(tmp_path / 'ref_steps')            # (epoch, micro-batch index, global step after it)
+    assert every == [(e, b, 3 * e + i + 1) for e in range(3) for i, b in enumerate((2, 5, 7))]
+    assert read_micro_batches(tmp_path / 'ref_steps') == 3 * 8
 
-    run = tmp_path / 'killed'
-    p = subprocess.Popen(_resume_args(folder, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (run / 'last.state.pt').exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert p.poll() is None, 'the run ended before it could be killed'
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    p.stderr.close()
-    assert p.returncode == -signal.SIGKILL
-    killed_at = torch.load(run / 'last.state.pt', weights_only=True)
-    assert killed_at['epoch'] < 3
+    # killed (SIGKILL, by itself) right after the first mid-epoch checkpoint written once the EMA has made two updates
+    proc = subprocess.run(_resume_args(folder, run), capture_output=True, text=True, timeout=300,
+                          env=dict(_env(), POLYNEXT_TEST_KILL='mid_epoch_after_ema',
+                                   POLYNEXT_TEST_STEPS=str(tmp_path / 'killed_steps')))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = torch.load(run / 'last.state.pt', weights_only=True)
+    assert killed['ema_updates'] > 0 and killed['batch_in_epoch'] > 0      # after the EMA started, mid-epoch
+    # exactly: epoch 2 (0-based 1), after its second step (micro-batches 0-5), two EMA updates, optimizer step 5
+    assert (killed['epoch'], killed['batch_in_epoch'], killed['global_step'], killed['ema_updates']) == (1, 6, 5, 2)
+    assert read_steps(tmp_path / 'killed_steps') == every[:5]
+    ema_at_kill = _tensors(run / 'last_ema.safetensors')
+    assert all(torch.equal(ema_at_kill[k], v) for k, v in killed['ema_state'].items())
+    # the EMA is no copy of the model there: a resume that dropped it and restarted from the model would show
+    assert not all(torch.equal(killed['ema_state'][k], v) for k, v in killed['model'].items() if v.is_floating_point())
 
-    proc = subprocess.run(_resume_args(folder, run), env=_env(), capture_output=True, text=True, timeout=300)
+    # the same command resumes: it runs exactly the 4 remaining optimizer steps and 10 remaining micro-batches
+    proc = subprocess.run(_resume_args(folder, run), env=dict(_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'resumed')),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'resumed from' in (run / 'log.txt').read_text()
+    assert read_steps(tmp_path / 'resumed') == every[5:]
+    assert read_micro_batches(tmp_path / 'resumed') == 3 * 8 - (8 + 6)
+    assert 'resumed from epoch 2, batch 6 (optimizer step 5)' in (run / 'log.txt').read_text()
+    # and ends bit-identical to the uninterrupted run: metrics, raw, EMA and best weights
     assert _metrics(run) == _metrics(ref)
     for name in ('last.safetensors', 'last_ema.safetensors', 'best.safetensors'):
         a, b = _tensors(run / name), _tensors(ref / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    final, ref_final = (torch.load(r / 'last.state.pt', weights_only=True) for r in (run, ref))
+    assert final['ema_updates'] == ref_final['ema_updates'] == 2 * 3
+    assert final['global_step'] == ref_final['global_step'] == 9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +436,17 @@ def test_out_of_memory_suggests_accumulation(folder, tmp_path, capsys, monkeypat
 
 def test_non_finite_loss_stops_before_the_weights_change(folder, tmp_path, capsys, monkeypatch):
     import polynext.train.trainer as trainer_mod
+    from cli_with_hooks import record_steps
+    from polynext.engine.step import TrainStep
+    record_steps(monkeypatch)                      # restores TrainStep's methods after the test
+    after = []
+    step_fn = TrainStep.optimizer_step
+
+    def keep_weights(self, loss, *, epoch, batch):
+        norm = step_fn(self, loss, epoch=epoch, batch=batch)
+        after.append({k: v.detach().clone() for k, v in self.module.state_dict().items()})
+        return norm
+    TrainStep.optimizer_step = keep_weights
     real = trainer_mod.build_loss
     calls = {'n': 0}
 
@@ -386,7 +465,8 @@ def test_non_finite_loss_stops_before_the_weights_change(folder, tmp_path, capsy
     assert f'polynext train --resume {out / "last.state.pt"}' in msg
     state = torch.load(out / 'last.state.pt', weights_only=True)
     assert state['global_step'] == 2 and state['batch_in_epoch'] == 2
-    assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+    assert len(after) == 2            # the third step never happened: the saved weights are those of step 2
+    assert all(torch.equal(state['model'][k], v) for k, v in after[1].items())
 
 
 def test_resume_refuses_another_config(folder, tmp_path, capsys):
@@ -410,8 +490,10 @@ def test_mixed_precision_logic_on_cpu(folder, tmp_path, capsys, amp):
     assert code == 0, err
     assert f'cpu {amp}' in stdout
     state = torch.load(out / 'last.state.pt', weights_only=True)
-    if amp == 'fp16':
-        assert state['scaler']['scale'] > 0 and state['scaler']['_growth_tracker'] >= 0
+    if amp == 'fp16':   # from GradScaler's initial 2^16, the fp16 gradients of all 4 steps overflow: each step is
+        # skipped and halves the scale (the scaler's business, not a non-finite error): 2^12, no good step yet
+        assert state['scaler']['scale'] == 2.0 ** 12 and state['scaler']['_growth_tracker'] == 0
+        assert state['global_step'] == 4
     else:
         assert state['scaler'] is None
     assert all(torch.isfinite(v).all() for v in _tensors(out / 'last.safetensors').values())

@@ -1174,7 +1174,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = Ablation.rows()
 
 # timm-level keyword arguments that build_model_with_cfg consumes itself
 _TIMM_KWARGS = {'features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'flatten_sequential', 'output_stride',
-                'pretrained_strict', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'kwargs_filter'}
+                'pretrained_strict', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'kwargs_filter',
+                'pretrained_model_args'}   # timm >= 1.0.25: the saved arguments of a local-dir / hf-hub model
 
 
 def _check_kwargs(variant: str, kwargs: Dict[str, Any]) -> None:
@@ -1190,12 +1191,21 @@ def _create_polynext(variant: str, pretrained: bool = False, **kwargs) -> PolyNe
     _check_kwargs(variant, kwargs)
     model_args = dict(PUBLISHED_ARCHS[variant], **kwargs)
     num_stages = len(model_args['cells'])
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         PolyNeXt, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages))),
         **model_args,
     )
+    if model_args.get('norm') == 'bn' and model_args.get('img_size') is not None:
+        # a bn model runs at the one size it is built for: its data config (and a Hub export's) says so
+        h, w = _size2(model_args['img_size'])
+        cfg = dict(model.pretrained_cfg, input_size=(model.pretrained_cfg['input_size'][0], h, w), fixed_input_size=True)
+        head_norm = getattr(getattr(model, 'head', None), 'norm', None)
+        if isinstance(head_norm, ChannelBatchNorm):
+            cfg['pool_size'] = head_norm.spatial_size
+        model.pretrained_cfg = model.default_cfg = cfg
+    return model
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Plant small, meaningful bugs in a copy of polynext, one at a time, and check the tests catch each.
+
+A test suite that passes is only worth something if it fails when the code is wrong. Each
+mutation below is one source edit that a real bug could make (the PolyConv channel flip removed,
+the attention power changed, a gate initialised differently, an ablation switch ignored, ...).
+For each one the tool copies the repository once into a temporary folder, writes the edit there
+(the working tree is never touched), runs the tests that should notice it, and records whether
+they failed ("caught") or passed ("SURVIVED"). A survivor is a hole in the suite.
+
+    python tools/mutation_check.py                 # every mutation; exit 1 if one survives
+    python tools/mutation_check.py --list          # the mutations and the tests each one runs
+    python tools/mutation_check.py --only polyconv-flip-removed ln-eps
+    python tools/mutation_check.py --jobs 2        # two mutations at a time (two copies)
+    python tools/mutation_check.py --json mutation.json
+    python tools/mutation_check.py --pytest-args='' --jobs 2   # serial pytest per mutation: -x stops at
+                                                              # the first failure (faster on a busy machine)
+
+The copy is imported through PYTHONPATH (the copy's ``src/`` comes before the installed,
+editable polynext), which the tool verifies before it starts. Before the mutations, the selected
+tests run once on the unmodified copy: they must pass, or a "caught" would mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = 'src/polynext/models/polynext.py'
+ATTN_OP = 'src/polynext/ops/poly_attention.py'
+ROBUST = 'src/polynext/robustness/protocols.py'
+STEP = 'src/polynext/engine/step.py'
+EMA = 'src/polynext/engine/ema.py'
+SESSION = 'src/polynext/engine/session.py'
+TRAINER = 'src/polynext/train/trainer.py'
+SEG_TRAINER = 'src/polynext/seg/trainer.py'
+DET_TRAINER = 'src/polynext/det/trainer.py'
+
+GOLDEN = 'tests/test_golden.py'
+ABL = 'tests/test_ablation_formulas.py'
+ATTN_TESTS = 'tests/test_poly_attention_op.py'
+MODEL_TESTS = (GOLDEN, ABL)
+KERNEL_TESTS = (ATTN_TESTS, GOLDEN)
+ABLATION_TESTS = (ABL,)
+EMA_TESTS = ('tests/test_ema.py', 'tests/test_engine_parts.py')
+TRAIN_EMA_RUN = 'tests/test_train_run.py::test_two_epochs_on_an_image_folder'
+TRAIN_RESUME = 'tests/test_train_run.py::test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps'
+SEG_RESUME = 'tests/test_seg_run.py::test_train_eval_and_resume'
+DET_RESUME = 'tests/test_det_run.py::test_train_eval_and_resume_to_identical_weights'
+DDP = 'tests/test_train_run.py::test_ddp_two_cpu_processes'
+RESUME_TESTS = (TRAIN_RESUME, SEG_RESUME, DET_RESUME)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: replace ``find`` (which must occur exactly once) by ``replace`` in ``path``."""
+    name: str
+    what: str
+    path: str
+    find: str
+    replace: str
+    tests: Tuple[str, ...] = MODEL_TESTS
+
+
+MUTATIONS: Tuple[Mutation, ...] = (
+    # ---- the architecture -----------------------------------------------------------------
+    Mutation('polyconv-flip-removed', 'PolyConv: the fine branch is not channel-reversed before the product',
+             MODEL, 'self.product(self.coarse(u), self.fine(u).flip(1))', 'self.product(self.coarse(u), self.fine(u))'),
+    Mutation('attn-power-2', 'PolyAttn: power 2 instead of 4 ((s·QKᵀ+1)^2)',
+             MODEL, "spatial_size: Optional[Tuple[int, int]] = None, power: int = 4,",
+             "spatial_size: Optional[Tuple[int, int]] = None, power: int = 2,"),
+    Mutation('attn-kernel-square-once', 'attention kernel: the 4th power computed as a square',
+             ATTN_OP, 'return p.square_().square_()', 'return p.square_()', KERNEL_TESTS),
+    Mutation('attn-kernel-no-normalise', 'attention kernel: rows not l1-normalised (fp32 path)',
+             ATTN_OP, 'out[:, :, rows] = torch.matmul(a, v).div_(r)', 'out[:, :, rows] = torch.matmul(a, v)',
+             KERNEL_TESTS),
+    Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
+             MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
+    Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',
+             MODEL, '_L_GATES = tuple(float(-i / 2 - 0.5) for i in range(8))',
+             '_L_GATES = tuple(float(-i / 2 - 0.25) for i in range(8))'),
+    Mutation('gate-init-T', 'the T models: last gate 0.0625 instead of 0.03125',
+             MODEL, '_T_GATES = (0.5, 0.5, 0.25, 0.125, 0.0625, 0.03125)',
+             '_T_GATES = (0.5, 0.5, 0.25, 0.125, 0.0625, 0.0625)'),
+    Mutation('gated-residual-no-gate', 'inference residuals: x + f(x) instead of x + g·f(x)',
+             MODEL, 'return branch.mul_(gate).add_(x)', 'return branch.add_(x)'),
+    Mutation('cell-inputs-swapped', 'multi-input skip: the per-channel scales applied to the wrong inputs',
+             MODEL, 'x = torch.addcmul(self.scale0(s0), s1, self.scale1.scale)',
+             'x = torch.addcmul(self.scale0(s1), s0, self.scale1.scale)'),
+    Mutation('head-no-residual', 'head: l ⊙ r instead of l + l ⊙ r',
+             MODEL, 'x = self.drop(self.global_pool(left + left * right))',
+             'x = self.drop(self.global_pool(left * right))'),
+    Mutation('ln-eps', 'LayerNorm eps 1e-6 instead of 1e-5',
+             MODEL, 'def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = False):',
+             'def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = False):'),
+    # ---- running statistics of the fully polynomial (bn) models -----------------------------
+    Mutation('bn-unbiased-variance', 'ChannelBatchNorm: unbiased batch variance',
+             MODEL, 'var = ((x * x).mean(dim=(0, 1), keepdim=True) - mean * mean).clamp(min=0.0)',
+             'var = x.var(dim=(0, 1), keepdim=True)'),
+    Mutation('bn-running-momentum', 'ChannelBatchNorm: running mean updated with momentum 0.2',
+             MODEL, 'self.running_mean.mul_(1 - m).add_(m * mean)', 'self.running_mean.mul_(1 - 2 * m).add_(2 * m * mean)'),
+    Mutation('bn-eval-batch-stats', 'ChannelBatchNorm: eval mode uses the batch statistics',
+             MODEL, 'mean, var = self.running_mean, self.running_var',
+             'mean = x.mean(dim=(0, 1), keepdim=True); var = ((x * x).mean(dim=(0, 1), keepdim=True) - mean * mean)'),
+    Mutation('rowsum-batch-sum', 'RunningRowSumNorm: the batch sum instead of the batch mean of the row sums',
+             MODEL, 'denom = attn.sum(dim=-1, keepdim=True).mean(dim=0, keepdim=True)',
+             'denom = attn.sum(dim=-1, keepdim=True).sum(dim=0, keepdim=True)'),
+    Mutation('rowsum-running-momentum', 'RunningRowSumNorm: running row sums updated with momentum 0.05',
+             MODEL, 'self.running_denom.mul_(1 - m).add_(m * denom)', 'self.running_denom.mul_(1 - m / 2).add_(m / 2 * denom)'),
+    # ---- ablation switches accepted but ignored (or built wrong) ---------------------------
+    Mutation('ablation-add-ignored', "product_op='add' still multiplies",
+             MODEL, "y = a * b if self.op == 'mul' else a + b", 'y = a * b', ABLATION_TESTS),
+    Mutation('ablation-gelu-after-ignored', "product_gelu='after' leaves out the GELU",
+             MODEL, "return F.gelu(y) if self.gelu == 'after' else y", 'return y', ABLATION_TESTS),
+    Mutation('ablation-gelu-one-branch-ignored', "product_gelu='one_branch' leaves out the GELU",
+             MODEL, "if self.gelu == 'one_branch':\n            a = F.gelu(a)", "if False:\n            a = F.gelu(a)", ABLATION_TESTS),
+    Mutation('ablation-mlp-relu', "mlp='gelu' builds a ReLU MLP",
+             MODEL, 'Mlp(dim, 2 * mlp_hidden, act_layer=nn.GELU,', 'Mlp(dim, 2 * mlp_hidden, act_layer=nn.ReLU,', ABLATION_TESTS),
+    Mutation('ablation-sepconv-relu', "conv_mixer='sepconv' builds a ReLU SepConv",
+             MODEL, 'act1_layer=nn.GELU)', 'act1_layer=nn.ReLU)', ABLATION_TESTS),
+    Mutation('ablation-poly-softmax-ignored', "attn='poly_softmax' keeps the polynomial kernel",
+             MODEL, "kernel='softmax' if ablation.attn == 'poly_softmax' else 'poly'", "kernel='poly'", ABLATION_TESTS),
+    Mutation('ablation-free-scalar-sigmoid', "residual_scale='free' still squashes with a sigmoid",
+             MODEL, '        return self.scales\n\n\nclass LayerScaleGates',
+             '        return torch.sigmoid(self.scales)\n\n\nclass LayerScaleGates', ABLATION_TESTS),
+    Mutation('ablation-layerscale-init-ignored', 'layerscale_init ignored (always 1e-6)',
+             MODEL, 'LayerScaleGates(2 * num_blocks, dim, ablation.layerscale_init)', 'LayerScaleGates(2 * num_blocks, dim)', ABLATION_TESTS),
+    Mutation('ablation-cell-norm-ignored', 'cell_norm=False keeps the norm',
+             MODEL, 'self.merge_norm = norm_layer(dim) if ablation.cell_norm else nn.Identity()',
+             'self.merge_norm = norm_layer(dim)', ABLATION_TESTS),
+    Mutation('ablation-stacks-not-wider', 'stacks=N makes cells shallower without widening them',
+             MODEL, 'width_factor = num_blocks / ablation.stacks', 'width_factor = 1.0', ABLATION_TESTS),
+    # ---- the training engine: EMA, resume, DDP ------------------------------------------------
+    Mutation('ema-update-skipped', 'the EMA is never updated after an optimizer step',
+             STEP, 'self.ema.update(self.module, epoch)', 'pass', EMA_TESTS + (TRAIN_EMA_RUN,)),
+    Mutation('ema-start-epoch-ignored', 'the EMA is updated before its start epoch',
+             EMA, 'if epoch < self.start_epoch:\n            return', 'if False:\n            return',
+             EMA_TESTS + (TRAIN_EMA_RUN,)),
+    Mutation('ema-no-first-copy', 'the first EMA update averages with the creation copy instead of copying',
+             EMA, "if self.init == 'first_update' and self.updates == 0:", 'if False:', EMA_TESTS + (TRAIN_EMA_RUN,)),
+    Mutation('ema-state-dropped-on-resume', 'resume: the saved EMA weights are dropped (the EMA restarts from the model)',
+             SESSION, "step.ema.restore(state.get('ema_state'), state.get('ema_updates', 0), step.module)",
+             "step.ema.restore(None, state.get('ema_updates', 0), step.module)", (TRAIN_RESUME,)),
+    Mutation('ema-count-dropped-on-resume', 'resume: the EMA update count is lost (the next update copies again)',
+             SESSION, "step.ema.restore(state.get('ema_state'), state.get('ema_updates', 0), step.module)",
+             "step.ema.restore(state.get('ema_state'), 0, step.module)", (TRAIN_RESUME,)),
+    Mutation('optimizer-state-not-restored', 'resume: the optimizer state (AdamW moments) is not restored',
+             SESSION, "step.optimizer.load_state_dict(state['optimizer'])", 'pass', RESUME_TESTS),
+    Mutation('scheduler-not-restored', 'resume: the lr schedule is not restored',
+             SESSION, "self.scheduler.load_state_dict(state['scheduler'])", 'pass', RESUME_TESTS),
+    Mutation('rng-not-restored', "resume: the random streams are not restored",
+             SESSION, 'restore_rng_state(rng[self.env.rank])', 'pass', RESUME_TESTS),
+    Mutation('global-step-not-restored', 'resume: the optimizer-step counter restarts at 0',
+             SESSION, "step.global_step = int(state['global_step'])", 'step.global_step = 0', RESUME_TESTS),
+    Mutation('train-resume-restarts', "classification resume logs 'resumed from' and trains from scratch",
+             TRAINER, "self.session.restore(state)\n        self.epoch = int(state['epoch'])\n"
+                      "        self.batch_in_epoch = int(state['batch_in_epoch'])",
+             'self.epoch, self.batch_in_epoch = 0, 0', (TRAIN_RESUME,)),
+    Mutation('train-resume-replays-the-epoch', 'classification resume trains the seen batches of the epoch again',
+             TRAINER, 'self.train_sampler.set_start(start * cfg.device_batch_size)', 'self.train_sampler.set_start(0)',
+             (TRAIN_RESUME,)),
+    Mutation('seg-resume-restarts', "segmentation resume logs 'resumed at' and trains from scratch",
+             SEG_TRAINER, 'self.session.restore(resume_state)\n', 'pass\n', (SEG_RESUME,)),
+    Mutation('seg-resume-replays-the-pass', 'segmentation resume restarts the pass over the data',
+             SEG_TRAINER, 'self.sampler.set_start(pos * self.cfg.device_batch_size)', 'self.sampler.set_start(0)',
+             (SEG_RESUME,)),
+    Mutation('det-resume-restarts', "detection resume logs 'resumed at' and trains from scratch",
+             DET_TRAINER, 'self.session.restore(resume_state)\n', 'pass\n', (DET_RESUME,)),
+    Mutation('det-resume-replays-the-epoch', 'detection resume trains the seen batches of the epoch again',
+             DET_TRAINER, 'self.sampler.set_start(start_batch * self.cfg.device_batch_size)', 'self.sampler.set_start(0)',
+             (DET_RESUME,)),
+    Mutation('ddp-not-wrapped', 'torchrun without DistributedDataParallel: each rank trains its own replica',
+             STEP, "return nn.parallel.DistributedDataParallel(model, device_ids=", "return model or nn.parallel.DistributedDataParallel(model, device_ids=",
+             (DDP,)),
+    # ---- robustness scores -------------------------------------------------------------------
+    Mutation('mce-divisor', 'mCE: corruption errors divided by the clean AlexNet error instead of its error on c',
+             ROBUST, 'ce=100.0 * error / ref.mce_errors[c])', 'ce=100.0 * error / ref.clean_error)',
+             ('tests/test_robustness.py',)),
+    Mutation('mce-mean-over-15', 'mCE: averaged over all 15 corruptions even when some are missing',
+             ROBUST, 'mce = sum(s.ce for s in scores.values()) / len(scores) if scores else None',
+             'mce = sum(s.ce for s in scores.values()) / len(CORRUPTIONS) if scores else None',
+             ('tests/test_robustness.py',)),
+)
+
+
+@dataclass
+class Result:
+    name: str
+    what: str
+    status: str                  # caught | SURVIVED | error
+    seconds: float
+    tests: List[str] = field(default_factory=list)
+    detail: str = ''
+
+
+def copy_repository(dest: Path) -> None:
+    """The files git knows (tracked, and untracked ones that are not ignored), nothing else."""
+    out = subprocess.run(['git', '-C', str(REPO), 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+                         capture_output=True, check=True).stdout.decode()
+    for rel in filter(None, out.split('\0')):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _env(copy: Path) -> Dict[str, str]:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(copy / 'src'), env.get('PYTHONPATH')]))
+    env['PYTHONDONTWRITEBYTECODE'] = '1'
+    return env
+
+
+def check_import(copy: Path) -> None:
+    code = 'import polynext, sys; sys.stdout.write(polynext.__file__)'
+    got = subprocess.run([sys.executable, '-c', code], cwd=copy, env=_env(copy), capture_output=True, text=True)
+    if got.returncode or not Path(got.stdout).resolve().is_relative_to(copy.resolve()):
+        raise SystemExit(f'error: the copy in {copy} does not import its own polynext ({got.stdout or got.stderr})')
+
+
+def run_tests(copy: Path, tests: Sequence[str], pytest_args: Sequence[str]) -> Tuple[int, str]:
+    cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', '-p', 'no:randomly', *pytest_args,
+           *tests]
+    proc = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    return proc.returncode, lines[-1] if lines else ''
+
+
+def apply(copy: Path, m: Mutation) -> str:
+    """Write the mutation into the copy; returns the original text (to restore)."""
+    target = copy / m.path
+    text = target.read_text()
+    n = text.count(m.find)
+    if n != 1:
+        raise ValueError(f'{m.name}: the text to mutate occurs {n} times in {m.path} (expected once); '
+                         f'update the mutation to the current source')
+    target.write_text(text.replace(m.find, m.replace))
+    return text
+
+
+def stale(mutations: Sequence[Mutation], root: Path = REPO) -> List[str]:
+    """Mutations whose text no longer occurs exactly once (the source moved on)."""
+    problems = []
+    for m in mutations:
+        text = (root / m.path).read_text()
+        if text.count(m.find) != 1:
+            problems.append(f'{m.name}: {m.find!r} occurs {text.count(m.find)} times in {m.path}')
+        for t in m.tests:
+            path, _, func = t.partition('::')
+            if not (root / path).exists():
+                problems.append(f'{m.name}: no test file {path}')
+            elif func and f'def {func}(' not in (root / path).read_text():
+                problems.append(f'{m.name}: no test {func} in {path}')
+    return problems
+
+
+def run_one(copy: Path, m: Mutation, pytest_args: Sequence[str]) -> Result:
+    start = time.perf_counter()
+    original = apply(copy, m)
+    try:
+        code, last = run_tests(copy, m.tests, pytest_args)
+    finally:
+        (copy / m.path).write_text(original)
+    # pytest: 1 = tests failed; with xdist, -x ends the session as 'interrupted' (2) after the first failure
+    failed = code == 1 or (code == 2 and re.search(r'\b\d+ failed\b', last) is not None)
+    status = 'SURVIVED' if code == 0 else 'caught' if failed else 'error'
+    return Result(m.name, m.what, status, time.perf_counter() - start, list(m.tests), last)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument('--list', action='store_true', help='list the mutations and exit')
+    p.add_argument('--only', nargs='+', metavar='NAME', help='run only these mutations')
+    p.add_argument('--jobs', type=int, default=1, help='mutations run at the same time (one copy each)')
+    p.add_argument('--json', type=Path, help='write the results here')
+    p.add_argument('--skip-baseline', action='store_true',
+                   help='do not run the tests on the unmodified copy first (only when they were just run green)')
+    p.add_argument('--pytest-args', default='-n 2',
+                   help="pytest arguments for every run (default '-n 2': two workers, one torch thread each)")
+    args = p.parse_args(argv)
+
+    mutations = list(MUTATIONS)
+    if args.only:
+        known = {m.name for m in MUTATIONS}
+        unknown = [n for n in args.only if n not in known]
+        if unknown:
+            p.error(f'unknown mutation {unknown[0]!r}; see --list')
+        mutations = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in mutations:
+            print(f'{m.name:34s} {m.what}\n{"":34s} {m.path}; tests: {" ".join(m.tests)}')
+        return 0
+    problems = stale(mutations)
+    if problems:
+        print('error: stale mutations (the source changed):\n  ' + '\n  '.join(problems), file=sys.stderr)
+        return 2
+    pytest_args = args.pytest_args.split()
+    jobs = max(1, min(args.jobs, len(mutations)))
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix='polynext-mutants-') as tmp:
+        copies = [Path(tmp) / f'copy{i}' for i in range(jobs)]
+        for c in copies:
+            copy_repository(c)
+        check_import(copies[0])
+        baseline_tests = sorted({t for m in mutations for t in m.tests})
+        if not args.skip_baseline:
+            print(f'baseline: {len(baseline_tests)} test file(s) on the unmodified copy ...', flush=True)
+            code, last = run_tests(copies[0], baseline_tests, pytest_args)
+            if code != 0:
+                print(f'error: the tests fail without any mutation ({last}); fix them first', file=sys.stderr)
+                return 2
+            print(f'baseline: {last}', flush=True)
+
+        results: List[Optional[Result]] = [None] * len(mutations)
+        free = list(copies)
+
+        def work(i: int) -> None:
+            c = free.pop()
+            try:
+                results[i] = run_one(c, mutations[i], pytest_args)
+            finally:
+                free.append(c)
+            r = results[i]
+            print(f'{r.status:8s} {r.name:34s} {r.seconds:6.1f} s  {r.what}', flush=True)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(work, range(len(mutations))))
+
+    done = [r for r in results if r is not None]
+    survived = [r for r in done if r.status == 'SURVIVED']
+    errors = [r for r in done if r.status == 'error']
+    total = time.perf_counter() - t0
+    print(f'\n{len(done) - len(survived) - len(errors)} of {len(done)} mutations caught, {len(survived)} survived, '
+          f'{len(errors)} errors; {total:.0f} s')
+    for r in survived:
+        print(f'  SURVIVED {r.name}: {r.what} (tests: {" ".join(r.tests)})')
+    for r in errors:
+        print(f'  error    {r.name}: {r.detail}')
+    if args.json:
+        args.json.write_text(json.dumps(dict(seconds=total, results=[asdict(r) for r in done]), indent=1))
+    return 1 if survived or errors else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
