@@ -90,7 +90,11 @@ def cell_key(config: TrainConfig) -> str:
     """12 hex digits of a hash of everything in ``config`` that changes the result (not the code: a
     changed model or data generator needs a new ``--output`` folder)."""
     from ..train.trainer import RESUME_SAFE_KEYS      # what may change between a run and its resumption
-    d = {k: v for k, v in config_to_dict(config).items() if k not in RESUME_SAFE_KEYS}
+    # fields at TrainConfig's default are left out, so that a field added to TrainConfig later (with a default
+    # that keeps the old behaviour) does not rename every finished cell
+    defaults = config_to_dict(TrainConfig())
+    d = {k: v for k, v in config_to_dict(config).items()
+         if k not in RESUME_SAFE_KEYS and not (k in defaults and v == defaults[k])}
     if config.data:
         # the trainer lets a moved dataset resume, but a study on other data is another study: the folder
         # (resolved) is part of the key; left out when unset, so that the built-in study's keys stay as they were
