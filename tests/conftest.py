@@ -38,3 +38,54 @@ def mini_kwargs(name: str, **extra):
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def read_only_mount(monkeypatch, folder):
+    """Make ``folder`` behave as a read-only mount does, for root too (tests run as root, where ``chmod`` does not
+    stop a write): ``access(W_OK)`` is refused, ``statvfs`` reports ``ST_RDONLY``, and creating, opening for
+    writing, renaming onto or making a folder under it fails with ``EROFS``."""
+    import builtins
+    import errno
+    import tempfile
+
+    folder = Path(folder).absolute()
+
+    def inside(path) -> bool:
+        try:
+            return Path(os.fsdecode(path)).absolute().is_relative_to(folder)
+        except TypeError:       # a file descriptor
+            return False
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    real_access, real_statvfs, real_mkstemp = os.access, os.statvfs, tempfile.mkstemp
+    real_open, real_mkdir, real_replace = builtins.open, os.mkdir, os.replace
+
+    def access(path, mode, *a, **kw):
+        return False if inside(path) and mode & os.W_OK else real_access(path, mode, *a, **kw)
+
+    def statvfs(path):
+        r = real_statvfs(path)
+        return os.statvfs_result((*r[:8], r.f_flag | os.ST_RDONLY, r[9])) if inside(path) else r
+
+    def mkstemp(*args, dir=None, **kw):
+        return refuse(dir) if dir is not None and inside(dir) else real_mkstemp(*args, dir=dir, **kw)
+
+    def open_(file, mode='r', *args, **kw):
+        if isinstance(file, (str, bytes, os.PathLike)) and inside(file) and any(c in mode for c in 'wax+'):
+            refuse(file)
+        return real_open(file, mode, *args, **kw)
+
+    def mkdir(path, *args, **kw):
+        return refuse(path) if inside(path) else real_mkdir(path, *args, **kw)
+
+    def replace(src, dst, *args, **kw):
+        return refuse(dst) if inside(dst) else real_replace(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, 'access', access)
+    monkeypatch.setattr(os, 'statvfs', statvfs)
+    monkeypatch.setattr(tempfile, 'mkstemp', mkstemp)
+    monkeypatch.setattr(builtins, 'open', open_)
+    monkeypatch.setattr(os, 'mkdir', mkdir)
+    monkeypatch.setattr(os, 'replace', replace)

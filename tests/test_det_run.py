@@ -1,5 +1,6 @@
-"""Detection runs on generated COCO-layout data: train → eval → SIGKILL mid-epoch and resume to identical weights, DDP with 2 CPU
-processes, results files re-scored, and bad inputs (one line naming the problem and the fix, nothing written)."""
+"""Detection runs on generated COCO-layout data: train → eval → SIGKILL mid-epoch and resume to identical weights, DDP
+with 2 CPU processes, results files re-scored. Its bad inputs (one line naming the problem and the fix, nothing
+written) are cases of tests/test_bad_inputs.py, with every other command's."""
 from __future__ import annotations
 
 import json
@@ -125,80 +126,3 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
     single = json.loads(out.read_text())['metrics']
     assert single['bbox']['AP'] == pytest.approx(last['bbox_AP']) and single['segm']['AP'] == pytest.approx(
         last['segm_AP'])
-
-
-def _edit(coco, tmp_path, edit):
-    """A copy of the generated COCO folder with its training annotations edited."""
-    root = tmp_path / 'bad'
-    (root / 'annotations').mkdir(parents=True)
-    for split in ('train', 'val'):
-        (root / f'{split}2017').symlink_to(coco / f'{split}2017')
-        data = json.loads((coco / 'annotations' / f'instances_{split}2017.json').read_text())
-        if split == 'train' and edit is not None:
-            edit(data)
-        (root / 'annotations' / f'instances_{split}2017.json').write_text(json.dumps(data))
-    return root
-
-
-def _no_annotations(d):
-    d['annotations'] = [a for a in d['annotations'] if a['iscrowd']]
-
-
-def _unknown_category(d):
-    d['annotations'][0]['category_id'] = 99
-
-
-def _unknown_image(d):
-    d['annotations'][0]['image_id'] = 12345
-
-
-def _missing_file(root):
-    (root / 'annotations' / 'instances_train2017.json').unlink()
-
-
-@pytest.mark.parametrize('case,expected', [
-    ('missing annotation file', 'missing annotation file'),
-    ('images without annotations', 'no image has a usable'),
-    ('category-id mismatch', "category_id 99, which 'categories' does not list"),
-    ('annotation of an unlisted image', "refers to image id 12345, which 'images'"),
-    ('backbone without 4 stages', 'needs strides [4, 8, 16, 32]'),
-    ('checkpoint that does not fit', 'convformer_s18'),
-    ('eval on other categories', 'categories'),
-])
-def test_bad_inputs(case, expected, coco, tmp_path, capsys):
-    edits = {'images without annotations': _no_annotations, 'category-id mismatch': _unknown_category,
-             'annotation of an unlisted image': _unknown_image}
-    data = _edit(coco, tmp_path, edits.get(case))
-    if case == 'missing annotation file':
-        _missing_file(data)
-    out = tmp_path / 'run'
-    extra = []
-    if case == 'backbone without 4 stages':
-        extra = ['--backbone', 'cpolynext_lr', '--set', 'backbone_kwargs={init_channels: 8}']
-    if case == 'checkpoint that does not fit':
-        from safetensors.torch import save_file
-        import polynext
-        save_file(polynext.create_model('cpolynext_t', init_channels=8).state_dict(), str(tmp_path / 'c.safetensors'))
-        extra = ['--backbone', 'convformer_s18', '--set', 'backbone_kwargs={}', '--initial-checkpoint',
-                 str(tmp_path / 'c.safetensors')]
-    if case == 'eval on other categories':   # a checkpoint's description, as det train writes it (no weights needed)
-        from polynext.checkpoint import save_safetensors
-        from polynext.det.recipes import DET_PRESETS
-        from polynext.engine.config import config_to_dict
-        ckpt = tmp_path / 'trained.safetensors'
-        cfg = DET_PRESETS.get('maskrcnn_shapes_demo').config
-        save_safetensors({'x': torch.zeros(1)}, ckpt, metadata=dict(
-            polynext_det_config=json.dumps(config_to_dict(cfg)), category_ids=json.dumps([1, 3, 7])))
-        d = json.loads((coco / 'annotations' / 'instances_val2017.json').read_text())
-        for c in d['categories']:
-            c['id'] += 100
-        for a in d['annotations']:
-            a['category_id'] += 100
-        (data / 'annotations' / 'instances_val2017.json').write_text(json.dumps(d))
-        capsys.readouterr()
-        code = main(['det', 'eval', '--checkpoint', str(ckpt), '--data', str(data), '--output', str(out)])
-    else:
-        code = main(tiny(data, out, *extra))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and expected in err[0], err
-    assert not out.exists()                                           # nothing written

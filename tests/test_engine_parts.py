@@ -98,8 +98,8 @@ def test_a_non_finite_loss_stops_before_the_step():
                      BatchLayout(8), Meters(), device=torch.device('cpu'), resume_hint=lambda: 'Resume with X.')
     with step.micro_batch(sync=True):
         step.backward(nn.functional.mse_loss(model(x), y) * float('nan'))
-    with pytest.raises(NonFiniteError, match=r'epoch 3 batch 7 \(optimizer step 1\).*Resume with X\.'):
-        step.optimizer_step(float('nan'), epoch=2, batch=7)
+    with pytest.raises(NonFiniteError, match=r'at optimizer step 1 \(epoch 3, batch 8\).*Resume with X\.'):
+        step.optimizer_step(float('nan'), epoch=2, batch=7)     # 0-based counters in, 1-based in the message
     assert torch.equal(model.weight, before) and step.global_step == 0
 
 
@@ -205,8 +205,15 @@ def test_plan_run_resumes_refuses_and_starts_fresh(tmp_path):
     assert plan_run(_Cfg(output=cfg.output, lr=2.0), 'demo', fresh=True, **kw).state is None
     resumed = plan_run(cfg, '', resume=str(plan.path), explicit=dict(data='/elsewhere'), **kw)
     assert resumed.config.data == '/elsewhere' and resumed.recipe == 'demo'
-    with pytest.raises(ConfigError, match="cannot change 'lr' when resuming"):
-        plan_run(cfg, '', resume=str(plan.path), explicit=dict(lr=3.0), **kw)
+    with pytest.raises(ConfigError) as e:                  # the lr alone differs: the way to continue with it
+        plan_run(_Cfg(output=cfg.output, lr=2.0), 'demo', **kw)
+    assert f'`polynext toy train --resume {plan.path} --set lr=2.0` to continue it with the new setting' in str(e.value)
+    assert plan_run(cfg, '', resume=str(plan.path), explicit=dict(lr=3.0), **kw).config.lr == 3.0   # optimisation
+    with pytest.raises(ConfigError) as e:
+        plan_run(cfg, '', resume=str(plan.path), explicit=dict(model='b'), **kw)
+    assert str(e.value) == ("cannot change 'model' when resuming ('a' in the checkpoint, 'b' asked for): it would "
+                            "change what the run trains. A resumed run may change lr (optimisation) and data (where "
+                            "and how it runs); for anything else start a new run with --output DIR")
     with pytest.raises(CheckpointError, match="is a 'toy/1' training state, not 'other/1'"):
         plan_run(cfg, '', resume=str(plan.path), **dict(kw, state_format='other/1'))
 

@@ -534,3 +534,65 @@ def test_convert_command(tmp_path, capsys):
     out = tmp_path / 'idf.safetensors'
     assert cli_main(['convert', str(src), str(out), '--model', 'identityformer_s12']) == 0
     assert torch.equal(logits(polynext.create_model('identityformer_s12', checkpoint=out)), logits(idf))
+
+
+# --------------------------------------------------------------------------------------
+# Architecture arguments (a narrow model) for every family polynext.create_model builds
+# --------------------------------------------------------------------------------------
+
+NARROW = dict(dims=(32, 64, 128, 256), depths=(1, 1, 2, 1))
+#: one model per family of `polynext models`, with architecture arguments, and the stage widths they give
+ARCH_ARGS = {
+    'identityformer_s12': (NARROW, [32, 64, 128, 256]),
+    'randformer_s12': (dict(NARROW, img_size=64), [32, 64, 128, 256]),
+    'poolformerv2_s12': (NARROW, [32, 64, 128, 256]),
+    'convformer_s18': (NARROW, [32, 64, 128, 256]),
+    'caformer_s18': (NARROW, [32, 64, 128, 256]),
+    'identityformer_s_iso': (dict(dim=64, depth=2), [64]),
+    'cpolynext_t': (dict(init_channels=8, cells=(1, 1, 1, 1)), [8, 16, 32, 48]),
+    'apolynext_t': (dict(init_channels=8), [8, 16, 32, 48]),
+    'cpolynext_lr': (dict(init_channels=8), [8, 16, 32]),
+}
+
+
+@pytest.mark.parametrize('name', list(ARCH_ARGS))
+def test_architecture_arguments_build_every_family(name):
+    kwargs, widths = ARCH_ARGS[name]
+    model = polynext.create_model(name, num_classes=5, **kwargs)
+    assert [f['num_chs'] for f in model.feature_info] == widths
+    size = 32 if name == 'cpolynext_lr' else 64
+    assert model.eval()(torch.randn(1, 3, size, size)).shape == (1, 5)
+
+
+def test_every_family_has_an_architecture_arguments_case():
+    family = lambda n: n.split('_')[0] + ('_iso' if '_iso' in n else '') + ('_lr' if n.endswith('_lr') else '')
+    assert {family(n) for n in polynext.list_models()} <= {family(n) for n in ARCH_ARGS} | {'cpolynext'}
+
+
+@pytest.mark.parametrize('name', mfb.TIMM_ARCHS)
+def test_timm_baseline_table_is_timm_s_published_configuration(name):
+    """TIMM_BASELINE_ARCHS (from which a model with architecture arguments is built) holds what timm's entry
+    points pass: the same modules and the same weight shapes."""
+    with torch.device('meta'):
+        ours = mfb.create_timm_baseline(name, dims=mfb.TIMM_BASELINE_ARCHS[name]['dims'])   # built from the table
+        theirs = timm.create_model(name)
+    assert [type(m).__name__ for m in ours.modules()] == [type(m).__name__ for m in theirs.modules()]
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
+           [(k, v.shape) for k, v in theirs.state_dict().items()]
+    assert ours.pretrained_cfg == theirs.pretrained_cfg
+
+
+def test_the_authors_weights_of_a_narrow_baseline(tmp_path, capsys):
+    for name in ('convformer_s18', 'caformer_s18'):
+        model = perturb(build(name, **NARROW))
+        path = tmp_path / f'{name}_narrow.pth'
+        torch.save({'model': to_authors_layout(model.state_dict())}, path)
+        assert torch.equal(logits(polynext.create_model(name, checkpoint=path, **NARROW)), logits(model))
+    out = tmp_path / 'caformer_narrow.safetensors'
+    assert cli_main(['convert', str(path), str(out), '--model', 'caformer_s18', '--model-kwargs',
+                     '{dims: [32, 64, 128, 256], depths: [1, 1, 2, 1]}']) == 0, capsys.readouterr().err
+    from polynext.checkpoint import read_safetensors_metadata
+    meta = read_safetensors_metadata(out)
+    assert meta['model_kwargs'] == dict(dims=[32, 64, 128, 256], depths=[1, 1, 2, 1])
+    assert torch.equal(logits(polynext.create_model('caformer_s18', checkpoint=out, **meta['model_kwargs'])),
+                       logits(model))

@@ -127,30 +127,8 @@ def _error(argv, capsys) -> str:
     return err
 
 
-def test_bad_inputs(ade, tmp_path, capsys):
-    out = tmp_path / 'x'
-    assert 'dataset folder not found' in _error(tiny(tmp_path / 'nope', out), capsys)
-    empty = tmp_path / 'empty'
-    (empty / 'images' / 'training').mkdir(parents=True)
-    assert 'annotations/training is missing' in _error(tiny(empty, out), capsys)
-    broken = write_ade20k_folder(tmp_path / 'broken', num_train=3, num_val=1, size=32)
-    (broken / 'annotations' / 'training' / 'ADE_train_00000001.png').unlink()
-    msg = _error(tiny(broken, out), capsys)
-    assert 'do not match' in msg and 'ADE_train_00000001' in msg
-    msg = _error(['seg', 'train', '--recipe', 'upernet_cpolynext', '--data', str(ade)], capsys)
-    assert "unknown recipe 'upernet_cpolynext'. Did you mean 'upernet_cpolynext_s'" in msg
-    assert '`polynext seg train --list-recipes` lists them' in msg
-    assert "unknown model 'cpolynxt_t'" in _error(tiny(ade, out, '--backbone', 'cpolynxt_t'), capsys)
-    assert 'pass --data' in _error(['seg', 'train', '--recipe', 'upernet_cpolynext_s'], capsys)
-    assert "unknown config key 'hed_channels'" in _error(tiny(ade, out, '--set', 'hed_channels=3'), capsys)
-    assert 'cell_grad_clip applies to PolyNeXt' in _error(
-        tiny(ade, out, '--backbone', 'test_convnext', '--set', 'backbone_kwargs={}', '--set', 'cell_grad_clip=5'),
-        capsys)
-    assert 'not a multiple' in _error(tiny(ade, out, '--device-batch-size', '3'), capsys)
-    assert 'per-device batch of 1' in _error(tiny(ade, out, '--device-batch-size', '1'), capsys)
-    assert 'checkpoint not found' in _error(tiny(ade, out, '--initial-checkpoint', str(tmp_path / 'no.pt')), capsys)
-    assert 'checkpoint not found' in _error(['seg', 'eval', '--checkpoint', str(tmp_path / 'no.safetensors'),
-                                             '--data', str(ade)], capsys)
+def test_an_unreadable_training_image_past_max_corrupt_stops_the_run(tmp_path, capsys):
+    """(Bad inputs before a run starts: tests/test_bad_inputs.py.)"""
     # an unreadable training image: named, and past max_corrupt the run stops
     bad = write_ade20k_folder(tmp_path / 'bad', num_train=4, num_val=1, size=32)
     (bad / 'images' / 'training' / 'ADE_train_00000002.jpg').write_bytes(b'not a jpeg')

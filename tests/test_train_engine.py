@@ -105,8 +105,8 @@ def test_check_step_names_the_step_and_the_way_back():
     check_step(1.0, torch.tensor(3.0), epoch=1, step=0, global_step=0)
     with pytest.raises(NonFiniteError) as e:
         check_step(float('nan'), torch.tensor(1.0), epoch=4, step=17, global_step=99, resume_hint='Resume with X.')
-    assert str(e.value) == ('non-finite loss nan at epoch 4 batch 17 (optimizer step 100); the step was skipped and '
-                            'no checkpoint was written with these values. Resume with X.')
+    assert str(e.value) == ('non-finite loss nan at optimizer step 100 (epoch 5, batch 18); the step was skipped and '
+                            'no checkpoint holds these values. Resume with X.')
     with pytest.raises(NonFiniteError, match='non-finite gradient norm inf'):
         check_step(2.0, torch.tensor(float('inf')), epoch=1, step=0, global_step=0)
 

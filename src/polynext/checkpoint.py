@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -31,6 +32,7 @@ from .errors import CheckpointError
 __all__ = [
     'read_checkpoint', 'unwrap_state_dict', 'convert_to_model_layout', 'load_state_dict_strict', 'load_weights',
     'atomic_save', 'atomic_write', 'save_safetensors', 'read_safetensors_metadata', 'model_name',
+    'stale_temporary_files', 'remove_stale_temporary_files',
 ]
 
 _EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
@@ -42,7 +44,7 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
     """Load a checkpoint file (torch or safetensors) onto the CPU."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f'checkpoint not found: {path}')
+        raise CheckpointError(f'checkpoint not found: {path}; check the path')
     if path.is_dir():
         raise CheckpointError(f'{path} is a folder; pass the checkpoint file inside it')
     if path.stat().st_size == 0:
@@ -53,18 +55,27 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
             return load_file(str(path), device='cpu')
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(
-                f'cannot read {path} as safetensors ({type(e).__name__}: {e}); the file is truncated or corrupt') from None
+                f'cannot read {path} as safetensors ({type(e).__name__}: {e}); the file is truncated or corrupt: copy '
+                f'it again from where it came from, or check the path') from None
     try:
         return torch.load(str(path), map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f'cannot read {path} as a PyTorch checkpoint ({msg}); the file is truncated, corrupt or not a '
-            f'checkpoint. Download it again or check the path.') from None
-    except Exception as e:  # pickle.UnpicklingError for non-tensor objects under weights_only
-        raise CheckpointError(
-            f'{path} holds objects other than tensors and plain containers ({type(e).__name__}); '
-            f'polynext only loads weights (torch.load(weights_only=True)).') from None
+    except pickle.UnpicklingError as e:
+        # weights_only refuses both real objects ('Unsupported global: GLOBAL pathlib.PosixPath ...') and bytes
+        # that are no pickle at all ('Unsupported operand 250'): only the first is a file of objects
+        if 'unsupported global' not in str(e).lower():
+            raise _unreadable(path, e) from None
+        raise CheckpointError(        # a real pickle of objects that weights_only refuses to build
+            f'{path} holds objects other than tensors and plain containers; polynext only loads weights '
+            f'(torch.load(weights_only=True)): save the state_dict() instead') from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle and legacy-format readers raise many types
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(
+        f'cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {msg[:120]}); the file is truncated, '
+        f'corrupt or not a checkpoint: copy it again from where it came from, or check the path')
 
 
 def _looks_like_state_dict(obj: Any) -> bool:
@@ -162,9 +173,10 @@ def atomic_write(path: Union[str, Path], writer: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp creates 0600; give the file the usual permissions
     try:
         writer(tmp)
+        # mkstemp creates 0600 and some writers (safetensors) replace the file: the usual permissions, last
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -177,6 +189,33 @@ def atomic_write(path: Union[str, Path], writer: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+#: ``atomic_write``'s temporary files: ``.NAME.XXXXXXXX.tmp`` (``tempfile.mkstemp``'s 8 random characters)
+_TEMP_NAME = re.compile(r'^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$')
+
+
+def stale_temporary_files(folder: Union[str, Path]) -> List[Path]:
+    """``atomic_write``'s temporary files in ``folder`` (left by a process killed between writing and
+    renaming: nothing else removes them, and each can be as large as a checkpoint)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file())
+
+
+def remove_stale_temporary_files(folder: Union[str, Path]) -> List[Tuple[str, int]]:
+    """Remove ``stale_temporary_files(folder)``; returns [(name, size in bytes)] of what was removed. Call it
+    where no other process writes into ``folder`` at the same time (a run's main process)."""
+    removed = []
+    for p in stale_temporary_files(folder):
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append((p.name, size))
+    return removed
 
 
 def _umask() -> int:

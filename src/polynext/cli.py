@@ -65,16 +65,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     from .errors import PolyNeXtError
+    from .outputs import WRITE_ERRNOS
+    # under torchrun (RANK) or srun (SLURM_PROCID, before init_distributed set RANK) rank 0 alone reports an error
+    main_rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))) == 0
     try:
         return int(module.run(args) or 0)
     except PolyNeXtError as e:
-        # under torchrun (RANK) or srun (SLURM_PROCID, before init_distributed set RANK) rank 0 alone reports it
-        if int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))) == 0:
+        if main_rank:
             print(f'polynext {name}: error: {e}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f'polynext {name}: interrupted', file=sys.stderr)
+    except KeyboardInterrupt as e:   # a run's Interrupted says how to resume
+        if main_rank:
+            print(f'polynext {name}: interrupted' + (f'; {e}' if str(e) else ''), file=sys.stderr)
         return 130
+    except OSError as e:
+        # the file system refused something no check foresaw (a path, permissions, space): one line, not a traceback
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        if main_rank:
+            where = f'{e.filename}: ' if e.filename else ''
+            print(f'polynext {name}: error: {where}{e.strerror}; check the path, its permissions and the free '
+                  f'disk space', file=sys.stderr)
+        return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -41,7 +41,7 @@ def check_model_name(name: str) -> str:
     arch = name.split('.')[0]
     if timm.is_model(arch):
         return name
-    candidates = list_models() + timm.list_models()
+    candidates = list(dict.fromkeys(list_models() + timm.list_models()))   # polynext's are timm's too: once each
     close = difflib.get_close_matches(arch, candidates, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ''
     raise ConfigError(f"unknown model '{name}'.{hint} Run `polynext models` to list polynext's models.")
@@ -88,6 +88,11 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
             load_weights(model, checkpoint, prefer_ema=prefer_ema)
         return model
     check_model_name(name)
+    for key in kwargs:
+        if not key.isidentifier():    # timm drops None-valued arguments, so '{a:1}' (YAML: key 'a:1') would vanish
+            hint = (f"; in YAML write '{key.split(':')[0]}: {key.split(':', 1)[1]}' (a space after the colon)"
+                    if ':' in key else '')
+            raise ConfigError(f"{name}: argument {key!r} is not a name{hint}")
     from .models.metaformer_baselines import TIMM_ARCHS, create_timm_baseline
     build = create_timm_baseline if name.split('.')[0] in TIMM_ARCHS else timm.create_model
     try:

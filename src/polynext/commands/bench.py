@@ -73,9 +73,14 @@ def run(args: argparse.Namespace) -> int:
                          resolve_device)
     from ..factory import check_model_name
 
+    from ..outputs import check_output_file
+
     # cheap checks first, so that a typo does not cost a re-exec and a minute of measuring
     for name in args.models:
         check_model_name(name)
+    for flag, path in (('--json', args.json), ('--plot', args.plot)):
+        if path:
+            check_output_file(path, flag)
     resolve_device(args.device)
     common, per_target = parse_model_kwargs(args.model_kwargs)
     specs = model_specs(args.models, common, per_target)

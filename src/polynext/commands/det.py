@@ -89,6 +89,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ..det.evaluation import evaluate_checkpoint, score_results
+    from ..outputs import check_output_file, check_output_folder
+    if args.output:
+        check_output_folder(args.output)
+    if args.json:
+        check_output_file(args.json, '--json')
     if args.results:
         res = score_results(args.results, data=args.data, dataset=args.dataset, output=args.output)
     else:
@@ -107,6 +112,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _cost(args: argparse.Namespace) -> int:
     from ..det.cost import COST_SIZES, PAPER_TABLE9, detector_costs, format_costs
+    from ..outputs import check_output_file
+    if args.json:
+        check_output_file(args.json, '--json')
     recipes = list(args.recipe) or ([] if args.backbone else list(PAPER_TABLE9))
     kinds = list(args.detector) or ['mask_rcnn', 'cascade_mask_rcnn']
     sizes = [tuple(s) for s in args.size] or list(COST_SIZES)

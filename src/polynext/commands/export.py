@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,6 +137,18 @@ def run(args: argparse.Namespace) -> int:
                           'loading with polynext.fold_for_inference)')
     if fmt == 'hub' and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f'{out} exists and is not empty; choose a new folder or pass --overwrite')
+    from ..outputs import check_output_file, check_output_folder
+    # every path before the export and its checks, which take minutes: a failure after them would waste them
+    if fmt == 'hub':
+        check_output_folder(out, 'OUTPUT')
+    else:
+        check_output_file(out, 'OUTPUT')
+        for given in (args.model, args.checkpoint):
+            if given and out.exists() and Path(given).is_file() and os.path.samefile(out, given):
+                raise ConfigError(f'OUTPUT {out} is the input file {given}; pass another output path (export never '
+                                  f'overwrites its input)')
+    if args.json:
+        check_output_file(args.json, '--json')
 
     model, arch, kwargs, meta, has_weights = _load(args)
     if not has_weights:

@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_file
+    for flag in ('json', 'plot'):            # before the analysis or the encrypted run, which take minutes
+        if getattr(args, flag, None):
+            check_output_file(getattr(args, flag), f'--{flag}')
     return {'analyze': _analyze, 'demo': _demo, 'openfhe': _openfhe, 'moonshot': _moonshot}[args.action](args)
 
 
@@ -65,7 +69,7 @@ def _analyze(args) -> int:
     calibrated_norms = False
     if path.suffix in ('.safetensors', '.pt', '.pth') or path.is_file():
         if not path.is_file():
-            raise ConfigError(f'checkpoint not found: {path}')
+            raise ConfigError(f'checkpoint not found: {path}; check the path, or pass a registered bn model name')
         from ..fhe.demo import load_demo_model
         model, meta = load_demo_model(str(path))
         name = f"{meta.get('architecture')} ({path.name})"

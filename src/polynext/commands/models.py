@@ -35,7 +35,17 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_source
     from ..profile import count_macs, count_params
 
+    if args.json:
+        from ..outputs import check_output_file
+        check_output_file(args.json, '--json')
     names = list_models(args.filter)
+    if not names:
+        import difflib
+
+        from ..errors import ConfigError
+        close = difflib.get_close_matches(args.filter, list_models(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ''
+        raise ConfigError(f"no model name contains '{args.filter}'.{hint} `polynext models` lists them all.")
     rows = []
     for name in tqdm(names, desc='counting', disable=len(names) < 4, leave=False):
         model = _build(name)
@@ -61,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     for t in table:
         print('  '.join(c.ljust(w) for c, w in zip(t, widths)))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=2)
+        from pathlib import Path
+
+        from ..checkpoint import atomic_write
+        text = json.dumps(rows, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0

@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f'--batch-size must be at least 1, got {args.batch_size}')
     data = RobustnessData(val=args.val, imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a,
                           imagenet_r=args.imagenet_r, sketch=args.sketch)
-    for name in args.model:                                   # cheap checks first: names, then folders
+    from ..outputs import check_output_folder
+    for name in args.model:                                   # cheap checks first: names, output, then folders
         check_model_name(name)
+    check_output_folder(args.output)
     plan_cells(data, allow_partial=args.allow_partial)        # bad folders fail before any model is built
     checkpoints = args.checkpoint or [None] * len(args.model)
     labels = _labels(args.model, args.checkpoint)

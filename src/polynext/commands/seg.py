@@ -88,9 +88,18 @@ def _train(args: argparse.Namespace) -> int:
     return run_recipe(args, SEG_PRESETS, train_segmentation, _TRAIN_FLAGS)
 
 
+def _write_json(path: str, data) -> None:
+    from ..checkpoint import atomic_write
+    text = json.dumps(data, indent=1, allow_nan=True) + '\n'
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_file
     from ..seg import evaluate_checkpoint
     from ..seg.metrics import format_per_class
+    if args.json:
+        check_output_file(args.json, '--json')
     res = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, mode=args.mode, crop=args.crop,
                               stride=args.stride, window_batch=args.window_batch, device=args.device,
                               workers=args.workers, limit=args.limit, show_progress=not args.no_progress)
@@ -99,17 +108,20 @@ def _eval(args: argparse.Namespace) -> int:
             print(format_per_class(res.metrics))
         print(res.summary())
         if args.json:
-            Path(args.json).write_text(json.dumps(res.as_dict(), indent=1, allow_nan=True) + '\n')
+            _write_json(args.json, res.as_dict())
     return 0
 
 
 def _cost(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_file
     from ..seg import PAPER_COST, format_costs, segmentor_costs
+    if args.json:
+        check_output_file(args.json, '--json')
     recipes = list(args.recipe) or ([] if args.backbone else list(PAPER_COST))
     rows = segmentor_costs(list(args.backbone), recipes, tuple(args.size), args.num_classes, progress=True)
     print(format_costs(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + '\n')
+        _write_json(args.json, rows)
     return 0
 
 

@@ -212,6 +212,8 @@ def check_detector(spec: DetectorSpec, checkpoint: Optional[Union[str, Path, Map
         try:
             body = build_feature_body(spec.backbone, spec.backbone_kwargs, 0.0, checkpoint, task=name)
         except CheckpointError as e:
+            if '--backbone' in str(e):      # it already names the backbone to pass
+                raise
             raise CheckpointError(f'{str(e).rstrip(".")}; the initial checkpoint must hold classification weights of '
                                   f'{spec.backbone} (or pass the --backbone it was trained as)') from None
     else:

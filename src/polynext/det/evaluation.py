@@ -50,8 +50,20 @@ def _weights_file(path: Path) -> Path:
         raise CheckpointError(f'no best.safetensors, last.safetensors or last.state.pt in {path}; pass a checkpoint '
                               f'written by polynext det train')
     if not path.is_file():
-        raise CheckpointError(f'checkpoint not found: {path}')
+        raise CheckpointError(f'checkpoint not found: {path}; check the path')
     return path
+
+
+def _not_a_detector(path: Path, meta: Dict[str, Any]) -> str:
+    """Why ``path`` cannot be evaluated as a detector, and what to do with it instead."""
+    if meta.get('architecture'):
+        from ..seg.segmentor import classifier_next_steps
+        name = meta['architecture']
+        return f'{path} is a classifier ({name}), not a detector: {classifier_next_steps(path, name, "det")}'
+    if meta.get('segmentor'):
+        return f'{path} is a segmentor, not a detector: evaluate it with `polynext seg eval --checkpoint {path}`'
+    return (f'{path} holds no detection config (it was not written by `polynext det train`); pass a run folder of '
+            f'`polynext det train` or a file in it')
 
 
 def checkpoint_config(path: Union[str, Path]):
@@ -62,17 +74,25 @@ def checkpoint_config(path: Union[str, Path]):
     path = _weights_file(Path(path))
     if path.suffix == '.safetensors':
         meta = read_safetensors_metadata(path)
+        if not meta:
+            read_checkpoint(path)      # an unreadable file gets its own message (truncated or corrupt)
         saved, cat_ids = meta.get('polynext_det_config'), meta.get('category_ids')
+        about = dict(architecture=meta.get('architecture'), segmentor='polynext_segmentor' in meta)
     else:
         state = read_checkpoint(path)
-        saved = state.get('config') if isinstance(state, dict) else None
-        cat_ids = state.get('category_ids') if isinstance(state, dict) else None
+        state = state if isinstance(state, dict) else {}
+        fmt = str(state.get('format', ''))
+        saved = state.get('config') if fmt.startswith('polynext.det') else None
+        cat_ids = state.get('category_ids')
+        config = state.get('config') if isinstance(state.get('config'), dict) else {}
+        about = dict(architecture=config.get('model') if fmt.startswith('polynext.train') else None,
+                     segmentor=fmt.startswith('polynext.seg'))
     if isinstance(saved, str):
         saved = json.loads(saved)
     if isinstance(cat_ids, str):
         cat_ids = json.loads(cat_ids)
     if not isinstance(saved, dict):
-        raise CheckpointError(f'{path} holds no detection config; it is not a checkpoint written by polynext det train')
+        raise CheckpointError(_not_a_detector(path, about))
     known = {f.name for f in dataclasses.fields(DetConfig)}
     cfg = apply_overrides(DetConfig(), {k: v for k, v in saved.items() if k in known}, source=str(path))
     return cfg, list(cat_ids or []), path

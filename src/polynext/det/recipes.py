@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from ..engine.config import check_device, check_fields
 from ..engine.memory import BatchLayout
+from ..engine.nonfinite import NonFinitePolicy
 from ..engine.precision import AMP_CHOICES
 from ..engine.presets import PresetTable
 from ..errors import ConfigError
@@ -104,6 +105,9 @@ class DetConfig:
     custom_keys: Dict[str, Any] = field(default_factory=dict)   # mmcv custom_keys: lr_mult / decay_mult
     clip_grad: Optional[float] = None
     cell_grad_clip: Optional[float] = None       # PolyNeXt per-cell gradient clipping
+    on_nonfinite: str = 'stop'                   # at a NaN / inf loss or gradient: stop | skip | rollback
+    nonfinite_limit: int = 3                     # skip: steps in a row; rollback: rollbacks per run (then stop)
+    rollback_lr_factor: float = 0.5              # rollback: lr multiplier at each rollback
     # ---- schedule ----
     epochs: int = 36
     lr_steps: Tuple[int, ...] = (27, 33)         # epochs after which lr × lr_gamma
@@ -175,6 +179,7 @@ class DetConfig:
                                   f"Y}}}} with non-negative numbers")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"bad value for 'clip_grad': {self.clip_grad}; positive or null")
+        NonFinitePolicy.check_config(self)
         self.spec(self.num_classes or 1).validate()
         return self
 

@@ -39,7 +39,7 @@ from ..engine.distributed import DistEnv, all_gather_objects, broadcast_object
 from ..engine.memory import BatchLayout, oom_advice
 from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
-from ..engine.run import launch, plan_run, progress, start_run
+from ..engine.run import TUNABLE_ON_RESUME, launch, plan_run, progress, start_run
 from ..engine.session import Session
 from ..engine.step import TrainStep
 from ..errors import ConfigError, DataError
@@ -222,7 +222,6 @@ class DetTrainer:
         self.session = Session(state_format=STATE_FORMAT, recipe=recipe, config=cfg, env=env, run=self.run,
                                step=self.step, scheduler=scheduler, classes=self.classes, corrupt=corrupt,
                                best=dict(bbox_AP=-1.0, epoch=None))
-        self.step.resume_hint = self.session.resume_hint('polynext det train', cfg.lr)
         self.last_eval: Dict[str, Any] = {}
         if resume_state is not None:
             self.session.check_classes(resume_state.get('classes'), self.train_source.description)
@@ -432,10 +431,12 @@ def train_detection(cfg: DetConfig, recipe: str, resume: Optional[str] = None, f
         train_src, _ = build_sources(cfg)
         check_detector(cfg.spec(cfg.num_classes or len(train_src.classes)), cfg.initial_checkpoint)
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
-                    command='polynext det train', resume=resume, fresh=fresh, explicit=explicit)
+                    command='polynext det train', resume=resume, fresh=fresh, explicit=explicit,
+                    tunable_keys=TUNABLE_ON_RESUME + ('cell_grad_clip',))
 
-    result = launch(plan, lambda env: DetTrainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
-                                                 show_progress=show_progress, quiet=quiet).fit(),
+    result = launch(plan, lambda env, plan: DetTrainer(plan.config, plan.recipe, plan.path, env,
+                                                       resume_state=plan.state, show_progress=show_progress,
+                                                       quiet=quiet).fit(),
                     progress=('epochs_done', plan.config.epochs, 'epochs'),
                     best=lambda b: f'best box AP {b.get("bbox_AP", float("nan")):.2f}', quiet=quiet)
     result.setdefault('last_eval', {})

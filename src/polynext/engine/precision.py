@@ -66,6 +66,12 @@ class Precision:
         else:
             optimizer.step()
 
+    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Leave out an optimizer step after ``unscale_`` (a non-finite step that the run skips): fp16's scaler
+        still updates its scale (and lowers it, having seen the non-finite gradients)."""
+        if self.scaler is not None:
+            self.scaler.update()
+
     def state_dict(self) -> Optional[Dict[str, Any]]:
         return self.scaler.state_dict() if self.scaler is not None else None
 

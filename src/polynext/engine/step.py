@@ -13,9 +13,12 @@ A task's loop stays explicit; ``TrainStep`` does the parts that do not depend on
             step.optimizer_step(float(loss), epoch=epoch, batch=k)
 
 ``optimizer_step``: unscale (fp16), global-norm clip (``clip_grad``; without it the norm is still
-measured), the non-finite check that stops the run before the weights change (fp16 overflow is
-the scaler's business: it skips the step), the optimizer step, ``zero_grad``, the gradient norm
-into the meters (finite only), the EMA update and ``global_step + 1``.
+measured), the non-finite check before the weights change (fp16 overflow is the scaler's business:
+it skips the step) and the run's ``NonFinitePolicy`` (``stop`` raises ``NonFiniteError`` with the
+recovery command of ``resume_hint``; ``skip`` leaves the step out, up to ``limit`` in a row; ``rollback``
+raises for ``engine.run.launch`` to go back to the last checkpoint), the optimizer step, ``zero_grad``,
+the gradient norm into the meters (finite only), the EMA update and ``global_step + 1`` (a skipped
+step counts too, as the fp16 scaler's skipped steps do, so that iteration-counted loops stay in step).
 
 The model may be wrapped in ``DistributedDataParallel`` (``wrap_model``): gradients are then
 all-reduced on the last micro-batch of each step only, so every rank sees the same norm and all
@@ -33,7 +36,7 @@ from .distributed import DistEnv
 from .ema import EmaTracker
 from .memory import BatchLayout, oom_advice
 from .metrics import Meters
-from .nonfinite import check_step
+from .nonfinite import NonFiniteError, NonFinitePolicy, nonfinite_what, where
 from .precision import Precision
 
 __all__ = ['TrainStep', 'unwrap', 'wrap_model']
@@ -66,7 +69,8 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, layout: BatchLayout,
                  meters: Meters, *, device: torch.device, clip_grad: Optional[float] = None,
                  channels_last: bool = False, ema: Optional[EmaTracker] = None,
-                 resume_hint: Callable[[], str] = lambda: ''):
+                 resume_hint: Callable[[], str] = lambda: '', nonfinite: NonFinitePolicy = NonFinitePolicy(),
+                 log: Optional[Callable[[str], None]] = None):
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
@@ -77,6 +81,10 @@ class TrainStep:
         self.channels_last = channels_last
         self.ema = ema
         self.resume_hint = resume_hint
+        self.nonfinite = nonfinite
+        self.log = log
+        self.nonfinite_in_a_row = 0   # non-finite steps skipped in a row (policy 'skip')
+        self.skipped_steps = 0        # ... in this process, in all
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.global_step = 0          # optimizer steps taken
 
@@ -113,15 +121,18 @@ class TrainStep:
         self.precision.backward(loss / self.layout.accumulation)
 
     def optimizer_step(self, loss: float, *, epoch: int, batch: int) -> float:
-        """Unscale, clip, check, step, EMA (see the module doc); returns the gradient norm.
+        """Unscale, clip, check, step, EMA (see the module doc); returns the gradient norm (NaN: skipped).
 
         ``epoch`` (0-based) is the epoch (or pass over the data) and ``batch`` the micro-batch within it:
         they date a non-finite value in the message and gate the EMA's start."""
         self.precision.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # fp16: an infinite gradient is the scaler's business (it skips the step and lowers the scale)
-        check_step(loss, norm if self.precision.scaler is None else 0.0, epoch=epoch + 1, step=batch,
-                   global_step=self.global_step, resume_hint=self.resume_hint())
+        what = nonfinite_what(loss, norm if self.precision.scaler is None else 0.0)
+        if what is not None:
+            self._non_finite(what, epoch, batch)
+            return float('nan')
+        self.nonfinite_in_a_row = 0
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -129,3 +140,24 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.module, epoch)
         return float(norm)
+
+    def _non_finite(self, what: str, epoch: int, batch: int) -> None:
+        """The policy at a non-finite loss / gradient norm: skip the step, or raise ``NonFiniteError``."""
+        at = where(epoch, batch, self.global_step)
+        policy = self.nonfinite
+        self.nonfinite_in_a_row += 1
+        if policy.action == 'skip' and self.nonfinite_in_a_row <= policy.limit:
+            self.precision.skip(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            self.skipped_steps += 1
+            if self.log is not None:
+                self.log(f'warning: non-finite {what} at {at}; step skipped ({self.nonfinite_in_a_row} in a row, '
+                         f'the run stops after {policy.limit}: nonfinite_limit)')
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        head = f'non-finite {what} at {at}; the step was skipped and no checkpoint holds these values.'
+        if policy.action == 'skip':
+            head = (f'non-finite {what} at {at}, {self.nonfinite_in_a_row} optimizer steps in a row (more than '
+                    f'nonfinite_limit={policy.limit}); the run stopped and no checkpoint holds these values.')
+        raise NonFiniteError(f'{head} {self.resume_hint()}'.rstrip(), rollback=policy.action == 'rollback')

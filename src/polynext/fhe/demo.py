@@ -49,7 +49,8 @@ def load_demo_model(weights: Optional[str] = None, train: bool = False, output: 
     if meta.get('architecture') is None or not isinstance(meta.get('model_kwargs'), dict):
         raise ConfigError(f'{path} has no polynext metadata (architecture / model_kwargs): pass a run folder\'s '
                           f'best.safetensors')
-    model = create_model(meta['architecture'], num_classes=int(meta.get('num_classes', 10)), **meta['model_kwargs'])
+    num_classes = meta.get('num_classes') or len(meta.get('classes') or []) or 10
+    model = create_model(meta['architecture'], num_classes=int(num_classes), **meta['model_kwargs'])
     load_weights(model, path)
     return model.eval(), meta
 

@@ -34,7 +34,8 @@ from timm.layers import ConvNormAct, Mlp, PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import metaformer as timm_metaformer
 from timm.models.metaformer import (
-    GroupNorm1NoBias, LayerNorm2dNoBias, MetaFormer, MetaFormerBlock, MlpHead, SquaredReLU, StarReLU,
+    Attention, GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, MetaFormerBlock, MlpHead, SepConv,
+    SquaredReLU, StarReLU,
 )
 
 from ..errors import CheckpointError, ConfigError
@@ -44,7 +45,7 @@ __all__ = [
     'StarReLUVariant', 'StarReLUScaleOnly', 'StarReLUBiasOnly', 'StarReLUFixed', 'StarReLUFixedScaleOnly',
     'StarReLUFixedBiasOnly', 'ACTIVATIONS', 'BRANCH_SCALES', 'METAFORMER_ABLATIONS', 'MetaFormerOptions',
     'AUTHORS_HEAD_NORM_EPS', 'apply_authors_head', 'create_timm_baseline', 'resample_random_matrix',
-    'checkpoint_filter_fn', 'match_checkpoint', 'BASELINE_ARCHS', 'TIMM_ARCHS', 'METAFORMER_MODELS',
+    'checkpoint_filter_fn', 'match_checkpoint', 'BASELINE_ARCHS', 'TIMM_ARCHS', 'TIMM_BASELINE_ARCHS', 'METAFORMER_MODELS',
 ]
 
 #: ``nn.LayerNorm``'s default, which the authors' MlpHead uses (timm's MlpHead uses 1e-6).
@@ -571,12 +572,27 @@ BASELINE_ARCHS['identityformer_s_iso'] = BaselineArch(IsotropicMetaFormer, dict(
 BASELINE_ARCHS['identityformer_s_iso_convstem'] = BaselineArch(IsotropicMetaFormer, dict(
     depth=12, dim=384, mlp_ratio=6.0, stem='conv', token_mixers=nn.Identity, **_BASIC))
 
+_SEPCONV_SIZES = {
+    's18': dict(depths=(3, 3, 9, 3), dims=(64, 128, 320, 512)),
+    's36': dict(depths=(3, 12, 18, 3), dims=(64, 128, 320, 512)),
+    'm36': dict(depths=(3, 12, 18, 3), dims=(96, 192, 384, 576)),
+    'b36': dict(depths=(3, 12, 18, 3), dims=(128, 256, 512, 768)),
+}
+#: the published configurations of timm's own registered MetaFormer baselines (the arguments their timm entry
+#: points pass to ``MetaFormer``; ``tests/test_metaformer_baselines.py`` checks them against timm). timm's entry
+#: points fix these arguments, so a model with other ones (a narrow ``dims``, other ``depths``) is built from
+#: here with the caller's arguments on top.
+TIMM_BASELINE_ARCHS: Dict[str, Dict[str, Any]] = {
+    **{f'poolformerv2_{s}': dict(a, norm_layers=GroupNorm1NoBias, use_mlp_head=False)
+       for s, a in _HIERARCHICAL_SIZES.items()},
+    **{f'convformer_{s}': dict(a, token_mixers=SepConv, norm_layers=LayerNorm2dNoBias)
+       for s, a in _SEPCONV_SIZES.items()},
+    **{f'caformer_{s}': dict(a, token_mixers=[SepConv, SepConv, Attention, Attention],
+                             norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2)
+       for s, a in _SEPCONV_SIZES.items()},
+}
 #: timm's own registered MetaFormer baselines, listed by polynext (paper order).
-TIMM_ARCHS: Tuple[str, ...] = (
-    *(f'poolformerv2_{s}' for s in _HIERARCHICAL_SIZES),
-    *(f'convformer_{s}' for s in ('s18', 's36', 'm36', 'b36')),
-    *(f'caformer_{s}' for s in ('s18', 's36', 'm36', 'b36')),
-)
+TIMM_ARCHS: Tuple[str, ...] = tuple(TIMM_BASELINE_ARCHS)
 _SEPCONV_FAMILIES = ('convformer', 'caformer')
 
 #: every MetaFormer baseline polynext offers, in the paper's order (Tables 3, 4, 5).
@@ -618,12 +634,17 @@ def create_timm_baseline(name: str, pretrained: bool = False, **kwargs) -> nn.Mo
     (``MetaFormerOptions``: ``act``, ``branch_scale``, ``block_bias``, ``head_dropout``,
     ``head_norm_eps``). MLP heads get the authors' LayerNorm eps 1e-5 unless ``head_norm_eps`` says
     otherwise. ``polynext.create_model`` calls this for these models."""
-    arch = name.split('.')[0]
+    arch, _, tag = name.partition('.')
     if arch not in TIMM_ARCHS:
         raise ConfigError(f'{name} is not one of timm\'s MetaFormer baselines ({", ".join(TIMM_ARCHS)})')
     opts = MetaFormerOptions.pop(kwargs)
     kwargs.update(opts.constructor_kwargs(4, _scaled_stages(4), has_sepconv=arch.startswith(_SEPCONV_FAMILIES)))
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    published = TIMM_BASELINE_ARCHS[arch]
+    if set(kwargs) & set(published):   # e.g. a narrow dims=: timm's entry point would pass dims twice
+        model = timm_metaformer._create_metaformer(arch, pretrained=pretrained, pretrained_cfg=tag or None,
+                                                   **dict(published, **kwargs))
+    else:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     opts.apply(model, arch)
     # timm's own constructor cannot rebuild these options: polynext.save_pretrained records them
     model.polynext_options = {f.name: getattr(opts, f.name) for f in fields(opts) if getattr(opts, f.name) != f.default}
@@ -643,7 +664,7 @@ def _checkpoint_family(state_dict: Dict[str, Any]) -> Tuple[str, ...]:
         return ('caformer',)
     if '.pwconv1.' in keys:
         return ('convformer',)
-    if 'token_mixer.' in keys:
+    if 'token_mixer.' in keys or 'stages.' not in keys:       # no MetaFormer stages (either layout): none fits
         return ()
     return ('identityformer', 'poolformerv2')   # no mixer weights: identity and pooling look the same
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, remove_stale_temporary_files
 from ..engine.data import readable_batches
 from ..engine.distributed import all_reduce_sums, is_main, rank, world_size
 from ..engine.run import progress
@@ -189,6 +189,8 @@ class ResultStore:
         self.path = Path(folder) / self.FILE
         self.writable = writable
         self.cells: Dict[str, dict] = {}
+        if writable:          # a write killed before its rename left its temporary file: nothing else removes it
+            remove_stale_temporary_files(self.path.parent)
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())

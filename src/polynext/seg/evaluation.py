@@ -61,7 +61,8 @@ def checkpoint_config(path: Union[str, Path]):
         saved = read_safetensors_metadata(path).get('polynext_seg_config') or {}
     elif path.is_file():
         state = read_checkpoint(path)
-        saved = dict(state.get('config') or {}) if isinstance(state, dict) else {}
+        if isinstance(state, dict) and str(state.get('format', '')).startswith('polynext.seg'):
+            saved = dict(state.get('config') or {})     # (another task's state: load_segmentor says what it is)
     known = {f.name for f in dataclasses.fields(SegConfig)}
     return apply_overrides(SegConfig(), {k: v for k, v in saved.items() if k in known}, source=str(path))
 

@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from ..engine.config import check_device, check_fields
 from ..engine.memory import BatchLayout
+from ..engine.nonfinite import NonFinitePolicy
 from ..engine.precision import AMP_CHOICES
 from ..engine.presets import PresetTable
 from ..errors import ConfigError
@@ -114,6 +115,9 @@ class SegConfig:
     decay_backbone_norms: bool = True            # false: also no decay on parameters named *norm*
     clip_grad: Optional[float] = None            # global L2 norm; None: off
     cell_grad_clip: Optional[float] = None       # PolyNeXt per-cell gradient clipping (APolyNeXt: 5)
+    on_nonfinite: str = 'stop'                   # at a NaN / inf loss or gradient: stop | skip | rollback
+    nonfinite_limit: int = 3                     # skip: steps in a row; rollback: rollbacks per run (then stop)
+    rollback_lr_factor: float = 0.5              # rollback: lr multiplier at each rollback
     # ---- schedule ----
     iters: int = 160000
     warmup_iters: int = 1500
@@ -176,9 +180,11 @@ class SegConfig:
             raise ConfigError(f"bad value for 'ratio_range': {list(self.ratio_range)}; need 0 < min <= max")
         BatchLayout.check(self.batch_size, self.device_batch_size)
         if self.warmup_iters >= self.iters and self.warmup_iters:
-            raise ConfigError(f'warmup_iters {self.warmup_iters} must be below iters {self.iters}')
+            raise ConfigError(f'warmup_iters {self.warmup_iters} must be below iters {self.iters}; pass '
+                              f'--set warmup_iters={self.iters // 2} (or 0 for none), or more --iters')
         if self.min_lr > self.lr:
-            raise ConfigError(f'min_lr {self.min_lr} is larger than lr {self.lr}')
+            raise ConfigError(f'min_lr {self.min_lr} is larger than lr {self.lr}; lower it too (--set min_lr=...)')
+        NonFinitePolicy.check_config(self)
         for key, rule in self.custom_keys.items():
             if not isinstance(rule, Mapping) or not set(rule) <= {'lr_mult', 'decay_mult'} or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in rule.values()):

@@ -104,7 +104,8 @@ class SegmentationBackbone(nn.Module):
         if None in take:
             raise ConfigError(
                 f"backbone '{name}' gives features at strides {reductions}; {task} needs strides "
-                f"{list(REQUIRED_STRIDES)} (low-resolution models such as cpolynext_lr do not have them)")
+                f"{list(REQUIRED_STRIDES)} (low-resolution models such as cpolynext_lr do not have them); choose a "
+                f"four-stage backbone such as cpolynext_t or convformer_s18")
         self.body = body
         self.take = take
         self.channels = [channels[i] for i in take]
@@ -160,6 +161,23 @@ class UperNet(nn.Module):
         return True
 
 
+def _checkpoint_architecture(checkpoint: Union[str, Path, Mapping[str, Any]]) -> Optional[str]:
+    """The classifier a polynext checkpoint says it holds (safetensors metadata, or a training state's config);
+    None where it does not say."""
+    from ..checkpoint import read_safetensors_metadata
+    if isinstance(checkpoint, (str, Path)):
+        name = read_safetensors_metadata(checkpoint).get('architecture')
+    elif str(checkpoint.get('format', '')).startswith('polynext.train') and isinstance(checkpoint.get('config'), Mapping):
+        name = checkpoint['config'].get('model')
+    else:
+        name = None
+    return name if isinstance(name, str) else None
+
+
+def _describe(checkpoint: Union[str, Path, Mapping[str, Any]]) -> str:
+    return str(checkpoint) if isinstance(checkpoint, (str, Path)) else 'the checkpoint'
+
+
 def build_feature_body(backbone: str, backbone_kwargs: Optional[Mapping[str, Any]] = None, drop_path: float = 0.0,
                        checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None,
                        prefer_ema: bool = True, task: str = 'UperNet') -> nn.Module:
@@ -174,6 +192,10 @@ def build_feature_body(backbone: str, backbone_kwargs: Optional[Mapping[str, Any
             raise ConfigError(f"backbone_kwargs may not set '{forbidden}' (the {task} model sets it)")
     load_kw: Dict[str, Any] = {}
     if checkpoint is not None:
+        trained_as = _checkpoint_architecture(checkpoint)
+        if trained_as and trained_as != backbone:
+            raise CheckpointError(f'{_describe(checkpoint)} holds {trained_as} weights, not {backbone}: pass '
+                                  f'--backbone {trained_as}, or a checkpoint of {backbone}')
         # strict load into the full classifier: any layout, class count from the checkpoint, clear errors
         full = _create(backbone, checkpoint=checkpoint, prefer_ema=prefer_ema, **kw)
         n_cls = int(getattr(full, 'num_classes', 0) or 0)
@@ -216,6 +238,40 @@ def spec_metadata(spec: SegmentorSpec) -> Dict[str, str]:
     return {'polynext_segmentor': json.dumps(spec.to_dict())}
 
 
+def gives_dense_features(backbone: str) -> bool:
+    """Whether ``backbone`` has stages at strides 4, 8, 16 and 32 (what UperNet and FPN need); built on the meta
+    device (no memory, no initialisation) where the model allows it."""
+    try:
+        try:
+            with torch.device('meta'):
+                body = build_feature_body(backbone)
+        except (RuntimeError, NotImplementedError, CheckpointError):   # models that initialise from tensors
+            body = build_feature_body(backbone)
+    except Exception:  # noqa: BLE001 - an unknown or unbuildable name gives no dense features
+        return False
+    return set(REQUIRED_STRIDES) <= set(body.feature_info.reduction())
+
+
+def classifier_next_steps(path: Path, classifier: str, command: str) -> str:
+    """What to do with the classifier checkpoint ``path`` given to a dense-prediction ``command`` (``seg`` or
+    ``det``): validate it, and train on it where its backbone has the strides the task needs."""
+    steps = f'evaluate it with `polynext validate --checkpoint {path}`'
+    task = dict(seg='segmentor', det='detector')[command]
+    if gives_dense_features(classifier):
+        return (f'{steps}, or train a {task} on it with `polynext {command} train --backbone {classifier} '
+                f'--initial-checkpoint {path}`')
+    return f'{steps} ({classifier} has no stride-4/8/16/32 stages, so it cannot be the backbone of a {task})'
+
+
+def _not_a_segmentor(path: Path, classifier: Optional[str]) -> str:
+    """Why ``path`` cannot be evaluated as a segmentor, and what to do with it instead."""
+    if classifier:
+        return f'{path} is a classifier ({classifier}), not a segmentor: ' + classifier_next_steps(path, classifier,
+                                                                                                    'seg')
+    return (f'{path} holds no segmentor (it was not written by `polynext seg train`); pass a run folder of '
+            f'`polynext seg train` or a file in it')
+
+
 def load_segmentor(path: Union[str, Path], spec: Optional[SegmentorSpec] = None) -> UperNet:
     """A trained segmentor from a ``.safetensors`` (spec in its metadata) or ``*.state.pt`` file."""
     from ..checkpoint import load_state_dict_strict, read_checkpoint
@@ -232,18 +288,20 @@ def load_segmentor(path: Union[str, Path], spec: Optional[SegmentorSpec] = None)
         sd = obj
         if spec is None:
             from ..checkpoint import read_safetensors_metadata
-            description = read_safetensors_metadata(path).get('polynext_segmentor')
+            meta = read_safetensors_metadata(path)
+            description = meta.get('polynext_segmentor')
             if not isinstance(description, dict):
-                raise CheckpointError(f'{path} holds no segmentor description (metadata polynext_segmentor); '
-                                      f'pass --backbone and --num-classes to say which model it is')
+                raise CheckpointError(_not_a_segmentor(path, meta.get('architecture')))
             spec = SegmentorSpec.from_dict(description)
     else:
         if not isinstance(obj, dict) or 'model' not in obj:
-            raise CheckpointError(f'{path} is neither a segmentor weights file (.safetensors) nor a training state')
+            raise CheckpointError(f'{path} is neither a segmentor weights file (.safetensors) nor a training state; '
+                                  f'pass a run folder of `polynext seg train` or a file in it')
         sd = obj['model']
         if spec is None:
             if 'spec' not in obj:
-                raise CheckpointError(f'{path} is not a polynext segmentation training state')
+                config = obj.get('config') if isinstance(obj.get('config'), dict) else {}
+                raise CheckpointError(_not_a_segmentor(path, config.get('model')))
             spec = SegmentorSpec.from_dict(obj['spec'])
     model = build_segmentor(dataclasses.replace(spec, drop_path=0.0))
     load_state_dict_strict(model, sd)

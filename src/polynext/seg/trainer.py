@@ -40,7 +40,7 @@ from ..engine.distributed import DistEnv, all_gather_objects
 from ..engine.memory import BatchLayout, oom_advice
 from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
-from ..engine.run import launch, plan_run, progress, start_run
+from ..engine.run import TUNABLE_ON_RESUME, launch, plan_run, progress, start_run
 from ..engine.session import Session
 from ..engine.step import TrainStep
 from ..errors import ConfigError, DataError
@@ -211,7 +211,6 @@ class SegTrainer:
         self.session = Session(state_format=STATE_FORMAT, recipe=recipe, config=cfg, env=env, run=self.run,
                                step=self.step, scheduler=scheduler, classes=self.classes, corrupt=corrupt,
                                best=dict(mIoU=-1.0, iteration=None))
-        self.step.resume_hint = self.session.resume_hint('polynext seg train', cfg.lr)
         self.last_eval: Dict[str, Any] = {}
         if resume_state is not None:
             if 'global_step' not in resume_state:   # a state written before the shared engine (polynext 0.1.0)
@@ -435,10 +434,12 @@ def train_segmentation(cfg: SegConfig, recipe: str, resume: Optional[str] = None
         raise ConfigError(f"recipe '{recipe}' trains on ADE20K: pass --data PATH/ADEChallengeData2016 (or run "
                           f"`polynext seg train` with no arguments for the generated demo set)")
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
-                    command='polynext seg train', resume=resume, fresh=fresh, explicit=explicit)
+                    command='polynext seg train', resume=resume, fresh=fresh, explicit=explicit,
+                    tunable_keys=TUNABLE_ON_RESUME + ('cell_grad_clip',))
 
-    result = launch(plan, lambda env: SegTrainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
-                                                 show_progress=show_progress, quiet=quiet).fit(),
+    result = launch(plan, lambda env, plan: SegTrainer(plan.config, plan.recipe, plan.path, env,
+                                                       resume_state=plan.state, show_progress=show_progress,
+                                                       quiet=quiet).fit(),
                     progress=('iteration', plan.config.iters, 'iterations'),
                     best=lambda b: f'best mIoU {b.get("mIoU", float("nan")):.2f}', quiet=quiet)
     result.setdefault('last_eval', {})

@@ -34,6 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..engine.config import check_device, check_fields
 from ..engine.ema import EMA_INITS
 from ..engine.memory import BatchLayout
+from ..engine.nonfinite import NonFinitePolicy
 from ..engine.precision import AMP_CHOICES
 from ..engine.presets import FidelityFlag, PresetTable
 from ..errors import ConfigError
@@ -99,6 +100,9 @@ class TrainConfig:
     clip_grad: Optional[float] = 5.0           # global L2 norm clip before each step; None: off
     lamb_max_grad_norm: Optional[float] = None  # LAMB's internal global-norm clip
     lamb_decoupled_decay: bool = True          # LAMB: p ← p − lr·wd·p before the trust ratio
+    on_nonfinite: str = 'stop'                 # at a NaN / inf loss or gradient: stop | skip | rollback
+    nonfinite_limit: int = 3                   # skip: steps in a row; rollback: rollbacks per run (then stop)
+    rollback_lr_factor: float = 0.5            # rollback: lr multiplier at each rollback
     # ---- schedule ----
     epochs: int = 300
     schedule: str = 'cosine'                   # cosine | constant
@@ -165,9 +169,11 @@ class TrainConfig:
         if self.eval_crop is not None and self.eval_crop > self.eval_resize:
             raise ConfigError(f'eval_crop {self.eval_crop} is larger than eval_resize {self.eval_resize}')
         if self.warmup_epochs >= self.epochs and self.schedule == 'cosine' and self.warmup_epochs:
-            raise ConfigError(f'warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}')
+            raise ConfigError(f'warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}; pass '
+                              f'--set warmup_epochs={self.epochs // 2} (or 0 for none), or more --epochs')
         if self.min_lr > self.lr:
-            raise ConfigError(f'min_lr {self.min_lr} is larger than lr {self.lr}')
+            raise ConfigError(f'min_lr {self.min_lr} is larger than lr {self.lr}; lower it too (--set min_lr=...)')
+        NonFinitePolicy.check_config(self)
         return self
 
     @property

@@ -166,7 +166,6 @@ class Trainer:
         self.session = Session(state_format=STATE_FORMAT, recipe=recipe, config=cfg, env=env, run=self.run,
                                step=self.step, scheduler=scheduler, classes=self.data.classes, corrupt=corrupt,
                                best=dict(top1=-1.0, epoch=None, weights=None))
-        self.step.resume_hint = self.session.resume_hint('polynext train', cfg.lr)
         # progress counters (restored on resume; the optimizer steps are the engine's global_step)
         self.epoch = 0                 # epoch in progress
         self.batch_in_epoch = 0        # micro-batches of that epoch already trained
@@ -416,8 +415,8 @@ def train(cfg: TrainConfig, recipe: str, resume: Optional[str] = None, fresh: bo
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
                     command='polynext train', resume=resume, fresh=fresh, explicit=explicit)
 
-    return launch(plan, lambda env: Trainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
-                                            show_progress=show_progress, quiet=quiet).fit(),
+    return launch(plan, lambda env, plan: Trainer(plan.config, plan.recipe, plan.path, env, resume_state=plan.state,
+                                                  show_progress=show_progress, quiet=quiet).fit(),
                   progress=('epoch', plan.config.total_epochs, 'epochs'),
                   best=lambda b: f'best val top-1 {b.get("top1", float("nan")):.2f}%', quiet=quiet)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from ..engine.data import readable_batches
 from ..engine.distributed import all_reduce_sums, all_reduce_tensor
 from ..engine.run import progress
 
-__all__ = ['EvalResult', 'evaluate', 'per_class_rows', 'ValidationResult', 'validate_checkpoint', 'eval_transform_of']
+__all__ = ['EvalResult', 'evaluate', 'per_class_rows', 'ValidationResult', 'validate_checkpoint', 'eval_transform_of',
+           'read_weights_and_metadata']
 
 
 @dataclass
@@ -137,19 +139,30 @@ def eval_transform_of(name: str, meta: Mapping[str, Any], img_size: Optional[int
     return resize, crop, c.eval_interpolation, c.mean, c.std
 
 
-def _read_for_eval(path: Path, prefer_ema: bool) -> Tuple[Any, Dict[str, Any]]:
-    """(weights object, metadata) of any checkpoint; a training state's config stands in for the metadata."""
+def read_weights_and_metadata(path: Union[str, Path], prefer_ema: bool = True) -> Tuple[Any, Dict[str, Any]]:
+    """(weights object, metadata) of any classifier checkpoint: a polynext ``.safetensors`` file's metadata
+    (architecture, model arguments, classes, eval transform, recipe, epoch), a training state's config standing
+    in for it (EMA weights preferred when they exist), ``{}`` for the authors' files."""
     from ..checkpoint import read_checkpoint, read_safetensors_metadata
-    meta = read_safetensors_metadata(path)
+    from ..errors import CheckpointError
+    path = Path(path)
     obj = read_checkpoint(path)
-    if isinstance(obj, dict) and str(obj.get('format', '')).startswith('polynext.train') and \
-            isinstance(obj.get('config'), dict):
+    meta = read_safetensors_metadata(path)
+    fmt = str(obj.get('format', '')) if isinstance(obj, dict) else ''
+    if isinstance(meta.get('polynext_segmentor'), dict):
+        raise CheckpointError(f'{path} holds a segmentor (written by `polynext seg train`), not a classifier; '
+                              f'evaluate it with `polynext seg eval --checkpoint {path}`')
+    if fmt.startswith('polynext.') and not fmt.startswith('polynext.train'):
+        raise CheckpointError(f'{path} is a {fmt!r} training state, not a classifier\'s; evaluate it with its own '
+                              f'command (polynext.seg/1: `polynext seg eval --checkpoint {path}`)')
+    if fmt.startswith('polynext.train') and isinstance(obj.get('config'), dict):
         config = obj['config']
-        meta = dict(architecture=config.get('model'), model_kwargs=config.get('model_kwargs'),
-                    classes=obj.get('classes'),
+        use_ema = bool(prefer_ema and obj.get('ema_updates') and obj.get('ema_state') is not None)
+        meta = dict(format='polynext', architecture=config.get('model'), model_kwargs=config.get('model_kwargs'),
+                    classes=obj.get('classes'), recipe=obj.get('recipe'), epoch=obj.get('epoch'),
+                    weights='ema' if use_ema else 'raw',
                     eval=dict(resize=config['eval_resize'], crop=config['eval_crop'],
                               interpolation=config['eval_interpolation'], mean=config['mean'], std=config['std']))
-        use_ema = prefer_ema and obj.get('ema_updates') and obj.get('ema_state') is not None
         obj = obj['ema_state'] if use_ema else obj['model']
     return obj, meta
 
@@ -197,7 +210,7 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
         runtime = 'onnxruntime'
         net, name, meta = _onnx_for_eval(path, model, model_kwargs)
     else:
-        obj, meta = _read_for_eval(path, prefer_ema)
+        obj, meta = read_weights_and_metadata(path, prefer_ema)
         name = model or meta.get('architecture')
         if not name:
             raise ConfigError('pass --model NAME (this checkpoint does not say which model it holds)')
@@ -207,6 +220,8 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
             meta = {}     # another model than the file's: its metadata does not apply
         kwargs.update(model_kwargs or {})
         net = create_model(name, checkpoint=unwrap_state_dict(obj, prefer_ema=prefer_ema), **kwargs)
+    from ..outputs import check_output_folder
+    out_dir = check_output_folder(output or f'validate-{name}')     # before an evaluation that could take hours
 
     if transform == 'timm':
         from timm.data import create_transform, resolve_data_config
@@ -235,7 +250,8 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
     if isinstance(saved, list) and saved and list(saved) != list(classes):
         i = next(i for i, (a, b) in enumerate(zip(saved, classes)) if a != b)
         raise CheckpointError(f"the checkpoint's classes differ from {desc}: class {i} is '{saved[i]}' in the "
-                              f"checkpoint but '{classes[i]}' in the data")
+                              f"checkpoint but '{classes[i]}' in the data; evaluate it on data with the classes it "
+                              f"was trained on (the same class folder names)")
 
     env = init_distributed(device)
     try:
@@ -253,12 +269,12 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
                   classes=len(classes), unreadable_images=len(res.skipped))
     out = ValidationResult(result, rows, is_main=env.is_main)
     if env.is_main:
-        out_dir = Path(output or f'validate-{name}')
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / 'validate.json').write_text(json.dumps(dict(result, per_class=rows), indent=1) + '\n')
-        with open(out_dir / 'per_class.csv', 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        out.files = [out_dir / 'validate.json', out_dir / 'per_class.csv']
+        from ..checkpoint import atomic_write
+        text = json.dumps(dict(result, per_class=rows), indent=1) + '\n'
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        out.files = [atomic_write(out_dir / 'validate.json', lambda tmp: Path(tmp).write_text(text)),
+                     atomic_write(out_dir / 'per_class.csv', lambda tmp: Path(tmp).write_text(buf.getvalue()))]
     return out
