@@ -18,8 +18,9 @@ from polynext.engine.data import usable_cores
 from polynext.errors import CheckpointError, ConfigError
 
 SRC = Path(__file__).resolve().parents[1] / 'src' / 'polynext'
-#: packages that hold one task each (and the commands on top); the engine may import none of them
-TASK_PACKAGES = ('train', 'seg', 'det', 'robustness', 'commands')
+#: packages that hold one task each (the ablation study over the classification task, and the commands on
+#: top); the engine may import none of them
+TASK_PACKAGES = ('train', 'seg', 'det', 'robustness', 'ablate', 'commands')
 
 
 # ---------------------------------------------------------------------------------------------

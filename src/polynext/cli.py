@@ -19,6 +19,7 @@ COMMANDS = {
     'validate': ('polynext.commands.validate', 'top-1 / top-5 / per-class accuracy of a checkpoint on a dataset'),
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
+    'ablate': ('polynext.commands.ablate', "re-run the paper's ablation tables (every row × seeds) with one command"),
     'fhe': ('polynext.commands.fhe', 'encrypted inference (CKKS): fhe analyze / fhe demo / fhe moonshot'),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
     'det': ('polynext.commands.det', 'detection and instance segmentation (Mask R-CNN, Cascade, COCO): det train / eval / cost'),

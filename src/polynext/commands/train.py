@@ -31,11 +31,12 @@ _FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train.recipes import DATASETS
     from .common import add_run_arguments
     add_run_arguments(parser, 'the digits demo')
     parser.add_argument('--model', default=None, help='model name (a recipe of the same name is used if one exists)')
     parser.add_argument('--data', default=None, metavar='DIR', help='dataset folder (folder: DIR/train, DIR/val)')
-    parser.add_argument('--dataset', default=None, choices=['folder', 'digits', 'cifar10', 'svhn', 'tiny_imagenet'],
+    parser.add_argument('--dataset', default=None, choices=DATASETS,
                         help='kind of dataset (default: the recipe\'s)')
     parser.add_argument('--download', action='store_true', default=None,
                         help='let torchvision download cifar10 / svhn / tiny_imagenet into --data')

@@ -29,12 +29,13 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train.recipes import DATASETS
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help='weights: polynext .safetensors / .state.pt, authors\' .pt / .pth')
     parser.add_argument('--model', default=None, help='model name (read from a polynext checkpoint if omitted)')
     parser.add_argument('--data', default=None, metavar='DIR',
                         help='dataset folder (folder: DIR/val/<class>/*, or DIR/<class>/*)')
-    parser.add_argument('--dataset', default='folder', choices=['folder', 'digits', 'cifar10', 'svhn', 'tiny_imagenet'],
+    parser.add_argument('--dataset', default='folder', choices=DATASETS,
                         help='kind of dataset (default: folder)')
     parser.add_argument('--split', default='val', help='sub-folder of --data to evaluate (folder datasets)')
     parser.add_argument('--download', action='store_true', help='let torchvision download cifar10 / svhn')

@@ -11,6 +11,10 @@ Datasets (``TrainConfig.dataset``):
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download),
   upsampled to ``img_size`` and made RGB; split stratified 80/20 with seed 0 → 1437 train /
   360 val images.
+* ``cluttered_digits``: generated from the digits (``polynext.train.synthetic``): each digit
+  drawn at a random size, angle, shear, position and brightness into an ``img_size`` canvas with
+  fragments of other digits and pixel noise; ``cluttered_train`` / ``cluttered_val`` images from
+  the disjoint source digits of the 80/20 split (no download, the same images on every machine).
 
 Transforms are timm's and torchvision's pieces. ``aug_pipeline='reference'`` builds the
 PolyNeXt authors' order: ``RandomResizedCropAndInterpolation`` → horizontal flip → timm
@@ -27,6 +31,7 @@ and stop past ``max_corrupt``; the augmentation of each training sample is seede
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -202,6 +207,16 @@ def load_digits_split(img_size: int, seed: int = 0) -> Tuple[_InMemory, _InMemor
     return pick(sorted(tr)), pick(sorted(va))
 
 
+@functools.lru_cache(maxsize=4)
+def _cluttered_split(split: str, num_images: int, size: int) -> '_InMemory':
+    """One split of the generated cluttered digits as PIL images (cached: a process that trains
+    several runs, e.g. the ablation cells, generates each split once)."""
+    from PIL import Image
+    from .synthetic import CLASSES, cluttered_digits_arrays
+    images, labels = cluttered_digits_arrays(split, num_images, size)
+    return _InMemory([Image.fromarray(a) for a in images], labels, list(CLASSES))
+
+
 def _need_dir(path: Optional[str], what: str, layout: str) -> Path:
     if not path:
         raise DataError(f'{what} needs a data folder: pass --data DIR ({layout})')
@@ -295,6 +310,11 @@ def _base_datasets(cfg: TrainConfig) -> Tuple[Dataset, Dataset, List[str], str]:
         train, val = load_digits_split(cfg.img_size)
         return train, val, train.classes, (f'scikit-learn digits (8x8 → {cfg.img_size}x{cfg.img_size} RGB), '
                                            f'stratified 80/20 split seed 0')
+    if kind == 'cluttered_digits':
+        train = _cluttered_split('train', cfg.cluttered_train, cfg.img_size)
+        val = _cluttered_split('val', cfg.cluttered_val, cfg.img_size)
+        return train, val, train.classes, (f'generated cluttered digits ({cfg.img_size}x{cfg.img_size}, '
+                                           f'from scikit-learn digits split 80/20 seed 0)')
     if kind == 'folder':
         root = _need_dir(cfg.data, f"recipe for '{cfg.model}' on ImageNet-style folders",
                          'DIR/train/<class>/<image> and DIR/val/<class>/<image>')

@@ -40,8 +40,11 @@ from ..engine.presets import FidelityFlag, PresetTable
 from ..errors import ConfigError
 from ..models.polynext import CIFAR_MEAN, CIFAR_STD, REFERENCE_NAMES
 
-__all__ = ['TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'FHE_DIGITS_ARCH', 'FHE_DEEP_ARCH', 'RAND_AUGMENT', 'CIFAR_MEAN', 'CIFAR_STD']
+__all__ = ['DATASETS', 'TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'FHE_DIGITS_ARCH', 'FHE_DEEP_ARCH',
+           'RAND_AUGMENT', 'CIFAR_MEAN', 'CIFAR_STD']
 
+#: the kinds of ``TrainConfig.dataset`` (see ``polynext.train.data``)
+DATASETS = ('folder', 'digits', 'cluttered_digits', 'cifar10', 'svhn', 'tiny_imagenet')
 #: timm RandAugment string of every recipe here: magnitude 9, std 0.5, "increasing" op set
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
 
@@ -59,8 +62,10 @@ class TrainConfig:
     head_map: Optional[str] = None             # 'in21k_to_in1k' or a JSON class map: remap a 21841-class head
     fhe_levels: Optional[int] = None           # CKKS level budget: the deepest bn PolyNeXt that fits (polynext.fhe)
     # ---- data ----
-    dataset: str = 'folder'                    # folder | digits | cifar10 | svhn | tiny_imagenet
+    dataset: str = 'folder'                    # one of DATASETS
     data: Optional[str] = None                 # dataset root (folder: train/ and val/ class folders)
+    cluttered_train: int = 2400                # cluttered_digits (generated): train / val images
+    cluttered_val: int = 800
     download: bool = False                     # let torchvision download cifar10 / svhn / tiny_imagenet
     num_classes: Optional[int] = None          # None: taken from the data
     img_size: int = 224
@@ -130,7 +135,8 @@ class TrainConfig:
     # ---- what the engine's preset table needs ----
     COMMAND: ClassVar[str] = 'polynext train'
     MODEL_FIELDS: ClassVar[Tuple[str, str]] = ('model', 'model_kwargs')
-    DATA_DATASETS: ClassVar[Dict[str, str]] = {'digits': 'folder'}   # --data on the digits demo: image folders
+    # --data on a recipe of built-in data (the digits demo, the ablation recipe): image folders
+    DATA_DATASETS: ClassVar[Dict[str, str]] = {'digits': 'folder', 'cluttered_digits': 'folder'}
 
     def summary(self) -> Dict[str, str]:
         """The columns of ``polynext train --list-recipes``."""
@@ -141,12 +147,13 @@ class TrainConfig:
         """One clear ``ConfigError`` for an impossible value."""
         check_fields(
             self,
-            choices=dict(dataset=('folder', 'digits', 'cifar10', 'svhn', 'tiny_imagenet'),
+            choices=dict(dataset=DATASETS,
                          train_interpolation=('bicubic', 'bilinear', 'random'),
                          eval_interpolation=('bicubic', 'bilinear'), aug_pipeline=('reference', 'timm'),
                          optimizer=('adamw', 'lamb'), schedule=('cosine', 'constant'),
                          schedule_granularity=('epoch', 'step'), ema_init=EMA_INITS, amp=AMP_CHOICES),
-            positive=('epochs', 'batch_size', 'device_batch_size', 'img_size', 'eval_resize'),
+            positive=('epochs', 'batch_size', 'device_batch_size', 'img_size', 'eval_resize', 'cluttered_train',
+                      'cluttered_val'),
             non_negative=('lr', 'min_lr', 'weight_decay', 'warmup_lr', 'mixup_alpha', 'cutmix_alpha', 'max_corrupt',
                           'warmup_epochs', 'cooldown_epochs', 'workers', 'checkpoint_every', 'ema_start_epoch',
                           'threads'),
@@ -267,6 +274,21 @@ PRESETS.add(DEFAULT_RECIPE, TrainConfig(
     crop_ratio=(0.8, 1.25), random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), eval_resize=16,
     eval_crop=None, clip_grad=5.0, ema=False, amp='bf16', workers=0, device='auto', threads=1),
     source='polynext demo: scikit-learn digits (8x8 → 16x16), stratified 80/20 split, seed 0')
+
+# --- generated cluttered digits: the recipe of `polynext ablate` ---------------------------------
+# CPolyNeXt-T at base width 16 (the T model's depth, narrower) on 64 px cluttered digits, 3 epochs of
+# 2400 images: short enough for every row of both ablation tables × 3 seeds on a laptop CPU (measured
+# cost per cell and the projected total: README "Ablations"), long enough that the baseline leaves
+# the polynomial net's initial plateau. No augmentation: every image is already a fresh rendering.
+PRESETS.add('cluttered_digits', TrainConfig(
+    model='cpolynext_t', model_kwargs=dict(init_channels=16), dataset='cluttered_digits', img_size=64,
+    cluttered_train=2400, cluttered_val=800,
+    optimizer='adamw', lr=4e-3, min_lr=1e-5, weight_decay=0.05, batch_size=32, device_batch_size=32, epochs=3,
+    schedule='cosine', schedule_granularity='step', warmup_epochs=0, label_smoothing=0.1, mixup_alpha=0.0,
+    cutmix_alpha=0.0, randaugment=None, hflip=0.0, train_interpolation='bilinear', crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0), random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), eval_resize=64,
+    eval_crop=None, clip_grad=5.0, ema=False, amp='bf16', workers=0, device='auto', threads=1),
+    source='polynext: generated cluttered digits (64x64), CPolyNeXt-T C0=16, 3 epochs; `polynext ablate`')
 
 # --- the encrypted-inference demo (polynext fhe demo): a fully polynomial one-stage PolyNeXt on the 8x8
 # digits, as deep as a leveled 128-bit CKKS ring allows (2 cells of 1 block: 17 levels, N = 2^15) and
