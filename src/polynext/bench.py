@@ -142,6 +142,7 @@ class BenchSettings:
     dtype: str = 'fp32'
     channels_last: bool = False
     compile: bool = False
+    fold: bool = False
     runs: int = 7
     warmup: int = 2
     memory: bool = True
@@ -157,6 +158,9 @@ class BenchSettings:
             if getattr(self, name) < low:
                 raise ConfigError(f'{name} must be at least {low}, got {getattr(self, name)} '
                                   f'(one warm-up call is needed to measure memory and to compile)')
+        if self.fold and self.mode != 'infer':
+            raise ConfigError('fold applies to inference only (a folded model has no training path); drop --fold '
+                              'or use --mode infer')
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f'threads must be at least 1, got {self.threads}')
 
@@ -272,6 +276,11 @@ def make_step(model: nn.Module, settings: BenchSettings, device: torch.device,
     model = model.to(device=device, memory_format=fmt)
     if settings.mode == 'infer':
         model.eval()
+        if settings.fold:
+            from .models.folded import fold_for_inference
+            from .models.polynext import PolyNeXt
+            if isinstance(model, PolyNeXt):     # other models have no inference constants to fold
+                model = fold_for_inference(model).to(device=device, memory_format=fmt)
         if dtype != torch.float32:
             model = model.to(dtype)
             x = x.to(dtype)
@@ -545,7 +554,8 @@ class BenchReport:
         threads = (f", {e['threads']} thread{'s' if e['threads'] != 1 else ''}" if s.device == 'cpu' else '')
         return (f"{s.device} ({e['device_name']}){threads}, {alloc}; {s.mode}, {s.dtype}, batch {s.batch_size}, "
                 f"{s.img_size} px, channels-last {'on' if s.channels_last else 'off'}, "
-                f"{'torch.compile' if s.compile else 'eager'}; median of {s.runs} timed runs after "
+                f"{'torch.compile' if s.compile else 'eager'}{', PolyNeXt folded' if s.fold else ''}; "
+                f"median of {s.runs} timed runs after "
                 f"{s.warmup} warm-up, models interleaved")
 
     def rows(self) -> List[List[str]]:

@@ -19,6 +19,7 @@ COMMANDS = {
     'validate': ('polynext.commands.validate', 'top-1 / top-5 / per-class accuracy of a checkpoint on a dataset'),
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
+    'profile': ('polynext.commands.profile', 'where the time goes: a step by op class against the machine peaks'),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
 }
 

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile each model (compile time is the first warm-up call, reported in JSON as '
                              'first_call_s; on CPU the memory measurement compiles once more: --no-memory skips it)')
+    parser.add_argument('--fold', action='store_true',
+                        help='infer: run PolyNeXt models folded (polynext.fold_for_inference; other models as they are)')
     parser.add_argument('--runs', type=int, default=7, help='timed batches per model (default 7)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed batches per model first (default 2, min 1)')
     parser.add_argument('--threads', type=int, default=None,
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     specs = model_specs(args.models, common, per_target)
     settings = BenchSettings(img_size=args.img_size, batch_size=args.batch_size, device=args.device,
                              mode=args.mode, dtype=args.dtype, channels_last=args.channels_last,
-                             compile=args.compile, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
+                             compile=args.compile, fold=args.fold, runs=args.runs, warmup=args.warmup,
+                             memory=not args.no_memory,
                              tf32=args.tf32, threads=args.threads)
     settings.validate()
     if not args.no_pin_allocator and _started_as_this_command():
