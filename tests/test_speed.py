@@ -110,3 +110,22 @@ def test_bench_fold_runs_the_folded_model_and_refuses_training():
         return sum(e.count for e in prof.key_averages() if e.key == 'aten::sigmoid')
     # the gates are folded into weights: the unfolded model runs one sigmoid per cell's gate vector
     assert sigmoids(True) < sigmoids(False) - 5
+
+
+def test_flex_attention_form_equals_the_reference_fp64():
+    """The GPU kernel's formulation: forward through flex_attention itself (CPU, eager), and the
+    score modification's gradients through the same softmax expression (PyTorch has no CPU
+    backward for flex_attention)."""
+    from polynext.ops.poly_attention import flex_available, poly_attention_flex, poly_attention_reference
+    if not flex_available():
+        pytest.skip('this torch has no flex_attention')
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(2, 3, 40, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = poly_attention_reference(q, k, v)
+    assert (poly_attention_flex(q, k, v) - ref).abs().max() < 1e-12
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    form = torch.softmax(4 * torch.log(torch.abs(q @ k.transpose(-1, -2) + 1)), dim=-1) @ v
+    grads = torch.autograd.grad(form, (q, k, v), g)
+    ref_grads = torch.autograd.grad(poly_attention_reference(q, k, v), (q, k, v), g)
+    assert max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)) < 1e-12
