@@ -129,3 +129,23 @@ def test_flex_attention_form_equals_the_reference_fp64():
     grads = torch.autograd.grad(form, (q, k, v), g)
     ref_grads = torch.autograd.grad(poly_attention_reference(q, k, v), (q, k, v), g)
     assert max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)) < 1e-12
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py end to end at toy sizes on the CPU: every section runs and passes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.py'
+    spec = importlib.util.spec_from_file_location('gpu_check', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(['--device', 'cpu']) == 2                  # no CUDA: one message, nothing written
+    assert mod.main(['--dry-run', '--device', 'cpu', '--json', str(tmp_path / 'r.json')]) == 0
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert r['dry_run'] and r['ok']
+    assert [row['model'] for row in r['training_steps']] == list(mod.FAMILIES)
+    assert {row['dtype'] for row in r['attention']} == {'float32', 'bfloat16'}
+    assert r['attention'][0]['out_rel'] < 1e-5
+    assert [row['model'] for row in r['throughput']] == ['cpolynext_s', 'apolynext_s']
+    assert r['segmentation']['input'] == [2, 3, 64, 256]
