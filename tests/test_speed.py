@@ -94,24 +94,6 @@ def test_profile_counts_every_mac_in_its_class():
     assert 'depthwise conv' in format_profile('m', prof)
 
 
-def test_bench_fold_runs_the_folded_model_and_refuses_training():
-    from polynext.bench import BenchSettings, make_step
-    from polynext.errors import ConfigError
-    with pytest.raises(ConfigError, match='fold applies to inference only'):
-        BenchSettings(mode='train', fold=True).validate()
-    model = timm.create_model('cpolynext_t', **mini_kwargs('cpolynext_t'))
-
-    def sigmoids(fold):
-        settings = BenchSettings(img_size=32, batch_size=1, fold=fold, memory=False)
-        settings.validate()
-        step = make_step(model, settings, torch.device('cpu'))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()
-        return sum(e.count for e in prof.key_averages() if e.key == 'aten::sigmoid')
-    # the gates are folded into weights: the unfolded model runs one sigmoid per cell's gate vector
-    assert sigmoids(True) < sigmoids(False) - 5
-
-
 def test_flex_attention_form_equals_the_reference_fp64():
     """The GPU kernel's formulation: forward through flex_attention itself (CPU, eager), and the
     score modification's gradients through the same softmax expression (PyTorch has no CPU

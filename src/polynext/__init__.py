@@ -15,6 +15,7 @@ from .models import (
     apply_authors_head,
 )
 from .models.folded import FoldedPolyNeXt, fold_for_inference
+from .deploy.hub import save_pretrained
 from .ops import poly_attention
 
 __all__ = [
@@ -24,5 +25,5 @@ __all__ = [
     'load_reference_state_dict', 'load_weights', 'read_checkpoint', 'unwrap_state_dict', 'poly_attention',
     'CheckpointError', 'ConfigError', 'DataError', 'PolyNeXtError', 'create_model', 'list_models',
     'METAFORMER_ABLATIONS', 'METAFORMER_MODELS', 'IsotropicMetaFormer', 'MetaFormerOptions', 'RandFormer',
-    'RandomMixing', 'apply_authors_head', 'FoldedPolyNeXt', 'fold_for_inference',
+    'RandomMixing', 'apply_authors_head', 'FoldedPolyNeXt', 'fold_for_inference', 'save_pretrained',
 ]

@@ -33,6 +33,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ __all__ = [
     'PINNED_TUNABLES', 'BenchSettings', 'ModelSpec', 'ModelResult', 'BenchReport', 'run_bench',
     'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'make_step',
     'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_oom_error',
-    'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env',
+    'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env', 'expand_variants',
+    'RUNTIMES',
 ]
 
 #: glibc malloc settings that keep freed memory in the heap (no mmap for large blocks, no trimming).
@@ -142,7 +144,6 @@ class BenchSettings:
     dtype: str = 'fp32'
     channels_last: bool = False
     compile: bool = False
-    fold: bool = False
     runs: int = 7
     warmup: int = 2
     memory: bool = True
@@ -158,19 +159,51 @@ class BenchSettings:
             if getattr(self, name) < low:
                 raise ConfigError(f'{name} must be at least {low}, got {getattr(self, name)} '
                                   f'(one warm-up call is needed to measure memory and to compile)')
-        if self.fold and self.mode != 'infer':
-            raise ConfigError('fold applies to inference only (a folded model has no training path); drop --fold '
-                              'or use --mode infer')
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f'threads must be at least 1, got {self.threads}')
 
 
 @dataclass
 class ModelSpec:
-    """One entry of a comparison: a label (unique), a timm model name and its constructor kwargs."""
+    """One entry of a comparison: a label (unique), a timm model name and its constructor kwargs.
+
+    ``fold``: time ``polynext.fold_for_inference(model, flip=fold)`` instead (``'weights'`` or
+    ``'channels'``). ``runtime='onnxruntime'``: time the model exported to ONNX (``onnx_path``, set
+    when the benchmark exports it) in ONNX Runtime."""
     label: str
     name: str
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    fold: Optional[str] = None
+    runtime: str = 'torch'
+    onnx_path: Optional[str] = None
+
+
+RUNTIMES = ('torch', 'onnxruntime')
+
+
+def expand_variants(specs: Sequence[ModelSpec], fold: Sequence[str] = (), runtimes: Sequence[str] = ('torch',)
+                    ) -> List[ModelSpec]:
+    """Each spec followed by its variants: the folded model for each ``fold`` flip (PolyNeXt models
+    only), and every one of those in each runtime. Labels: ``name [fold]``, ``name [fold, channels
+    flip]``, ``name [onnxruntime]``, ``name [fold, onnxruntime]``."""
+    from .models import PUBLISHED_ARCHS
+    for r in runtimes:
+        if r not in RUNTIMES:
+            raise ConfigError(f"unknown runtime '{r}'; use {' or '.join(RUNTIMES)}")
+    out: List[ModelSpec] = []
+    for spec in specs:
+        folds: List[Optional[str]] = [None]
+        if spec.name.split('.')[0] in PUBLISHED_ARCHS:
+            folds += list(fold)
+        elif fold:
+            raise ConfigError(f'--fold applies to PolyNeXt models; {spec.name} has nothing to fold (drop it or --fold)')
+        for runtime in runtimes:
+            for f in folds:
+                tags = ([] if f is None else ['fold' if f == 'weights' else 'fold, channels flip'])
+                tags += [] if runtime == 'torch' else [runtime]
+                label = spec.label + (f" [{', '.join(tags)}]" if tags else '')
+                out.append(ModelSpec(label, spec.name, dict(spec.kwargs), fold=f, runtime=runtime))
+    return out
 
 
 def _literal(text: str) -> Any:
@@ -251,9 +284,29 @@ def _oom_as_config_error(label: str, settings: BenchSettings) -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The model on CPU in fp32, randomly initialised (nothing is downloaded)."""
+    """The model on CPU in fp32, randomly initialised (nothing is downloaded); folded if the spec says
+    so; an ONNX Runtime session over ``spec.onnx_path`` for the onnxruntime runtime."""
+    if spec.runtime == 'onnxruntime' and spec.onnx_path:
+        from .deploy.runtime import OnnxRuntimeModel
+        return OnnxRuntimeModel(spec.onnx_path, threads=torch.get_num_threads())
     from .factory import create_model
-    return create_model(spec.name, **spec.kwargs)
+    model = create_model(spec.name, **spec.kwargs)
+    if spec.fold:
+        from .models.folded import fold_for_inference
+        model = fold_for_inference(model, flip=spec.fold)
+    return model
+
+
+def _export_for_runtime(model: nn.Module, spec: ModelSpec, settings: BenchSettings, folder: str) -> str:
+    """Export ``model`` to ONNX for the onnxruntime runtime; returns the path."""
+    from .deploy.export import export_metadata, export_onnx, input_spec
+    path = str(Path(folder) / (re.sub(r'[^A-Za-z0-9_.-]+', '_', spec.label) + '.onnx'))
+    ispec = input_spec(model, settings.img_size, name=spec.label)
+    # no parity check here: a benchmark's models have random weights, and a bn variant's untrained running
+    # statistics give non-finite logits (`polynext export` checks every export of real weights)
+    export_onnx(model, path, spec=ispec, metadata=export_metadata(model, spec.name, spec.kwargs, folded=spec.fold),
+                check=False)
+    return path
 
 
 def _num_logits(model: nn.Module) -> int:
@@ -276,11 +329,6 @@ def make_step(model: nn.Module, settings: BenchSettings, device: torch.device,
     model = model.to(device=device, memory_format=fmt)
     if settings.mode == 'infer':
         model.eval()
-        if settings.fold:
-            from .models.folded import fold_for_inference
-            from .models.polynext import PolyNeXt
-            if isinstance(model, PolyNeXt):     # other models have no inference constants to fold
-                model = fold_for_inference(model).to(device=device, memory_format=fmt)
         if dtype != torch.float32:
             model = model.to(dtype)
             x = x.to(dtype)
@@ -554,8 +602,7 @@ class BenchReport:
         threads = (f", {e['threads']} thread{'s' if e['threads'] != 1 else ''}" if s.device == 'cpu' else '')
         return (f"{s.device} ({e['device_name']}){threads}, {alloc}; {s.mode}, {s.dtype}, batch {s.batch_size}, "
                 f"{s.img_size} px, channels-last {'on' if s.channels_last else 'off'}, "
-                f"{'torch.compile' if s.compile else 'eager'}{', PolyNeXt folded' if s.fold else ''}; "
-                f"median of {s.runs} timed runs after "
+                f"{'torch.compile' if s.compile else 'eager'}; median of {s.runs} timed runs after "
                 f"{s.warmup} warm-up, models interleaved")
 
     def rows(self) -> List[List[str]]:
@@ -678,6 +725,12 @@ def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: boo
     settings.validate()
     if not specs:
         raise ConfigError('no models to benchmark')
+    variants = [s for s in specs if s.fold or s.runtime != 'torch']
+    if variants and settings.mode != 'infer':
+        raise ConfigError(f'{variants[0].label}: folded models and ONNX Runtime are for inference; use --mode infer')
+    if any(s.runtime == 'onnxruntime' for s in specs):
+        if settings.dtype != 'fp32' or settings.compile or settings.device != 'cpu':
+            raise ConfigError('--runtime onnxruntime times fp32 on the CPU: drop --dtype / --compile / --device')
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f'model labels must be unique, got {labels}')
@@ -692,17 +745,32 @@ def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: boo
         # fp32 means fp32 unless TF32 is asked for (torch's own default allows it for convolutions only)
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
         torch.backends.cudnn.allow_tf32 = settings.tf32
-    sync = _sync_fn(device)
 
-    # 1. build every model on the CPU and count it: bad kwargs or sizes fail here, before any timing
+    # 1. build every model on the CPU and count it: bad kwargs or sizes fail here, before any timing;
+    #    models for ONNX Runtime are exported into a temporary folder
     models: Dict[str, nn.Module] = {}
     info: Dict[str, Dict[str, Any]] = {}
-    for spec in specs:
-        with _oom_as_config_error(spec.label, settings):
-            model = build_model(spec)
-            info[spec.label] = dict(params=sum(p.numel() for p in model.parameters()),
-                                    macs=_count_macs(model, spec, settings.img_size))
-        models[spec.label] = model
+    onnx_dir = tempfile.TemporaryDirectory(prefix='polynext-bench-') if any(
+        s.runtime == 'onnxruntime' for s in specs) else contextlib.nullcontext()
+    with onnx_dir as folder:
+        for spec in specs:
+            with _oom_as_config_error(spec.label, settings):
+                model = build_model(spec)
+                info[spec.label] = dict(params=sum(p.numel() for p in model.parameters()),
+                                        macs=_count_macs(model, spec, settings.img_size))
+                if spec.runtime == 'onnxruntime':
+                    log(f'exporting {spec.label} to ONNX')
+                    spec.onnx_path = _export_for_runtime(model, spec, settings, folder)
+                    model = build_model(spec)
+            models[spec.label] = model
+        return _run_bench_built(specs, settings, models, info, device, progress)
+
+
+def _run_bench_built(specs: Sequence[ModelSpec], settings: BenchSettings, models: Dict[str, nn.Module],
+                     info: Dict[str, Dict[str, Any]], device: torch.device, progress: bool) -> BenchReport:
+    """Steps 2-4 of :func:`run_bench` for models already built."""
+    labels = [s.label for s in specs]
+    sync = _sync_fn(device)
 
     # 2. CPU peak memory: one fresh process per model, one model at a time (see measure_peak_rss)
     peaks: Dict[str, Optional[int]] = {s.label: None for s in specs}

@@ -20,7 +20,11 @@ COMMANDS = {
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
     'profile': ('polynext.commands.profile', 'where the time goes: a step by op class against the machine peaks'),
+    'fhe': ('polynext.commands.fhe', 'encrypted inference (CKKS): fhe analyze / fhe demo / fhe moonshot'),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
+    'det': ('polynext.commands.det', 'detection and instance segmentation (Mask R-CNN, Cascade, COCO): det train / eval / cost'),
+    'export': ('polynext.commands.export', 'ONNX / torch.export / Hugging Face Hub export, checked against eager'),
+    'push': ('polynext.commands.push', 'upload a Hub folder (polynext export --format hub) to the Hugging Face Hub'),
 }
 
 
@@ -64,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except PolyNeXtError as e:
-        if int(os.environ.get('RANK', '0')) == 0:   # under torchrun, rank 0 alone reports the error
+        # under torchrun (RANK) or srun (SLURM_PROCID, before init_distributed set RANK) rank 0 alone reports it
+        if int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))) == 0:
             print(f'polynext {name}: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

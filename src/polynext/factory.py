@@ -12,6 +12,7 @@ timm's own MetaFormer baselines (PoolFormerV2, ConvFormer, CAFormer) are built t
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -22,7 +23,8 @@ import torch.nn as nn
 from .checkpoint import convert_to_model_layout, load_weights, read_checkpoint, unwrap_state_dict
 from .errors import CheckpointError, ConfigError
 
-__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes', 'head_dropout_kwargs']
+__all__ = ['create_model', 'list_models', 'check_model_name', 'checkpoint_num_classes', 'head_dropout_kwargs',
+           'load_pretrained', 'read_hub_config']
 
 
 def list_models(pattern: str = '') -> List[str]:
@@ -76,7 +78,15 @@ def head_dropout_kwargs(name: str, p: float) -> Dict[str, float]:
 
 def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None, pretrained: bool = False,
                  prefer_ema: bool = True, **kwargs: Any) -> nn.Module:
-    """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly."""
+    """timm ``create_model`` with clear errors; optionally load ``checkpoint`` strictly.
+
+    ``local-dir:PATH`` / ``hf-hub:REPO`` load a Hub folder (``polynext.save_pretrained``), with the
+    paper options it records for timm's own MetaFormers."""
+    if name.startswith(('local-dir:', 'hf-hub:')):
+        model = load_pretrained(name, **kwargs)
+        if checkpoint is not None:
+            load_weights(model, checkpoint, prefer_ema=prefer_ema)
+        return model
     check_model_name(name)
     from .models.metaformer_baselines import TIMM_ARCHS, create_timm_baseline
     build = create_timm_baseline if name.split('.')[0] in TIMM_ARCHS else timm.create_model
@@ -96,4 +106,58 @@ def create_model(name: str, checkpoint: Optional[Union[str, Path, dict]] = None,
                 f'drop num_classes to use the checkpoint as is, or fine-tune to change the class count')
         model = build(name, num_classes=n_ckpt, **kwargs)
     load_weights(model, sd, prefer_ema=prefer_ema)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Hub folders (polynext.save_pretrained writes them)
+# --------------------------------------------------------------------------------------
+
+def read_hub_config(folder: Path) -> Dict[str, Any]:
+    """``config.json`` of a Hub folder, with one clear error for a missing or unreadable one."""
+    folder = Path(folder)
+    cfg_file = folder / 'config.json'
+    if not folder.is_dir():
+        raise CheckpointError(f'{folder} is not a folder; write one with polynext export MODEL {folder} --format hub')
+    if not cfg_file.is_file():
+        raise CheckpointError(f'{folder} has no config.json; it is not a Hub model folder. Write one with '
+                              f'polynext export MODEL {folder} --format hub (or polynext.save_pretrained)')
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{cfg_file} is not valid JSON ({e}); write the folder again with polynext export '
+                              f'--format hub') from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get('architecture'), str):
+        raise CheckpointError(f'{cfg_file} names no architecture; write the folder again with polynext export '
+                              f'--format hub')
+    return cfg
+
+
+def load_pretrained(source: str, **kwargs) -> nn.Module:
+    """A model from ``local-dir:PATH`` or ``hf-hub:REPO``: timm's loader, or for folders that record
+    polynext options (timm's MetaFormers built with paper options) polynext's constructor plus the
+    folder's weights."""
+    from timm.models import parse_model_name
+    kind, model_id = parse_model_name(source)
+    if kind == 'local-dir':
+        folder = Path(model_id)
+        cfg = read_hub_config(folder)
+    elif kind == 'hf-hub':
+        from timm.models._hub import download_from_hf
+        cfg = json.loads(Path(download_from_hf(model_id, 'config.json')).read_text())
+    else:
+        raise ConfigError(f"{source!r} is not a local-dir:PATH or hf-hub:REPO name")
+    options = (cfg.get('polynext') or {}).get('options') or {}
+    if not options:
+        return timm.create_model(source, pretrained=True, **kwargs)
+    args = dict(cfg.get('model_args') or {}, **options)
+    args.update(kwargs)
+    model = create_model(cfg['architecture'], **args)
+    if kind == 'local-dir':
+        from timm.models._hub import load_state_dict_from_path
+        sd = load_state_dict_from_path(folder)
+    else:
+        from timm.models._hub import load_state_dict_from_hf
+        sd = load_state_dict_from_hf(model_id, 'model.safetensors')
+    model.load_state_dict(sd, strict=True)
     return model

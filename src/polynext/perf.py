@@ -526,9 +526,16 @@ def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, i
     from .bench import BenchSettings, make_step
     from .profile import count_macs
     settings = BenchSettings(img_size=img_size, batch_size=batch_size, mode=mode, dtype=dtype,
-                             channels_last=channels_last, runs=runs, warmup=warmup, memory=False, device=device,
-                             fold=fold)
+                             channels_last=channels_last, runs=runs, warmup=warmup, memory=False, device=device)
     settings.validate()
+    if fold:
+        from .errors import ConfigError
+        from .models.folded import fold_for_inference
+        if mode != 'infer':
+            raise ConfigError('fold applies to inference only (a folded model has no training path)')
+        if macs_per_image is None:
+            macs_per_image = float(count_macs(model, input_size=img_size))
+        model = fold_for_inference(model.eval())
     if macs_per_image is None:
         macs_per_image = float(count_macs(model, input_size=img_size))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

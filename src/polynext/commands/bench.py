@@ -7,6 +7,7 @@ images/s to the first model. Ratios are what holds on a busy machine; compare th
   polynext bench convformer_s18 cpolynext_t cpolynext_s --batch-size 32
   polynext bench convformer_s18 caformer_s18 apolynext_s --mode train --channels-last --json r.json --plot r.png
   polynext bench cpolynext_t cpolynext_t --model-kwargs cpolynext_t#2:channels_last=False   # A/B in one run
+  polynext bench cpolynext_t cpolynext_t_bn --fold weights channels --runtime onnxruntime   # deployment variants
 
 Model kwargs are Python literals: KEY=VALUE applies to every model, MODEL:KEY=VALUE only to that
 model (or to one entry of a repeated model, NAME#2:KEY=VALUE).
@@ -39,8 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile each model (compile time is the first warm-up call, reported in JSON as '
                              'first_call_s; on CPU the memory measurement compiles once more: --no-memory skips it)')
-    parser.add_argument('--fold', action='store_true',
-                        help='infer: run PolyNeXt models folded (polynext.fold_for_inference; other models as they are)')
     parser.add_argument('--runs', type=int, default=7, help='timed batches per model (default 7)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed batches per model first (default 2, min 1)')
     parser.add_argument('--threads', type=int, default=None,
@@ -49,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='CUDA fp32: allow TF32 matmuls and convolutions (default: true fp32 for both)')
     parser.add_argument('--model-kwargs', nargs='+', action='extend', default=[], metavar='[MODEL:]KEY=VALUE',
                         help='constructor arguments, e.g. init_channels=8 or cpolynext_t:drop_path_rate=0.1')
+    parser.add_argument('--fold', nargs='*', default=None, choices=('weights', 'channels'), metavar='FLIP',
+                        help='also time each PolyNeXt folded (polynext.fold_for_inference), next to the model: '
+                             "--fold (the flip in the weights), --fold weights channels (both flips)")
+    parser.add_argument('--runtime', nargs='+', default=['torch'], choices=('torch', 'onnxruntime'),
+                        help='onnxruntime: also time each model exported to ONNX in ONNX Runtime, next to eager '
+                             '(fp32, CPU, inference; the export is checked against eager first)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--no-pin-allocator', action='store_true',
                         help='do not re-run with the pinned glibc allocator (timings then include page faults)')
@@ -74,9 +79,14 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     common, per_target = parse_model_kwargs(args.model_kwargs)
     specs = model_specs(args.models, common, per_target)
+    if args.fold is not None or args.runtime != ['torch']:
+        from ..bench import expand_variants
+        fold = ['weights'] if args.fold == [] else list(dict.fromkeys(args.fold or []))
+        runtimes = list(dict.fromkeys(['torch'] + args.runtime))
+        specs = expand_variants(specs, fold, runtimes)
     settings = BenchSettings(img_size=args.img_size, batch_size=args.batch_size, device=args.device,
                              mode=args.mode, dtype=args.dtype, channels_last=args.channels_last,
-                             compile=args.compile, fold=args.fold, runs=args.runs, warmup=args.warmup,
+                             compile=args.compile, runs=args.runs, warmup=args.warmup,
                              memory=not args.no_memory,
                              tf32=args.tf32, threads=args.threads)
     settings.validate()
@@ -89,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import busy_machine_warning, run_bench
     if settings.device == 'cpu' and (warning := busy_machine_warning(settings.threads)):
         print(f'polynext bench: warning: {warning}', file=sys.stderr)
-    report = run_bench(specs, settings, progress=not args.no_progress)
+    report = run_bench(specs, settings, progress=not args.no_progress,
+                       log=lambda msg: print(f'polynext bench: {msg}', file=sys.stderr, flush=True))
     print(report.header())
     print(report.table())
     print(report.footnote())

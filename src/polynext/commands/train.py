@@ -11,6 +11,7 @@ Examples:
   polynext train --model cpolynext_t --data ./my_images --epochs 50 --set lr=1e-3 --set ema=false
   polynext train --recipe cpolynext_t --data DIR --usual wd_exclusions     # the usual practice instead of a quirk
   polynext train --resume runs/cpolynext_s/last.state.pt    # (re-running the same command also resumes)
+  polynext train --recipe cpolynext_fhe_digits --fhe-levels 21   # deepest bn model for 21 CKKS levels
   polynext train --list-recipes
   polynext train --recipe cpolynext_s --show-config
 
@@ -25,7 +26,7 @@ _FLAGS = {
     'model': 'model', 'data': 'data', 'dataset': 'dataset', 'download': 'download', 'output': 'output',
     'epochs': 'epochs', 'batch_size': 'batch_size', 'device_batch_size': 'device_batch_size', 'lr': 'lr',
     'workers': 'workers', 'initial_checkpoint': 'initial_checkpoint', 'device': 'device',
-    'checkpoint_every': 'checkpoint_every', 'seed': 'seed', 'compile': 'compile',
+    'checkpoint_every': 'checkpoint_every', 'seed': 'seed', 'compile': 'compile', 'fhe_levels': 'fhe_levels',
 }
 
 
@@ -52,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='also checkpoint every STEPS optimizer steps (mid-epoch)')
     parser.add_argument('--seed', type=int, default=None)
     parser.add_argument('--compile', action='store_true', default=None, help='torch.compile the model')
+    parser.add_argument('--fhe-levels', type=int, default=None, metavar='N',
+                        help='CKKS level budget: build the deepest fully polynomial (bn) PolyNeXt whose folded HE '
+                             'program fits N levels (cells per stage), checked before training')
     parser.add_argument('--usual', action='append', default=[], metavar='FLAG',
                         help='use the usual practice instead of a reference quirk: wd_exclusions, ema_from_start, '
                              'no_cooldown, or all')

@@ -8,8 +8,13 @@ polynext checkpoint's own eval transform; the low-resolution models at native si
 or, with ``--transform timm``, the model's timm ``pretrained_cfg`` (input size, crop_pct,
 interpolation, mean / std).
 
+With ``--runtime onnxruntime`` (implied by an ``.onnx`` checkpoint) an ONNX file written by
+``polynext export`` is evaluated in ONNX Runtime with the same data, transform and metrics; its
+metadata supplies the architecture, classes and eval transform.
+
 Examples:
   polynext validate --checkpoint runs/cpolynext_lr_digits/best.safetensors --dataset digits
+  polynext validate --runtime onnxruntime --checkpoint cpolynext_s.onnx --data /data/imagenet
   polynext validate --model cpolynext_s --checkpoint cpolynext_s.pt --data /data/imagenet
   polynext validate --model cpolynext_lr --checkpoint cpolynext_lr_cifar10.pt --dataset cifar10 --data ./cifar
   torchrun --nproc_per_node=4 -m polynext validate --model apolynext_t --checkpoint apolynext_t.pt --data DIR
@@ -46,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-progress', action='store_true')
     parser.add_argument('--model-kwargs', default=None, metavar='YAML',
                         help="extra model arguments, e.g. '{init_channels: 16}'")
+    parser.add_argument('--runtime', default='torch', choices=['torch', 'onnxruntime'],
+                        help='torch (default), or onnxruntime: --checkpoint is an .onnx file from polynext export, '
+                             'evaluated with the same data, transform and metrics')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                               model=args.model, model_kwargs=extra, transform=args.transform, img_size=args.img_size,
                               prefer_ema=not args.no_ema, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, download=args.download, output=args.output,
-                              show_progress=not args.no_progress)
+                              show_progress=not args.no_progress, runtime=args.runtime)
     if not res.is_main:
         return 0
     if args.json:

@@ -6,8 +6,9 @@ Everything here also works in a single process without ``torch.distributed`` ini
 * ``resolve_device(device)``: 'auto' / 'cpu' / 'cuda' / 'cuda:N' → a ``torch.device``, with one clear
   error for a device that is not there (the one home of this rule; ``polynext bench`` uses it too).
 * ``init_distributed(device='auto')`` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by
-  ``torchrun``), initialises the process group (NCCL on CUDA, gloo on CPU) and returns a
-  ``DistEnv`` with the rank, the world size and the device of this process.
+  ``torchrun``, or derived from SLURM's variables under ``srun``: ``slurm_environment``), initialises
+  the process group (NCCL on CUDA, gloo on CPU) and returns a ``DistEnv`` with the rank, the world
+  size and the device of this process.
 * ``all_reduce_sums(values)``: sum a dict of numbers over all ranks (metrics are reduced as
   sums and counts, then divided, so uneven shards weigh correctly).
 * ``all_gather_objects(obj)``: every rank's picklable object, in rank order.
@@ -17,15 +18,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistEnv', 'init_distributed', 'cleanup_distributed', 'is_distributed', 'rank', 'world_size',
-           'is_main', 'barrier', 'all_reduce_sums', 'all_reduce_tensor', 'all_gather_objects', 'broadcast_object',
-           'resolve_device']
+__all__ = ['DistEnv', 'init_distributed', 'slurm_environment', 'first_slurm_host', 'cleanup_distributed',
+           'is_distributed', 'rank', 'world_size', 'is_main', 'barrier', 'all_reduce_sums', 'all_reduce_tensor',
+           'all_gather_objects', 'broadcast_object', 'resolve_device']
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,53 @@ def resolve_device(device: str = 'auto', local_rank: int = 0) -> torch.device:
     return dev
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``node[03-05,9],gpu1`` → ``node03``, ``rack[1-2]-n[7-8]`` →
+    ``rack1-n7`` (the compressed form ``scontrol show hostnames`` expands; here without a subprocess)."""
+    first, depth = '', 0
+    for ch in nodelist.strip():            # the first entry: up to a comma outside brackets
+        if ch == ',' and depth == 0:
+            break
+        depth += ch == '['
+        depth -= ch == ']'
+        first += ch
+    return re.sub(r'\[([^\]]*)\]', lambda m: m.group(1).split(',')[0].split('-')[0], first)
+
+
+def slurm_environment(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """torchrun's variables derived from SLURM's, for ``srun ... polynext train`` (one task per process).
+
+    Only when torchrun's ``RANK`` / ``WORLD_SIZE`` are absent and SLURM started several tasks:
+    RANK = ``SLURM_PROCID``, WORLD_SIZE = ``SLURM_NTASKS``, LOCAL_RANK = ``SLURM_LOCALID``, MASTER_ADDR =
+    the first host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``), MASTER_PORT = 29500 + job id mod 10000
+    (so two jobs sharing a node do not collide). MASTER_ADDR / MASTER_PORT already set are kept.
+    Returns the variables to set ({} when none apply)."""
+    env = os.environ if env is None else env
+    if 'RANK' in env or 'WORLD_SIZE' in env or 'SLURM_PROCID' not in env:
+        return {}
+    ntasks = int(env.get('SLURM_NTASKS') or env.get('SLURM_NPROCS') or 1)
+    if ntasks <= 1:
+        return {}
+    nodelist = env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST') or ''
+    if 'MASTER_ADDR' not in env and not nodelist:
+        from ..errors import ConfigError
+        raise ConfigError('SLURM started several tasks but SLURM_JOB_NODELIST is not set; set MASTER_ADDR to the '
+                          'first node, or launch with torchrun')
+    out = dict(RANK=env['SLURM_PROCID'], WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get('SLURM_LOCALID', '0'))
+    if 'SLURM_NTASKS_PER_NODE' in env and env['SLURM_NTASKS_PER_NODE'].split('(')[0].isdigit():
+        out['LOCAL_WORLD_SIZE'] = env['SLURM_NTASKS_PER_NODE'].split('(')[0]
+    if 'MASTER_ADDR' not in env:
+        out['MASTER_ADDR'] = first_slurm_host(nodelist)
+    if 'MASTER_PORT' not in env:
+        job = env.get('SLURM_JOB_ID', '')
+        out['MASTER_PORT'] = str(29500 + int(job) % 10000) if job.isdigit() else '29500'
+    return out
+
+
 def init_distributed(device: str = 'auto', timeout_s: float = 1800.) -> DistEnv:
-    """Initialise from the ``torchrun`` environment variables (a single process without them)."""
+    """Initialise from the ``torchrun`` environment variables (a single process without them), or
+    from SLURM's (``srun``) where torchrun's are absent (:func:`slurm_environment`)."""
+    os.environ.update(slurm_environment())
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank_ = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))

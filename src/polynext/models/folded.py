@@ -703,5 +703,6 @@ def fold_for_inference(model: nn.Module, flip: str = 'weights') -> FoldedPolyNeX
             channels_last=model.channels_last,
             architecture=(getattr(model, 'pretrained_cfg', None) or {}).get('architecture'))
     folded.pretrained_cfg = copy.deepcopy(getattr(model, 'pretrained_cfg', None) or {})
+    folded.feature_info = copy.deepcopy(model.feature_info)
     folded.requires_grad_(False)
     return folded.eval()

@@ -625,6 +625,8 @@ def create_timm_baseline(name: str, pretrained: bool = False, **kwargs) -> nn.Mo
     kwargs.update(opts.constructor_kwargs(4, _scaled_stages(4), has_sepconv=arch.startswith(_SEPCONV_FAMILIES)))
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     opts.apply(model, arch)
+    # timm's own constructor cannot rebuild these options: polynext.save_pretrained records them
+    model.polynext_options = {f.name: getattr(opts, f.name) for f in fields(opts) if getattr(opts, f.name) != f.default}
     return model
 
 

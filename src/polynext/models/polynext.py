@@ -44,6 +44,7 @@ from ..errors import CheckpointError
 from ..ops.depthwise import depthwise_conv2d
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.poly_attention import poly_attention
+from ..ops.window_attention import neighborhood_attention
 
 __all__ = [
     'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'PolyConvBlock', 'PolyAttnBlock', 'Ablation',
@@ -425,6 +426,7 @@ class PolyAttn(nn.Module):
         self.v_conv = nn.Conv2d(a, a, 3, padding=1, groups=a, bias=False)
         self.final_conv = nn.Conv2d(a, a, 3, padding=1, groups=a, bias=False)
         self.fully_polynomial = norm == 'bn'
+        self.window: Optional[int] = None   # sliding-window attention (``polynext.models.set_attention_window``)
         if self.fully_polynomial:
             h, w = _size2(spatial_size)
             self.norm = RunningRowSumNorm(self.num_heads, h * w)
@@ -451,7 +453,10 @@ class PolyAttn(nn.Module):
         b, _, h, w = x.shape
         qk, v = self.qkv(x).split(self.attn_dim, dim=1)
         q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
-        if self.kernel == 'softmax':
+        if self.window and not self.fully_polynomial:   # each query sees the window x window keys around it
+            q = q if self.kernel == 'softmax' else q * self.scale.sigmoid().to(q.dtype)
+            o = neighborhood_attention(q, k, v, (h, w), self.window, self.kernel, power=self.power)
+        elif self.kernel == 'softmax':
             o = F.scaled_dot_product_attention(q, k, v)
         elif self.fully_polynomial:
             attn = ((q @ k.transpose(-1, -2)) * self.scale.sigmoid() + 1) ** self.power
@@ -1235,7 +1240,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = Ablation.rows()
 
 # timm-level keyword arguments that build_model_with_cfg consumes itself
 _TIMM_KWARGS = {'features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'flatten_sequential', 'output_stride',
-                'pretrained_strict', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'kwargs_filter'}
+                'pretrained_strict', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'kwargs_filter',
+                'pretrained_model_args'}   # timm >= 1.0.25: the saved arguments of a local-dir / hf-hub model
 
 
 def _check_kwargs(variant: str, kwargs: Dict[str, Any]) -> None:
@@ -1251,12 +1257,21 @@ def _create_polynext(variant: str, pretrained: bool = False, **kwargs) -> PolyNe
     _check_kwargs(variant, kwargs)
     model_args = dict(PUBLISHED_ARCHS[variant], **kwargs)
     num_stages = len(model_args['cells'])
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         PolyNeXt, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages))),
         **model_args,
     )
+    if model_args.get('norm') == 'bn' and model_args.get('img_size') is not None:
+        # a bn model runs at the one size it is built for: its data config (and a Hub export's) says so
+        h, w = _size2(model_args['img_size'])
+        cfg = dict(model.pretrained_cfg, input_size=(model.pretrained_cfg['input_size'][0], h, w), fixed_input_size=True)
+        head_norm = getattr(getattr(model, 'head', None), 'norm', None)
+        if isinstance(head_norm, ChannelBatchNorm):
+            cfg['pool_size'] = head_norm.spatial_size
+        model.pretrained_cfg = model.default_cfg = cfg
+    return model
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -63,7 +63,9 @@ def _in_dispatch_mode() -> bool:
 
 def can_fuse(*tensors: torch.Tensor) -> bool:
     """Whether the oneDNN fused path applies to these activations (see the module docstring)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    exporting = getattr(torch.compiler, 'is_exporting', None)
+    if (torch.compiler.is_compiling() or (exporting is not None and exporting()) or torch.jit.is_tracing()
+            or torch.jit.is_scripting()):
         return False
     first = tensors[0]
     if not _ENABLED or not torch.backends.mkldnn.enabled:

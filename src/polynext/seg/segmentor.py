@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError
 from .heads import FCNHead, UPerHead
 
-__all__ = ['SegmentorSpec', 'SegmentationBackbone', 'UperNet', 'build_segmentor', 'load_segmentor',
+__all__ = ['SegmentorSpec', 'SegmentationBackbone', 'UperNet', 'build_segmentor', 'load_segmentor', 'build_feature_body',
            'REQUIRED_STRIDES', 'find_polynext']
 
 REQUIRED_STRIDES = (4, 8, 16, 32)
@@ -96,14 +96,14 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
 class SegmentationBackbone(nn.Module):
     """timm ``features_only`` body → the stride-4/8/16/32 stage outputs [→ ``extra_norms``]."""
 
-    def __init__(self, body: nn.Module, name: str = '', extra_norms: bool = True):
+    def __init__(self, body: nn.Module, name: str = '', extra_norms: bool = True, task: str = 'UperNet'):
         super().__init__()
         info = body.feature_info
         reductions, channels = list(info.reduction()), list(info.channels())
         take = [reductions.index(s) if s in reductions else None for s in REQUIRED_STRIDES]
         if None in take:
             raise ConfigError(
-                f"backbone '{name}' gives features at strides {reductions}; UperNet needs strides "
+                f"backbone '{name}' gives features at strides {reductions}; {task} needs strides "
                 f"{list(REQUIRED_STRIDES)} (low-resolution models such as cpolynext_lr do not have them)")
         self.body = body
         self.take = take
@@ -160,24 +160,22 @@ class UperNet(nn.Module):
         return True
 
 
-def _backbone_kwargs(spec: SegmentorSpec) -> Dict[str, Any]:
-    kw = dict(spec.backbone_kwargs)
+def build_feature_body(backbone: str, backbone_kwargs: Optional[Mapping[str, Any]] = None, drop_path: float = 0.0,
+                       checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None,
+                       prefer_ema: bool = True, task: str = 'UperNet') -> nn.Module:
+    """timm ``features_only`` body of ``backbone``; ``checkpoint``: classification weights (strict).
+
+    Shared by the dense-prediction tasks (segmentation, detection)."""
+    from ..factory import check_model_name
+    check_model_name(backbone)
+    kw = dict(backbone_kwargs or {})
     for forbidden in ('features_only', 'out_indices', 'pretrained', 'num_classes'):
         if forbidden in kw:
-            raise ConfigError(f"backbone_kwargs may not set '{forbidden}' (the segmentor sets it)")
-    return kw
-
-
-def build_segmentor(spec: SegmentorSpec, checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None,
-                    prefer_ema: bool = True) -> UperNet:
-    """The UperNet of ``spec``; ``checkpoint``: classification weights for the backbone (strict)."""
-    from ..factory import check_model_name
-    check_model_name(spec.backbone)
-    kw = _backbone_kwargs(spec)
+            raise ConfigError(f"backbone_kwargs may not set '{forbidden}' (the {task} model sets it)")
     load_kw: Dict[str, Any] = {}
     if checkpoint is not None:
         # strict load into the full classifier: any layout, class count from the checkpoint, clear errors
-        full = _create(spec.backbone, checkpoint=checkpoint, prefer_ema=prefer_ema, **kw)
+        full = _create(backbone, checkpoint=checkpoint, prefer_ema=prefer_ema, **kw)
         n_cls = int(getattr(full, 'num_classes', 0) or 0)
         # timm builds the feature backbone from these weights (pass-through state dict, strict: the
         # overlay's num_classes=0 equals the features' 0, so timm does not relax strictness) and then
@@ -185,18 +183,25 @@ def build_segmentor(spec: SegmentorSpec, checkpoint: Optional[Union[str, Path, M
         load_kw = dict(pretrained=True, num_classes=n_cls,
                        pretrained_cfg_overlay=dict(state_dict=full.state_dict(), num_classes=0))
         del full
-    if spec.drop_path:
-        kw['drop_path_rate'] = spec.drop_path
+    if drop_path:
+        kw['drop_path_rate'] = drop_path
     try:
-        body = _create(spec.backbone, features_only=True, **load_kw, **kw)
+        body = _create(backbone, features_only=True, **load_kw, **kw)
     except RuntimeError as e:   # a strict-load failure inside timm (should not happen after the check above)
-        raise CheckpointError(f'cannot load the backbone weights into {spec.backbone}: {str(e).splitlines()[0]}') \
+        raise CheckpointError(f'cannot load the backbone weights into {backbone}: {str(e).splitlines()[0]}') \
             from None
     net = find_polynext(body)
     if net is not None and net.norm_kind == 'bn':
         raise ConfigError(
-            f"'{spec.backbone}' is a fully polynomial (bn) variant: its norms have per-position weights tied to "
-            f"one input size, so it cannot segment images of other sizes; use the LayerNorm model instead")
+            f"'{backbone}' is a fully polynomial (bn) variant: its norms have per-position weights tied to "
+            f"one input size, so it cannot process images of other sizes; use the LayerNorm model instead")
+    return body
+
+
+def build_segmentor(spec: SegmentorSpec, checkpoint: Optional[Union[str, Path, Mapping[str, Any]]] = None,
+                    prefer_ema: bool = True) -> UperNet:
+    """The UperNet of ``spec``; ``checkpoint``: classification weights for the backbone (strict)."""
+    body = build_feature_body(spec.backbone, spec.backbone_kwargs, spec.drop_path, checkpoint, prefer_ema)
     backbone = SegmentationBackbone(body, spec.backbone, extra_norms=spec.extra_norms)
     if not 0 <= spec.aux_index < len(backbone.channels):
         raise ConfigError(f'aux_index {spec.aux_index} is not a stage index (0-{len(backbone.channels) - 1})')

@@ -39,7 +39,7 @@ from ..engine.presets import FidelityFlag, PresetTable
 from ..errors import ConfigError
 from ..models.polynext import CIFAR_MEAN, CIFAR_STD, REFERENCE_NAMES
 
-__all__ = ['TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'RAND_AUGMENT', 'CIFAR_MEAN', 'CIFAR_STD']
+__all__ = ['TrainConfig', 'PRESETS', 'FIDELITY', 'DEFAULT_RECIPE', 'FHE_DIGITS_ARCH', 'FHE_DEEP_ARCH', 'RAND_AUGMENT', 'CIFAR_MEAN', 'CIFAR_STD']
 
 #: timm RandAugment string of every recipe here: magnitude 9, std 0.5, "increasing" op set
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
@@ -56,6 +56,7 @@ class TrainConfig:
     head_dropout_ramp: Optional[int] = None    # p_e = min(p, p·e/R) set at each epoch start; None: constant p
     initial_checkpoint: Optional[str] = None   # weights to start from (fine-tuning), any layout polynext loads
     head_map: Optional[str] = None             # 'in21k_to_in1k' or a JSON class map: remap a 21841-class head
+    fhe_levels: Optional[int] = None           # CKKS level budget: the deepest bn PolyNeXt that fits (polynext.fhe)
     # ---- data ----
     dataset: str = 'folder'                    # folder | digits | cifar10 | svhn | tiny_imagenet
     data: Optional[str] = None                 # dataset root (folder: train/ and val/ class folders)
@@ -260,6 +261,23 @@ PRESETS.add(DEFAULT_RECIPE, TrainConfig(
     crop_ratio=(0.8, 1.25), random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), eval_resize=16,
     eval_crop=None, clip_grad=5.0, ema=False, amp='bf16', workers=0, device='auto', threads=1),
     source='polynext demo: scikit-learn digits (8x8 → 16x16), stratified 80/20 split, seed 0')
+
+# --- the encrypted-inference demo (polynext fhe demo): a fully polynomial one-stage PolyNeXt on the 8x8
+# digits, as deep as a leveled 128-bit CKKS ring allows (2 cells of 1 block: 17 levels, N = 2^15) and
+# narrow (8 channels: 32 images per ciphertext). bn norms: folded, every op is a polynomial.
+FHE_DIGITS_ARCH = dict(norm='bn', init_channels=8, cells=(2,), blocks=(1,), width_mults=(1,), conv_expansion=(1,),
+                       mlp_expansion=(2,), coarse_kernels=(3,))
+PRESETS.add('cpolynext_fhe_digits', dataclasses.replace(
+    PRESETS.get(DEFAULT_RECIPE).config, model_kwargs=dict(FHE_DIGITS_ARCH, img_size=8), img_size=8, eval_resize=8, epochs=30,
+    crop_scale=(0.85, 1.0)),
+    source='polynext fhe demo: scikit-learn digits at 8x8, fully polynomial (bn), depth for a leveled 128-bit ring')
+# the moonshot (polynext fhe moonshot): the low-resolution architecture scaled down, 3 stages of 2 cells,
+# too deep for any leveled ring: it runs with bootstrapping (OpenFHE)
+FHE_DEEP_ARCH = dict(norm='bn', init_channels=8, cells=(2, 2, 2), blocks=(1, 1, 1))
+PRESETS.add('cpolynext_fhe_digits_deep', dataclasses.replace(
+    PRESETS.get(DEFAULT_RECIPE).config, model_kwargs=dict(FHE_DEEP_ARCH, img_size=8), img_size=8, eval_resize=8,
+    epochs=30, crop_scale=(0.85, 1.0)),
+    source='polynext fhe moonshot: digits at 8x8, 3-stage fully polynomial CPolyNeXt-LR, bootstrapped')
 
 # --- MetaFormer baselines (metaformer_baselines.md §4) -----------------------------------------
 _MF_SCRATCH = TrainConfig(

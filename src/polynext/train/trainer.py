@@ -409,6 +409,8 @@ def train(cfg: TrainConfig, recipe: str, resume: Optional[str] = None, fresh: bo
     resumes); ``fresh``: start over; ``explicit``: the keys set on the command line (checked on resume)."""
     from ..factory import check_model_name
     check_model_name(cfg.model)
+    if cfg.fhe_levels is not None:
+        cfg = fit_fhe_levels(cfg, quiet)
     if recipe in PRESETS and PRESETS.get(recipe).needs_checkpoint and not cfg.initial_checkpoint and not resume:
         raise ConfigError(f"recipe '{recipe}' fine-tunes a trained model: pass --initial-checkpoint PATH")
     plan = plan_run(cfg, recipe, state_format=STATE_FORMAT, resume_safe_keys=RESUME_SAFE_KEYS,
@@ -418,6 +420,20 @@ def train(cfg: TrainConfig, recipe: str, resume: Optional[str] = None, fresh: bo
                                             show_progress=show_progress, quiet=quiet).fit(),
                   progress=('epoch', plan.config.total_epochs, 'epochs'),
                   best=lambda b: f'best val top-1 {b.get("top1", float("nan")):.2f}%', quiet=quiet)
+
+
+def fit_fhe_levels(cfg: TrainConfig, quiet: bool = False) -> TrainConfig:
+    """``--fhe-levels N``: the config with the deepest bn PolyNeXt (cells per stage) whose folded HE program
+    needs at most N levels (``polynext.fhe.depth``), its fit printed before training starts."""
+    import dataclasses
+    from ..fhe.depth import deepest_fitting
+    num_classes = cfg.num_classes or (10 if cfg.dataset in ('digits', 'cifar10', 'svhn') else 1000)
+    kwargs, fit = deepest_fitting(cfg.model, cfg.model_kwargs, cfg.fhe_levels, cfg.img_size, num_classes)
+    if not quiet:
+        print(f"fhe: {cfg.model} with cells {tuple(fit['cells'])}, blocks {tuple(fit['blocks'])} (bn): "
+              f"{fit['levels']} levels ≤ budget {fit['budget']}, {fit['ct_ct_products']} ct×ct products "
+              f"(`polynext fhe analyze` on the trained checkpoint gives the full report)", flush=True)
+    return dataclasses.replace(cfg, model_kwargs=kwargs)
 
 
 def _count_params(model: nn.Module) -> int:

@@ -154,17 +154,35 @@ def _read_for_eval(path: Path, prefer_ema: bool) -> Tuple[Any, Dict[str, Any]]:
     return obj, meta
 
 
+def _onnx_for_eval(path: Path, model: Optional[str], model_kwargs: Optional[Mapping[str, Any]]):
+    """An ONNX Runtime session over a polynext ONNX export, its architecture and its metadata."""
+    from ..deploy.runtime import OnnxRuntimeModel
+    from ..errors import ConfigError
+    if path.suffix != '.onnx':
+        raise ConfigError(f'--runtime onnxruntime evaluates an .onnx file written by polynext export; '
+                          f'{path.name} is not one (export it: polynext export {path} model.onnx)')
+    if model_kwargs:
+        raise ConfigError('an ONNX file holds its weights and architecture: drop --model-kwargs')
+    net = OnnxRuntimeModel(path, threads=torch.get_num_threads())
+    if model and model.split('.')[0] != net.architecture:
+        raise ConfigError(f'{path.name} holds {net.architecture}, not {model}; drop --model')
+    return net, net.architecture, dict(net.metadata)
+
+
 def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None, dataset: str = 'folder',
                         split: str = 'val', model: Optional[str] = None,
                         model_kwargs: Optional[Mapping[str, Any]] = None, transform: str = 'reference',
                         img_size: Optional[int] = None, prefer_ema: bool = True, batch_size: int = 100,
                         workers: int = 4, device: str = 'auto', download: bool = False,
-                        output: Optional[Union[str, Path]] = None, show_progress: bool = False) -> ValidationResult:
+                        output: Optional[Union[str, Path]] = None, show_progress: bool = False,
+                        runtime: str = 'torch') -> ValidationResult:
     """Top-1 / top-5 / loss and per-class accuracy of a checkpoint on a dataset (see the module doc).
 
     ``model``: the architecture (default: the checkpoint's metadata); ``model_kwargs`` add to the
     checkpoint's; ``transform``: 'reference' (the recipe's eval transform) or 'timm' (``pretrained_cfg``);
-    ``output``: where ``validate.json`` and ``per_class.csv`` go (default ``validate-MODEL``)."""
+    ``output``: where ``validate.json`` and ``per_class.csv`` go (default ``validate-MODEL``).
+    ``runtime='onnxruntime'`` (implied by an ``.onnx`` file): ``checkpoint`` is a ``polynext export``
+    ONNX file, run by ONNX Runtime with the same protocol; its metadata names the model."""
     from ..engine.data import make_loader
     from ..engine.determinism import ShardSampler
     from ..engine.distributed import cleanup_distributed, init_distributed
@@ -175,16 +193,20 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
     from .data import build_eval_data, build_eval_transform
 
     path = Path(checkpoint)
-    obj, meta = _read_for_eval(path, prefer_ema)
-    name = model or meta.get('architecture')
-    if not name:
-        raise ConfigError('pass --model NAME (this checkpoint does not say which model it holds)')
-    same = not model or model == meta.get('architecture')
-    kwargs = dict(meta.get('model_kwargs') or {}) if same else {}
-    if not same:
-        meta = {}     # another model than the file's: its metadata does not apply
-    kwargs.update(model_kwargs or {})
-    net = create_model(name, checkpoint=unwrap_state_dict(obj, prefer_ema=prefer_ema), **kwargs)
+    if runtime == 'onnxruntime' or path.suffix == '.onnx':
+        runtime = 'onnxruntime'
+        net, name, meta = _onnx_for_eval(path, model, model_kwargs)
+    else:
+        obj, meta = _read_for_eval(path, prefer_ema)
+        name = model or meta.get('architecture')
+        if not name:
+            raise ConfigError('pass --model NAME (this checkpoint does not say which model it holds)')
+        same = not model or model == meta.get('architecture')
+        kwargs = dict(meta.get('model_kwargs') or {}) if same else {}
+        if not same:
+            meta = {}     # another model than the file's: its metadata does not apply
+        kwargs.update(model_kwargs or {})
+        net = create_model(name, checkpoint=unwrap_state_dict(obj, prefer_ema=prefer_ema), **kwargs)
 
     if transform == 'timm':
         from timm.data import create_transform, resolve_data_config
@@ -200,6 +222,10 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
         tf = build_eval_transform(resize, crop, interp, mean, std)
         tdesc = f'resize {resize} → ' + (f'centre crop {crop}' if crop else 'no crop') + f', {interp}'
         size = crop or resize
+    fixed = getattr(net, 'input', None) or {}          # an ONNX file exported at a fixed size
+    if fixed and not fixed.get('dynamic_size', True) and size != fixed.get('height'):
+        raise ConfigError(f"{path.name} takes {fixed['height']}x{fixed['width']} inputs only, but the transform gives "
+                          f"{size} px; pass --img-size {fixed['height']}")
     ds, classes, desc = build_eval_data(dataset, data, tf, split=split, download=download, img_size=size)
     num_classes = getattr(net, 'num_classes', None)
     if num_classes != len(classes):
@@ -222,7 +248,7 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
     finally:
         cleanup_distributed()
     rows = per_class_rows(res, classes)
-    result = dict(model=name, checkpoint=str(path), data=desc, transform=tdesc, images=res.images,
+    result = dict(model=name, checkpoint=str(path), runtime=runtime, data=desc, transform=tdesc, images=res.images,
                   top1=round(res.top1, 4), top5=round(res.top5, 4), loss=round(res.loss, 6),
                   classes=len(classes), unreadable_images=len(res.skipped))
     out = ValidationResult(result, rows, is_main=env.is_main)
