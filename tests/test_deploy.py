@@ -207,7 +207,8 @@ def test_validate_with_onnxruntime_gives_the_eager_numbers(lr_onnx, tmp_path, ca
 def test_torch_export_program_round_trip(shared):
     ckpt = _checkpoint(shared, 'apolynext_t_bn', BN_KW, CLASSES5)
     path, printed, res = _export(shared, 'at_bn.pt2', [str(ckpt), '--fold'])
-    assert res['format'] == 'torch-export' and res['max_abs_diff'] == 0.0
+    # (eager CPU inference runs oneDNN post-op convolutions, ops.fused; the program the plain ops: rounding only)
+    assert res['format'] == 'torch-export' and res['max_abs_diff'] < 1e-5
     extra = {'polynext.json': ''}
     program = torch.export.load(str(path), extra_files=extra)
     meta = json.loads(extra['polynext.json'])
@@ -215,7 +216,7 @@ def test_torch_export_program_round_trip(shared):
     eager = polynext.fold_for_inference(polynext.create_model('apolynext_t_bn', checkpoint=ckpt, **BN_KW))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), eager(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(program.module()(x), eager(x), atol=1e-5, rtol=1e-5)   # rounding (ops.fused)
 
 
 def test_randformer_exports_at_its_fixed_size_and_says_so(tmp_path, capsys):

@@ -20,6 +20,7 @@ COMMANDS = {
     'robustness': ('polynext.commands.robustness', 'ImageNet-C mCE, ImageNet-A / -R, Sketch: one or several models'),
     'bench': ('polynext.commands.bench', 'params, MACs, images/s and peak memory of models, side by side'),
     'ablate': ('polynext.commands.ablate', "re-run the paper's ablation tables (every row × seeds) with one command"),
+    'profile': ('polynext.commands.profile', 'where the time goes: a step by op class against the machine peaks'),
     'fhe': ('polynext.commands.fhe', 'encrypted inference (CKKS): fhe analyze / fhe demo / fhe moonshot'),
     'seg': ('polynext.commands.seg', 'semantic segmentation (UperNet, ADE20K): seg train / seg eval / seg cost'),
     'det': ('polynext.commands.det', 'detection and instance segmentation (Mask R-CNN, Cascade, COCO): det train / eval / cost'),

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         specs = expand_variants(specs, fold, runtimes)
     settings = BenchSettings(img_size=args.img_size, batch_size=args.batch_size, device=args.device,
                              mode=args.mode, dtype=args.dtype, channels_last=args.channels_last,
-                             compile=args.compile, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
+                             compile=args.compile, runs=args.runs, warmup=args.warmup,
+                             memory=not args.no_memory,
                              tf32=args.tf32, threads=args.threads)
     settings.validate()
     if not args.no_pin_allocator and _started_as_this_command():

@@ -91,6 +91,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..ops.fused import can_fuse, conv_add_, conv_mul
 from .polynext import (
     ChannelBatchNorm, GatedHead, LayerNorm2d, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP, PolyNeXt,
     PolyNeXtCell, PolyNeXtStage, RunningRowSumNorm, SigmoidScale,
@@ -213,12 +214,17 @@ class FoldedPolyConv(nn.Module):
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (on CPU inference the product is the coarse convolution's post-op: ops.fused.conv_mul)
         if self.pw_in_flip is None:
             u = self.pw_in(x)
-            y = self.coarse(u) * self.fine(u).flip(1)
+            y = conv_mul(u, self.fine(u).flip(1), self.coarse)
         else:
-            y = self.coarse(self.pw_in(x)) * self.fine(self.pw_in_flip(x))
+            y = conv_mul(self.pw_in(x), self.fine(self.pw_in_flip(x)), self.coarse)
         return self.norm(self.pw_out(self.dw_out(y)))
+
+    def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """x + self(x), as a new tensor."""
+        return self(x).add_(x)
 
 
 class FoldedPolyMLP(nn.Module):
@@ -230,9 +236,18 @@ class FoldedPolyMLP(nn.Module):
         self.norm = norm
         self.fc_out = fc_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.fc_in(x).chunk(2, dim=1)
-        return self.fc_out(self.norm(a * b))
+        return self.norm(a * b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.hidden(x))
+
+    def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """x + self(x); with ``owned`` (x may be overwritten) ``fc_out`` adds into x (ops.fused.conv_add_)."""
+        if owned and can_fuse(x):
+            return conv_add_(x, self.hidden(x), self.fc_out)
+        return self(x).add_(x)
 
 
 class FoldedPolyAttn(nn.Module):
@@ -268,7 +283,20 @@ class FoldedPolyAttn(nn.Module):
         # (B, A, H, W) → (B, heads, N, head_dim); channel = head · head_dim + d
         return t.reshape(t.shape[0], self.num_heads, self.head_dim, -1).transpose(-1, -2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``residual``: return ``residual + proj(...)``, added into ``residual`` by ``proj`` (conv_add_)."""
+        if residual is None:
+            return self.proj(self.attend(x))
+        return conv_add_(residual, self.attend(x), self.proj)
+
+    def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """x + self(x); with ``owned`` (x may be overwritten) ``proj`` adds into x (ops.fused.conv_add_)."""
+        if owned and can_fuse(x):
+            return self(x, residual=x)
+        return self(x).add_(x)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``proj``."""
         b, _, h, w = x.shape
         qk, v = self.qkv(self.norm(x)).split(self.attn_dim, dim=1)
         q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
@@ -284,7 +312,7 @@ class FoldedPolyAttn(nn.Module):
                 a = s ** self.power
             o = (a @ v) * self.row_scale
         o = o.transpose(1, 2).reshape(b, h, w, self.attn_dim).permute(0, 3, 1, 2)
-        return self.proj(self.norm2(self.final_conv(o)))
+        return self.norm2(self.final_conv(o))
 
     def extra_repr(self) -> str:
         norm = 'l1 rows (data-dependent)' if self.row_scale is None else 'constant row_scale'
@@ -292,16 +320,19 @@ class FoldedPolyAttn(nn.Module):
 
 
 class FoldedBlock(nn.Module):
-    """x = x + mixer(x);  x = x + mlp(x)  (the gates live inside the branches)."""
+    """x = x + mixer(x);  x = x + mlp(x)  (the gates live inside the branches).
+
+    ``owned=True`` (the cell's call): x is the cell's own stream and may be overwritten, so on CPU
+    inference a branch that ends with a 1x1 conv adds into it as the conv's post-op."""
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module):
         super().__init__()
         self.mixer = mixer
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mixer(x).add_(x)        # x + mixer(x), added into the branch's fresh output
-        return self.mlp(x).add_(x)
+    def forward(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        x = self.mixer.residual(x, owned)   # x + mixer(x)
+        return self.mlp.residual(x, True)   # x + mlp(x); x is now this block's own tensor
 
 
 class FoldedCell(nn.Module):
@@ -316,7 +347,7 @@ class FoldedCell(nn.Module):
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.merge(s0, s1))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, owned=True)
         return x
 
 

@@ -41,6 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
+from ..ops.depthwise import depthwise_conv2d
+from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.poly_attention import poly_attention
 from ..ops.window_attention import neighborhood_attention
 
@@ -267,7 +269,10 @@ class _HalvesProduct(torch.autograd.Function):
 
     Written by hand because autograd's backward of ``chunk`` concatenates the two half
     gradients (one extra pass over the 2h-channel tensor, ~8 % of a CPolyNeXt-T training
-    step on CPU); here both halves are written straight into one buffer.
+    step on CPU); here both halves are written straight into one buffer. On channels-last
+    tensors the writes go through the NHWC view: a channel half of an NCHW-indexed
+    channels-last tensor makes TensorIterator pick a slow order for ``out=`` (3x slower at
+    stage-0 shapes on an AMD EPYC).
     """
 
     @staticmethod
@@ -279,9 +284,14 @@ class _HalvesProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (m,) = ctx.saved_tensors
-        a, b = m.chunk(2, dim=1)
         grad_m = torch.empty_like(m)
-        ga, gb = grad_m.chunk(2, dim=1)
+        dim = 1
+        if m.dim() == 4 and m.is_contiguous(memory_format=torch.channels_last):
+            m, grad, out, dim = m.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1), grad_m.permute(0, 2, 3, 1), -1
+        else:
+            out = grad_m
+        a, b = m.chunk(2, dim=dim)
+        ga, gb = out.chunk(2, dim=dim)
         torch.mul(grad, b, out=ga)
         torch.mul(grad, a, out=gb)
         return grad_m
@@ -307,9 +317,15 @@ class HadamardProduct(nn.Module):
         y = a * b if self.op == 'mul' else a + b
         return F.gelu(y) if self.gelu == 'after' else y
 
+    @property
+    def is_product(self) -> bool:
+        """True for the published interaction, the plain product a ⊙ b."""
+        return self.op == 'mul' and self.gelu == 'none'
+
     def halves(self, m: torch.Tensor) -> torch.Tensor:
         """The interaction of the two channel halves of ``m``."""
-        if self.op == 'mul' and self.gelu == 'none' and torch.is_grad_enabled() and m.requires_grad:
+        if (self.is_product and torch.is_grad_enabled() and m.requires_grad
+                and not torch.compiler.is_compiling()):   # (inductor fuses the plain form's backward itself)
             return _HalvesProduct.apply(m)
         return self(*m.chunk(2, dim=1))
 
@@ -334,8 +350,12 @@ class PolyMLP(nn.Module):
         self.norm = norm_layer(hidden_dim) if norm_layer is not None else nn.Identity()
         self.product = product or HadamardProduct()
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm((W_a x) ⊙ (W_b x)): everything before ``fc_out``."""
+        return self.norm(self.product.halves(self.fc_in(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.norm(self.product.halves(self.fc_in(x))))
+        return self.fc_out(self.hidden(x))
 
 
 class PolyConv(nn.Module):
@@ -363,7 +383,12 @@ class PolyConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.pw_in(x)
-        return self.pw_out(self.dw_out(self.product(self.coarse(u), self.fine(u).flip(1))))
+        fine = self.fine(u).flip(1)
+        if self.product.is_product and can_fuse(u, fine):   # inference: the product is the coarse conv's post-op
+            y = conv_mul(u, fine, self.coarse)
+        else:
+            y = self.product(depthwise_conv2d(u, self.coarse), fine)
+        return self.pw_out(self.dw_out(y))
 
 
 class PolyAttn(nn.Module):
@@ -415,7 +440,16 @@ class PolyAttn(nn.Module):
         b = t.shape[0]
         return t.reshape(b, self.num_heads, self.head_dim, -1).transpose(-1, -2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                proj_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``residual`` (CPU inference, a tensor the caller owns): return ``residual + proj(...)``, added
+        into ``residual`` by ``proj`` itself (``ops.fused.conv_add_``), ``proj_weight`` replacing its weight."""
+        if residual is None:
+            return self.proj(self.attend(x))
+        return conv_add_(residual, self.attend(x), self.proj, weight=proj_weight)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``proj``: the attention output after ``final_conv`` (and ``norm2``)."""
         b, _, h, w = x.shape
         qk, v = self.qkv(x).split(self.attn_dim, dim=1)
         q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
@@ -433,7 +467,7 @@ class PolyAttn(nn.Module):
         o = self.final_conv(o)
         if self.fully_polynomial:
             o = self.norm2(o)
-        return self.proj(o)
+        return o
 
 
 # --------------------------------------------------------------------------------------
@@ -522,9 +556,25 @@ class _MixerMLPBlock(nn.Module):
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, g_mix: torch.Tensor, g_mlp: torch.Tensor) -> torch.Tensor:
-        x = gated_residual(x, self.drop_path(self.mix(x)), g_mix)
-        return gated_residual(x, self.drop_path(self.mlp(x)), g_mlp)
+    def forward(self, x: torch.Tensor, g_mix: torch.Tensor, g_mlp: torch.Tensor, owned: bool = False
+                ) -> torch.Tensor:
+        """``owned``: ``x`` is the caller's own residual stream and may be overwritten (the cell's is)."""
+        x = self.mix_residual(x, g_mix, owned)
+        return self.mlp_residual(x, g_mlp)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (not self.training or isinstance(self.drop_path, nn.Identity)) and can_fuse(x)
+
+    def mix_residual(self, x: torch.Tensor, gate: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        return gated_residual(x, self.drop_path(self.mix(x)), gate)
+
+    def mlp_residual(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x + gate · PolyMLP(x). At CPU inference the gate scales ``fc_out``'s weight and the
+        addition is ``fc_out``'s post-op, written into ``x`` (always a tensor of this block here)."""
+        if isinstance(self.mlp, PolyMLP) and self._fusable(x):
+            fc_out = self.mlp.fc_out
+            return conv_add_(x, self.mlp.hidden(x), fc_out, weight=fc_out.weight * gate.reshape(-1, 1, 1, 1))
+        return gated_residual(x, self.drop_path(self.mlp(x)), gate)
 
 
 class PolyConvBlock(_MixerMLPBlock):
@@ -535,6 +585,15 @@ class PolyConvBlock(_MixerMLPBlock):
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         return self.mixer_norm(self.mixer(x))
 
+    def mix_residual(self, x: torch.Tensor, gate: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """x + gate · Norm(PolyConv(x)); at CPU inference the gate scales the LayerNorm's weight."""
+        norm = self.mixer_norm
+        if isinstance(norm, LayerNorm2d) and norm.bias is None and self._fusable(x):
+            z = self.mixer(x).permute(0, 2, 3, 1)
+            z = F.layer_norm(z, norm.normalized_shape, norm.weight * gate.reshape(-1), None, norm.eps)
+            return z.permute(0, 3, 1, 2).add_(x)
+        return super().mix_residual(x, gate, owned)
+
 
 class PolyAttnBlock(_MixerMLPBlock):
     """x ← x + g_mix · DropPath(PolyAttn(Norm(x)));   x ← x + g_mlp · DropPath(PolyMLP(x)).
@@ -543,6 +602,13 @@ class PolyAttnBlock(_MixerMLPBlock):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         return self.mixer(self.mixer_norm(x))
+
+    def mix_residual(self, x: torch.Tensor, gate: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """x + gate · PolyAttn(Norm(x)); at CPU inference on an owned stream, ``proj`` adds into ``x``."""
+        if owned and isinstance(self.mixer, PolyAttn) and self._fusable(x):
+            return self.mixer(self.mixer_norm(x), residual=x,
+                              proj_weight=self.mixer.proj.weight * gate.reshape(-1, 1, 1, 1))
+        return super().mix_residual(x, gate, owned)
 
 
 class PolyNeXtCell(nn.Module):
@@ -635,7 +701,7 @@ class PolyNeXtCell(nn.Module):
         x = self.merge_norm(x)
         g = self.gates.gates()
         for block, (i_mix, i_mlp) in zip(self.blocks, self.gate_index):
-            x = block(x, g[i_mix], g[i_mlp])
+            x = block(x, g[i_mix], g[i_mlp], owned=True)   # x is this cell's own stream
         if self.grad_clip is not None and x.requires_grad:
             x.register_hook(partial(_clip_grad, max_norm=self.grad_clip))
         return x

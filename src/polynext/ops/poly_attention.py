@@ -16,6 +16,9 @@ This implementation
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
 the power, the row sums and the normalisation run in float32.
+
+On CUDA the same function runs through PyTorch's ``flex_attention`` (a fused Triton kernel with
+O(N·block) memory in forward and backward), see :func:`poly_attention_flex`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["poly_attention", "poly_attention_reference"]
+__all__ = ["poly_attention", "poly_attention_reference", "poly_attention_flex", "flex_available"]
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 _EPS = 1e-12  # F.normalize's default clamp of the row norm
@@ -140,6 +143,46 @@ def _export_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: in
     return (a @ v) / a.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
+def _log_poly_score(power: int):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return power * torch.log(torch.abs(score + 1))
+    return score_mod
+
+
+_COMPILED_FLEX = None
+
+
+def flex_available() -> bool:
+    """True when this PyTorch has ``flex_attention`` (torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def poly_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int = 4) -> torch.Tensor:
+    """The polynomial attention through ``flex_attention`` with a score modification.
+
+    For even ``power``, (S+1)^p / Σ_row (S+1)^p = softmax(p·log|S+1|): flex_attention's softmax
+    (max-subtracted, so in range) then *is* the l1 row normalisation, and its fused kernel never
+    holds the N×N scores (forward and backward). Exact in real arithmetic; a score of exactly −1
+    gives a zero weight (as in the reference) but an undefined gradient. On CUDA the kernel is the
+    compiled one (compiled once per process); elsewhere flex_attention's eager reference runs
+    (forward only on CPU: PyTorch has no CPU backward for it).
+    """
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    if power % 2:
+        raise ValueError(f"poly_attention_flex needs an even power (got {power})")
+    fn = flex_attention
+    if q.device.type == 'cuda' and not torch.compiler.is_compiling():
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        fn = _COMPILED_FLEX
+    return fn(q, k, v, score_mod=_log_poly_score(power), scale=1.0)
+
+
 def poly_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -150,13 +193,16 @@ def poly_attention(
     """O = l1_normalize_rows((Q Kᵀ + 1)^power) V for (B, heads, N, d) tensors.
 
     ``q`` must already carry the per-head scale. ``power`` must be even (the row sum is
-    then the l1 norm). Uses the recomputing autograd function when a gradient is needed,
-    and the same chunked in-place kernel without autograd bookkeeping otherwise.
+    then the l1 norm). On CUDA: :func:`poly_attention_flex` (fused, forward and backward).
+    Elsewhere: the recomputing autograd function when a gradient is needed, and the same
+    chunked in-place kernel without autograd bookkeeping otherwise.
     """
     if power % 2:
         raise ValueError(f"poly_attention needs an even power (got {power}); odd powers make A signed")
     if _is_exporting():
         return _export_forward(q, k, v, power)
+    if q.device.type == 'cuda' and flex_available():   # the fused kernel: chosen automatically on CUDA
+        return poly_attention_flex(q, k, v.to(q.dtype), power).to(v.dtype)
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _PolyAttentionFunction.apply(q, k, v, power, chunk_bytes)

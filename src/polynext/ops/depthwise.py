@@ -1,0 +1,91 @@
+"""Dilated depthwise convolution with a fast backward on CPUs.
+
+PolyConv's coarse branch is a depthwise convolution with dilation 2 (3x3 in stage 0, 5x5 later).
+Its forward runs well in oneDNN, but PyTorch's CPU backward for a *dilated* depthwise convolution
+falls back to a generic path that is 5-10x slower than the backward of the same convolution
+without dilation (measured on AMD EPYC, channels-last, batch 32: 5x5 dilation 2 on 96 channels at
+56x56 takes 530 ms against 15 ms for the forward). In a CPolyNeXt training step that one layer
+type was the largest single cost. No library provides a faster one, so the backward is written
+here from two exact identities:
+
+* grad input: for stride 1 and "same" padding, the gradient of a correlation is the correlation of
+  the output gradient with the spatially flipped kernel, with the same dilation and padding (a
+  forward convolution, fast);
+* grad weight: a convolution with dilation d reads, for an output pixel of phase (a, b) =
+  (h mod d, w mod d), only input pixels of the same phase. Splitting input and output gradient
+  into their d² phase images turns the dilated weight gradient into the sum of d² weight
+  gradients of an undilated convolution with padding (k − 1) / 2 (fast).
+
+Both are exact in real arithmetic (float64 agreement ~1e-11 in the tests) and 4-6x faster than
+autograd's backward at the PolyNeXt shapes. The function is used for stride-1, same-padded,
+dilated depthwise convolutions on the CPU when a gradient is needed; everything else (inference,
+CUDA, undilated convolutions) calls ``F.conv2d`` directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['depthwise_conv2d', 'DilatedDepthwiseConv2dFunction']
+
+#: below this many output pixels per image the phase split costs more than it saves (7x7 maps)
+_MIN_PIXELS = 14 * 14
+
+
+class DilatedDepthwiseConv2dFunction(torch.autograd.Function):
+    """y = depthwise_conv2d(x, w, dilation=d, padding=d·(k−1)/2), stride 1, no bias; fast backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+        # autocast is resolved here, once: the backward then runs in the forward's compute dtype
+        dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
+        ctx.dtypes = (x.dtype, weight.dtype)
+        ctx.dilation = dilation
+        xc, wc = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        k = weight.shape[-1]
+        with torch.autocast('cpu', enabled=False):
+            return F.conv2d(xc, wc, padding=dilation * (k - 1) // 2, dilation=dilation, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        d = ctx.dilation
+        k = weight.shape[-1]
+        channels = weight.shape[0]
+        grad = grad.to(x.dtype)
+        grad_x = grad_w = None
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        with torch.autocast('cpu', enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = F.conv2d(grad, weight.flip(-1, -2), padding=d * (k - 1) // 2, dilation=d,
+                                  groups=channels).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                c = (k - 1) // 2
+                for a in range(d):
+                    for b in range(d):
+                        xp = x[:, :, a::d, b::d].contiguous(memory_format=fmt)
+                        gp = grad[:, :, a::d, b::d].contiguous(memory_format=fmt)
+                        part = torch.ops.aten.convolution_backward(
+                            gp, xp, weight, None, [1, 1], [c, c], [1, 1], False, [0, 0], channels,
+                            [False, True, False])[1].to(torch.promote_types(ctx.dtypes[1], torch.float32))
+                        grad_w = part if grad_w is None else grad_w.add_(part)
+                grad_w = grad_w.to(ctx.dtypes[1])
+        return grad_x, grad_w, None
+
+
+def depthwise_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a depthwise ``nn.Conv2d``; the fast-backward function where it applies.
+
+    It applies on the CPU, with autograd recording, for a bias-free, stride-1, square-kernel,
+    dilated depthwise convolution with "same" padding and maps of at least 14x14."""
+    k = conv.kernel_size[0]
+    d = conv.dilation[0]
+    if (d > 1 and x.device.type == 'cpu' and torch.is_grad_enabled()
+            and (x.requires_grad or conv.weight.requires_grad) and conv.bias is None
+            and conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)
+            and conv.kernel_size == (k, k) and conv.dilation == (d, d) and conv.padding == (d * (k - 1) // 2,) * 2
+            and conv.padding_mode == 'zeros' and x.shape[-1] * x.shape[-2] >= _MIN_PIXELS):
+        return DilatedDepthwiseConv2dFunction.apply(x, conv.weight, d)
+    return conv(x)

@@ -1,0 +1,133 @@
+"""The speed paths compute the same function: fused CPU inference, the dilated depthwise backward,
+torch.compile(fullgraph=True), and the profiler's op-class accounting."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import polynext
+from polynext.ops.depthwise import depthwise_conv2d
+from polynext.ops.fused import fusion, fusion_available
+
+from conftest import mini_kwargs
+
+
+@pytest.mark.parametrize('k,d,hw', [(5, 2, 14), (3, 2, 16)])
+def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw):
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(6, 6, k, padding=d * (k - 1) // 2, dilation=d, groups=6, bias=False).double()
+    x = torch.randn(2, 6, hw, hw, generator=gen, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 6, hw, hw, generator=gen, dtype=torch.float64)
+    y = depthwise_conv2d(x, conv)
+    assert y.grad_fn is not None and 'DilatedDepthwise' in type(y.grad_fn).__name__   # the fast function ran
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+    y_ref = conv(x)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
+    assert torch.equal(y, y_ref)
+    assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+
+
+def _pointwise_fusions(model, x):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.inference_mode():
+            out = model(x)
+    return out, sum(e.count for e in prof.key_averages() if e.key.startswith('mkldnn::_convolution_pointwise'))
+
+
+@pytest.mark.skipif(not fusion_available(), reason='this torch build has no oneDNN post-op convolutions')
+@pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
+def test_fused_inference_equals_unfused(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **mini_kwargs(name)).eval()
+    for p in model.parameters():           # non-trivial gates and norm weights
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 64, 64)
+    with fusion(False):
+        plain, n_plain = _pointwise_fusions(model, x)
+    fused, n_fused = _pointwise_fusions(model, x)
+    folded, n_folded = _pointwise_fusions(polynext.fold_for_inference(model), x)
+    assert n_plain == 0
+    cells = sum(len(c.blocks) for s in model.stages for c in s.cells)
+    # every block: the MLP's residual add; C blocks: the coarse⊙fine product; A blocks: the proj add
+    assert n_fused >= 2 * cells - 1 and n_folded >= 2 * cells - 1
+    assert (fused - plain).abs().max() < 2e-5 and (folded - plain).abs().max() < 2e-5
+
+
+def test_compile_fullgraph_inference_and_training():
+    """A 4-cell APolyNeXt (PolyConv and PolyAttn stages) traces as one graph in both modes."""
+    torch.manual_seed(0)
+    model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    model.eval()
+    with torch.inference_mode():
+        ref = model(x)
+        out = torch.compile(model, fullgraph=True, backend='aot_eager')(x)
+    assert (out - ref).abs().max() < 1e-5
+    model.train()
+    F.cross_entropy(model(x), torch.arange(2)).backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    F.cross_entropy(torch.compile(model, fullgraph=True, backend='aot_eager')(x), torch.arange(2)).backward()
+    worst = max(((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+                for p, g in zip(model.parameters(), ref_grads))
+    assert worst < 1e-4
+    torch._dynamo.reset()
+
+
+def test_profile_counts_every_mac_in_its_class():
+    from polynext.perf import format_profile, profile_model
+    from polynext.profile import count_macs
+    torch.manual_seed(0)
+    model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
+    macs = {name: c.macs for name, c in prof.classes.items()}
+    expected = 2 * count_macs(model, input_size=64)
+    counted = macs['1x1 conv'] + macs['depthwise conv'] + macs['other conv'] + macs['attention']
+    # the classifier (a Linear, class 'other') is the only MAC not counted in a class
+    head = 2 * model.get_classifier().in_features * 5
+    assert counted == pytest.approx(expected - head, rel=1e-9)
+    assert macs['attention'] > 0 and macs['depthwise conv'] > 0
+    assert 'depthwise conv' in format_profile('m', prof)
+
+
+def test_flex_attention_form_equals_the_reference_fp64():
+    """The GPU kernel's formulation: forward through flex_attention itself (CPU, eager), and the
+    score modification's gradients through the same softmax expression (PyTorch has no CPU
+    backward for flex_attention)."""
+    from polynext.ops.poly_attention import flex_available, poly_attention_flex, poly_attention_reference
+    if not flex_available():
+        pytest.skip('this torch has no flex_attention')
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(2, 3, 40, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = poly_attention_reference(q, k, v)
+    assert (poly_attention_flex(q, k, v) - ref).abs().max() < 1e-12
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    form = torch.softmax(4 * torch.log(torch.abs(q @ k.transpose(-1, -2) + 1)), dim=-1) @ v
+    grads = torch.autograd.grad(form, (q, k, v), g)
+    ref_grads = torch.autograd.grad(poly_attention_reference(q, k, v), (q, k, v), g)
+    assert max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)) < 1e-12
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py end to end at toy sizes on the CPU: every section runs and passes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.py'
+    spec = importlib.util.spec_from_file_location('gpu_check', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(['--device', 'cpu']) == 2                  # no CUDA: one message, nothing written
+    assert mod.main(['--dry-run', '--device', 'cpu', '--json', str(tmp_path / 'r.json')]) == 0
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert r['dry_run'] and r['ok']
+    assert [row['model'] for row in r['training_steps']] == list(mod.FAMILIES)
+    assert {row['dtype'] for row in r['attention']} == {'float32', 'bfloat16'}
+    assert r['attention'][0]['out_rel'] < 1e-5
+    assert [row['model'] for row in r['throughput']] == ['cpolynext_s', 'apolynext_s']
+    assert r['segmentation']['input'] == [2, 3, 64, 256]
