@@ -76,7 +76,7 @@ class Mutation:
 MUTATIONS: Tuple[Mutation, ...] = (
     # ---- the architecture -----------------------------------------------------------------
     Mutation('polyconv-flip-removed', 'PolyConv: the fine branch is not channel-reversed before the product',
-             MODEL, 'self.product(self.coarse(u), self.fine(u).flip(1))', 'self.product(self.coarse(u), self.fine(u))'),
+             MODEL, 'fine = self.fine(u).flip(1)', 'fine = self.fine(u)'),
     Mutation('attn-power-2', 'PolyAttn: power 2 instead of 4 ((s·QKᵀ+1)^2)',
              MODEL, "spatial_size: Optional[Tuple[int, int]] = None, power: int = 4,",
              "spatial_size: Optional[Tuple[int, int]] = None, power: int = 2,"),
