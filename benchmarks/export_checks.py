@@ -35,6 +35,7 @@ import torch
 import polynext
 from polynext.checkpoint import save_safetensors
 from polynext.cli import main as cli
+from polynext.models.polynext import calibrate_running_stats
 
 #: label -> (model, export arguments after the checkpoint, output suffix)
 EXPORTS = {
@@ -54,15 +55,8 @@ def checkpoint(name: str, folder: Path) -> Path:
         return path
     torch.manual_seed(0)
     model = polynext.create_model(name)
-    norms = [m for m in model.modules() if hasattr(m, 'running_mean') or hasattr(m, 'running_denom')]
-    if norms and getattr(model, 'norm_kind', '') == 'bn':
-        for m in norms:
-            m.momentum = 1.0
-        model.train()
-        with torch.no_grad():
-            model(torch.randn(16, 3, *model.img_size, generator=torch.Generator().manual_seed(0)))
-        for m in norms:
-            m.momentum = 0.1
+    if getattr(model, 'norm_kind', '') == 'bn':
+        calibrate_running_stats(model, torch.randn(16, 3, *model.img_size, generator=torch.Generator().manual_seed(0)))
     save_safetensors(model.state_dict(), path, metadata=dict(architecture=name, model_kwargs={}))
     return path
 

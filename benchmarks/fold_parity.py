@@ -30,19 +30,9 @@ import torch
 
 import polynext
 from polynext.models import PUBLISHED_ARCHS
+from polynext.models.polynext import calibrate_running_stats
 from polynext.profile import count_macs
 
-
-def calibrate(model: torch.nn.Module, x: torch.Tensor) -> None:
-    norms = [m for m in model.modules() if hasattr(m, 'running_mean') or hasattr(m, 'running_denom')]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m in norms:
-        m.momentum = 0.1
-    model.eval()
 
 
 def main() -> int:
@@ -64,7 +54,7 @@ def main() -> int:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(max(args.batch, args.calib), 3, *size, generator=gen)
         if model.norm_kind == 'bn':
-            calibrate(model, x)
+            calibrate_running_stats(model, x)
         x = x[:args.batch]
         folded = polynext.fold_for_inference(model)
         folded_ch = polynext.fold_for_inference(model, flip='channels')

@@ -20,6 +20,7 @@ from filelock import FileLock
 import polynext
 from polynext.checkpoint import save_safetensors
 from polynext.cli import main
+from polynext.models.polynext import calibrate_running_stats
 
 SRC = Path(__file__).resolve().parents[1] / 'src'
 TINY = dict(init_channels=8, cells=[1, 1, 1, 1], blocks=[1, 1, 1, 1])
@@ -52,15 +53,7 @@ def _calibrated(name, kwargs, seed=0):
     torch.manual_seed(seed)
     model = timm.create_model(name, **kwargs)
     x = torch.randn(16, 3, *model.img_size, generator=torch.Generator().manual_seed(seed))
-    norms = [m for m in model.modules() if hasattr(m, 'running_mean') or hasattr(m, 'running_denom')]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m in norms:
-        m.momentum = 0.1
-    return model.eval()
+    return calibrate_running_stats(model, x)
 
 
 def _checkpoint(shared, name, kwargs, classes):

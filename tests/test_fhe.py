@@ -19,6 +19,7 @@ from polynext.fhe.program import (
 )
 from polynext.fhe.simulate import ckks_noise, simulate
 from polynext.models.folded import fold_for_inference
+from polynext.models.polynext import calibrate_running_stats
 
 ONE_BLOCK = dict(norm='bn', init_channels=4, img_size=8, cells=(1,), blocks=(1,), width_mults=(1,),
                  conv_expansion=(1,), mlp_expansion=(2,), coarse_kernels=(3,))
@@ -33,13 +34,7 @@ def _calibrated(name, n_in=3, seed=0, **kw):
         for p in model.parameters():
             p.mul_(1 + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     size = model.img_size
-    norms = [m for m in model.modules() if hasattr(m, 'num_batches_tracked')]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, n_in, *size, generator=gen, dtype=torch.float64))
-    return model.eval()
+    return calibrate_running_stats(model, torch.randn(16, n_in, *size, generator=gen, dtype=torch.float64))
 
 
 def _simulate(model, x, slots=8192, **opts):

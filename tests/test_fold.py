@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import polynext
 from polynext import load_reference_state_dict
 from polynext.errors import ConfigError
+from polynext.models.polynext import calibrate_running_stats
 from polynext.models.folded import (
     FOLDED_MODULE_TYPES, CellMerge, ChannelLayerNorm, FoldedPolyAttn, FoldedPolyConv, FoldedPolyNeXt, PositionAffine,
     fold_for_inference,
@@ -19,19 +20,6 @@ from conftest import GOLDEN, GOLDEN_MODELS
 
 ALL = ['cpolynext_t', 'cpolynext_s', 'cpolynext_b', 'cpolynext_l', 'apolynext_t', 'apolynext_s', 'apolynext_b',
        'apolynext_l', 'cpolynext_t_bn', 'apolynext_t_bn', 'cpolynext_s_bn', 'cpolynext_lr']
-
-
-def _calibrate(model, x):
-    """Running statistics of the bn variants from one train-mode pass over ``x`` (momentum 1)."""
-    norms = [m for m in model.modules() if hasattr(m, 'num_batches_tracked') and hasattr(m, 'momentum')]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m in norms:
-        m.momentum = 0.1
-    return model.eval()
 
 
 def _perturb(model, gen):
@@ -55,7 +43,7 @@ def _tiny(name, dtype=torch.float64, **kw):
     model = timm.create_model(name, init_channels=8, num_classes=5, img_size=size, **kw).to(dtype)
     _perturb(model, gen)
     x = torch.randn(6, 3, size, size, generator=gen, dtype=dtype)
-    return _calibrate(model, x), x[:3]
+    return calibrate_running_stats(model, x), x[:3]
 
 
 #: one model per structural variant: paired gates, full3x3 reductions and unpaired gates (S, B, L),
@@ -86,7 +74,7 @@ def test_fold_fp32_every_registered_model_within_1e5(name):
     model = timm.create_model(name, init_channels=16, num_classes=10, img_size=size)
     x = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(1))
     if name.endswith('_bn'):
-        _calibrate(model, x)
+        calibrate_running_stats(model, x)
     folded = fold_for_inference(model.eval())
     with torch.no_grad():
         ref, out = model(x[:4]), folded(x[:4])
@@ -105,7 +93,7 @@ def test_fold_fp32_published_width_within_1e5(name):
     model = timm.create_model(name)
     x = torch.randn(4 if bn else 2, 3, size, size, generator=torch.Generator().manual_seed(1))
     if bn:
-        _calibrate(model, x)
+        calibrate_running_stats(model, x)
     folded = fold_for_inference(model.eval())
     with torch.no_grad():
         ref, out = model(x[:2]), folded(x[:2])

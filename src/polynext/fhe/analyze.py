@@ -76,19 +76,11 @@ class Plan:
 
 
 def calibrate_norms(model, images: np.ndarray) -> None:
-    """Set the bn variants' running statistics from ``images`` (one train-mode pass, momentum 1): for the
-    analysis of a model without trained weights, whose initial statistics (0, 1) do not normalise anything."""
+    """Set the bn variants' running statistics from ``images`` (:func:`calibrate_running_stats`): for the
+    analysis of a model without trained weights."""
     import torch
-    norms = [m for m in model.modules() if hasattr(m, 'num_batches_tracked') and hasattr(m, 'momentum')]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(torch.as_tensor(np.asarray(images), dtype=next(model.parameters()).dtype))
-    for m, mo in zip(norms, saved):
-        m.momentum = mo
-    model.eval()
+    from ..models.polynext import calibrate_running_stats
+    calibrate_running_stats(model, torch.as_tensor(np.asarray(images), dtype=next(model.parameters()).dtype))
 
 
 def calibration_ranges(graph: Graph, images: np.ndarray, batch: int = 64) -> Dict[int, float]:

@@ -50,7 +50,7 @@ __all__ = [
     'PolyNeXt', 'PolyNeXtCell', 'PolyNeXtStage', 'PolyConvBlock', 'PolyAttnBlock', 'Ablation',
     'PolyMLP', 'PolyConv', 'PolyAttn', 'HadamardProduct',
     'SigmoidScale', 'FreeScale', 'LayerScaleGates', 'ChannelScale',
-    'LayerNorm2d', 'ChannelBatchNorm', 'RunningRowSumNorm',
+    'LayerNorm2d', 'ChannelBatchNorm', 'RunningRowSumNorm', 'calibrate_running_stats',
     'GatedHead', 'HeadDropout', 'ABLATIONS', 'PUBLISHED_ARCHS',
     'checkpoint_filter_fn', 'reference_key_map', 'is_reference_layout', 'infer_reference_arch',
     'convert_reference_state_dict', 'load_reference_state_dict', 'CIFAR_MEAN', 'CIFAR_STD',
@@ -169,6 +169,25 @@ class RunningRowSumNorm(nn.Module):
         else:
             denom = self.running_denom
         return attn / (denom + self.eps) * self.gamma
+
+
+def calibrate_running_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Set every running statistic of ``model`` (``ChannelBatchNorm``, ``RunningRowSumNorm``, any BatchNorm)
+    to that of the batch ``x``: one train-mode pass with momentum 1, the momenta restored, eval mode.
+
+    For bn-variant models without trained weights (tests, analyses, benchmarks), whose initial statistics
+    (mean 0, variance 1, row sums 1) normalise nothing. Returns ``model``.
+    """
+    norms = [m for m in model.modules() if hasattr(m, 'num_batches_tracked') and hasattr(m, 'momentum')]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return model.eval()
 
 
 def make_norm(kind: str, num_channels: int, spatial_size: Optional[Tuple[int, int]] = None,
