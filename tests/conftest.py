@@ -11,6 +11,23 @@ torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, os.
 import polynext  # noqa: E402,F401  (registers the models)
 
 GOLDEN = Path(__file__).parent / 'golden'
+SRC = Path(__file__).resolve().parents[1] / 'src'
+
+
+def subprocess_env() -> dict:
+    """The environment of a polynext subprocess in a test: this checkout's ``src`` first on the path, one
+    intra-op thread, and no rank inherited from an outer torchrun."""
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def run_metrics(run) -> list:
+    """A run folder's metrics.json without its wall-clock fields (``*_time_s``), to compare two runs."""
+    import json
+    rows = json.loads((Path(run) / 'metrics.json').read_text())
+    return [{k: v for k, v in r.items() if not k.endswith('_time_s')} for r in rows]
 
 #: golden folder -> (our model name, extra kwargs of the mini model)
 GOLDEN_MODELS = {

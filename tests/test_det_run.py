@@ -4,7 +4,6 @@ written) are cases of tests/test_bad_inputs.py, with every other command's."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ pytest.importorskip('pycocotools')
 
 from polynext.cli import main  # noqa: E402
 from polynext.det.synthetic import write_coco_folder  # noqa: E402
+from conftest import run_metrics, subprocess_env  # noqa: E402
 
 #: a tiny Mask R-CNN on 48-px images: 2 epochs × 2 iterations of batch 4
 TINY = ['--set', 'backbone_kwargs={init_channels: 8}', '--set', 'fpn_channels=16', '--set', 'box_fc=32',
@@ -37,20 +37,6 @@ def tiny(data, out, *extra):
 
 
 HOOKS = Path(__file__).with_name('cli_with_hooks.py')   # the CLI with test hooks (SIGKILL at a checkpoint)
-
-
-def _env():
-    src = Path(__file__).resolve().parents[1] / 'src'
-    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    env.pop('RANK', None)
-    env.pop('WORLD_SIZE', None)
-    return env
-
-
-def _metrics(run):
-    """metrics.json without its wall-clock fields."""
-    rows = json.loads((Path(run) / 'metrics.json').read_text())
-    return [{k: v for k, v in r.items() if not k.endswith('_time_s')} for r in rows]
 
 
 def _weights(path):
@@ -88,7 +74,7 @@ def test_train_eval_and_resume_to_identical_weights(coco, tmp_path, monkeypatch)
     # command resumes it, runs only iteration 4 and ends with the uninterrupted run's weights and metrics
     part = tmp_path / 'part'
     proc = subprocess.run([sys.executable, str(HOOKS), *tiny(coco, part, '--checkpoint-every', '1')],
-                          env=dict(_env(), POLYNEXT_TEST_KILL='iteration=3'), capture_output=True, text=True,
+                          env=dict(subprocess_env(), POLYNEXT_TEST_KILL='iteration=3'), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = torch.load(part / 'last.state.pt', weights_only=True)
@@ -101,7 +87,7 @@ def test_train_eval_and_resume_to_identical_weights(coco, tmp_path, monkeypatch)
     for name in ('last.safetensors', 'best.safetensors'):
         a, b = _weights(full / name), _weights(part / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert _metrics(part) == _metrics(full)
+    assert run_metrics(part) == run_metrics(full)
 
 
 def test_ddp_two_cpu_processes(coco, tmp_path):
@@ -109,7 +95,7 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
     all-reduced); evaluation sharded over the ranks equals a 1-process evaluation. (No single-process run
     reproduces it bit for bit: each rank samples its own RPN / RoI training boxes from its own random stream.)"""
     from cli_with_hooks import assert_replicas_agree
-    env = dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
+    env = dict(subprocess_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
     (tmp_path / 'w').mkdir()
     run = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HOOKS)]

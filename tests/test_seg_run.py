@@ -3,7 +3,6 @@ checkpoints, evaluation, best / last, predictions.png), `polynext seg eval` givi
 an interrupted run resumed to the same weights, clear one-line errors for bad inputs, and the cost of
 UperNet + CPolyNeXt-S at 512x2048 against the paper."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from polynext.cli import main
 from polynext.seg.data import ADE20KSource
 from polynext.seg.synthetic import write_ade20k_folder
+from conftest import run_metrics, subprocess_env
 
 
 @pytest.fixture(scope='module')
@@ -45,20 +45,6 @@ def test_fake_ade20k_layout_and_labels(ade):
 
 
 HOOKS = Path(__file__).with_name('cli_with_hooks.py')   # the CLI with test hooks (SIGKILL at a checkpoint)
-
-
-def _env():
-    src = Path(__file__).resolve().parents[1] / 'src'
-    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    env.pop('RANK', None)
-    env.pop('WORLD_SIZE', None)
-    return env
-
-
-def _metrics(run):
-    """metrics.json without its wall-clock fields."""
-    rows = json.loads((Path(run) / 'metrics.json').read_text())
-    return [{k: v for k, v in r.items() if not k.endswith('_time_s')} for r in rows]
 
 
 def test_train_eval_and_resume(ade, tmp_path, capsys, monkeypatch):
@@ -96,7 +82,7 @@ def test_train_eval_and_resume(ade, tmp_path, capsys, monkeypatch):
     # a run killed with SIGKILL right after its iteration-3 checkpoint, resumed by the same command, ends with the
     # uninterrupted run's weights and metrics (wall-clock fields aside)
     run2 = tmp_path / 'run2'
-    proc = subprocess.run([sys.executable, str(HOOKS), *tiny(ade, run2)], env=dict(_env(), POLYNEXT_TEST_KILL='iteration=3'),
+    proc = subprocess.run([sys.executable, str(HOOKS), *tiny(ade, run2)], env=dict(subprocess_env(), POLYNEXT_TEST_KILL='iteration=3'),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = torch.load(run2 / 'last.state.pt', weights_only=True)
@@ -111,7 +97,7 @@ def test_train_eval_and_resume(ade, tmp_path, capsys, monkeypatch):
     for name in ('last.safetensors', 'best.safetensors'):
         a, b = load_file(run / name), load_file(run2 / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert _metrics(run2) == _metrics(run) and [r['iter'] for r in _metrics(run)] == [2, 4]
+    assert run_metrics(run2) == run_metrics(run) and [r['iter'] for r in run_metrics(run)] == [2, 4]
     assert 'resumed at iteration 3' in (run2 / 'log.txt').read_text()
     # a finished run is not retrained
     capsys.readouterr()
@@ -165,7 +151,7 @@ def test_ddp_two_cpu_processes(ade, tmp_path, capsys):
     all-reduced); sharded evaluation reduced across ranks equals a 1-process eval. (Unlike classification, no
     single-process run reproduces it bit for bit: the head's BatchNorms normalise over each device's 2 images.)"""
     from cli_with_hooks import assert_replicas_agree
-    env = dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
+    env = dict(subprocess_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w'))
     (tmp_path / 'w').mkdir()
     run = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HOOKS)]

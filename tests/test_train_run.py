@@ -2,7 +2,6 @@
 SIGKILL + resume equivalence, `polynext validate` (ours, authors' format, EMA entries), and one clear
 message for every bad input."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,8 @@ from PIL import Image
 
 import polynext
 from polynext.cli import main
+from conftest import run_metrics, subprocess_env
 
-SRC = Path(__file__).resolve().parents[1] / 'src'
 CLASSES = 4
 
 
@@ -67,13 +66,6 @@ def one_line_error(args, capsys, expected: str):
     return lines[0]
 
 
-def _metrics(run):
-    rows = json.loads((Path(run) / 'metrics.json').read_text())
-    for r in rows:
-        r.pop('epoch_time_s')
-    return rows
-
-
 def _tensors(path):
     from safetensors.torch import load_file
     return load_file(str(path))
@@ -107,7 +99,7 @@ def test_two_epochs_on_an_image_folder(tmp_path, capsys, monkeypatch):
     for name in ('config.yaml', 'metrics.csv', 'metrics.json', 'learning_curve.png', 'log.txt', 'last.safetensors',
                  'last.state.pt', 'last_ema.safetensors', 'best.safetensors', 'best.state.pt'):
         assert (out / name).is_file(), name
-    rows = _metrics(out)
+    rows = run_metrics(out)
     assert [r['epoch'] for r in rows] == [1, 2]
     assert [r['val_images'] for r in rows] == [13, 13]
     assert 'val_ema_top1' not in rows[0] and 'val_ema_top1' in rows[1]              # EMA from the 2nd epoch
@@ -164,13 +156,6 @@ def test_two_epochs_on_an_image_folder(tmp_path, capsys, monkeypatch):
 # DDP: 2 CPU processes (gloo) under torchrun
 # ---------------------------------------------------------------------------------------------
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    env.pop('RANK', None)
-    env.pop('WORLD_SIZE', None)
-    return env
-
-
 def test_ddp_two_cpu_processes(folder, tmp_path):
     """2 ranks × 4 images: after every optimizer step both replicas hold the same weights (the gradients were
     all-reduced), and they equal a single process that trains on the same global batch of 8 (the sampler
@@ -183,13 +168,13 @@ def test_ddp_two_cpu_processes(folder, tmp_path):
                      '--set', 'ema_start_epoch=0')
     hooks = Path(__file__).with_name('cli_with_hooks.py')
     (tmp_path / 'w_ddp').mkdir()
-    proc = subprocess.run(torchrun + [str(hooks)] + args, env=dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w_ddp')),
+    proc = subprocess.run(torchrun + [str(hooks)] + args, env=dict(subprocess_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w_ddp')),
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / 'w_one').mkdir()
     single = tiny_args(folder, tmp_path / 'one', '--epochs', '2', '--device-batch-size', '8', '--lr', '1e-4',
                        '--set', 'ema=true', '--set', 'ema_start_epoch=0')
-    proc = subprocess.run([sys.executable, str(hooks)] + single, env=dict(_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w_one')),
+    proc = subprocess.run([sys.executable, str(hooks)] + single, env=dict(subprocess_env(), POLYNEXT_TEST_WEIGHTS=str(tmp_path / 'w_one')),
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for k in range(1, 9):
@@ -203,7 +188,7 @@ def test_ddp_two_cpu_processes(folder, tmp_path):
     assert not torch.equal(moved, torch.load(tmp_path / 'w_ddp' / 'rank0_step1.pt', weights_only=True)['head.fc.weight'])
     log = (out / 'log.txt').read_text()
     assert 'batch 8 = 4 per device × 2 device(s) × 1 accumulation' in log
-    rows = _metrics(out)
+    rows = run_metrics(out)
     assert [r['val_images'] for r in rows] == [13, 13]      # sharded without padding, reduced over both ranks
     state = torch.load(out / 'last.state.pt', weights_only=True)
     assert state['world_size'] == 2 and len(state['rng']) == 2
@@ -217,7 +202,7 @@ def test_ddp_two_cpu_processes(folder, tmp_path):
     proc = subprocess.run(torchrun + ['-m', 'polynext', 'validate', '--checkpoint', str(out / 'last.state.pt'),
                                       '--no-ema', '--data', str(folder), '--workers', '0', '--no-progress', '--json',
                                       '--output', str(tmp_path / 'v')],
-                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout[proc.stdout.index('{'):])
     assert res['images'] == 13 and res['top1'] == pytest.approx(rows[-1]['val_top1'], abs=1e-4)
@@ -246,7 +231,7 @@ def _resume_args(folder, out):
 def test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps(folder, tmp_path):
     from cli_with_hooks import read_micro_batches, read_steps
     ref, run = tmp_path / 'ref', tmp_path / 'killed'
-    proc = subprocess.run(_resume_args(folder, ref), env=dict(_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'ref_steps')),
+    proc = subprocess.run(_resume_args(folder, ref), env=dict(subprocess_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'ref_steps')),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     every = read_steps(tmp_path / 'ref_steps')            # (epoch, micro-batch index, global step after it)
@@ -255,7 +240,7 @@ def test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps(folder,
 
     # killed (SIGKILL, by itself) right after the first mid-epoch checkpoint written once the EMA has made two updates
     proc = subprocess.run(_resume_args(folder, run), capture_output=True, text=True, timeout=300,
-                          env=dict(_env(), POLYNEXT_TEST_KILL='mid_epoch_after_ema',
+                          env=dict(subprocess_env(), POLYNEXT_TEST_KILL='mid_epoch_after_ema',
                                    POLYNEXT_TEST_STEPS=str(tmp_path / 'killed_steps')))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = torch.load(run / 'last.state.pt', weights_only=True)
@@ -269,14 +254,14 @@ def test_sigkill_mid_epoch_after_ema_resumes_exactly_the_remaining_steps(folder,
     assert not all(torch.equal(killed['ema_state'][k], v) for k, v in killed['model'].items() if v.is_floating_point())
 
     # the same command resumes: it runs exactly the 4 remaining optimizer steps and 10 remaining micro-batches
-    proc = subprocess.run(_resume_args(folder, run), env=dict(_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'resumed')),
+    proc = subprocess.run(_resume_args(folder, run), env=dict(subprocess_env(), POLYNEXT_TEST_STEPS=str(tmp_path / 'resumed')),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_steps(tmp_path / 'resumed') == every[5:]
     assert read_micro_batches(tmp_path / 'resumed') == 3 * 8 - (8 + 6)
     assert 'resumed from epoch 2, batch 6 (optimizer step 5)' in (run / 'log.txt').read_text()
     # and ends bit-identical to the uninterrupted run: metrics, raw, EMA and best weights
-    assert _metrics(run) == _metrics(ref)
+    assert run_metrics(run) == run_metrics(ref)
     for name in ('last.safetensors', 'last_ema.safetensors', 'best.safetensors'):
         a, b = _tensors(run / name), _tensors(ref / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -348,7 +333,7 @@ def test_validate_a_training_run_checkpoint_and_the_timm_transform(folder, tmp_p
     out = tmp_path / 'run'
     code, _, err = run_cli(tiny_args(folder, out, '--epochs', '1'), capsys)
     assert code == 0, err
-    last = _metrics(out)[-1]
+    last = run_metrics(out)[-1]
     for ckpt in ('best.safetensors', 'last.state.pt'):
         code, stdout, err = run_cli(['validate', '--checkpoint', str(out / ckpt), '--data', str(folder), '--json',
                                      '--no-progress', '--workers', '0', '--output', str(tmp_path / ckpt)], capsys)
