@@ -15,14 +15,13 @@ under it.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..checkpoint import atomic_write
+from ..engine.metrics import csv_text
 from .rows import BASELINES, PAPER_BASELINE_TOP1, TABLES, PaperRow
 
 __all__ = ['summarise', 'format_table', 'write_report', 'REPORT_FILES', 'COLLAPSE_FACTOR']
@@ -199,19 +198,6 @@ def _header(report: Mapping[str, Any]) -> str:
 # files
 # --------------------------------------------------------------------------------------------
 
-def _csv_text(rows: List[Dict[str, Any]]) -> str:
-    columns: List[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction='ignore')
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ('' if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else v))
-                    for k, v in r.items()})
-    return buf.getvalue()
-
-
 def write_report(report: Dict[str, Any], folder: Path) -> Dict[str, Path]:
     """Write the Markdown table, JSON, CSVs and the two figures into ``folder`` (atomically)."""
     folder = Path(folder)
@@ -220,9 +206,9 @@ def write_report(report: Dict[str, Any], folder: Path) -> Dict[str, Path]:
     atomic_write(paths['table'], lambda tmp: Path(tmp).write_text(text))
     atomic_write(paths['json'], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + '\n'))
     flat = [{k: v for k, v in e.items() if k != 'curve'} for e in report['rows']]
-    atomic_write(paths['csv'], lambda tmp: Path(tmp).write_text(_csv_text(flat)))
+    atomic_write(paths['csv'], lambda tmp: Path(tmp).write_text(csv_text(flat)))
     cells = [{k: v for k, v in c.items() if k not in ('history', 'format')} for c in report['cells']]
-    atomic_write(paths['cells_csv'], lambda tmp: Path(tmp).write_text(_csv_text(cells)))
+    atomic_write(paths['cells_csv'], lambda tmp: Path(tmp).write_text(csv_text(cells)))
     _plot_deltas(report, paths['deltas'])
     _plot_curves(report, paths['curves'])
     return paths

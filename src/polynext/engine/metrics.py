@@ -12,8 +12,11 @@ The rows built from them go to ``RunFolder.write_metrics`` (``metrics.json`` / `
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .distributed import all_reduce_sums
 from .memory import BatchLayout
@@ -70,3 +73,18 @@ def banner(command: str, recipe: str, model: str, n_params: int, num_classes: in
     return (f'{command}: recipe {recipe} | {model} ({n_params:,} params, {num_classes} classes) | {data}\n'
             f'  batch {layout.effective} = {layout.device_batch} per device × {layout.world_size} device(s) × '
             f'{layout.accumulation} accumulation | {optimizer} | {schedule} | {device} {precision} | run folder {run}')
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows as CSV text: the columns are the union of the row keys in first-seen order, ``None`` is an empty
+    cell and a list or dict value is written as JSON (one cell)."""
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction='ignore')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ('' if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v)
+                         for k, v in row.items()})
+    return buf.getvalue()

@@ -42,9 +42,7 @@ Starting a run, the same for every task:
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import json
 import math
 import shutil
@@ -62,6 +60,7 @@ from ..checkpoint import atomic_write, read_checkpoint, remove_stale_temporary_f
 from ..errors import CheckpointError, ConfigError, PolyNeXtError
 from ..outputs import WRITE_ERRNOS, check_output_folder, format_bytes, write_failure
 from .config import apply_overrides, config_diff, config_to_dict
+from .metrics import csv_text
 from .nonfinite import NonFiniteError, assert_finite_state
 
 __all__ = ['RunFolder', 'load_training_state', 'load_resumable_state', 'CurvePanel', 'RunPlan', 'plan_run',
@@ -243,16 +242,9 @@ class RunFolder:
         self.open()
         with self.writing(self.path / self.METRICS_JSON):
             atomic_write(self.path / self.METRICS_JSON, lambda tmp: Path(tmp).write_text(text + '\n'))
-        columns: List[str] = []
-        for row in history:
-            columns += [k for k in row if k not in columns]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction='ignore')
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+        table = csv_text(history)
         with self.writing(self.path / self.METRICS_CSV):
-            atomic_write(self.path / self.METRICS_CSV, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+            atomic_write(self.path / self.METRICS_CSV, lambda tmp: Path(tmp).write_text(table))
 
     def plot_curves(self, history: List[Mapping[str, Any]], panels: Sequence[CurvePanel], x_key: str = 'epoch',
                     title: str = '') -> Optional[Path]:
