@@ -387,6 +387,16 @@ CASES: Sequence[Case] = [
          'cannot be written', 'pass a path whose parents are folders'),
     Case('bench-plot-is-a-folder', lambda w: ['bench', 'cpolynext_t', '--plot', w.emptydir],
          'is a folder', 'pass a file path'),
+    # ---- polynext profile --------------------------------------------------------------------------------------------
+    Case('profile-unknown-model', lambda w: ['profile', 'cpolynext_x'],
+         "unknown model 'cpolynext_x'", 'Did you mean', check=distinct_suggestions),
+    Case('profile-json-is-a-folder', lambda w: ['profile', 'cpolynext_t', '--json', w.emptydir],
+         'is a folder', 'pass a file path'),
+    # ---- polynext ablate ---------------------------------------------------------------------------------------------
+    Case('ablate-unknown-row', lambda w: ['ablate', '--rows', 'nosuchrow'],
+         "unknown ablation row 'nosuchrow'", '`polynext ablate --list-rows` lists them'),
+    Case('ablate-no-seeds', lambda w: ['ablate', '--seeds', '0'],
+         '--seeds must be at least 1', 'got 0'),
     # ---- polynext export ---------------------------------------------------------------------------------------------
     Case('export-unknown-model', lambda w: ['export', 'cpolynext_q', w.root / 'x.onnx'],
          "unknown model 'cpolynext_q'", 'Did you mean', check=distinct_suggestions),
@@ -599,5 +609,5 @@ def test_bad_input_gives_one_line_and_writes_nothing(case: Case, ws: W, tmp_path
 def test_there_are_at_least_forty_cases_across_the_commands():
     commands = {c.argv(W(Path('/x')))[0] for c in CASES}
     assert len(CASES) >= 40 and {'train', 'validate', 'convert', 'robustness', 'seg', 'bench', 'models',
-                                 'det', 'fhe', 'export'} <= commands
+                                 'det', 'fhe', 'export', 'profile', 'ablate'} <= commands
     assert len({c.id for c in CASES}) == len(CASES)

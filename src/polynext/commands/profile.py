@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     for key in ('img_size', 'batch_size', 'runs', 'warmup'):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.json:   # checked before a minute of measuring, as bench does
+        from ..outputs import check_output_file
+        check_output_file(args.json, '--json')
     if args.fold and 'train' in args.modes:
         args.modes = [m for m in args.modes if m != 'train']
         print('polynext profile: --fold profiles inference only (a folded model has no training path)',
