@@ -13,15 +13,23 @@ from polynext.ops.fused import fusion, fusion_available
 from conftest import mini_kwargs
 
 
-@pytest.mark.parametrize('k,d,hw', [(5, 2, 14), (3, 2, 16)])
-def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw):
+# 14x14 / 16x16: the phase split; 4x4, 2x2, 3x20: the crop of the taps that only meet padding
+# (5x5 → 3x3 on 4x4, → 1x1 on 2x2; 3 rows x 20 columns: cropped in height only); 8x8, 7x7: the
+# per-tap weight gradient (channels-last) or autograd's own backward (NCHW, not routed)
+@pytest.mark.parametrize('k,d,hw', [(5, 2, (14, 14)), (3, 2, (16, 16)), (5, 2, (4, 4)), (5, 2, (2, 2)),
+                                    (3, 2, (2, 2)), (5, 2, (3, 20)), (5, 2, (8, 8)), (5, 2, (7, 7))])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw, channels_last):
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(6, 6, k, padding=d * (k - 1) // 2, dilation=d, groups=6, bias=False).double()
-    x = torch.randn(2, 6, hw, hw, generator=gen, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn(2, 6, hw, hw, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
     y = depthwise_conv2d(x, conv)
-    assert y.grad_fn is not None and 'DilatedDepthwise' in type(y.grad_fn).__name__   # the fast function ran
+    routed = channels_last or min(hw) <= d * (k - 1) // 2 or hw[0] * hw[1] >= 14 * 14
+    assert (y.grad_fn is not None and 'DilatedDepthwise' in type(y.grad_fn).__name__) == routed
     gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
     y_ref = conv(x)
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)

@@ -1,0 +1,111 @@
+"""The dilated depthwise backward of ``polynext.ops.depthwise`` against autograd's, at a model's shapes.
+
+For every distinct dilated depthwise convolution of the model (PolyConv's coarse branch) at the
+given input size and batch, in one process, interleaved (order reversed every other round, medians):
+
+  autograd   ``conv(x)`` and ``torch.autograd.grad`` (PyTorch's CPU backward)
+  polynext   ``depthwise_conv2d(x, conv)`` (phase split on maps of 14x14 and larger; crop of the taps
+             that only meet padding and a per-tap weight gradient on smaller channels-last maps)
+
+forward + backward of the one layer, channels-last, fp32; and the float64 agreement of both
+gradients. Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
+
+    python benchmarks/depthwise_backward.py --json benchmarks/results/depthwise_backward.json
+    python benchmarks/depthwise_backward.py cpolynext_t --img-size 64 --init-channels 16   # ablation cells
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def _dilated_layers(model: nn.Module, x: torch.Tensor):
+    """(conv, input shape) of each distinct dilated depthwise conv reached by a forward of ``x``."""
+    seen = {}
+
+    def hook(mod, inputs):
+        key = (tuple(inputs[0].shape), mod.kernel_size, mod.dilation)
+        seen.setdefault(key, mod)
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d) and m.groups > 1 and m.dilation[0] > 1]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return [(conv, shape) for (shape, _, _), conv in seen.items()]
+
+
+def _step(fn, x, conv, g):
+    x = x.detach().requires_grad_()
+    y = fn(x, conv)
+    return torch.autograd.grad(y, (x, conv.weight), g)
+
+
+def main(argv=None) -> int:
+    from polynext.ops.depthwise import depthwise_conv2d
+    from polynext.bench import _cpu_name
+    from polynext.checkpoint import atomic_write
+    import timm
+    import polynext  # noqa: F401  (registers the models)
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='*', default=['cpolynext_t', 'cpolynext_s'])
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--init-channels', type=int, default=None, help='base width (default: the model\'s)')
+    parser.add_argument('--runs', type=int, default=9)
+    parser.add_argument('--json', default=None, metavar='PATH')
+    args = parser.parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/depthwise.json')
+
+    def autograd(x, conv):
+        return conv(x)
+
+    rows = []
+    for name in args.models:
+        kw = {} if args.init_channels is None else dict(init_channels=args.init_channels)
+        model = timm.create_model(name, **kw).eval()
+        x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+        for conv, shape in _dilated_layers(model, x0):
+            conv = conv.float()
+            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            c64 = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                            dilation=conv.dilation, groups=conv.groups, bias=False).double()
+            x64 = torch.randn(2, *shape[1:], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+            g64 = torch.randn_like(x64)
+            err = max((a - b).abs().max().item() for a, b in zip(_step(depthwise_conv2d, x64, c64, g64),
+                                                                  _step(autograd, x64, c64, g64)))
+            times = {'autograd': [], 'polynext': []}
+            fns = [('autograd', autograd), ('polynext', depthwise_conv2d)]
+            for fn_name, fn in fns:
+                _step(fn, x, conv, g)                   # warm-up
+            for r in range(args.runs):
+                for fn_name, fn in (fns if r % 2 == 0 else fns[::-1]):
+                    t = time.perf_counter()
+                    _step(fn, x, conv, g)
+                    times[fn_name].append(time.perf_counter() - t)
+            a, p = statistics.median(times['autograd']) * 1e3, statistics.median(times['polynext']) * 1e3
+            rows.append(dict(model=name, shape=list(shape), kernel=conv.kernel_size[0], dilation=conv.dilation[0],
+                             autograd_ms=round(a, 3), polynext_ms=round(p, 3), speedup=round(a / p, 2),
+                             max_abs_diff_fp64=err))
+            print(f'{name:12s} {str(list(shape)):20s} k{conv.kernel_size[0]} d{conv.dilation[0]}  '
+                  f'autograd {a:8.2f} ms  polynext {p:8.2f} ms  x{a / p:5.2f}  fp64 diff {err:.1e}', flush=True)
+    out = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size,
+               img_size=args.img_size, init_channels=args.init_channels, rows=rows)
+    if args.json:
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + '\n'))
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
