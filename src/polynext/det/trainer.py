@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..engine.backend import optimizer_kwargs
 from ..engine.config import config_to_dict
 from ..engine.data import CorruptImages, make_loader
 from ..engine.determinism import ResumableDistributedSampler, ShardSampler
@@ -189,7 +190,7 @@ class DetTrainer:
         for g in groups:
             g.pop('names')
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps,
-                                      weight_decay=cfg.weight_decay, **(dict(fused=True) if self.cuda else {}))
+                                      weight_decay=cfg.weight_decay, **optimizer_kwargs(self.device))
 
         train_tf = TrainTransform(cfg.train_scales, cfg.max_size, cfg.hflip, cfg.crop_pre_scales,
                                   tuple(cfg.crop_range), cfg.crop_policy)

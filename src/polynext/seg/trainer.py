@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.backend import optimizer_kwargs
 from ..engine.config import config_to_dict
 from ..engine.data import CorruptImages, make_loader
 from ..engine.determinism import ResumableDistributedSampler, ShardSampler
@@ -255,9 +256,8 @@ class SegTrainer:
         groups = build_param_groups(model, cfg.lr, cfg.weight_decay, effective_custom_keys(cfg))
         for g in groups:
             g.pop('names')
-        kw = dict(fused=True) if self.cuda else {}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps,
-                                 weight_decay=cfg.weight_decay, **kw)
+                                 weight_decay=cfg.weight_decay, **optimizer_kwargs(self.device))
 
     # ---------------------------------------------------------------------------------
     # state

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..engine.backend import optimizer_kwargs
 from ..engine.data import CorruptImages, make_loader
 from ..engine.determinism import ResumableDistributedSampler, ShardSampler
 from ..engine.distributed import DistEnv
@@ -81,7 +82,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> 
     if cfg.optimizer == 'lamb':
         kw.update(max_grad_norm=cfg.lamb_max_grad_norm, decoupled_decay=cfg.lamb_decoupled_decay)
     elif fused:
-        kw.update(fused=True)       # as the reference: torch.optim.AdamW(fused=True) on CUDA
+        kw.update(fused=True)       # engine.backend.optimizer_kwargs: the fused AdamW kernel
     # a plain parameter list gives one group (timm would honour model.no_weight_decay() for a module)
     target = model if cfg.wd_exclusions else [p for p in model.parameters() if p.requires_grad]
     return create_optimizer_v2(target, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -145,7 +146,7 @@ class Trainer:
                             f'{self.data.num_classes} classes')
         model = self._build_model()
         ema = EmaTracker(model, cfg.ema_decay, cfg.ema_start_epoch, cfg.ema_init) if cfg.ema else None
-        optimizer = build_optimizer(model, cfg, fused=cuda)
+        optimizer = build_optimizer(model, cfg, fused=bool(optimizer_kwargs(self.device).get('fused')))
         self.train_sampler = ResumableDistributedSampler(self.data.train, env.world_size, env.rank, shuffle=True,
                                                          seed=cfg.seed)
         self.train_loader = make_loader(self.data.train, self.train_sampler, cfg.device_batch_size, cfg.workers,
