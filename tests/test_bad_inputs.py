@@ -219,6 +219,9 @@ CASES: Sequence[Case] = [
          '--model-kwargs must be a mapping', "like '{init_channels: 16}'"),
     Case('validate-a-segmentor', lambda w: ['validate', '--checkpoint', w.seg_safetensors, '--data', w.data],
          'holds a segmentor', '`polynext seg eval --checkpoint'),
+    Case('validate-bf16-onnx', lambda w: ['validate', '--checkpoint', str(w.root / 'model.onnx'), '--dtype', 'bf16',
+                                          '--data', w.data],
+         '--dtype bf16 runs the torch model under autocast', 'drop --dtype or validate the .safetensors checkpoint'),
     # ---- polynext convert --------------------------------------------------------------------------------------------
     Case('convert-onto-its-input', lambda w: ['convert', w.cls_safetensors, w.cls_safetensors],
          'is the input file', 'pass another output path'),

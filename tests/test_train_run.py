@@ -329,6 +329,37 @@ def test_validate_ours_authors_and_ema_checkpoints(folder, tmp_path, capsys):
     assert [int(r.split(',')[2]) for r in rows[1:]] == [4, 3, 3, 3]
 
 
+def test_validate_bf16_reports_its_agreement_with_fp32(folder, tmp_path, capsys):
+    from torchvision.datasets import ImageFolder
+    from polynext.checkpoint import save_safetensors
+    from polynext.train.data import build_eval_transform
+    from polynext.train.recipes import CIFAR_MEAN, CIFAR_STD
+    model = _model(3).eval()
+    save_safetensors(model.state_dict(), tmp_path / 'ours.safetensors',
+                     metadata=dict(architecture='cpolynext_lr', model_kwargs={'init_channels': 8},
+                                   classes=[f'class_{c}' for c in range(CLASSES)]))
+    tf = build_eval_transform(32, None, 'bicubic', CIFAR_MEAN, CIFAR_STD)
+    ds = ImageFolder(str(folder / 'val'))
+    x = torch.stack([tf(ds.loader(p)) for p, _ in ds.samples]).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([t for _, t in ds.samples])
+    model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x).float()
+    code, stdout, err = run_cli(['validate', '--checkpoint', str(tmp_path / 'ours.safetensors'), '--data', str(folder),
+                                 '--dtype', 'bf16', '--json', '--no-progress', '--workers', '0', '--batch-size', '13',
+                                 '--output', str(tmp_path / 'v')], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res['dtype'] == 'bf16' and res['images'] == 13
+    assert res['top1'] == pytest.approx(100.0 * float((low.argmax(1) == y).float().mean()), abs=1e-4)
+    agree = 100.0 * float((low.argmax(1) == ref.argmax(1)).float().mean())
+    assert res['vs_fp32']['argmax_agreement'] == pytest.approx(agree, abs=1e-4)
+    diff = float((low - ref).abs().max())
+    assert 0 < diff and res['vs_fp32']['max_abs_logit_diff'] == pytest.approx(diff, rel=1e-6)
+
+
 def test_validate_a_training_run_checkpoint_and_the_timm_transform(folder, tmp_path, capsys):
     out = tmp_path / 'run'
     code, _, err = run_cli(tiny_args(folder, out, '--epochs', '1'), capsys)

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--runtime', default='torch', choices=['torch', 'onnxruntime'],
                         help='torch (default), or onnxruntime: --checkpoint is an .onnx file from polynext export, '
                              'evaluated with the same data, transform and metrics')
+    parser.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'],
+                        help='bf16: run under bf16 autocast and report its agreement with fp32 (max |Δ logit|, '
+                             'argmax agreement)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                               model=args.model, model_kwargs=extra, transform=args.transform, img_size=args.img_size,
                               prefer_ema=not args.no_ema, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, download=args.download, output=args.output,
-                              show_progress=not args.no_progress, runtime=args.runtime)
+                              show_progress=not args.no_progress, runtime=args.runtime, dtype=args.dtype)
     if not res.is_main:
         return 0
     if args.json:

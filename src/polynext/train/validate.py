@@ -10,7 +10,10 @@ checkpoint polynext loads (``*.safetensors`` with polynext metadata, ``*.state.p
 states with the EMA preferred, the authors' ``.pt`` / ``.pth``), builds the model its metadata
 names, picks the eval transform (the recipe's, or timm's ``pretrained_cfg``), checks that the
 classes match the data, evaluates (sharded under ``torchrun``) and writes ``validate.json`` and
-``per_class.csv`` to ``output``.
+``per_class.csv`` to ``output``. With ``dtype='bf16'`` the model runs under bf16 autocast and every
+batch also in fp32: the result adds the agreement of the two (``vs_fp32``: the largest |Δ logit| and
+the share of images whose argmax is the same), since a polynomial network of high degree may
+amplify rounding.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ class EvalResult:
     per_class_top1: Optional[List[int]] = None
     per_class_top5: Optional[List[int]] = None
     skipped: List[int] = field(default_factory=list)   # this rank's unreadable indices
+    # with compare_fp32: the autocast logits against the fp32 model's, over all images
+    max_abs_logit_diff: Optional[float] = None
+    argmax_agreement: Optional[float] = None            # % of images with the same argmax
 
     def as_dict(self, prefix: str = '') -> Dict[str, float]:
         return {f'{prefix}top1': self.top1, f'{prefix}top5': self.top5, f'{prefix}loss': self.loss}
@@ -51,12 +57,15 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device, per_class: bool = False,
              channels_last: bool = True, show_progress: bool = False, desc: str = 'val',
-             autocast_dtype: Optional[torch.dtype] = None) -> EvalResult:
-    """Top-1 / top-5 (%) and mean cross-entropy over the loader (all ranks together)."""
+             autocast_dtype: Optional[torch.dtype] = None, compare_fp32: bool = False) -> EvalResult:
+    """Top-1 / top-5 (%) and mean cross-entropy over the loader (all ranks together); with
+    ``autocast_dtype`` and ``compare_fp32`` also each batch in fp32, and the agreement of the two."""
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
-    sums = dict(loss=0.0, top1=0.0, top5=0.0, n=0.0)
+    sums = dict(loss=0.0, top1=0.0, top5=0.0, n=0.0, agree=0.0)
+    compare_fp32 = compare_fp32 and autocast_dtype is not None
+    max_diff = 0.0
     total = torch.zeros(num_classes, dtype=torch.float64)
     hit1 = torch.zeros(num_classes, dtype=torch.float64)
     hit5 = torch.zeros(num_classes, dtype=torch.float64)
@@ -71,6 +80,10 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
         with amp:
             logits = model(x)
         logits = logits.float()
+        if compare_fp32:
+            ref = model(x).float()
+            max_diff = max(max_diff, float((logits - ref).abs().max()))
+            sums['agree'] += float((logits.argmax(1) == ref.argmax(1)).sum())
         sums['loss'] += float(F.cross_entropy(logits, y, reduction='sum'))
         topk = logits.topk(k, dim=1).indices
         c1 = topk[:, 0] == y
@@ -90,6 +103,10 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
     n = max(reduced['n'], 1.0)
     res = EvalResult(top1=100.0 * reduced['top1'] / n, top5=100.0 * reduced['top5'] / n,
                      loss=reduced['loss'] / n, images=int(reduced['n']), skipped=skipped)
+    if compare_fp32:
+        from ..engine.distributed import all_gather_objects
+        res.max_abs_logit_diff = max(all_gather_objects(max_diff))
+        res.argmax_agreement = 100.0 * reduced['agree'] / n
     if per_class:
         res.per_class_total = [int(v) for v in total.tolist()]
         res.per_class_top1 = [int(v) for v in hit1.tolist()]
@@ -188,14 +205,15 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
                         img_size: Optional[int] = None, prefer_ema: bool = True, batch_size: int = 100,
                         workers: int = 4, device: str = 'auto', download: bool = False,
                         output: Optional[Union[str, Path]] = None, show_progress: bool = False,
-                        runtime: str = 'torch') -> ValidationResult:
+                        runtime: str = 'torch', dtype: str = 'fp32') -> ValidationResult:
     """Top-1 / top-5 / loss and per-class accuracy of a checkpoint on a dataset (see the module doc).
 
     ``model``: the architecture (default: the checkpoint's metadata); ``model_kwargs`` add to the
     checkpoint's; ``transform``: 'reference' (the recipe's eval transform) or 'timm' (``pretrained_cfg``);
     ``output``: where ``validate.json`` and ``per_class.csv`` go (default ``validate-MODEL``).
     ``runtime='onnxruntime'`` (implied by an ``.onnx`` file): ``checkpoint`` is a ``polynext export``
-    ONNX file, run by ONNX Runtime with the same protocol; its metadata names the model."""
+    ONNX file, run by ONNX Runtime with the same protocol; its metadata names the model.
+    ``dtype='bf16'``: bf16 autocast, with its agreement with fp32 (module doc)."""
     from ..engine.data import make_loader
     from ..engine.determinism import ShardSampler
     from ..engine.distributed import cleanup_distributed, init_distributed
@@ -206,6 +224,11 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
     from .data import build_eval_data, build_eval_transform
 
     path = Path(checkpoint)
+    if dtype not in ('fp32', 'bf16'):
+        raise ConfigError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if dtype != 'fp32' and (runtime == 'onnxruntime' or path.suffix == '.onnx'):
+        raise ConfigError(f'--dtype {dtype} runs the torch model under autocast; an ONNX file is evaluated as '
+                          f'exported: drop --dtype or validate the .safetensors checkpoint')
     if runtime == 'onnxruntime' or path.suffix == '.onnx':
         runtime = 'onnxruntime'
         net, name, meta = _onnx_for_eval(path, model, model_kwargs)
@@ -260,13 +283,17 @@ def validate_checkpoint(checkpoint: Union[str, Path], data: Optional[str] = None
                              pin_memory=env.device.type == 'cuda')
         with oom_advice(BatchLayout(batch_size, env.world_size), 'validation'):
             res = evaluate(net, loader, len(classes), env.device, per_class=True,
-                           show_progress=env.is_main and show_progress)
+                           show_progress=env.is_main and show_progress,
+                           autocast_dtype=torch.bfloat16 if dtype == 'bf16' else None, compare_fp32=dtype != 'fp32')
     finally:
         cleanup_distributed()
     rows = per_class_rows(res, classes)
     result = dict(model=name, checkpoint=str(path), runtime=runtime, data=desc, transform=tdesc, images=res.images,
                   top1=round(res.top1, 4), top5=round(res.top5, 4), loss=round(res.loss, 6),
-                  classes=len(classes), unreadable_images=len(res.skipped))
+                  classes=len(classes), unreadable_images=len(res.skipped), dtype=dtype)
+    if res.argmax_agreement is not None:
+        result['vs_fp32'] = dict(max_abs_logit_diff=res.max_abs_logit_diff,
+                                 argmax_agreement=round(res.argmax_agreement, 4))
     out = ValidationResult(result, rows, is_main=env.is_main)
     if env.is_main:
         from ..checkpoint import atomic_write
