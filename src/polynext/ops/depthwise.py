@@ -24,8 +24,8 @@ dilation-2 kernel is a 3x3 one on a 4x4 map and a 1x1 one on a 2x2 map) and pads
 gradient back with zeros. The forward is never cropped: its bits stay those of ``F.conv2d``.
 
 Below 14x14 on channels-last maps the weight gradient is computed tap by tap (the input shifted
-by each tap's offset, times the output gradient, summed over batch and pixels): 2-4x faster than
-autograd's generic dilated path there.
+by each tap's offset, times the output gradient, summed over batch and pixels, channels innermost):
+4-7x faster than autograd's generic dilated path there.
 
 All are exact in real arithmetic (float64 agreement ~1e-11 in the tests); the phase split is 4-6x
 faster than autograd's backward at the PolyNeXt shapes of 14x14 and larger, the crop and the
@@ -104,18 +104,20 @@ class DilatedDepthwiseConv2dFunction(torch.autograd.Function):
 
 
 def _tap_weight_grad(x: torch.Tensor, grad: torch.Tensor, kh: int, kw: int, d: int) -> torch.Tensor:
-    """Weight gradient of a same-padded, dilation-d depthwise (kh x kw) convolution, one kernel row
-    at a time: tap (i, j) is the sum over batch and pixels of grad times the input shifted by the
-    tap's offset. On channels-last maps below 14x14 this is 2-4x faster than autograd's backward
-    (which takes a generic path for dilated depthwise convolutions); its temporary is kw inputs."""
+    """Weight gradient of a same-padded, dilation-d depthwise (kh x kw) convolution of channels-last
+    maps, tap by tap: tap (i, j) is the sum over batch and pixels of grad times the input shifted by
+    the tap's offset. In the NHWC view both operands keep the channels innermost, so each tap is one
+    vectorised multiply-and-reduce; below 14x14 this is 4-7x faster than autograd's backward (which
+    takes a generic path for dilated depthwise convolutions)."""
     height, width = x.shape[-2:]
     ph, pw = d * (kh - 1) // 2, d * (kw - 1) // 2
-    xp = F.pad(x, (pw, pw, ph, ph))
-    rows = []
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))          # N, H + 2ph, W + 2pw, C
+    g = grad.permute(0, 2, 3, 1)
+    out = torch.empty(kh, kw, x.shape[1], dtype=x.dtype, device=x.device)
     for i in range(kh):
-        shifted = torch.stack([xp[:, :, i * d:i * d + height, j * d:j * d + width] for j in range(kw)])
-        rows.append((shifted * grad).sum((1, 3, 4)))                 # (kw, C)
-    return torch.stack(rows).permute(2, 0, 1).unsqueeze(1)            # (C, 1, kh, kw)
+        for j in range(kw):
+            torch.sum(xp[:, i * d:i * d + height, j * d:j * d + width, :] * g, (0, 1, 2), out=out[i, j])
+    return out.permute(2, 0, 1).unsqueeze(1)                           # (C, 1, kh, kw)
 
 
 def _dead_taps(k: int, d: int, size: int) -> int:
