@@ -27,19 +27,23 @@ import torch.nn as nn
 
 
 def _dilated_layers(model: nn.Module, x: torch.Tensor):
-    """(conv, input shape) of each distinct dilated depthwise conv reached by a forward of ``x``."""
+    """(conv, input shape) of each distinct dilated depthwise conv that PolyConv sends through
+    ``depthwise_conv2d`` in a forward of ``x`` (fusions off, so that every call goes through it)."""
+    import polynext.models.polynext as family
+    from polynext.ops.fused import fusion
     seen = {}
+    real = family.depthwise_conv2d
 
-    def hook(mod, inputs):
-        key = (tuple(inputs[0].shape), mod.kernel_size, mod.dilation)
-        seen.setdefault(key, mod)
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Conv2d) and m.groups > 1 and m.dilation[0] > 1]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return [(conv, shape) for (shape, _, _), conv in seen.items()]
+    def record(inp, conv):
+        seen.setdefault((tuple(inp.shape), conv.kernel_size, conv.dilation), conv)
+        return real(inp, conv)
+    family.depthwise_conv2d = record
+    try:
+        with torch.no_grad(), fusion(False):
+            model(x)
+    finally:
+        family.depthwise_conv2d = real
+    return [(conv, shape) for (shape, _, dil), conv in seen.items() if dil[0] > 1]
 
 
 def _step(fn, x, conv, g):
