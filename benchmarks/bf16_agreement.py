@@ -17,7 +17,6 @@ rounding 2^-9 ≈ 2e-3 per op). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -72,7 +71,7 @@ def digits_row(checkpoint: str | None):
 def main(argv=None) -> int:
     import polynext  # noqa: F401  (registers the models)
     from polynext.bench import _cpu_name
-    from polynext.checkpoint import atomic_write
+    from polynext.checkpoint import atomic_write_json
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--digits-checkpoint', default=None, metavar='PATH',
                         help='a digits demo checkpoint (default: train the demo first)')
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
               f"{r['argmax_agreement']:11.2f}%")
     out = dict(cpu=_cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), rows=rows)
     if args.json:
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + '\n'))
+        atomic_write_json(args.json, out)
         print(f'wrote {args.json}')
     return 0
 

@@ -16,7 +16,6 @@ gradients. Prints a table and writes JSON. Speed ratios depend on the CPU: the J
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ def _step(fn, x, conv, g):
 def main(argv=None) -> int:
     from polynext.ops.depthwise import depthwise_conv2d
     from polynext.bench import _cpu_name
-    from polynext.checkpoint import atomic_write
+    from polynext.checkpoint import atomic_write_json
     import timm
     import polynext  # noqa: F401  (registers the models)
 
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     out = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size,
                img_size=args.img_size, init_channels=args.init_channels, rows=rows)
     if args.json:
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + '\n'))
+        atomic_write_json(args.json, out)
         print(f'wrote {args.json}')
     return 0
 

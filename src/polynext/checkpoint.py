@@ -31,7 +31,7 @@ from .errors import CheckpointError
 
 __all__ = [
     'read_checkpoint', 'unwrap_state_dict', 'convert_to_model_layout', 'load_state_dict_strict', 'load_weights',
-    'atomic_save', 'atomic_write', 'save_safetensors', 'read_safetensors_metadata', 'model_name',
+    'atomic_save', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'read_safetensors_metadata', 'model_name',
     'stale_temporary_files', 'remove_stale_temporary_files',
 ]
 
@@ -227,6 +227,13 @@ def _umask() -> int:
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     """``torch.save`` atomically."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(path: Union[str, Path], obj: Any, **dumps_kwargs: Any) -> Path:
+    """``obj`` as indented JSON (a trailing newline), written atomically; ``dumps_kwargs`` go to
+    ``json.dumps`` (e.g. ``default=float``)."""
+    text = json.dumps(obj, indent=1, **dumps_kwargs) + '\n'
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, Path],

@@ -17,7 +17,6 @@ Training overrides apply in this order: recipe < --config FILE.yaml < flags < --
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 #: command-line flag → SegConfig field
@@ -89,9 +88,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, data) -> None:
-    from ..checkpoint import atomic_write
-    text = json.dumps(data, indent=1, allow_nan=True) + '\n'
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    from ..checkpoint import atomic_write_json
+    atomic_write_json(path, data)
 
 
 def _eval(args: argparse.Namespace) -> int:

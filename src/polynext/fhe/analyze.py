@@ -16,7 +16,6 @@ Output: a table, JSON and a PNG of depth and range by layer.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -368,6 +367,5 @@ def plot_report(rep: Dict[str, Any], path: Path) -> Path:
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    from ..checkpoint import atomic_write
-    text = json.dumps(obj, indent=1, default=float)
-    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    from ..checkpoint import atomic_write_json
+    return atomic_write_json(path, obj, default=float)
