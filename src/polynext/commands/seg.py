@@ -17,7 +17,6 @@ Training overrides apply in this order: recipe < --config FILE.yaml < flags < --
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 #: command-line flag → SegConfig field
 _TRAIN_FLAGS = {
