@@ -345,7 +345,9 @@ def make_step(model: nn.Module, settings: BenchSettings, device: torch.device,
     model.train()
     y = torch.randint(0, num_classes, (settings.batch_size,), generator=gen).to(device)
     # the learning rate only keeps values sane over many steps; it does not change the work
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    from .engine.backend import optimizer_kwargs
+    # the optimizer polynext's trainers build: the fused AdamW kernel on CPU and CUDA
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, **optimizer_kwargs(device))
     fn = torch.compile(model) if settings.compile else model
     use_amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
