@@ -70,7 +70,7 @@ def digits_row(checkpoint: str | None):
 
 def main(argv=None) -> int:
     import polynext  # noqa: F401  (registers the models)
-    from polynext.bench import _cpu_name
+    from polynext.bench import environment
     from polynext.checkpoint import atomic_write_json
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--digits-checkpoint', default=None, metavar='PATH',
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         ml = '' if r['max_abs_logit'] is None else f"{r['max_abs_logit']:.3g}"
         print(f"{r['set']:34s} {r['model']:16s} {r['images']:6d} {ml:>10s} {r['max_abs_logit_diff']:12.3g} "
               f"{r['argmax_agreement']:11.2f}%")
-    out = dict(cpu=_cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), rows=rows)
+    out = dict(environment=environment(torch.device('cpu')), rows=rows)
     if args.json:
         atomic_write_json(args.json, out)
         print(f'wrote {args.json}')

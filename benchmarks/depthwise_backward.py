@@ -53,7 +53,7 @@ def _step(fn, x, conv, g):
 
 def main(argv=None) -> int:
     from polynext.ops.depthwise import depthwise_conv2d
-    from polynext.bench import _cpu_name
+    from polynext.bench import environment
     from polynext.checkpoint import atomic_write_json
     import timm
     import polynext  # noqa: F401  (registers the models)
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
                              max_abs_diff_fp64=err))
             print(f'{name:12s} {str(list(shape)):20s} k{conv.kernel_size[0]} d{conv.dilation[0]}  '
                   f'autograd {a:8.2f} ms  polynext {p:8.2f} ms  x{a / p:5.2f}  fp64 diff {err:.1e}', flush=True)
-    out = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size,
-               img_size=args.img_size, init_channels=args.init_channels, rows=rows)
+    out = dict(environment=environment(torch.device('cpu')), batch_size=args.batch_size, img_size=args.img_size,
+               init_channels=args.init_channels, rows=rows)
     if args.json:
         atomic_write_json(args.json, out)
         print(f'wrote {args.json}')

@@ -365,6 +365,9 @@ def test_validate_a_training_run_checkpoint_and_the_timm_transform(folder, tmp_p
     code, _, err = run_cli(tiny_args(folder, out, '--epochs', '1'), capsys)
     assert code == 0, err
     last = run_metrics(out)[-1]
+    # the trainers' optimizer is the fused AdamW kernel on the CPU too (engine.backend.optimizer_kwargs)
+    state = torch.load(out / 'last.state.pt', weights_only=False)
+    assert state['optimizer']['param_groups'][0]['fused'] is True
     for ckpt in ('best.safetensors', 'last.state.pt'):
         code, stdout, err = run_cli(['validate', '--checkpoint', str(out / ckpt), '--data', str(folder), '--json',
                                      '--no-progress', '--workers', '0', '--output', str(tmp_path / ckpt)], capsys)
