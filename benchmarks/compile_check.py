@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +72,13 @@ def main(argv=None) -> int:
             row = dict(model=name, ok=False, error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
         rows.append(row)
         print(json.dumps(row), flush=True)
+    from polynext.bench import environment
     result = dict(command=['python', 'benchmarks/compile_check.py'] + list(argv or sys.argv[1:]),
-                  torch=torch.__version__, rows=rows, ok=all(r['ok'] for r in rows))
+                  environment=environment(torch.device('cpu')), rows=rows, ok=all(r['ok'] for r in rows))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} models compile with fullgraph=True and match eager")
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f'.{path.name}.tmp')
-        tmp.write_text(json.dumps(result, indent=2) + '\n')
-        tmp.replace(path)
+        from polynext.checkpoint import atomic_write_json
+        atomic_write_json(args.json, result)
     return 0 if result['ok'] else 1
 
 

@@ -107,11 +107,12 @@ class _PolyAttentionFunction(torch.autograd.Function):
                 rows = slice(start, min(n, start + step))
                 qc = q[:, :, rows]
                 p = _scores(qc, k)                      # P = S + 1
-                p_pow = p.square() if power == 4 else p.pow(power - 1)
-                if power == 4:
-                    a = p_pow.square()                  # A = P^4
-                    p_pow.mul_(p)                       # P^3
+                if power == 4:                          # one N×N allocation, the rest in place
+                    a = p * p                           # P^2
+                    p_pow = p.mul_(a)                   # P^3
+                    a.square_()                         # A = P^4
                 else:
+                    p_pow = p.pow(power - 1)
                     a = p_pow * p
                 del p
                 r = rowsum[:, :, rows]
