@@ -16,6 +16,11 @@ cross-entropy + backward + AdamW step + zero_grad (``polynext.bench.make_step``)
     python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt
     python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt --mode train --batch-size 32 --runs 5
     python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt --memory --json r.json
+    python benchmarks/vs_reference.py --reference-dir /path/to/PolyNeXt --mode train --compile
+
+``--compile`` adds both under ``torch.compile`` (inductor; each its own copy of the weights): the
+reference NCHW as the authors' training scripts run it (``model.compile()``) and polynext as
+``polynext train --compile`` runs it; their first calls, the compiles, are reported in seconds.
 
 ``--memory`` measures peak memory instead of speed: each (implementation, model, mode) runs in a
 fresh process, as ``polynext bench`` does (``polynext.bench.measure_peak_rss``): the increase of the
@@ -29,6 +34,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 # the reference's config name and layer count for each polynext model
@@ -128,9 +134,10 @@ def _memory(args) -> int:
     print(format_table(columns, rows))
     env = dict(environment(torch.device('cpu')), allocator='glibc mmap_threshold=64 KiB (RSS = memory in use)',
                method='VmHWM - VmRSS before building, fresh process per implementation/model/mode')
+    from polynext.checkpoint import atomic_write_json
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(environment=env, batch_size=args.batch_size, img_size=args.img_size,
-                                         results=results), indent=2))
+    atomic_write_json(args.json, dict(environment=env, batch_size=args.batch_size, img_size=args.img_size,
+                                      results=results))
     print(f'\nwrote {args.json}')
     return 0
 
@@ -149,6 +156,8 @@ def main() -> int:
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     parser.add_argument('--json', type=Path, default=Path(__file__).parent / 'results' / 'vs_reference.json')
     parser.add_argument('--memory', action='store_true', help='peak memory (fresh process each) instead of speed')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time polynext under torch.compile (its first call, the compile, is reported)')
     parser.add_argument('--probe', choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
     if args.probe:
@@ -188,9 +197,21 @@ def main() -> int:
             steps = {'reference NCHW': make_step(ref_nchw, nchw, torch.device('cpu')),
                      'reference CL': make_step(ref_cl, cl, torch.device('cpu')),
                      'polynext': make_step(ours, nchw, torch.device('cpu'))}
+            if args.compile:
+                compiled = BenchSettings(**settings, compile=True)
+                ref_c = reference.NetworkPolyImageNet(width, 1000, layers, dict(getattr(reference, cfg_name)))
+                ref_c.load_state_dict(ref_nchw.state_dict())
+                ref_c.num_classes = 1000
+                ours_c = timm.create_model(name)
+                ours_c.load_state_dict(ours.state_dict())
+                steps['reference NCHW compiled'] = make_step(ref_c, compiled, torch.device('cpu'))
+                steps['polynext compiled'] = make_step(ours_c, compiled, torch.device('cpu'))
+            first_call = {}
             for _ in range(args.warmup):
-                for step in steps.values():
+                for k, step in steps.items():
+                    t0 = time.perf_counter()
                     step()
+                    first_call.setdefault(k, time.perf_counter() - t0)
             times = time_interleaved(steps, args.runs)
             med = {k: statistics.median(v) for k, v in times.items()}
             row = dict(model=name, mode=mode, batch_size=args.batch_size, max_abs_logit_diff=diff,
@@ -198,21 +219,37 @@ def main() -> int:
                        **{f'{k} img/s': args.batch_size / v for k, v in med.items()},
                        speedup_vs_reference_nchw=med['reference NCHW'] / med['polynext'],
                        speedup_vs_reference_cl=med['reference CL'] / med['polynext'])
+            if args.compile:
+                ours_c_s = med['polynext compiled']
+                row.update(compiled_speedup_vs_reference_compiled=med['reference NCHW compiled'] / ours_c_s,
+                           compiled_speedup_vs_reference_nchw=med['reference NCHW'] / ours_c_s,
+                           reference_compile_s=first_call['reference NCHW compiled'],
+                           compile_s=first_call['polynext compiled'])
             results.append(row)
             print(f"{name} {mode}: polynext {row['speedup_vs_reference_nchw']:.2f}x reference NCHW, "
-                  f"{row['speedup_vs_reference_cl']:.2f}x reference CL (logits max |Δ| {diff:.1e})", flush=True)
+                  f"{row['speedup_vs_reference_cl']:.2f}x reference CL (logits max |Δ| {diff:.1e})"
+                  + (f"; compiled {row['compiled_speedup_vs_reference_compiled']:.2f}x reference compiled "
+                     f"(compile: polynext {row['compile_s']:.0f} s, reference {row['reference_compile_s']:.0f} s)"
+                     if args.compile else ''), flush=True)
             del steps, ref_nchw, ref_cl, ours
     columns = ['model', 'mode', 'ref NCHW img/s', 'ref CL img/s', 'polynext img/s', 'x ref NCHW', 'x ref CL',
                'max |Δ logit|']
     rows = [[r['model'], r['mode'], f"{r['reference NCHW img/s']:.1f}", f"{r['reference CL img/s']:.1f}",
              f"{r['polynext img/s']:.1f}", f"{r['speedup_vs_reference_nchw']:.2f}", f"{r['speedup_vs_reference_cl']:.2f}",
              f"{r['max_abs_logit_diff']:.1e}"] for r in results]
+    if args.compile:
+        columns += ['ref compiled img/s', 'polynext compiled img/s', 'compiled x ref compiled', 'compile s ref / ours']
+        for row, r in zip(rows, results):
+            row += [f"{r['reference NCHW compiled img/s']:.1f}", f"{r['polynext compiled img/s']:.1f}",
+                    f"{r['compiled_speedup_vs_reference_compiled']:.2f}",
+                    f"{r['reference_compile_s']:.0f} / {r['compile_s']:.0f}"]
     print()
     print(format_table(columns, rows))
     env = dict(environment(torch.device('cpu')), allocator=allocator_status(), threads=torch.get_num_threads())
+    from polynext.checkpoint import atomic_write_json
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(environment=env, batch_size=args.batch_size, img_size=args.img_size,
-                                         runs=args.runs, results=results), indent=2))
+    atomic_write_json(args.json, dict(environment=env, batch_size=args.batch_size, img_size=args.img_size,
+                                      runs=args.runs, compile=args.compile, results=results))
     print(f'\nwrote {args.json}')
     return 0
 
