@@ -118,6 +118,37 @@ def test_timings_are_the_clock_differences(monkeypatch):
         assert d['ms_min'] == d['ms_max'] == 250.0 and d['gmacs_per_s'] == pytest.approx(r.macs / 1e9 * 8.0)
 
 
+def test_compile_also_times_the_same_model_eager(monkeypatch):
+    """``compile``: each model also runs eager in the same rounds (a copy with the same weights, not
+    compiled), and the report gives the compile time and the speed-up. torch.compile is replaced by
+    a wrapper that counts its calls, and the clock advances 0.25 s per reading."""
+    compiled_calls = []
+
+    def fake_compile(model, **kwargs):
+        def fn(x):
+            compiled_calls.append(x.shape)
+            return model(x)
+        return fn
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    monkeypatch.setattr(bench, 'time', _Clock(0.25))
+    settings = BenchSettings(mode='infer', img_size=32, batch_size=2, runs=3, warmup=2, memory=False, threads=1,
+                             compile=True)
+    report = run_bench(model_specs(['cpolynext_t'], dict(init_channels=8), {}), settings, progress=False)
+    r = report.results[0]
+    assert len(compiled_calls) == 2 + 3                     # warm-up + timed rounds; the eager copy is not compiled
+    assert r.times_s == r.eager_times_s == [0.25] * 3
+    assert r.compile_speedup == 1.0 and r.compile_s == 0.0  # first call 0.25 s minus a 0.25 s step
+    d = r.to_dict()
+    assert d['eager_img_per_s'] == 8.0 and d['compile_speedup'] == 1.0
+    header, _, row = report.table().splitlines()
+    assert header.split()[-4:] == ['compile', 's', 'x', 'eager'] and row.split()[-2:] == ['0.0', '1.00']
+    assert 'x eager' in report.footnote()
+    plain = run_bench(model_specs(['cpolynext_t'], dict(init_channels=8), {}),
+                      BenchSettings(mode='infer', img_size=32, batch_size=2, runs=1, warmup=1, memory=False,
+                                    threads=1), progress=False)
+    assert plain.results[0].eager_times_s is None and 'x eager' not in plain.table()
+
+
 def test_train_step_is_forward_backward_adamw_zero_grad():
     model = timm.create_model('cpolynext_t', init_channels=8, num_classes=5)
     before = [p.detach().clone() for p in model.parameters()]

@@ -25,6 +25,8 @@ The same functions serve ``polynext bench`` and the scripts in ``benchmarks/``.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -538,6 +540,8 @@ class ModelResult:
     first_call_s: float
     batch_size: int
     ratio: float = 1.0
+    #: with ``compile``: the same model's eager step, timed in the same interleaved rounds
+    eager_times_s: Optional[List[float]] = None
 
     @property
     def ms_per_batch(self) -> float:
@@ -547,6 +551,16 @@ class ModelResult:
     def img_per_s(self) -> float:
         return self.batch_size / statistics.median(self.times_s)
 
+    @property
+    def compile_s(self) -> float:
+        """The compile: the first call minus one (median) compiled step."""
+        return self.first_call_s - statistics.median(self.times_s)
+
+    @property
+    def compile_speedup(self) -> Optional[float]:
+        """Compiled img/s over the eager img/s of the same model in the same run."""
+        return statistics.median(self.eager_times_s) / statistics.median(self.times_s) if self.eager_times_s else None
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d['kwargs'] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
@@ -555,6 +569,9 @@ class ModelResult:
                  ms_min=1000 * min(self.times_s), ms_max=1000 * max(self.times_s),
                  gmacs_per_s=self.macs / 1e9 * self.img_per_s,
                  peak_mem_mib=None if self.peak_mem_bytes is None else self.peak_mem_bytes / 2 ** 20)
+        if self.eager_times_s:
+            d.update(eager_img_per_s=self.batch_size / statistics.median(self.eager_times_s),
+                     compile_s=self.compile_s, compile_speedup=self.compile_speedup)
         return d
 
 
@@ -614,7 +631,12 @@ class BenchReport:
     COLUMNS = ['model', 'params (M)', 'GMACs', 'img/s', 'ms/batch', 'peak MiB', 'ratio']
 
     def table(self) -> str:
-        return format_table(self.COLUMNS, self.rows())
+        columns, rows = list(self.COLUMNS), self.rows()
+        if any(r.eager_times_s for r in self.results):   # --compile: the compile and its speed-up
+            columns += ['compile s', 'x eager']
+            for row, r in zip(rows, self.results):
+                row += [f'{r.compile_s:,.1f}', f'{r.compile_speedup:.2f}'] if r.eager_times_s else ['-', '-']
+        return format_table(columns, rows)
 
     def footnote(self) -> str:
         first = self.results[0].label if self.results else '-'
@@ -622,8 +644,10 @@ class BenchReport:
                'cpu': 'peak RSS increase, one fresh process per model'}['cuda' if self.settings.device != 'cpu'
                                                                         else 'cpu']
         what = f'weights + input + step: {mem}' if self.settings.memory else 'not measured'
+        compiled = ('; compile s = first call minus one step, x eager = img/s over the same model eager in the '
+                    'same rounds') if any(r.eager_times_s for r in self.results) else ''
         return (f'ratio = img/s relative to {first}; MACs per image (FlopCounterMode / 2, attention included); '
-                f'peak memory = {what}')
+                f'peak memory = {what}{compiled}')
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(settings=asdict(self.settings), environment=self.environment, memory_method=self.memory_method,
@@ -796,14 +820,20 @@ def _run_bench_built(specs: Sequence[ModelSpec], settings: BenchSettings, models
 
     # 3. move each model to the device and warm it up, one after the other (CUDA: peak memory here)
     steps: Dict[str, Callable[[], None]] = {}
-    bar = _progress_bar(len(specs) * (settings.warmup + settings.runs), progress, 'warm-up')
+    eager_steps: Dict[str, Callable[[], None]] = {}
+    timed_steps = len(specs) + (sum(s.runtime == 'torch' for s in specs) if settings.compile else 0)
+    bar = _progress_bar(len(specs) * settings.warmup + timed_steps * settings.runs, progress, 'warm-up')
     for spec in specs:
         with _oom_as_config_error(spec.label, settings):
             if device.type == 'cuda':
                 sync()
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            step = make_step(models.pop(spec.label), settings, device, spec.label)
+            model = models.pop(spec.label)
+            # --compile also times the same model eager, in the same rounds: the speed-up is measured, not
+            # taken across runs (its copy is made before the compiled one moves to the device)
+            twin = copy.deepcopy(model) if settings.compile and spec.runtime == 'torch' else None
+            step = make_step(model, settings, device, spec.label)
             sync()
             t0 = time.perf_counter()
             step()
@@ -817,16 +847,24 @@ def _run_bench_built(specs: Sequence[ModelSpec], settings: BenchSettings, models
             if device.type == 'cuda' and settings.memory:
                 peaks[spec.label] = torch.cuda.max_memory_allocated(device) - base
                 memory_method = 'torch.cuda.max_memory_allocated during warm-up minus allocated before'
+            if twin is not None:
+                eager = make_step(twin, dataclasses.replace(settings, compile=False), device, spec.label)
+                for _ in range(settings.warmup):
+                    eager()
+                eager_steps[spec.label] = eager
         steps[spec.label] = step
 
     # 4. the timed rounds, all models interleaved
     bar.set_description('timing (interleaved)')
+    timed = dict(steps)
+    timed.update({(label, 'eager'): step for label, step in eager_steps.items()})
     with _oom_as_config_error(', '.join(labels), settings):
-        times = time_interleaved(steps, settings.runs, sync, progress=bar.update)
+        times = time_interleaved(timed, settings.runs, sync, progress=bar.update)
     bar.close()
 
     results = [ModelResult(label=s.label, model=s.name, kwargs=dict(s.kwargs), times_s=times[s.label],
-                           peak_mem_bytes=peaks[s.label], batch_size=settings.batch_size, **info[s.label])
+                           peak_mem_bytes=peaks[s.label], batch_size=settings.batch_size,
+                           eager_times_s=times.get((s.label, 'eager')), **info[s.label])
                for s in specs]
     for r in results:
         r.ratio = r.img_per_s / results[0].img_per_s

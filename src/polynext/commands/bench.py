@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='infer: model and input cast to it; train: autocast with fp32 weights (default fp32)')
     parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
     parser.add_argument('--compile', action='store_true',
-                        help='torch.compile each model (compile time is the first warm-up call, reported in JSON as '
-                             'first_call_s; on CPU the memory measurement compiles once more: --no-memory skips it)')
+                        help='torch.compile each model, and time it eager too in the same rounds: the table adds '
+                             'the compile time (first call minus one step) and the speed-up over eager; on CPU the '
+                             'memory measurement compiles once more: --no-memory skips it')
     parser.add_argument('--runs', type=int, default=7, help='timed batches per model (default 7)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed batches per model first (default 2, min 1)')
     parser.add_argument('--threads', type=int, default=None,
