@@ -19,6 +19,8 @@ The protocol follows ``spec/cpu_performance.md``:
 * Peak memory is the memory one model needs for its step at this batch: weights, input and
   everything the step allocates (activations; in train mode also gradients and AdamW state).
   See :func:`measure_peak_rss` for why on CPU this runs in a fresh process per model.
+* ``compile``: every model under ``torch.compile``, and a copy of it eager in the same rounds, so
+  that the speed-up is measured within one run; the compile time is the first call minus a step.
 
 The same functions serve ``polynext bench`` and the scripts in ``benchmarks/``.
 """
