@@ -201,17 +201,28 @@ def test_caformer_macs_include_attention():
 # --------------------------------------------------------------------------------------
 
 def test_memory_probe_in_process():
-    """The function the fresh child process runs (the child itself is covered end to end below).
+    """The function the fresh child process runs (the child itself is covered end to end below),
+    called here in a fresh interpreter too: in a long-lived test worker the RSS high-water mark and the
+    freed pages left by earlier tests can hide an allocation (it once read 0 bytes under xdist).
     A classifier of 96 × 200,000 float32 weights (76.8 MB) is one block above glibc's largest mmap
-    threshold, so it is fresh memory even in this long-lived process: the probe must see it, and
-    little else (the rest of the model and a 32 px batch of 2 are a few MB)."""
-    ok = bench._memory_probe(dict(spec=ModelSpec('m', 'cpolynext_t', dict(init_channels=8, num_classes=200_000)),
-                                  settings=BenchSettings(**TINY)))
+    threshold, so it is fresh memory: the probe must see it, and little else (the rest of the model and
+    a 32 px batch of 2 are a few MB)."""
+    script = (
+        'import json\n'
+        'from polynext.bench import BenchSettings, ModelSpec, _memory_probe\n'
+        f'tiny = BenchSettings(**{TINY!r})\n'
+        "ok = _memory_probe(dict(spec=ModelSpec('m', 'cpolynext_t', dict(init_channels=8, num_classes=200_000)),\n"
+        '                        settings=tiny))\n'
+        "bad = _memory_probe(dict(spec=ModelSpec('m', 'cpolynext_t', dict(init_chanels=8)), settings=tiny))\n"
+        'print(json.dumps(dict(ok=ok, bad=bad)))\n')
+    proc = subprocess.run([sys.executable, '-c', script], env=_env_without_tunables(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ok, bad = result['ok'], result['bad']
     head = 96 * 200_000 * 4
     assert head <= ok['peak_bytes'] <= head + 48 * 2 ** 20, ok
     assert 'fresh process' in ok['method']
-    bad = bench._memory_probe(dict(spec=ModelSpec('m', 'cpolynext_t', dict(init_chanels=8)),
-                                   settings=BenchSettings(**TINY)))
     assert bad['error'] == 'config' and "Did you mean 'init_channels'" in bad['message']
 
 
