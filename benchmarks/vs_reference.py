@@ -157,9 +157,12 @@ def main() -> int:
     parser.add_argument('--json', type=Path, default=Path(__file__).parent / 'results' / 'vs_reference.json')
     parser.add_argument('--memory', action='store_true', help='peak memory (fresh process each) instead of speed')
     parser.add_argument('--compile', action='store_true',
-                        help='also time polynext under torch.compile (its first call, the compile, is reported)')
+                        help='also time the reference and polynext under torch.compile (their first calls, the '
+                             'compiles, are reported)')
     parser.add_argument('--probe', choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
+    if args.memory and args.compile:
+        parser.error('--compile times compiled steps; --memory measures eager peak memory: drop one of them')
     if args.probe:
         return _probe(args)
     if args.memory:
@@ -198,14 +201,11 @@ def main() -> int:
                      'reference CL': make_step(ref_cl, cl, torch.device('cpu')),
                      'polynext': make_step(ours, nchw, torch.device('cpu'))}
             if args.compile:
-                compiled = BenchSettings(**settings, compile=True)
-                ref_c = reference.NetworkPolyImageNet(width, 1000, layers, dict(getattr(reference, cfg_name)))
-                ref_c.load_state_dict(ref_nchw.state_dict())
-                ref_c.num_classes = 1000
-                ours_c = timm.create_model(name)
-                ours_c.load_state_dict(ours.state_dict())
-                steps['reference NCHW compiled'] = make_step(ref_c, compiled, torch.device('cpu'))
-                steps['polynext compiled'] = make_step(ours_c, compiled, torch.device('cpu'))
+                compiled = BenchSettings(**settings, compile=True)   # fresh copies, the same seeded weights
+                steps['reference NCHW compiled'] = make_step(_build(reference, name, 'reference NCHW'), compiled,
+                                                             torch.device('cpu'))
+                steps['polynext compiled'] = make_step(_build(reference, name, 'polynext'), compiled,
+                                                       torch.device('cpu'))
             first_call = {}
             for _ in range(args.warmup):
                 for k, step in steps.items():

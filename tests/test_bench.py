@@ -448,3 +448,18 @@ def test_table12_quick_script(tmp_path, capsys):
     assert rows['cpolynext_t']['paper_a100_img_per_s'] is None and rows['cpolynext_t']['paper_gmacs'] == 1.2
     assert rows['cpolynext_t']['macs'] == 98_405_568
     assert data['settings']['batch_size'] == 2 and data['settings']['img_size'] == 64
+
+
+def test_compile_check_calibrates_bn_variants(monkeypatch):
+    """``benchmarks/compile_check.py`` compares compiled and eager outputs; an untrained bn variant's eval
+    logits are NaN in both (its running statistics normalise nothing), so the script first sets them from
+    the input batch. With torch.compile replaced by the identity the comparison is exact, and it fails
+    (NaN) when the calibration is left out."""
+    import polynext.models.polynext as family
+    compile_check = _load_script('compile_check')
+    monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: model)
+    row = compile_check.check('cpolynext_t_bn', 'eager', 32, 2)
+    assert row['ok'] and row['infer_max_abs_diff'] == 0.0 and row['train_max_rel_grad_diff'] == 0.0
+    monkeypatch.setattr(family, 'calibrate_running_stats', lambda model, x: model)
+    row = compile_check.check('cpolynext_t_bn', 'eager', 32, 2)
+    assert not row['ok'] and row['infer_max_abs_diff'] != row['infer_max_abs_diff']   # NaN
