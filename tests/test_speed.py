@@ -13,11 +13,13 @@ from polynext.ops.fused import fusion, fusion_available
 from conftest import mini_kwargs
 
 
-# 14x14 / 16x16: the phase split; 4x4, 2x2, 3x20: the crop of the taps that only meet padding
+# 14x14 / 16x16: the phase split (5x5, 7x7 kernels: cut into k x 3 and k x 1 column gradients; 15x15,
+# 14x18 with d=2 and 20x19 with d=3: sides that are not multiples of d, zero-padded first); 4x4, 2x2, 3x20: the crop of the taps that only meet padding
 # (5x5 → 3x3 on 4x4, → 1x1 on 2x2; 3 rows x 20 columns: cropped in height only); 8x8, 7x7: the
 # per-tap weight gradient (channels-last) or autograd's own backward (NCHW, not routed)
 @pytest.mark.parametrize('k,d,hw', [(5, 2, (14, 14)), (3, 2, (16, 16)), (5, 2, (4, 4)), (5, 2, (2, 2)),
-                                    (3, 2, (2, 2)), (5, 2, (3, 20)), (5, 2, (8, 8)), (5, 2, (7, 7))])
+                                    (3, 2, (2, 2)), (5, 2, (3, 20)), (5, 2, (8, 8)), (5, 2, (7, 7)),
+                                    (5, 2, (15, 15)), (5, 2, (14, 18)), (7, 2, (16, 16)), (5, 3, (20, 19))])
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw, channels_last):
     gen = torch.Generator().manual_seed(0)
