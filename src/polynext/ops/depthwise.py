@@ -138,8 +138,9 @@ def _wide_phase_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, d: int)
     batch in one buffer with ``half`` zero columns right of each row (maps not a multiple of d are
     zero-padded first, which adds nothing to the sums), and x shifted by s is the same buffer read
     from s pixels further on. Every product of the output gradient with a pixel that wrapped into
-    the next or previous row lands on a zero column. 1.6-2.8x faster than the plain phase split at
-    the CPolyNeXt shapes (``benchmarks/depthwise_backward.py``)."""
+    the next or previous row lands on a zero column. The weight gradient is 2-3x faster than the
+    plain phase split at the CPolyNeXt shapes, the layer's forward + backward about 1.7x
+    (``benchmarks/depthwise_backward.py``)."""
     height, width = x.shape[-2:]
     ph, pw = -height % d, -width % d
     if ph or pw:
