@@ -52,3 +52,26 @@ def test_odd_power_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match='even'):
         poly_attention(q, k, v, power=3)
+
+
+def test_strided_heads_and_kept_scores_match_reference_fp64():
+    # heads as strided views of a channels-last activation, as PolyAttn passes them
+    g = torch.Generator().manual_seed(3)
+    b, h, n, d = 2, 3, 25, 4
+    base = torch.randn(b, n, 3 * h * d, generator=g, dtype=torch.float64) * 0.3
+
+    def heads(i):
+        return base[..., i * h * d:(i + 1) * h * d].reshape(b, n, h, d).transpose(1, 2).detach().requires_grad_()
+
+    q, k, v = heads(0), heads(1), heads(2)
+    assert not q.is_contiguous()
+    grad = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    ref = poly_attention_reference(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    for chunk_bytes, kept in ((2 ** 26, True), (b * h * n * 4 * 5, False)):
+        out = poly_attention(q, k, v, chunk_bytes=chunk_bytes)
+        scores = out.grad_fn.saved_tensors[-1]
+        assert (scores is not None and scores.shape == (b, h, n, n)) == kept
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for a, r in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
