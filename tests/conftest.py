@@ -1,10 +1,14 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault('TIMM_FUSED_ATTN', '1')
+# the 1x1 weight-gradient kernel choices (polynext.ops.pointwise) go to a folder of this test session,
+# shared with its subprocesses, not to the user's ~/.cache
+os.environ.setdefault('POLYNEXT_CACHE_DIR', tempfile.mkdtemp(prefix='polynext-test-cache-'))
 # one intra-op thread per xdist worker (2 workers on 2 cores); 2 threads in a plain run
 torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, os.cpu_count() or 1))
 

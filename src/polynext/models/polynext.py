@@ -43,6 +43,7 @@ from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
 from ..ops.depthwise import depthwise_conv2d
 from ..ops.fused import can_fuse, conv_add_, conv_mul
+from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
 from ..ops.poly_attention import poly_attention
 from ..ops.window_attention import neighborhood_attention
 
@@ -228,6 +229,8 @@ def _gated_conv(conv: nn.Conv2d, x: torch.Tensor, gate: torch.Tensor) -> torch.T
     weight. A residual block then adds the stream in place, as the reference's ``x + g · f(x)``."""
     g = gate.reshape(-1, 1, 1, 1)
     bias = None if conv.bias is None else conv.bias * gate.reshape(-1)
+    if isinstance(conv, PointwiseConv2d):
+        return pointwise_conv2d(x, conv.weight * g, bias)
     return F.conv2d(x, conv.weight * g, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -376,8 +379,8 @@ class PolyMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, norm_layer: Optional[Callable[[int], nn.Module]] = LayerNorm2d,
                  product: Optional[HadamardProduct] = None):
         super().__init__()
-        self.fc_in = nn.Conv2d(dim, 2 * hidden_dim, 1, bias=False)
-        self.fc_out = nn.Conv2d(hidden_dim, dim, 1, bias=False)
+        self.fc_in = PointwiseConv2d(dim, 2 * hidden_dim, bias=False)
+        self.fc_out = PointwiseConv2d(hidden_dim, dim, bias=False)
         poly_init_(self.fc_out.weight)
         poly_init_(self.fc_in.weight)
         self.norm = norm_layer(hidden_dim) if norm_layer is not None else nn.Identity()
@@ -403,12 +406,12 @@ class PolyConv(nn.Module):
                  product: Optional[HadamardProduct] = None):
         super().__init__()
         d = inner_dim
-        self.pw_in = nn.Conv2d(dim, d, 1, bias=False)
+        self.pw_in = PointwiseConv2d(dim, d, bias=False)
         self.coarse = nn.Conv2d(d, d, coarse_kernel, padding=coarse_dilation * (coarse_kernel - 1) // 2,
                                 dilation=coarse_dilation, groups=d, bias=False)
         self.fine = nn.Conv2d(d, d, 3, padding=1, groups=d, bias=False)
         self.dw_out = nn.Conv2d(d, d, 3, padding=1, groups=d, bias=False)
-        self.pw_out = nn.Conv2d(d, dim, 1, bias=False)
+        self.pw_out = PointwiseConv2d(d, dim, bias=False)
         # the reference's construction and init order, so that a seed gives the same weights
         for conv in (self.dw_out, self.pw_out, self.pw_in, self.coarse, self.fine):
             poly_init_(conv.weight)
@@ -450,8 +453,8 @@ class PolyAttn(nn.Module):
         self.kernel = kernel
         self.power = power
         self.chunk_bytes = chunk_bytes
-        self.qkv = nn.Conv2d(dim, 2 * a, 1, bias=False)
-        self.proj = nn.Conv2d(a, dim, 1, bias=False)
+        self.qkv = PointwiseConv2d(dim, 2 * a, bias=False)
+        self.proj = PointwiseConv2d(a, dim, bias=False)
         s0 = head_dim ** -0.5
         self.scale = nn.Parameter(torch.tensor([-s0 / (s0 - 1)] * self.num_heads).log().view(1, -1, 1, 1))
         self.q_conv = nn.Conv2d(a, a, 5, padding=2, groups=a, bias=False)
@@ -758,7 +761,7 @@ def make_downsample(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """Stage-boundary reduction: 'sep3x3' = dw3x3/2 then 1x1; 'full3x3' = dense 3x3/2."""
     if kind == 'sep3x3':
         layer = nn.Sequential(nn.Conv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim, bias=False),
-                              nn.Conv2d(in_dim, out_dim, 1, bias=False))
+                              PointwiseConv2d(in_dim, out_dim, bias=False))
         poly_init_(layer[0].weight)
         poly_init_(layer[1].weight)
     elif kind == 'full3x3':
@@ -822,7 +825,7 @@ class GatedHead(nn.Module):
                  drop_rate: float = 0.):
         super().__init__()
         self.norm = norm_layer(dim)
-        self.proj = nn.Conv2d(dim, 4 * dim, 1, bias=False)
+        self.proj = PointwiseConv2d(dim, 4 * dim, bias=False)
         self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
         self.drop = HeadDropout(drop_rate)
         self.hidden_size = 2 * dim
