@@ -407,6 +407,22 @@ def _load_script(name):
     return module
 
 
+def test_weight_grad_script_toy(tmp_path):
+    """benchmarks/weight_grad.py at toy sizes: both steps timed on one model, every 1x1 shape of the model
+    has a kernel, and the choices are the ones kept in the machine's cache file."""
+    from polynext.ops import pointwise
+    out = tmp_path / 'wg.json'
+    assert _load_script('weight_grad').main(['cpolynext_t', '--batch-size', '2', '--img-size', '32', '--runs', '1',
+                                             '--json', str(out)]) == 0
+    (row,) = json.loads(out.read_text())['rows']
+    assert row['model'] == 'cpolynext_t' and set(row['seconds']) == {'onednn', 'auto'}
+    assert sum(row['kernels'].values()) == len(row['choices']) > 0
+    assert set(row['choices'].values()) <= {'onednn', 'mm'}
+    kept = json.loads(pointwise.cache_path().read_text())['choices']
+    for shape, kernel in row['choices'].items():
+        assert [v for k, v in kept.items() if k.endswith(' | ' + shape.rsplit(' ', 1)[0])] == [kernel]
+
+
 def test_table11_quick_script(tmp_path):
     out = tmp_path / 't11.json'
     env = dict(_env_without_tunables(), GLIBC_TUNABLES=PINNED)

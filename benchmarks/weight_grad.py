@@ -1,0 +1,104 @@
+"""Training step with the 1x1 weight gradients of ``polynext.ops.pointwise`` against PyTorch's own.
+
+For each model, in one process, on one model and one optimizer (rounds interleaved, order reversed
+every other round, medians):
+
+  onednn     ``weight_grad_backend('onednn')``: every 1x1 layer is plain ``nn.Conv2d`` (PyTorch's
+             oneDNN backward for both gradients)
+  auto       the default: each 1x1 shape's weight gradient from the kernel its first backward measured
+             faster on this machine (oneDNN or ``torch.mm``), as kept in ``pointwise.cache_path()``
+
+a whole training step (forward, cross-entropy, backward, fused AdamW, batch on channels-last) as
+``polynext bench --mode train`` times it, and the kernel chosen for each 1x1 shape of the model.
+Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
+
+    python benchmarks/weight_grad.py --json benchmarks/results/weight_grad.json
+    python benchmarks/weight_grad.py cpolynext_s --batch-size 64 --runs 9
+
+Run it with the pinned allocator (the script re-runs itself with it, as ``polynext bench`` does).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+
+def _model_choices(model: torch.nn.Module, step) -> dict:
+    """The kernel chosen for each 1x1 shape this model's training step runs (one more step, recorded)."""
+    from polynext.ops import pointwise
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(
+        f'{inp[0].numel() // inp[0].shape[1]}x{mod.in_channels}->{mod.out_channels} '))
+        for m in model.modules() if isinstance(m, pointwise.PointwiseConv2d)]
+    try:
+        step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v for k, v in pointwise.weight_grad_choices().items() if k.split(' ')[0] + ' ' in seen}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='*', default=['cpolynext_t', 'apolynext_t'])
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--runs', type=int, default=7, help='timed rounds (default 7)')
+    parser.add_argument('--json', default=None, metavar='PATH')
+    args = parser.parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/weight_grad.json')
+    if args.runs < 1:
+        parser.error(f'--runs must be at least 1, got {args.runs}')
+    if argv is None:
+        from polynext.bench import ensure_pinned_allocator
+        ensure_pinned_allocator('weight_grad.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+
+    import timm
+    import polynext  # noqa: F401  (registers the models)
+    from polynext.bench import BenchSettings, allocator_status, environment, make_step, time_interleaved
+    from polynext.checkpoint import atomic_write_json
+    from polynext.ops import pointwise
+
+    env = environment(torch.device('cpu'))
+    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, fp32, "
+          f"batch {args.batch_size}, {args.img_size} px; kernel choices in {pointwise.cache_path()}", flush=True)
+    settings = BenchSettings(img_size=args.img_size, batch_size=args.batch_size, mode='train', channels_last=True)
+    rows = []
+    for name in args.models:
+        model = timm.create_model(name)
+        step = make_step(model, settings, torch.device('cpu'), label=name)
+
+        def onednn() -> None:
+            with pointwise.weight_grad_backend('onednn'):
+                step()
+        steps = {'onednn': onednn, 'auto': step}
+        for fn in steps.values():           # warm-up; the first 'auto' backward measures unknown shapes
+            fn()
+        seconds = time_interleaved(steps, args.runs)
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        shapes = _model_choices(model, step)
+        kernels = Counter(shapes.values())
+        row = dict(model=name, onednn_s=round(med['onednn'], 4), auto_s=round(med['auto'], 4),
+                   speedup=round(med['onednn'] / med['auto'], 3), runs=args.runs,
+                   seconds={k: [round(t, 4) for t in v] for k, v in seconds.items()},
+                   kernels=dict(kernels), choices=shapes)
+        rows.append(row)
+        print(f"{name:14s} onednn {med['onednn']:.3f} s  auto {med['auto']:.3f} s  x{row['speedup']:.3f}  "
+              f"({kernels.get('mm', 0)} of {len(shapes)} 1x1 shapes on torch.mm)", flush=True)
+    out = dict(command=['python', 'benchmarks/weight_grad.py'] + list(argv if argv is not None else sys.argv[1:]),
+               environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
+               rows=rows)
+    if args.json:
+        atomic_write_json(args.json, out)
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
