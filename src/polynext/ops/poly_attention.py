@@ -12,17 +12,18 @@ This implementation
   * normalises after ``A @ V`` (one pass over A fewer, exact in real arithmetic),
   * raises to the 4th power by squaring twice in place,
   * processes query rows in chunks so that at most ``chunk_bytes`` of scores exist at once,
-  * saves Q, K, V, O and the row sums for backward, and the scores P = Q Kᵀ + 1 only when they fit
-    in one chunk (every classification shape at the default 64 MiB: one N×N tensor per layer against
-    the four to five of the plain expression); larger ones are recomputed chunk by chunk there,
+  * saves only Q, K, V, O and the row sums for backward and recomputes the scores chunk by chunk
+    there (keeping P = Q Kᵀ + 1 of the forward saved one matrix product, about 1 % of APolyNeXt-T's
+    training step here, for 7.6 % more peak training memory in APolyNeXt-T, 9.5 % in APolyNeXt-S:
+    measured and not kept),
   * multiplies in backward on the N×d side where it can (Aᵀ (g/r) instead of (A/r)ᵀ g, the power
     into dL/dO): two passes over the N×N scores fewer,
   * makes Q, K, V contiguous once (the heads of a channels-last activation are strided views, which
     every matrix product would copy again).
 
 On a 2-core AMD EPYC (Zen 3), APolyNeXt-T's stage-3 shape (batch 32, 3 heads, 196 tokens, head
-dimension 32): forward + backward 22.1 → 16.4 ms per layer, the whole training step 1.4 % faster
-(interleaved A/B in one process).
+dimension 32), forward + backward: 1.72x the paper's expression under autograd, and the last two
+points 1.08x over this kernel without them (``benchmarks/poly_attention.py``).
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
 the power, the row sums and the normalisation run in float32.
@@ -69,24 +70,17 @@ def _power_(p: torch.Tensor, power: int) -> torch.Tensor:
 
 
 def _forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, chunk_bytes: int, keep_scores: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns O (dtype of v), the clamped row sums r (float32, shape B×h×N×1) and, with
-    ``keep_scores`` and when all query rows fit in one chunk, P = Q Kᵀ + 1 (else None)."""
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, chunk_bytes: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns O (dtype of v) and the clamped row sums r (float32, shape B×h×N×1)."""
     n = q.shape[2]
     out = v.new_empty(q.shape[:-1] + (v.shape[-1],))
     rowsum = torch.empty(q.shape[:-1] + (1,), dtype=_acc_dtype(q), device=q.device)
     step = _rows_per_chunk(q, k.shape[2], chunk_bytes)
-    keep = keep_scores and step >= n
     low_precision = v.dtype in (torch.float16, torch.bfloat16)
-    scores = None
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        p = _scores(q[:, :, rows], k)
-        if keep:   # P stays for the backward: A = (P²)² in a second buffer (the same two passes)
-            scores, a = p, (p * p).square_() if power == 4 else p.pow(power)
-        else:
-            a = _power_(p, power)
+        a = _power_(_scores(q[:, :, rows], k), power)
         r = a.sum(-1, keepdim=True).clamp_min_(_EPS)
         rowsum[:, :, rows] = r
         if low_precision:
@@ -94,14 +88,12 @@ def _forward(
             out[:, :, rows] = torch.matmul(a.div_(r).to(v.dtype), v)
         else:
             out[:, :, rows] = torch.matmul(a, v).div_(r)
-    return out, rowsum, scores
+    return out, rowsum
 
 
 class _PolyAttentionFunction(torch.autograd.Function):
-    """The kernel with a backward that needs no N×N tensor from the forward when the scores
-    do not fit in one chunk (they are recomputed chunk by chunk); when they do (every
-    classification shape at the default 64 MiB), P = Q Kᵀ + 1 is kept: one matrix product and
-    one pass fewer in the backward for N² floats per layer."""
+    """The kernel with a backward that needs no N×N tensor from the forward: the scores are
+    recomputed chunk by chunk."""
 
     @staticmethod
     def forward(ctx, q, k, v, power: int, chunk_bytes: int):
@@ -109,15 +101,15 @@ class _PolyAttentionFunction(torch.autograd.Function):
         # views, which every matmul would otherwise copy again (forward and backward)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(device_type=q.device.type, enabled=False):
-            out, rowsum, scores = _forward(q, k, v, power, chunk_bytes, keep_scores=True)
-        ctx.save_for_backward(q, k, v, out, rowsum, scores)
+            out, rowsum = _forward(q, k, v, power, chunk_bytes)
+        ctx.save_for_backward(q, k, v, out, rowsum)
         ctx.power = power
         ctx.chunk_bytes = chunk_bytes
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, rowsum, scores = ctx.saved_tensors
+        q, k, v, out, rowsum = ctx.saved_tensors
         power, chunk_bytes = ctx.power, ctx.chunk_bytes
         dt = v.dtype
         low_precision = dt in (torch.float16, torch.bfloat16)
@@ -127,17 +119,14 @@ class _PolyAttentionFunction(torch.autograd.Function):
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
             n = q.shape[2]
-            step = n if scores is not None else _rows_per_chunk(q, k.shape[2], chunk_bytes)
+            step = _rows_per_chunk(q, k.shape[2], chunk_bytes)
             for start in range(0, n, step):
                 rows = slice(start, min(n, start + step))
                 qc = q[:, :, rows]
-                if scores is not None:                  # P = S + 1, kept by the forward
-                    p, p_owned = scores, False
-                else:
-                    p, p_owned = _scores(qc, k), True
+                p = _scores(qc, k)                      # P = S + 1
                 if power == 4:                          # two N×N buffers
                     a = p * p                           # P^2
-                    p_pow = p.mul_(a) if p_owned else p * a   # P^3
+                    p_pow = p.mul_(a)                   # P^3
                     a.square_()                         # A = P^4
                 else:
                     p_pow = p.pow(power - 1)
