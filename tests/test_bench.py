@@ -423,6 +423,21 @@ def test_weight_grad_script_toy(tmp_path):
         assert [v for k, v in kept.items() if k.endswith(' | ' + shape.rsplit(' ', 1)[0])] == [kernel]
 
 
+def test_poly_attention_script_toy(tmp_path):
+    """benchmarks/poly_attention.py at toy sizes: apolynext_t's two attention shapes (stages 3 and 4), the
+    kernel equal to the paper's expression in fp64, a baseline file timed alongside; a missing one is one line."""
+    out = tmp_path / 'pa.json'
+    script = _load_script('poly_attention')
+    baseline = ROOT / 'src' / 'polynext' / 'ops' / 'poly_attention.py'
+    assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1',
+                        '--baseline', str(baseline), '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())['rows']
+    assert [r['shape'] for r in rows] == [[2, 3, 16, 32], [2, 5, 4, 32]]
+    assert all(r['max_rel_diff_fp64'] < 1e-12 and r['baseline_ms'] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        script.main(['--baseline', str(tmp_path / 'missing.py')])
+
+
 def test_table11_quick_script(tmp_path):
     out = tmp_path / 't11.json'
     env = dict(_env_without_tunables(), GLIBC_TUNABLES=PINNED)

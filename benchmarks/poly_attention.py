@@ -1,0 +1,144 @@
+"""PolyAttn's kernel, forward + backward, at a model's attention shapes: polynext against the paper's expression.
+
+For every distinct attention shape of the model at the given batch and input size (PolyAttn calls
+``ops.poly_attention.poly_attention``), in one process, interleaved (order reversed every other round,
+medians), heads passed as the strided views of a channels-last activation, as the model passes them:
+
+  expression  ``poly_attention_reference``: l1-normalised (Q Kᵀ + 1)^4 times V under autograd, as in the
+              authors' code
+  baseline    (with ``--baseline FILE``) ``poly_attention`` of another version of
+              ``polynext/ops/poly_attention.py``, e.g. an earlier commit's, to measure a change
+  polynext    ``poly_attention`` (chunked, recomputing backward)
+
+and the float64 agreement of polynext's output and gradients with the expression's. Prints a table and
+writes JSON. Speed ratios depend on the CPU: the JSON names it.
+
+    python benchmarks/poly_attention.py --json benchmarks/results/poly_attention.json
+    git show edb6769:src/polynext/ops/poly_attention.py > /tmp/poly_attention_edb6769.py
+    python benchmarks/poly_attention.py --baseline /tmp/poly_attention_edb6769.py --runs 15
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _attention_shapes(model: torch.nn.Module, x: torch.Tensor):
+    """(batch, heads, tokens, head dim) of each distinct ``poly_attention`` call in a forward of ``x``."""
+    import polynext.models.polynext as family
+    seen = []
+    real = family.poly_attention
+
+    def record(q, k, v, *args, **kwargs):
+        if tuple(q.shape) not in seen:
+            seen.append(tuple(q.shape))
+        return real(q, k, v, *args, **kwargs)
+    family.poly_attention = record
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        family.poly_attention = real
+    return seen
+
+
+def _heads(shape, dtype, seed):
+    """q, k, v as the model passes them: head views of one channels-last (B, N, 3·h·d) activation."""
+    b, h, n, d = shape
+    base = torch.randn(b, n, 3 * h * d, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 0.3
+    return [base[..., i * h * d:(i + 1) * h * d].reshape(b, n, h, d).transpose(1, 2).detach().requires_grad_()
+            for i in range(3)]
+
+
+def _step(fn, q, k, v, grad):
+    out = fn(q, k, v)
+    return (out.detach(),) + torch.autograd.grad(out, (q, k, v), grad)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='*', default=['apolynext_t'])
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--runs', type=int, default=9)
+    parser.add_argument('--baseline', type=Path, default=None, metavar='FILE',
+                        help='another version of polynext/ops/poly_attention.py to time alongside')
+    parser.add_argument('--json', default=None, metavar='PATH')
+    args = parser.parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/poly_attention.json')
+    if args.baseline is not None and not args.baseline.is_file():
+        parser.error(f'--baseline {args.baseline} is not a file; write one with '
+                     f'git show COMMIT:src/polynext/ops/poly_attention.py > FILE')
+    if args.runs < 1:
+        parser.error(f'--runs must be at least 1, got {args.runs}')
+    if argv is None:
+        from polynext.bench import ensure_pinned_allocator
+        ensure_pinned_allocator('poly_attention.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+
+    import timm
+    import polynext  # noqa: F401  (registers the models)
+    from polynext.bench import allocator_status, environment
+    from polynext.checkpoint import atomic_write_json
+    from polynext.ops.poly_attention import poly_attention, poly_attention_reference
+
+    kernels = {'expression': poly_attention_reference}
+    if args.baseline is not None:
+        spec = importlib.util.spec_from_file_location('poly_attention_baseline', args.baseline)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        kernels['baseline'] = module.poly_attention
+    kernels['polynext'] = poly_attention
+    env = environment(torch.device('cpu'))
+    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, fp32, "
+          f"batch {args.batch_size}, {args.img_size} px, forward + backward ms (median of {args.runs})", flush=True)
+    rows = []
+    for name in args.models:
+        model = timm.create_model(name).eval()
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+        for shape in _attention_shapes(model, x):
+            small = (2,) + shape[1:]
+            q64, k64, v64 = _heads(small, torch.float64, 1)
+            g64 = torch.randn(small, dtype=torch.float64)
+            want = _step(poly_attention_reference, q64, k64, v64, g64)
+            err = max(((a - b).abs().max() / b.abs().max()).item()
+                      for a, b in zip(_step(poly_attention, q64, k64, v64, g64), want))
+            q, k, v = _heads(shape, torch.float32, 0)
+            g = torch.randn(shape)
+            times = {key: [] for key in kernels}
+            order = list(kernels)
+            for fn in kernels.values():
+                _step(fn, q, k, v, g)                   # warm-up
+            for r in range(args.runs):
+                for key in (order if r % 2 == 0 else order[::-1]):
+                    t = time.perf_counter()
+                    _step(kernels[key], q, k, v, g)
+                    times[key].append(time.perf_counter() - t)
+            ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+            row = dict(model=name, shape=list(shape), **{f'{key}_ms': round(t, 2) for key, t in ms.items()},
+                       speedup_vs_expression=round(ms['expression'] / ms['polynext'], 2),
+                       max_rel_diff_fp64=err)
+            if 'baseline' in ms:
+                row['speedup_vs_baseline'] = round(ms['baseline'] / ms['polynext'], 3)
+            rows.append(row)
+            cols = '  '.join(f'{key} {t:8.1f}' for key, t in ms.items())
+            extra = f"  x{row['speedup_vs_baseline']:.3f} baseline" if 'baseline' in ms else ''
+            print(f'{name:12s} {str(list(shape)):18s} {cols}  x{row["speedup_vs_expression"]:.2f} expression{extra}'
+                  f'  fp64 rel diff {err:.1e}', flush=True)
+    out = dict(command=['python', 'benchmarks/poly_attention.py'] + list(argv if argv is not None else sys.argv[1:]),
+               environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
+               baseline=str(args.baseline) if args.baseline else None, rows=rows)
+    if args.json:
+        atomic_write_json(args.json, out)
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
