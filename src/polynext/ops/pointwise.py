@@ -33,6 +33,7 @@ NCHW inputs) ``PointwiseConv2d`` is exactly ``nn.Conv2d``. The gradient is first
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -128,6 +129,7 @@ def cache_path() -> Path:
     return Path(root).expanduser() / _CACHE_FILE
 
 
+@functools.lru_cache(maxsize=None)   # read once: a forward looks shapes up on every call
 def _machine() -> str:
     model = platform.processor() or platform.machine()
     try:
