@@ -104,6 +104,20 @@ def test_profile_counts_every_mac_in_its_class():
     assert 'depthwise conv' in format_profile('m', prof)
 
 
+@pytest.mark.parametrize('kernel', ['onednn', 'mm'])
+def test_profile_counts_1x1_weight_gradients_from_either_kernel(kernel):
+    """In a training step every 1x1 layer does three products of its forward's size (forward, input and
+    weight gradients), whichever kernel ``ops.pointwise`` takes for the weight gradient."""
+    from polynext.ops.pointwise import weight_grad_backend
+    from polynext.perf import profile_model
+    torch.manual_seed(0)
+    model = timm.create_model('cpolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    infer = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
+    with weight_grad_backend(kernel):
+        train = profile_model(model, mode='train', batch_size=2, img_size=64, runs=1, warmup=1)
+    assert train.classes['1x1 conv'].macs == pytest.approx(3 * infer.classes['1x1 conv'].macs, rel=1e-9)
+
+
 def test_flex_attention_form_equals_the_reference_fp64():
     """The GPU kernel's formulation: forward through flex_attention itself (CPU, eager), and the
     score modification's gradients through the same softmax expression (PyTorch has no CPU
