@@ -64,8 +64,8 @@ def test_float32_weight_gradient_of_each_kernel(backend):
 
 def test_choice_is_timed_once_per_shape_and_kept_for_the_machine(monkeypatch, tmp_path):
     calls = []
-    real = pointwise._fastest
-    monkeypatch.setattr(pointwise, '_fastest', lambda *a: calls.append(1) or real(*a))
+    real = pointwise.time_kernels
+    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(pointwise, '_CHOICE', {})
     monkeypatch.setattr(pointwise, '_DISK', None)
     cache = tmp_path / 'cache'
@@ -152,7 +152,7 @@ def test_ranks_of_a_multi_process_run_read_but_do_not_time(monkeypatch, tmp_path
     monkeypatch.setattr(pointwise, '_multi_process', lambda: True)
     tmp_path = tmp_path / 'cache'
     tmp_path.mkdir()
-    monkeypatch.setattr(pointwise, '_fastest', lambda *a: pytest.fail('timed inside a rank'))
+    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a: pytest.fail('timed inside a rank'))
     conv = PointwiseConv2d(4, 6, bias=False)
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     y = conv(x)   # a shape the machine has not measured: PyTorch's own convolution and backward

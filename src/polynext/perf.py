@@ -384,12 +384,13 @@ class _Sorter:
             self.visit(child, scope)
 
     def visit_backward(self, ev, node: str) -> None:
-        convs = [c for c in _descendants(ev) if c.name == 'aten::convolution_backward']
+        below = list(_descendants(ev))
+        convs = [c for c in below if c.name == 'aten::convolution_backward']
         if convs:
             cls, _ = _conv_class_and_macs(convs[0])
             macs = sum(_conv_class_and_macs(c)[1] for c in convs)
             # ops.pointwise.PointwiseConv2d may take the weight gradient as one torch.mm
-            macs += sum(_matmul_macs(c) for c in _descendants(ev) if c.name == 'aten::mm')
+            macs += sum(_matmul_macs(c) for c in below if c.name == 'aten::mm')
             self.add(cls, ev, macs=macs)
             return
         cls = self.seq_class.get(getattr(ev, 'sequence_nr', -1))

@@ -47,7 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'weight_grad_backend', 'weight_grad_choices', 'cache_path']
+__all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'weight_grad_backend', 'weight_grad_choices', 'time_kernels',
+           'cache_path']
 
 BACKENDS = ('auto', 'onednn', 'mm')
 _BACKEND = 'auto'
@@ -106,19 +107,20 @@ def _evict_caches() -> None:
     _EVICT.fill_(1.0)
 
 
-def _fastest(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Times both kernels on these tensors, interleaved and from cold caches (a first call each builds
-    oneDNN's primitive), and returns the name of the one with the lower best time."""
+def time_kernels(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 repeats: int = _TIMING_REPEATS) -> Dict[str, float]:
+    """Best seconds of each weight-gradient kernel on these tensors, interleaved and from cold caches
+    (a first untimed call each builds oneDNN's primitive). The first backward of a shape chooses by it."""
     best = {}
     for kernel in _KERNELS.values():
         kernel(grad, x, weight)
-    for _ in range(_TIMING_REPEATS):
+    for _ in range(repeats):
         for name, kernel in _KERNELS.items():
             _evict_caches()
             start = time.perf_counter()
             kernel(grad, x, weight)
             best[name] = min(best.get(name, float('inf')), time.perf_counter() - start)
-    return min(best, key=best.get)
+    return best
 
 
 def cache_path() -> Path:
@@ -180,17 +182,19 @@ def _known(key: Tuple[int, int, int, torch.dtype, int]) -> Optional[str]:
     return name
 
 
-def _choose(key: Tuple[int, int, int, torch.dtype, int], grad: torch.Tensor, x: torch.Tensor,
-            weight: torch.Tensor) -> str:
+def _measure(key: Tuple[int, int, int, torch.dtype, int], grad: torch.Tensor, x: torch.Tensor,
+             weight: torch.Tensor) -> str:
+    """Chooses the kernel for a shape neither this process nor the machine's file held: the file is read
+    again first (another process may have measured it meanwhile), else both kernels are timed."""
     global _DISK
-    name = _known(key)
+    _DISK = _read_disk()
+    name = _DISK.get(_disk_key(key))
     if name is None:
-        _DISK = _read_disk()                 # another process may have measured it meanwhile
-        name = _DISK.get(_disk_key(key))
-    if name is None:
-        name = _fastest(grad, x, weight)
+        best = time_kernels(grad, x, weight)
+        name = min(best, key=best.get)
         _remember(key, name)
         _DISK[_disk_key(key)] = name
+    _CHOICE[key] = name
     return name
 
 
@@ -207,9 +211,7 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> t
     name = _BACKEND
     if name == 'auto':
         key = _key(x, weight)
-        name = _CHOICE.get(key)
-        if name is None:
-            name = _CHOICE[key] = _choose(key, grad, x, weight)
+        name = _known(key) or _measure(key, grad, x, weight)
     return _KERNELS[name](grad, x, weight)
 
 
