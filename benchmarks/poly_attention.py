@@ -78,12 +78,25 @@ def main(argv=None) -> int:
                      f'git show COMMIT:src/polynext/ops/poly_attention.py > FILE')
     if args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
+    import timm
+    import polynext  # noqa: F401  (registers the models)
+    from polynext.errors import ConfigError
+    from polynext.factory import check_model_name
+    for name in args.models:
+        try:
+            check_model_name(name)
+        except ConfigError as err:
+            parser.error(str(err))
     if argv is None:
         from polynext.bench import ensure_pinned_allocator
         ensure_pinned_allocator('poly_attention.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    shapes = {name: _attention_shapes(timm.create_model(name).eval(), x) for name in args.models}
+    for name, found in shapes.items():
+        if not found:
+            parser.error(f'{name} runs no polynomial attention kernel (no PolyAttn, or a fully polynomial / '
+                         'windowed / softmax one); pass an APolyNeXt model such as apolynext_t')
 
-    import timm
-    import polynext  # noqa: F401  (registers the models)
     from polynext.bench import allocator_status, environment
     from polynext.checkpoint import atomic_write_json
     from polynext.ops.poly_attention import poly_attention, poly_attention_reference
@@ -100,9 +113,7 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}, {args.img_size} px, forward + backward ms (median of {args.runs})", flush=True)
     rows = []
     for name in args.models:
-        model = timm.create_model(name).eval()
-        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-        for shape in _attention_shapes(model, x):
+        for shape in shapes[name]:
             small = (2,) + shape[1:]
             q64, k64, v64 = _heads(small, torch.float64, 1)
             g64 = torch.randn(small, dtype=torch.float64)

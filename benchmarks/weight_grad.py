@@ -28,19 +28,46 @@ from pathlib import Path
 import torch
 
 
-def _model_choices(model: torch.nn.Module, step) -> dict:
-    """The kernel chosen for each 1x1 shape this model's training step runs (one more step, recorded)."""
+def _model_shapes(model: torch.nn.Module, step) -> list:
+    """Each distinct 1x1 layer shape this model's training step runs (one more step, recorded), with the
+    kernel chosen for it and both kernels' times on fresh tensors of that shape (``time_kernels``, cold
+    caches, best of 5)."""
     from polynext.ops import pointwise
-    seen = set()
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(
-        f'{inp[0].numel() // inp[0].shape[1]}x{mod.in_channels}->{mod.out_channels} '))
-        for m in model.modules() if isinstance(m, pointwise.PointwiseConv2d)]
+    seen = {}
+
+    def record(mod, inp, out) -> None:          # a forward hook that returns something replaces the output
+        seen.setdefault((tuple(inp[0].shape), mod.out_channels), mod)
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, pointwise.PointwiseConv2d)]
     try:
         step()
     finally:
         for h in hooks:
             h.remove()
-    return {k: v for k, v in pointwise.weight_grad_choices().items() if k.split(' ')[0] + ' ' in seen}
+    choices = pointwise.weight_grad_choices()
+    rows = []
+    for (shape, out_ch), conv in seen.items():
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(shape[0], out_ch, *shape[2:]).contiguous(memory_format=torch.channels_last)
+        best = pointwise.time_kernels(grad, x, conv.weight.detach(), repeats=5)
+        pixels = x.numel() // shape[1]
+        chosen = next(v for k, v in choices.items() if k.startswith(f'{pixels}x{shape[1]}->{out_ch} '))
+        rows.append(dict(input=list(shape), out_channels=out_ch, chosen=chosen,
+                         **{f'{k}_ms': round(t * 1e3, 3) for k, t in best.items()}))
+    return rows
+
+
+def _check_models(parser: argparse.ArgumentParser, names) -> None:
+    """One line for a name that is not a model, or not a PolyNeXt (only they have ``PointwiseConv2d`` layers)."""
+    from timm.models import model_entrypoint
+    from polynext.errors import ConfigError
+    from polynext.factory import check_model_name
+    for name in names:
+        try:
+            check_model_name(name)
+        except ConfigError as err:
+            parser.error(str(err))
+        if model_entrypoint(name).__module__ != 'polynext.models.polynext':
+            parser.error(f'{name} is not a PolyNeXt model (its 1x1 layers are plain nn.Conv2d); pass e.g. cpolynext_t')
 
 
 def main(argv=None) -> int:
@@ -55,6 +82,7 @@ def main(argv=None) -> int:
         parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/weight_grad.json')
     if args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
+    _check_models(parser, args.models)
     if argv is None:
         from polynext.bench import ensure_pinned_allocator
         ensure_pinned_allocator('weight_grad.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
@@ -82,15 +110,19 @@ def main(argv=None) -> int:
             fn()
         seconds = time_interleaved(steps, args.runs)
         med = {k: statistics.median(v) for k, v in seconds.items()}
-        shapes = _model_choices(model, step)
-        kernels = Counter(shapes.values())
+        shapes = _model_shapes(model, step)
+        kernels = Counter(r['chosen'] for r in shapes)
         row = dict(model=name, onednn_s=round(med['onednn'], 4), auto_s=round(med['auto'], 4),
                    speedup=round(med['onednn'] / med['auto'], 3), runs=args.runs,
                    seconds={k: [round(t, 4) for t in v] for k, v in seconds.items()},
-                   kernels=dict(kernels), choices=shapes)
+                   kernels=dict(kernels), shapes=shapes)
         rows.append(row)
         print(f"{name:14s} onednn {med['onednn']:.3f} s  auto {med['auto']:.3f} s  x{row['speedup']:.3f}  "
               f"({kernels.get('mm', 0)} of {len(shapes)} 1x1 shapes on torch.mm)", flush=True)
+        for r in shapes:
+            n, c, h, w = r['input']
+            print(f"    {c:4d} -> {r['out_channels']:4d} at {h}x{w}: oneDNN {r['onednn_ms']:7.2f} ms, "
+                  f"torch.mm {r['mm_ms']:7.2f} ms, chosen {r['chosen']}", flush=True)
     out = dict(command=['python', 'benchmarks/weight_grad.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
                rows=rows)

@@ -408,24 +408,50 @@ def _load_script(name):
 
 
 def test_weight_grad_script_toy(tmp_path):
-    """benchmarks/weight_grad.py at toy sizes: both steps timed on one model, every 1x1 shape of the model
-    has a kernel, and the choices are the ones kept in the machine's cache file."""
+    """benchmarks/weight_grad.py at toy sizes: both steps timed on one model; every 1x1 shape of the model is
+    listed with both kernels' times and the kernel chosen for it, which is the one kept in the machine's file."""
     from polynext.ops import pointwise
     out = tmp_path / 'wg.json'
     assert _load_script('weight_grad').main(['cpolynext_t', '--batch-size', '2', '--img-size', '32', '--runs', '1',
                                              '--json', str(out)]) == 0
     (row,) = json.loads(out.read_text())['rows']
     assert row['model'] == 'cpolynext_t' and set(row['seconds']) == {'onednn', 'auto'}
-    assert sum(row['kernels'].values()) == len(row['choices']) > 0
-    assert set(row['choices'].values()) <= {'onednn', 'mm'}
+    shapes = row['shapes']
+    # cpolynext_t's first 1x1 layer (PolyConv's pw_in in stage 0, 48 -> 48 channels, 8x8 at 32 px) is among them
+    assert {'input': [2, 48, 8, 8], 'out_channels': 48} in [{k: r[k] for k in ('input', 'out_channels')} for r in shapes]
+    assert sum(row['kernels'].values()) == len(shapes) == len({(tuple(r['input']), r['out_channels']) for r in shapes})
+    assert all(r['onednn_ms'] > 0 and r['mm_ms'] > 0 for r in shapes)
     kept = json.loads(pointwise.cache_path().read_text())['choices']
-    for shape, kernel in row['choices'].items():
-        assert [v for k, v in kept.items() if k.endswith(' | ' + shape.rsplit(' ', 1)[0])] == [kernel]
+    for r in shapes:
+        n, c, h, w = r['input']
+        assert [v for k, v in kept.items() if k.endswith(f" | {n * h * w}x{c}->{r['out_channels']} float32")] \
+            == [r['chosen']]
+
+
+@pytest.mark.parametrize('script, argv, message', [
+    ('weight_grad', ['cpolynext_x'], "unknown model 'cpolynext_x'"),
+    ('weight_grad', ['convformer_s18'], 'convformer_s18 is not a PolyNeXt model'),
+    ('weight_grad', ['--runs', '0'], '--runs must be at least 1, got 0'),
+    ('weight_grad', ['--json', '{tmp}'], 'is a folder; give a file path'),
+    ('poly_attention', ['apolynext_x'], "unknown model 'apolynext_x'"),
+    ('poly_attention', ['cpolynext_t', '--img-size', '32'], 'cpolynext_t runs no polynomial attention kernel'),
+    ('poly_attention', ['--baseline', '{tmp}/missing.py'], 'is not a file; write one with git show'),
+    ('poly_attention', ['--runs', '0'], '--runs must be at least 1, got 0'),
+    ('poly_attention', ['--json', '{tmp}'], 'is a folder; give a file path'),
+])
+def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path, capsys):
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        _load_script(script).main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and message in errors[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_poly_attention_script_toy(tmp_path):
     """benchmarks/poly_attention.py at toy sizes: apolynext_t's two attention shapes (stages 3 and 4), the
-    kernel equal to the paper's expression in fp64, a baseline file timed alongside; a missing one is one line."""
+    kernel equal to the paper's expression in fp64, a baseline file timed alongside."""
     out = tmp_path / 'pa.json'
     script = _load_script('poly_attention')
     baseline = ROOT / 'src' / 'polynext' / 'ops' / 'poly_attention.py'
@@ -434,8 +460,6 @@ def test_poly_attention_script_toy(tmp_path):
     rows = json.loads(out.read_text())['rows']
     assert [r['shape'] for r in rows] == [[2, 3, 16, 32], [2, 5, 4, 32]]
     assert all(r['max_rel_diff_fp64'] < 1e-12 and r['baseline_ms'] > 0 for r in rows)
-    with pytest.raises(SystemExit):
-        script.main(['--baseline', str(tmp_path / 'missing.py')])
 
 
 def test_table11_quick_script(tmp_path):
