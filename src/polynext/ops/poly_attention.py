@@ -13,9 +13,9 @@ This implementation
   * raises to the 4th power by squaring twice in place,
   * processes query rows in chunks so that at most ``chunk_bytes`` of scores exist at once,
   * saves only Q, K, V, O and the row sums for backward and recomputes the scores chunk by chunk
-    there (keeping P = Q Kᵀ + 1 of the forward saved one matrix product, about 1 % of APolyNeXt-T's
-    training step here, for 7.6 % more peak training memory in APolyNeXt-T, 9.5 % in APolyNeXt-S:
-    measured and not kept),
+    there (keeping P = Q Kᵀ + 1 of the forward saved one matrix product, 2-12 % of this kernel's time,
+    for 7.9 % more peak training memory in APolyNeXt-T and 9.1 % in APolyNeXt-S: measured, see the
+    README, and not kept),
   * multiplies in backward on the N×d side where it can (Aᵀ (g/r) instead of (A/r)ᵀ g, the power
     into dL/dO): two passes over the N×N scores fewer,
   * makes Q, K, V contiguous once (the heads of a channels-last activation are strided views, which
