@@ -29,29 +29,34 @@ import torch
 
 
 def _model_shapes(model: torch.nn.Module, step) -> list:
-    """Each distinct 1x1 layer shape this model's training step runs (one more step, recorded), with the
-    kernel chosen for it and both kernels' times on fresh tensors of that shape (``time_kernels``, cold
-    caches, best of 5)."""
+    """Each distinct 1x1 layer shape this model's training step runs (one more step, recorded), with how many
+    layers have it, the kernel chosen for it and both kernels' times on fresh tensors of that shape
+    (``time_kernels``, cold caches, best of 5)."""
+    import polynext.models.polynext as family
     from polynext.ops import pointwise
-    seen = {}
+    seen, layers = {}, Counter()
+    real = pointwise.pointwise_conv2d
 
-    def record(mod, inp, out) -> None:          # a forward hook that returns something replaces the output
-        seen.setdefault((tuple(inp[0].shape), mod.out_channels), mod)
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, pointwise.PointwiseConv2d)]
+    def record(x, weight, bias=None):
+        # every PolyNeXt 1x1 layer comes here: PointwiseConv2d.forward, and the gated ones from _gated_conv
+        key = (tuple(x.shape), weight.shape[0])
+        seen.setdefault(key, weight)
+        layers[key] += 1
+        return real(x, weight, bias)
+    pointwise.pointwise_conv2d = family.pointwise_conv2d = record
     try:
         step()
     finally:
-        for h in hooks:
-            h.remove()
+        pointwise.pointwise_conv2d = family.pointwise_conv2d = real
     choices = pointwise.weight_grad_choices()
     rows = []
-    for (shape, out_ch), conv in seen.items():
+    for (shape, out_ch), weight in seen.items():
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
         grad = torch.randn(shape[0], out_ch, *shape[2:]).contiguous(memory_format=torch.channels_last)
-        best = pointwise.time_kernels(grad, x, conv.weight.detach(), repeats=5)
+        best = pointwise.time_kernels(grad, x, weight.detach(), repeats=5)
         pixels = x.numel() // shape[1]
         chosen = next(v for k, v in choices.items() if k.startswith(f'{pixels}x{shape[1]}->{out_ch} '))
-        rows.append(dict(input=list(shape), out_channels=out_ch, chosen=chosen,
+        rows.append(dict(input=list(shape), out_channels=out_ch, layers=layers[(shape, out_ch)], chosen=chosen,
                          **{f'{k}_ms': round(t * 1e3, 3) for k, t in best.items()}))
     return rows
 
@@ -112,16 +117,22 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in seconds.items()}
         shapes = _model_shapes(model, step)
         kernels = Counter(r['chosen'] for r in shapes)
+        # what the choices save per step by these per-shape times: every layer of a shape, 'mm' shapes only
+        saved_ms = sum(r['layers'] * (r['onednn_ms'] - r['mm_ms']) for r in shapes if r['chosen'] == 'mm')
+        paired = [a / b for a, b in zip(seconds['onednn'], seconds['auto'])]
         row = dict(model=name, onednn_s=round(med['onednn'], 4), auto_s=round(med['auto'], 4),
                    speedup=round(med['onednn'] / med['auto'], 3), runs=args.runs,
                    seconds={k: [round(t, 4) for t in v] for k, v in seconds.items()},
-                   kernels=dict(kernels), shapes=shapes)
+                   paired_speedup=round(statistics.median(paired), 3), auto_faster_rounds=sum(p > 1 for p in paired),
+                   kernels=dict(kernels), saved_ms_by_shape_times=round(saved_ms, 1), shapes=shapes)
         rows.append(row)
         print(f"{name:14s} onednn {med['onednn']:.3f} s  auto {med['auto']:.3f} s  x{row['speedup']:.3f}  "
-              f"({kernels.get('mm', 0)} of {len(shapes)} 1x1 shapes on torch.mm)", flush=True)
+              f"(round by round x{row['paired_speedup']:.3f}, auto faster in {row['auto_faster_rounds']} of "
+              f"{args.runs}; {kernels.get('mm', 0)} of {len(shapes)} 1x1 shapes on torch.mm, saving "
+              f"{saved_ms:.0f} ms a step by the times below)", flush=True)
         for r in shapes:
             n, c, h, w = r['input']
-            print(f"    {c:4d} -> {r['out_channels']:4d} at {h}x{w}: oneDNN {r['onednn_ms']:7.2f} ms, "
+            print(f"    {r['layers']:3d} x {c:4d} -> {r['out_channels']:4d} at {h}x{w}: oneDNN {r['onednn_ms']:7.2f} ms, "
                   f"torch.mm {r['mm_ms']:7.2f} ms, chosen {r['chosen']}", flush=True)
     out = dict(command=['python', 'benchmarks/weight_grad.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,

@@ -421,6 +421,10 @@ def test_weight_grad_script_toy(tmp_path):
     assert {'input': [2, 48, 8, 8], 'out_channels': 48} in [{k: r[k] for k in ('input', 'out_channels')} for r in shapes]
     assert sum(row['kernels'].values()) == len(shapes) == len({(tuple(r['input']), r['out_channels']) for r in shapes})
     assert all(r['onednn_ms'] > 0 and r['mm_ms'] > 0 for r in shapes)
+    # every 1x1 layer of the model counted once: the layers of all shapes add up to the model's PointwiseConv2d
+    from polynext.ops.pointwise import PointwiseConv2d
+    model = timm.create_model('cpolynext_t')
+    assert sum(r['layers'] for r in shapes) == sum(isinstance(m, PointwiseConv2d) for m in model.modules())
     kept = json.loads(pointwise.cache_path().read_text())['choices']
     for r in shapes:
         n, c, h, w = r['input']
