@@ -9,7 +9,11 @@ every other round, medians):
              faster on this machine (oneDNN or ``torch.mm``), as kept in ``pointwise.cache_path()``
 
 a whole training step (forward, cross-entropy, backward, fused AdamW, batch on channels-last) as
-``polynext bench --mode train`` times it, and the kernel chosen for each 1x1 shape of the model.
+``polynext bench --mode train`` times it; the time of the 1x1 layers' backward inside that step (the
+profiler's operator time of every 1x1 ``convolution_backward`` and, where ``torch.mm`` serves the weight
+gradient, the ops of that backward: the layout copy, the input-gradient convolution, the product), which a
+whole-step ratio cannot resolve when the gain is smaller than the step's round-to-round spread; and the
+kernel chosen for each 1x1 shape of the model.
 Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/weight_grad.py --json benchmarks/results/weight_grad.json
@@ -59,6 +63,34 @@ def _model_shapes(model: torch.nn.Module, step) -> list:
         rows.append(dict(input=list(shape), out_channels=out_ch, layers=layers[(shape, out_ch)], chosen=chosen,
                          **{f'{k}_ms': round(t * 1e3, 3) for k, t in best.items()}))
     return rows
+
+
+def _is_1x1_backward(event) -> bool:
+    """A ``convolution_backward`` of a 1x1 weight over more than one input channel (not a depthwise one)."""
+    if event.name != 'aten::convolution_backward' or len(event.input_shapes) < 3:
+        return False
+    weight = event.input_shapes[2]
+    return len(weight) == 4 and list(weight[2:]) == [1, 1] and weight[1] > 1
+
+
+def _in_step_backward_ms(step) -> tuple:
+    """(milliseconds, layers counted): of operator time the 1x1 layers' backward takes in one profiled training step: the ops run
+    by ``_PointwiseConvFunction``'s backward (layout copy, input gradient, ``torch.mm``) and every other 1x1
+    ``convolution_backward`` (both gradients in one oneDNN call). The Python of the autograd function itself
+    is left out: the profiler inflates it. Every 1x1 layer's backward is counted once, whichever kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    total_us, layers = 0.0, 0
+    for event in prof.events():
+        if event.name == '_PointwiseConvFunctionBackward':
+            total_us += sum(child.cpu_time_total for child in event.cpu_children)
+            layers += 1
+        elif _is_1x1_backward(event) and (event.cpu_parent is None
+                                          or event.cpu_parent.name != '_PointwiseConvFunctionBackward'):
+            total_us += event.cpu_time_total
+            layers += 1
+    return total_us / 1e3, layers
 
 
 def _check_models(parser: argparse.ArgumentParser, names) -> None:
@@ -115,6 +147,12 @@ def main(argv=None) -> int:
             fn()
         seconds = time_interleaved(steps, args.runs)
         med = {k: statistics.median(v) for k, v in seconds.items()}
+        in_step, counted = {k: [] for k in steps}, {}
+        for i in range(args.runs):          # interleaved, order reversed every other round
+            for k in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+                ms, counted[k] = _in_step_backward_ms(steps[k])
+                in_step[k].append(ms)
+        in_med = {k: statistics.median(v) for k, v in in_step.items()}
         shapes = _model_shapes(model, step)
         kernels = Counter(r['chosen'] for r in shapes)
         # what the choices save per step by these per-shape times: every layer of a shape, 'mm' shapes only
@@ -124,12 +162,18 @@ def main(argv=None) -> int:
                    speedup=round(med['onednn'] / med['auto'], 3), runs=args.runs,
                    seconds={k: [round(t, 4) for t in v] for k, v in seconds.items()},
                    paired_speedup=round(statistics.median(paired), 3), auto_faster_rounds=sum(p > 1 for p in paired),
+                   in_step_1x1_backward_ms={k: round(v, 1) for k, v in in_med.items()},
+                   in_step_1x1_backward_rounds_ms={k: [round(t, 1) for t in v] for k, v in in_step.items()},
+                   in_step_saved_ms=round(in_med['onednn'] - in_med['auto'], 1), in_step_layers=counted,
                    kernels=dict(kernels), saved_ms_by_shape_times=round(saved_ms, 1), shapes=shapes)
         rows.append(row)
         print(f"{name:14s} onednn {med['onednn']:.3f} s  auto {med['auto']:.3f} s  x{row['speedup']:.3f}  "
               f"(round by round x{row['paired_speedup']:.3f}, auto faster in {row['auto_faster_rounds']} of "
               f"{args.runs}; {kernels.get('mm', 0)} of {len(shapes)} 1x1 shapes on torch.mm, saving "
               f"{saved_ms:.0f} ms a step by the times below)", flush=True)
+        print(f"    1x1 backward inside the step (profiled, medians): onednn {in_med['onednn']:.0f} ms, auto "
+              f"{in_med['auto']:.0f} ms, {row['in_step_saved_ms']:.0f} ms saved "
+              f"({row['in_step_saved_ms'] / (1e3 * med['auto']):.1%} of the auto step)", flush=True)
         for r in shapes:
             n, c, h, w = r['input']
             print(f"    {r['layers']:3d} x {c:4d} -> {r['out_channels']:4d} at {h}x{w}: oneDNN {r['onednn_ms']:7.2f} ms, "

@@ -408,8 +408,9 @@ def _load_script(name):
 
 
 def test_weight_grad_script_toy(tmp_path):
-    """benchmarks/weight_grad.py at toy sizes: both steps timed on one model; every 1x1 shape of the model is
-    listed with both kernels' times and the kernel chosen for it, which is the one kept in the machine's file."""
+    """benchmarks/weight_grad.py at toy sizes: both steps timed on one model, and the 1x1 backward inside them;
+    every 1x1 shape of the model is listed with both kernels' times and the kernel chosen for it, which is the
+    one kept in the machine's file."""
     from polynext.ops import pointwise
     out = tmp_path / 'wg.json'
     assert _load_script('weight_grad').main(['cpolynext_t', '--batch-size', '2', '--img-size', '32', '--runs', '1',
@@ -425,6 +426,9 @@ def test_weight_grad_script_toy(tmp_path):
     from polynext.ops.pointwise import PointwiseConv2d
     model = timm.create_model('cpolynext_t')
     assert sum(r['layers'] for r in shapes) == sum(isinstance(m, PointwiseConv2d) for m in model.modules())
+    # the in-step profile of the 1x1 backward finds every one of those layers under both kernels
+    assert row['in_step_layers'] == {'onednn': sum(r['layers'] for r in shapes), 'auto': sum(r['layers'] for r in shapes)}
+    assert all(len(v) == 1 and v[0] > 0 for v in row['in_step_1x1_backward_rounds_ms'].values())
     kept = json.loads(pointwise.cache_path().read_text())['choices']
     for r in shapes:
         n, c, h, w = r['input']
