@@ -395,6 +395,8 @@ CASES: Sequence[Case] = [
          "unknown model 'cpolynext_x'", 'Did you mean', check=distinct_suggestions),
     Case('profile-json-is-a-folder', lambda w: ['profile', 'cpolynext_t', '--json', w.emptydir],
          'is a folder', 'pass a file path'),
+    Case('profile-negative-top', lambda w: ['profile', 'cpolynext_t', '--top', '-1'],
+         '--top must be 0 (no operator list) or more', 'got -1'),
     # ---- polynext ablate ---------------------------------------------------------------------------------------------
     Case('ablate-unknown-row', lambda w: ['ablate', '--rows', 'nosuchrow'],
          "unknown ablation row 'nosuchrow'", '`polynext ablate --list-rows` lists them'),

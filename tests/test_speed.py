@@ -118,6 +118,34 @@ def test_profile_counts_1x1_weight_gradients_from_either_kernel(kernel):
     assert train.classes['1x1 conv'].macs == pytest.approx(3 * infer.classes['1x1 conv'].macs, rel=1e-9)
 
 
+@pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
+def test_profile_counts_the_layer_work_of_a_training_step(name):
+    """A training step does three times a layer's forward work in the depthwise convolutions (forward, input
+    and weight gradients; ``ops.depthwise``'s hand-written backward counted by the layer, not by the phase
+    and column pieces it runs), twice in the stem (no input gradient) and 3.5 times in the attention
+    (2 products forward; 5 backward: the recomputed scores and four gradients). The attention forward of a
+    training step (``PolyAttn.attend``, called without the module's forward) is in its class too. And
+    the per-operator table adds up to the class times."""
+    from polynext.perf import OP_CLASSES, format_top_ops, profile_model
+    torch.manual_seed(0)
+    model = timm.create_model(name, init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    infer = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
+    train = profile_model(model, mode='train', batch_size=2, img_size=64, runs=1, warmup=1)
+    ratio = {c: train.classes[c].macs / infer.classes[c].macs for c in OP_CLASSES if infer.classes[c].macs}
+    expected = {'1x1 conv': 3.0, 'depthwise conv': 3.0, 'other conv': 2.0}
+    if name.startswith('a'):
+        expected['attention'] = 3.5
+    assert ratio == pytest.approx(expected, rel=1e-9)
+    assert not any(op == 'matmul' and cls != 'attention' for cls, op, _ in train.ops)
+    for prof in (infer, train):
+        for cls in OP_CLASSES:   # one run: the operator rows are that run's, as the classes are
+            assert sum(c.seconds for (k, _, _), c in prof.ops.items() if k == cls) == \
+                pytest.approx(prof.classes[cls].seconds, rel=1e-9, abs=1e-12)
+    top = train.top_ops(5)
+    assert len(top) == 5 and [r['ms'] for r in top] == sorted((r['ms'] for r in top), reverse=True)
+    assert top[0]['op'] in format_top_ops(train, 5)
+
+
 def test_flex_attention_form_equals_the_reference_fp64():
     """The GPU kernel's formulation: forward through flex_attention itself (CPU, eager), and the
     score modification's gradients through the same softmax expression (PyTorch has no CPU
@@ -205,3 +233,14 @@ def test_gate_folded_into_the_branch_equals_the_gated_product_fp64(mixer, per_ch
         seen.add(node)
         assert 'CopySlices' not in type(node).__name__ and 'AsStrided' not in type(node).__name__
         nodes.extend(n for n, _ in node.next_functions)
+
+
+def test_prefault_heap_touches_only_under_the_pinned_allocator(monkeypatch):
+    """The profiler's page faults are kept out of the operators' times by touching the heap first; that is
+    only possible when freed pages stay with the process (the pinned allocator), and is bounded."""
+    import polynext.bench as bench
+    from polynext.perf import prefault_heap
+    monkeypatch.setattr(bench, 'allocator_status', lambda env=None: 'default')
+    assert prefault_heap() == 0
+    monkeypatch.setattr(bench, 'allocator_status', lambda env=None: 'pinned')
+    assert prefault_heap(max_bytes=8 * 2**20) == 8 * 2**20

@@ -19,8 +19,13 @@ other                       the classifier, the loss, gradient accumulation, Pyt
 ==========================  ====================================================================
 
 Norm and attention modules are recognised by type (a profiling-only forward hook opens a labelled
-range around them); a backward node gets the class of the forward operator that created it
-(autograd's sequence number), or, for hand-written autograd functions, of its name. Each class's
+range around them, and around ``attend``, which PolyNeXt's training blocks call without the module's
+forward); a backward node gets the class of the forward operator that created it (autograd's
+sequence number), or, for hand-written autograd functions, of its name. The backward of a
+hand-written depthwise function (``ops.depthwise``) counts the layer's own work, input and weight
+gradients, not the phase and column pieces it runs. Besides the classes, every operator's time is
+kept by (class, operator, first operand's shape): ``StepProfile.top_ops`` / ``format_top_ops`` list
+the heaviest, which says which layer makes a class slow. Each class's
 work is counted from the operators' shapes: MACs for convolutions and attention matmuls, bytes
 moved (operands read plus the result written, estimated from the shapes) for the memory-bound
 classes, and for the optimizer the minimum traffic of AdamW (7 fp32 words per parameter).
@@ -49,7 +54,7 @@ import torch.nn as nn
 
 __all__ = [
     'OP_CLASSES', 'Peak', 'measure_peaks', 'conv1x1_bound', 'ClassTime', 'StepProfile', 'profile_step',
-    'profile_model', 'format_profile',
+    'profile_model', 'format_profile', 'format_top_ops', 'prefault_heap',
 ]
 
 OP_CLASSES = ('1x1 conv', 'depthwise conv', 'other conv', 'elementwise', 'norms', 'attention',
@@ -297,14 +302,24 @@ class _Sorter:
 
     def __init__(self):
         self.classes: Dict[str, ClassTime] = {c: ClassTime() for c in OP_CLASSES}
+        self.ops: Dict[Tuple[str, str, str], ClassTime] = {}   # (class, operator, first shape) -> time and work
         self.seq_class: Dict[int, str] = {}
+        self.seq_conv: Dict[int, Tuple[str, float]] = {}   # hand-written conv functions: class, forward MACs
 
     def add(self, cls: str, ev, seconds: Optional[float] = None, macs: float = 0.0, nbytes: float = 0.0) -> None:
-        c = self.classes[cls]
-        c.seconds += ev.cpu_time_total / 1e6 if seconds is None else seconds
-        c.macs += macs
-        c.bytes += nbytes
-        c.calls += 1
+        seconds = ev.cpu_time_total / 1e6 if seconds is None else seconds
+        for c in (self.classes[cls], self.ops.setdefault((cls,) + _op_label(ev), ClassTime())):
+            c.seconds += seconds
+            c.macs += macs
+            c.bytes += nbytes
+            c.calls += 1
+
+    def add_overhead(self, ev) -> None:
+        """The self time of a range or Python-level event whose children are sorted on their own ('other',
+        not counted as a call)."""
+        self.add('other', ev, seconds=ev.self_cpu_time_total / 1e6)
+        self.classes['other'].calls -= 1
+        self.ops[('other',) + _op_label(ev)].calls -= 1
 
     def remember(self, ev, cls: str) -> None:
         stack = [ev]
@@ -339,8 +354,7 @@ class _Sorter:
                 self.add('norms', ev, nbytes=nbytes)
                 self.remember(ev, 'norms')
                 return
-            self.add('other', ev, seconds=ev.self_cpu_time_total / 1e6)
-            self.classes['other'].calls -= 1
+            self.add_overhead(ev)
             for child in ev.cpu_children:
                 self.visit(child, kind)
             return
@@ -378,12 +392,23 @@ class _Sorter:
             self.add('other', ev)
             self.remember(ev, 'other')
             return
-        self.add('other', ev, seconds=ev.self_cpu_time_total / 1e6)
-        self.classes['other'].calls -= 1
+        self.add_overhead(ev)
         for child in ev.cpu_children:
             self.visit(child, scope)
+        convs = list(_top_convs(ev))
+        if convs and getattr(ev, 'sequence_nr', -1) is not None and ev.sequence_nr >= 0:
+            # a hand-written autograd function around a convolution (ops.depthwise): its backward node
+            # is known by this sequence number
+            self.seq_conv[ev.sequence_nr] = (_conv_class_and_macs(convs[0])[0],
+                                             sum(_conv_class_and_macs(c)[1] for c in convs))
 
     def visit_backward(self, ev, node: str) -> None:
+        conv = self.seq_conv.get(getattr(ev, 'sequence_nr', -1))
+        if conv is not None and conv[0] == 'depthwise conv':
+            # the layer's own work, input and weight gradients (2x its forward), whatever the function runs:
+            # ops.depthwise cuts the weight gradient into phases and columns or does it tap by tap
+            self.add(conv[0], ev, macs=2 * conv[1])
+            return
         below = list(_descendants(ev))
         convs = [c for c in below if c.name == 'aten::convolution_backward']
         if convs:
@@ -401,6 +426,39 @@ class _Sorter:
             self.add(cls, ev, macs=macs)
         else:
             self.add(cls, ev, nbytes=nbytes)
+
+
+def _op_label(ev) -> Tuple[str, str]:
+    """(operator, shape of its first tensor operand) for the per-operator table: the aten name without its
+    namespace, a backward node by its autograd name, the shape from the event or its first child with one."""
+    name = ev.name
+    if name.startswith(_BACKWARD):
+        name = name[len(_BACKWARD):]
+    elif name.startswith(_SCOPE):
+        name = 'range ' + name[len(_SCOPE):]
+    name = name.replace('aten::', '')
+    stack = [ev]
+    while stack:
+        e = stack.pop(0)
+        shape = next((x for x in (e.input_shapes or []) if isinstance(x, (list, tuple)) and x
+                      and all(isinstance(v, int) for v in x)), None)
+        if shape is not None:
+            return name, 'x'.join(map(str, shape))
+        stack.extend(e.cpu_children[:2])
+        if len(stack) > 8:
+            break
+    return name, ''
+
+
+def _top_convs(ev) -> Iterator[Any]:
+    """The outermost convolution operators under ``ev`` (not the ones nested inside them)."""
+    stack = list(ev.cpu_children)
+    while stack:
+        e = stack.pop()
+        if e.name in _CONV_OPS or e.name == 'aten::convolution_backward':
+            yield e
+        else:
+            stack.extend(e.cpu_children)
 
 
 def _descendants(ev) -> Iterator[Any]:
@@ -436,6 +494,13 @@ def _labelled_modules(model: nn.Module) -> Iterator[None]:
             stack.pop().__exit__(None, None, None)
         return pre, post
 
+    def labelled(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(_SCOPE + label):
+                return fn(*args, **kwargs)
+        return call
+
+    wrapped = []
     for m in model.modules():
         kind = type(m).__name__
         label = 'norms' if kind in _NORM_MODULES else 'attention' if kind in _ATTN_MODULES else None
@@ -443,11 +508,18 @@ def _labelled_modules(model: nn.Module) -> Iterator[None]:
             pre, post = hooks(label)
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
+        if label == 'attention' and callable(getattr(m, 'attend', None)) and 'attend' not in vars(m):
+            # PolyNeXt's training blocks call ``attend`` (everything before ``proj``) without the module's
+            # forward, whose hooks would not fire: its work is attention too
+            m.attend = labelled(m.attend, label)
+            wrapped.append(m)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for m in wrapped:
+            del m.attend
 
 
 @dataclass
@@ -461,6 +533,29 @@ class StepProfile:
     macs_per_image: float = 0.0
     optimizer_bytes: float = 0.0
     peaks: Dict[str, Peak] = field(default_factory=dict)
+    ops: Dict[Tuple[str, str, str], ClassTime] = field(default_factory=dict)
+
+    def _rate(self, cls: str, c: ClassTime) -> Tuple[Optional[float], Optional[Peak], str]:
+        peak_key = _CLASS_PEAK.get(cls)
+        peak = self.peaks.get(peak_key) if peak_key else None
+        work = c.macs if peak_key in ('conv1x1', 'depthwise', 'matmul') else c.bytes
+        rate = work / c.seconds / 1e9 if c.seconds > 0 and work and peak_key else None
+        return rate, peak, _UNIT.get(peak_key, '')
+
+    def top_ops(self, n: Optional[int] = None) -> List[Dict[str, Any]]:
+        """The heaviest operators of the step (class, operator, first operand's shape), by time: calls, ms,
+        share of the step, achieved rate and its fraction of the class's peak. An operator's rows over
+        all shapes add up to its class's time."""
+        total = sum(c.seconds for c in self.classes.values()) or 1.0
+        out = []
+        for (cls, op, shape), c in sorted(self.ops.items(), key=lambda kv: -kv[1].seconds)[:n]:
+            rate, peak, unit = self._rate(cls, c)
+            if cls == 'optimizer':
+                rate = None
+            out.append(dict(op_class=cls, op=op, shape=shape, calls=c.calls, ms=1000 * c.seconds,
+                            share=c.seconds / total, rate=rate, unit=unit,
+                            of_peak=(rate / peak.rate) if rate and peak and peak.rate else None))
+        return out
 
     def rows(self) -> List[Dict[str, Any]]:
         total = sum(c.seconds for c in self.classes.values()) or 1.0
@@ -469,13 +564,13 @@ class StepProfile:
             if c.seconds <= 0 and c.calls == 0:
                 continue
             peak_key = _CLASS_PEAK.get(name)
-            peak = self.peaks.get(peak_key) if peak_key else None
+            rate, peak, unit = self._rate(name, c)
             work = c.macs if peak_key in ('conv1x1', 'depthwise', 'matmul') else c.bytes
             if name == 'optimizer' and self.optimizer_bytes:
                 work = self.optimizer_bytes
-            rate = work / c.seconds / 1e9 if c.seconds > 0 and work and peak_key else None
+                rate = work / c.seconds / 1e9 if c.seconds > 0 else None
             out.append(dict(op_class=name, ms=1000 * c.seconds, share=c.seconds / total, calls=c.calls,
-                            work=work, unit=_UNIT.get(peak_key, ''), rate=rate,
+                            work=work, unit=unit, rate=rate,
                             peak=peak.rate if peak else None,
                             of_peak=(rate / peak.rate) if rate and peak and peak.rate else None))
         return out
@@ -485,26 +580,62 @@ class StepProfile:
                     profiled_step_ms=1000 * self.profiled_step_s, macs_per_image=self.macs_per_image,
                     img_per_s=self.batch_size / self.step_s,
                     gmacs_per_s=self.macs_per_image * self.batch_size / self.step_s / 1e9,
-                    rows=self.rows(), peaks={k: asdict(v) for k, v in self.peaks.items()})
+                    rows=self.rows(), top_ops=self.top_ops(40), peaks={k: asdict(v) for k, v in self.peaks.items()})
+
+
+def prefault_heap(max_bytes: Optional[int] = None) -> int:
+    """Touches as much fresh heap as the process's peak resident memory so far (at least 1 GiB, at most half
+    the memory available, or ``max_bytes``) and frees it; returns the bytes touched (0 where it cannot help).
+
+    Why: the profiler keeps its events on the heap while a step runs, so the step's tensors land on heap
+    pages never touched before, and the page faults of that first touch (measured: 190,000-560,000 minor
+    faults, 0.7-2.2 GB, in a profiled CPolyNeXt-T / -S training step, against 2-4,000 unprofiled) are
+    charged to whichever operator writes there first. With the pinned allocator (``polynext.bench``:
+    no mmap, no trimming) touched pages stay with the process, so touching them before each step leaves
+    the profiled step with no faults. With glibc's default allocator large blocks go back to the system
+    when freed, so there is nothing to keep and nothing is done."""
+    from .bench import allocator_status
+    if allocator_status() != 'pinned':
+        return 0
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
+        with open('/proc/meminfo') as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (ImportError, OSError, StopIteration, ValueError):
+        return 0
+    nbytes = min(max(peak, 2**30), avail // 2, max_bytes or avail)
+    buf = torch.empty(nbytes // 4, dtype=torch.float32)
+    buf.fill_(0.0)
+    del buf
+    return nbytes
 
 
 def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync: Callable[[], None] = lambda: None
-                 ) -> Tuple[Dict[str, ClassTime], float, float]:
+                 ) -> Tuple[Dict[str, ClassTime], float, float, Dict[Tuple[str, str, str], ClassTime]]:
     """Profile ``step`` ``runs`` times (one step per profiler session, after the caller's warm-up).
 
     Returns the per-class median (time, work and calls of the median step), the median profiled
-    step time and the median unprofiled step time (timed between the profiled ones)."""
+    step time, the median unprofiled step time (timed between the profiled ones) and the per-operator
+    times of the profiled step whose total is the median one. On the CPU the heap is touched before
+    every step (:func:`prefault_heap`), so no operator is charged with page faults the profiler caused."""
     from torch.profiler import ProfilerActivity, profile
     per_run: List[Dict[str, ClassTime]] = []
+    per_run_ops: List[Dict[Tuple[str, str, str], ClassTime]] = []
     plain: List[float] = []
     profiled: List[float] = []
     with _labelled_modules(model):
+        cpu = next((p.device.type == 'cpu' for p in model.parameters()), True)
         for _ in range(runs):
+            if cpu:
+                prefault_heap()
             sync()
             t0 = time.perf_counter()
             step()
             sync()
             plain.append(time.perf_counter() - t0)
+            if cpu:
+                prefault_heap()
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 t0 = time.perf_counter()
                 step()
@@ -514,11 +645,13 @@ def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync
             for ev in sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start):
                 sorter.visit(ev)
             per_run.append(sorter.classes)
+            per_run_ops.append(sorter.ops)
     merged = {}
     for cls in OP_CLASSES:
         runs_cls = sorted((r[cls] for r in per_run), key=lambda c: c.seconds)
         merged[cls] = runs_cls[len(runs_cls) // 2]
-    return merged, statistics.median(profiled), statistics.median(plain)
+    by_total = sorted(range(runs), key=lambda i: sum(c.seconds for c in per_run[i].values()))
+    return merged, statistics.median(profiled), statistics.median(plain), per_run_ops[by_total[runs // 2]]
 
 
 def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, img_size: int = 224,
@@ -548,10 +681,10 @@ def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, i
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         step()
-    classes, profiled, plain = profile_step(step, model, runs, sync)
+    classes, profiled, plain, ops = profile_step(step, model, runs, sync)
     return StepProfile(mode=mode, classes=classes, profiled_step_s=profiled, step_s=plain, batch_size=batch_size,
                        macs_per_image=macs_per_image, optimizer_bytes=7 * 4 * n_params if mode == 'train' else 0.0,
-                       peaks=dict(peaks or {}))
+                       peaks=dict(peaks or {}), ops=ops)
 
 
 def format_profile(name: str, prof: StepProfile) -> str:
@@ -567,3 +700,16 @@ def format_profile(name: str, prof: StepProfile) -> str:
     head = (f"{name} {prof.mode}: {d['step_ms']:,.1f} ms per batch of {prof.batch_size} unprofiled "
             f"({d['img_per_s']:,.1f} img/s, {d['gmacs_per_s']:,.1f} GMAC/s), {d['profiled_step_ms']:,.1f} ms profiled")
     return head + '\n' + format_table(['op class', 'ms', 'share', 'achieved', 'peak', 'of peak'], rows)
+
+
+def format_top_ops(prof: StepProfile, n: int) -> str:
+    """The ``n`` heaviest operators of one profile (``StepProfile.top_ops``)."""
+    from .bench import format_table
+    rows = []
+    for r in prof.top_ops(n):
+        rate = '-' if r['rate'] is None else f"{r['rate']:,.1f} {r['unit']}"
+        of_peak = '-' if r['of_peak'] is None else f"{100 * r['of_peak']:.0f} %"
+        rows.append([r['op'], r['shape'], r['op_class'], str(r['calls']), f"{r['ms']:,.1f}",
+                     f"{100 * r['share']:.1f} %", rate, of_peak])
+    return (f'the {len(rows)} heaviest operators (first operand\'s shape; backward nodes by autograd name):\n'
+            + format_table(['operator', 'shape', 'class', 'calls', 'ms', 'share', 'achieved', 'of peak'], rows))

@@ -6,10 +6,13 @@ machine does at best for that kind of work, measured first in the same process
 channels-last 1x1 conv, depthwise convs against a depthwise 3x3, attention against a matrix
 product, and the memory-bound classes (elementwise, norms, copies, optimizer) in GB/s against a
 large copy. The header gives the model's MACs x img/s and the bound: the img/s the model would reach
-if every MAC ran at the 1x1-conv peak.
+if every MAC ran at the 1x1-conv peak. Below each table, the --top heaviest operators of the step
+(operator, first operand's shape, class, calls, time, rate against the class's peak): where a
+class is slow, which layer makes it so.
 
   polynext profile cpolynext_s apolynext_s
   polynext profile cpolynext_t --modes infer --dtype bf16 --fold --json prof.json
+  polynext profile cpolynext_t --modes train --top 25
 
 The glibc allocator is pinned as in ``polynext bench`` (the command re-runs itself with it set).
 """
@@ -33,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--runs', type=int, default=5, help='profiled steps per model and mode (default 5)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (default 2)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--top', type=int, default=10, metavar='N',
+                        help='list the N heaviest operators under each table (default 10; 0: none; the JSON '
+                             'holds 40)')
     parser.add_argument('--json', default=None, metavar='PATH', help='write the profiles and the peaks as JSON')
     parser.add_argument('--no-pin-allocator', action='store_true',
                         help='do not re-run with the pinned glibc allocator')
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ('img_size', 'batch_size', 'runs', 'warmup'):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.top < 0:
+        raise ConfigError(f'--top must be 0 (no operator list) or more, got {args.top}')
     if args.json:   # checked before a minute of measuring, as bench does
         from ..outputs import check_output_file
         check_output_file(args.json, '--json')
@@ -62,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
     from ..checkpoint import atomic_write
-    from ..perf import conv1x1_bound, format_profile, measure_peaks, profile_model
+    from ..perf import conv1x1_bound, format_profile, format_top_ops, measure_peaks, profile_model
     from ..profile import count_macs
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f'bound (every MAC at the 1x1 peak): {bound:,.1f} img/s; this step reaches '
                       f"{100 * d['img_per_s'] / bound:.0f} % of it")
                 d['conv1x1_bound_img_per_s'] = bound
+            if args.top:
+                print(format_top_ops(prof, args.top))
             out['models'].setdefault(name, {})[mode] = d
         del model
     if args.json:

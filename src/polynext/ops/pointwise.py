@@ -7,8 +7,8 @@ A 1x1 convolution's weight gradient is one matrix product over the pixels,
 and PyTorch hands it to oneDNN's 1x1 backward-weights kernel. On some shapes that kernel runs at about
 half the rate of the same product as ``torch.mm`` on the same tensors; on others it is the faster one
 (``benchmarks/weight_grad.py`` times both at every 1x1 shape of a model; on a 2-core AMD EPYC (Zen 3),
-batch 32: 288 → 504 channels at 7x7 5.1 ms in oneDNN against 3.7 ms as ``torch.mm``, 144 → 192 at
-14x14 4.0 against 3.0; 48 → 48 at 56x56 4.9 against 6.1). Which kernel wins depends on the CPU (MKL's
+batch 32: 288 → 504 channels at 7x7 5.0 ms in oneDNN against 3.5 ms as ``torch.mm``, 144 → 192 at
+14x14 4.0 against 3.0; 48 → 48 at 56x56 3.9 against 4.9). Which kernel wins depends on the CPU (MKL's
 sgemm runs AVX2 code on AMD where oneDNN has AVX-512 kernels), so no fixed rule is right everywhere:
 as cuDNN's benchmark mode does, the first backward of each shape times both kernels on the tensors
 at hand and the faster one serves that shape from then on.
