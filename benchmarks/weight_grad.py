@@ -65,14 +65,6 @@ def _model_shapes(model: torch.nn.Module, step) -> list:
     return rows
 
 
-def _is_1x1_backward(event) -> bool:
-    """A ``convolution_backward`` of a 1x1 weight over more than one input channel (not a depthwise one)."""
-    if event.name != 'aten::convolution_backward' or len(event.input_shapes) < 3:
-        return False
-    weight = event.input_shapes[2]
-    return len(weight) == 4 and list(weight[2:]) == [1, 1] and weight[1] > 1
-
-
 def _in_step_backward_ms(step) -> tuple:
     """(milliseconds, layers counted): the operator time of the 1x1 layers' backward in one profiled training
     step, i.e. the ops run by ``_PointwiseConvFunction``'s backward (layout copy, input gradient,
@@ -80,7 +72,7 @@ def _in_step_backward_ms(step) -> tuple:
     Python of the autograd function itself is left out: the profiler inflates it. Every 1x1 layer's
     backward is counted once, whichever kernel."""
     from torch.profiler import ProfilerActivity, profile
-    from polynext.perf import prefault_heap
+    from polynext.perf import conv_op_class, prefault_heap
     prefault_heap()   # no page faults the profiler causes charged to the operators
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
@@ -89,8 +81,8 @@ def _in_step_backward_ms(step) -> tuple:
         if event.name == '_PointwiseConvFunctionBackward':
             total_us += sum(child.cpu_time_total for child in event.cpu_children)
             layers += 1
-        elif _is_1x1_backward(event) and (event.cpu_parent is None
-                                          or event.cpu_parent.name != '_PointwiseConvFunctionBackward'):
+        elif (event.name == 'aten::convolution_backward' and conv_op_class(event) == '1x1 conv'
+              and (event.cpu_parent is None or event.cpu_parent.name != '_PointwiseConvFunctionBackward')):
             total_us += event.cpu_time_total
             layers += 1
     return total_us / 1e3, layers

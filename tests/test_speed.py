@@ -141,6 +141,7 @@ def test_profile_counts_the_layer_work_of_a_training_step(name):
         for cls in OP_CLASSES:   # one run: the operator rows are that run's, as the classes are
             assert sum(c.seconds for (k, _, _), c in prof.ops.items() if k == cls) == \
                 pytest.approx(prof.classes[cls].seconds, rel=1e-9, abs=1e-12)
+    assert train.page_faults is not None and train.page_faults >= 0
     top = train.top_ops(5)
     assert len(top) == 5 and [r['ms'] for r in top] == sorted((r['ms'] for r in top), reverse=True)
     assert top[0]['op'] in format_top_ops(train, 5)

@@ -54,7 +54,7 @@ import torch.nn as nn
 
 __all__ = [
     'OP_CLASSES', 'Peak', 'measure_peaks', 'conv1x1_bound', 'ClassTime', 'StepProfile', 'profile_step',
-    'profile_model', 'format_profile', 'format_top_ops', 'prefault_heap',
+    'profile_model', 'format_profile', 'format_top_ops', 'prefault_heap', 'conv_op_class',
 ]
 
 OP_CLASSES = ('1x1 conv', 'depthwise conv', 'other conv', 'elementwise', 'norms', 'attention',
@@ -276,6 +276,12 @@ def _conv_class_and_macs(ev) -> Tuple[str, float]:
     return cls, float(x[0] * cout * oh * ow * cin_g * kh * kw)
 
 
+def conv_op_class(ev) -> str:
+    """'1x1 conv', 'depthwise conv' or 'other conv' for a profiler event of a convolution (forward or
+    ``convolution_backward``), from its shapes."""
+    return _conv_class_and_macs(ev)[0]
+
+
 def _matmul_macs(ev) -> float:
     shapes = ev.input_shapes or []
     if ev.name in ('aten::bmm', 'aten::mm', 'aten::matmul', 'aten::baddbmm', 'aten::addmm'):
@@ -395,12 +401,12 @@ class _Sorter:
         self.add_overhead(ev)
         for child in ev.cpu_children:
             self.visit(child, scope)
-        convs = list(_top_convs(ev))
-        if convs and getattr(ev, 'sequence_nr', -1) is not None and ev.sequence_nr >= 0:
+        seq = getattr(ev, 'sequence_nr', -1)
+        convs = list(_top_convs(ev)) if seq is not None and seq >= 0 else []
+        if convs:
             # a hand-written autograd function around a convolution (ops.depthwise): its backward node
             # is known by this sequence number
-            self.seq_conv[ev.sequence_nr] = (_conv_class_and_macs(convs[0])[0],
-                                             sum(_conv_class_and_macs(c)[1] for c in convs))
+            self.seq_conv[seq] = (conv_op_class(convs[0]), sum(_conv_class_and_macs(c)[1] for c in convs))
 
     def visit_backward(self, ev, node: str) -> None:
         conv = self.seq_conv.get(getattr(ev, 'sequence_nr', -1))
@@ -534,13 +540,17 @@ class StepProfile:
     optimizer_bytes: float = 0.0
     peaks: Dict[str, Peak] = field(default_factory=dict)
     ops: Dict[Tuple[str, str, str], ClassTime] = field(default_factory=dict)
+    page_faults: Optional[int] = None   # minor page faults in a profiled step (median)
 
-    def _rate(self, cls: str, c: ClassTime) -> Tuple[Optional[float], Optional[Peak], str]:
+    def _rate(self, cls: str, c: ClassTime, work: Optional[float] = None
+              ) -> Tuple[Optional[float], Optional[Peak], str, float]:
+        """(achieved rate, the class's peak, unit, work) of ``c``; ``work`` replaces the counted work."""
         peak_key = _CLASS_PEAK.get(cls)
         peak = self.peaks.get(peak_key) if peak_key else None
-        work = c.macs if peak_key in ('conv1x1', 'depthwise', 'matmul') else c.bytes
+        if work is None:
+            work = c.macs if peak_key in ('conv1x1', 'depthwise', 'matmul') else c.bytes
         rate = work / c.seconds / 1e9 if c.seconds > 0 and work and peak_key else None
-        return rate, peak, _UNIT.get(peak_key, '')
+        return rate, peak, _UNIT.get(peak_key, ''), work
 
     def top_ops(self, n: Optional[int] = None) -> List[Dict[str, Any]]:
         """The heaviest operators of the step (class, operator, first operand's shape), by time: calls, ms,
@@ -549,9 +559,7 @@ class StepProfile:
         total = sum(c.seconds for c in self.classes.values()) or 1.0
         out = []
         for (cls, op, shape), c in sorted(self.ops.items(), key=lambda kv: -kv[1].seconds)[:n]:
-            rate, peak, unit = self._rate(cls, c)
-            if cls == 'optimizer':
-                rate = None
+            rate, peak, unit, _ = self._rate(cls, c)
             out.append(dict(op_class=cls, op=op, shape=shape, calls=c.calls, ms=1000 * c.seconds,
                             share=c.seconds / total, rate=rate, unit=unit,
                             of_peak=(rate / peak.rate) if rate and peak and peak.rate else None))
@@ -563,12 +571,9 @@ class StepProfile:
         for name, c in self.classes.items():
             if c.seconds <= 0 and c.calls == 0:
                 continue
-            peak_key = _CLASS_PEAK.get(name)
-            rate, peak, unit = self._rate(name, c)
-            work = c.macs if peak_key in ('conv1x1', 'depthwise', 'matmul') else c.bytes
-            if name == 'optimizer' and self.optimizer_bytes:
-                work = self.optimizer_bytes
-                rate = work / c.seconds / 1e9 if c.seconds > 0 else None
+            # the optimizer's work is AdamW's minimum traffic, not what its operator's shapes say
+            rate, peak, unit, work = self._rate(name, c, self.optimizer_bytes if name == 'optimizer'
+                                                and self.optimizer_bytes else None)
             out.append(dict(op_class=name, ms=1000 * c.seconds, share=c.seconds / total, calls=c.calls,
                             work=work, unit=unit, rate=rate,
                             peak=peak.rate if peak else None,
@@ -580,7 +585,7 @@ class StepProfile:
                     profiled_step_ms=1000 * self.profiled_step_s, macs_per_image=self.macs_per_image,
                     img_per_s=self.batch_size / self.step_s,
                     gmacs_per_s=self.macs_per_image * self.batch_size / self.step_s / 1e9,
-                    rows=self.rows(), top_ops=self.top_ops(40), peaks={k: asdict(v) for k, v in self.peaks.items()})
+                    page_faults_profiled=self.page_faults, rows=self.rows(), top_ops=self.top_ops(40), peaks={k: asdict(v) for k, v in self.peaks.items()})
 
 
 def prefault_heap(max_bytes: Optional[int] = None) -> int:
@@ -588,9 +593,9 @@ def prefault_heap(max_bytes: Optional[int] = None) -> int:
     the memory available, or ``max_bytes``) and frees it; returns the bytes touched (0 where it cannot help).
 
     Why: the profiler keeps its events on the heap while a step runs, so the step's tensors land on heap
-    pages never touched before, and the page faults of that first touch (measured: 190,000-560,000 minor
-    faults, 0.7-2.2 GB, in a profiled CPolyNeXt-T / -S training step, against 2-4,000 unprofiled) are
-    charged to whichever operator writes there first. With the pinned allocator (``polynext.bench``:
+    pages never touched before, and the page faults of that first touch (``polynext profile cpolynext_s
+    --modes train --no-prefault-heap``: 331,635 minor faults in a profiled step on a 2-core AMD EPYC, 2 with
+    the touch) are charged to whichever operator writes there first. With the pinned allocator (``polynext.bench``:
     no mmap, no trimming) touched pages stay with the process, so touching them before each step leaves
     the profiled step with no faults. With glibc's default allocator large blocks go back to the system
     when freed, so there is nothing to keep and nothing is done."""
@@ -611,21 +616,33 @@ def prefault_heap(max_bytes: Optional[int] = None) -> int:
     return nbytes
 
 
-def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync: Callable[[], None] = lambda: None
-                 ) -> Tuple[Dict[str, ClassTime], float, float, Dict[Tuple[str, str, str], ClassTime]]:
+def _minor_faults() -> Optional[int]:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:
+        return None
+
+
+def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync: Callable[[], None] = lambda: None,
+                 prefault: bool = True
+                 ) -> Tuple[Dict[str, ClassTime], float, float, Dict[Tuple[str, str, str], ClassTime], Optional[int]]:
     """Profile ``step`` ``runs`` times (one step per profiler session, after the caller's warm-up).
 
     Returns the per-class median (time, work and calls of the median step), the median profiled
     step time, the median unprofiled step time (timed between the profiled ones) and the per-operator
-    times of the profiled step whose total is the median one. On the CPU the heap is touched before
-    every step (:func:`prefault_heap`), so no operator is charged with page faults the profiler caused."""
+    times of the profiled step whose total is the median one, and the median count of minor page faults
+    in a profiled step (None where ``getrusage`` is missing). On the CPU, unless ``prefault`` is off, the
+    heap is touched before every step (:func:`prefault_heap`), so no operator is charged with page faults
+    the profiler caused."""
     from torch.profiler import ProfilerActivity, profile
     per_run: List[Dict[str, ClassTime]] = []
     per_run_ops: List[Dict[Tuple[str, str, str], ClassTime]] = []
     plain: List[float] = []
     profiled: List[float] = []
+    faults: List[int] = []
     with _labelled_modules(model):
-        cpu = next((p.device.type == 'cpu' for p in model.parameters()), True)
+        cpu = prefault and next((p.device.type == 'cpu' for p in model.parameters()), True)
         for _ in range(runs):
             if cpu:
                 prefault_heap()
@@ -636,11 +653,14 @@ def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync
             plain.append(time.perf_counter() - t0)
             if cpu:
                 prefault_heap()
+            f0 = _minor_faults()
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 t0 = time.perf_counter()
                 step()
                 sync()
                 profiled.append(time.perf_counter() - t0)
+            if f0 is not None:
+                faults.append(_minor_faults() - f0)
             sorter = _Sorter()
             for ev in sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start):
                 sorter.visit(ev)
@@ -651,15 +671,17 @@ def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync
         runs_cls = sorted((r[cls] for r in per_run), key=lambda c: c.seconds)
         merged[cls] = runs_cls[len(runs_cls) // 2]
     by_total = sorted(range(runs), key=lambda i: sum(c.seconds for c in per_run[i].values()))
-    return merged, statistics.median(profiled), statistics.median(plain), per_run_ops[by_total[runs // 2]]
+    return (merged, statistics.median(profiled), statistics.median(plain), per_run_ops[by_total[runs // 2]],
+            int(statistics.median(faults)) if faults else None)
 
 
 def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, img_size: int = 224,
                   dtype: str = 'fp32', runs: int = 5, warmup: int = 2, channels_last: bool = False,
                   peaks: Optional[Dict[str, Peak]] = None, macs_per_image: Optional[float] = None,
-                  device: str = 'cpu', fold: bool = False) -> StepProfile:
+                  device: str = 'cpu', fold: bool = False, prefault: bool = True) -> StepProfile:
     """Profile one step of ``model`` (``mode`` 'infer' or 'train', as ``polynext bench`` runs it;
-    ``fold``: a PolyNeXt folded with ``polynext.fold_for_inference`` first, inference only)."""
+    ``fold``: a PolyNeXt folded with ``polynext.fold_for_inference`` first, inference only; ``prefault``:
+    see :func:`profile_step`)."""
     from .bench import BenchSettings, make_step
     from .profile import count_macs
     settings = BenchSettings(img_size=img_size, batch_size=batch_size, mode=mode, dtype=dtype,
@@ -681,10 +703,10 @@ def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, i
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         step()
-    classes, profiled, plain, ops = profile_step(step, model, runs, sync)
+    classes, profiled, plain, ops, faults = profile_step(step, model, runs, sync, prefault=prefault)
     return StepProfile(mode=mode, classes=classes, profiled_step_s=profiled, step_s=plain, batch_size=batch_size,
                        macs_per_image=macs_per_image, optimizer_bytes=7 * 4 * n_params if mode == 'train' else 0.0,
-                       peaks=dict(peaks or {}), ops=ops)
+                       peaks=dict(peaks or {}), ops=ops, page_faults=faults)
 
 
 def format_profile(name: str, prof: StepProfile) -> str:
@@ -698,7 +720,8 @@ def format_profile(name: str, prof: StepProfile) -> str:
         rows.append([r['op_class'], f"{r['ms']:,.1f}", f"{100 * r['share']:.1f} %", rate, peak, of_peak])
     d = prof.to_dict()
     head = (f"{name} {prof.mode}: {d['step_ms']:,.1f} ms per batch of {prof.batch_size} unprofiled "
-            f"({d['img_per_s']:,.1f} img/s, {d['gmacs_per_s']:,.1f} GMAC/s), {d['profiled_step_ms']:,.1f} ms profiled")
+            f"({d['img_per_s']:,.1f} img/s, {d['gmacs_per_s']:,.1f} GMAC/s), {d['profiled_step_ms']:,.1f} ms profiled"
+            + ('' if prof.page_faults is None else f" ({prof.page_faults:,} minor page faults)"))
     return head + '\n' + format_table(['op class', 'ms', 'share', 'achieved', 'peak', 'of peak'], rows)
 
 

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', default=None, metavar='PATH', help='write the profiles and the peaks as JSON')
     parser.add_argument('--no-pin-allocator', action='store_true',
                         help='do not re-run with the pinned glibc allocator')
+    parser.add_argument('--no-prefault-heap', action='store_true',
+                        help='do not touch the heap before each step (the header counts the page faults of a '
+                             'profiled step; without the touch they are charged to the operators)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 macs = float(count_macs(model, input_size=args.img_size))
             prof = profile_model(model, mode=mode, batch_size=args.batch_size, img_size=args.img_size,
                                  dtype=args.dtype, runs=args.runs, warmup=args.warmup,
-                                 channels_last=args.channels_last, peaks=peaks, macs_per_image=macs, fold=args.fold)
+                                 channels_last=args.channels_last, peaks=peaks, macs_per_image=macs, fold=args.fold,
+                                 prefault=not args.no_prefault_heap)
             d = prof.to_dict()
             print()
             print(format_profile(name, prof))
