@@ -6,14 +6,16 @@ every other round, medians):
   onednn     ``weight_grad_backend('onednn')``: every 1x1 layer is plain ``nn.Conv2d`` (PyTorch's
              oneDNN backward for both gradients)
   auto       the default: each 1x1 shape's weight gradient from the kernel its first backward measured
-             faster on this machine (oneDNN or ``torch.mm``), as kept in ``pointwise.cache_path()``
+             faster on this machine (oneDNN, or ``torch.mm`` by ``pointwise.MM_MARGIN``), as kept in
+             ``pointwise.cache_path()``
 
 a whole training step (forward, cross-entropy, backward, fused AdamW, batch on channels-last) as
 ``polynext bench --mode train`` times it; the time of the 1x1 layers' backward inside that step (the
 profiler's operator time of every 1x1 ``convolution_backward`` and, where ``torch.mm`` serves the weight
 gradient, the ops of that backward: the layout copy, the input-gradient convolution, the product), which a
 whole-step ratio cannot resolve when the gain is smaller than the step's round-to-round spread; and the
-kernel chosen for each 1x1 shape of the model.
+kernel chosen for each 1x1 shape of the model, with the layer's backward on each path (``time_kernels``: oneDNN's
+one call for both gradients; the input-gradient call and ``torch.mm``).
 Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/weight_grad.py --json benchmarks/results/weight_grad.json
@@ -34,8 +36,8 @@ import torch
 
 def _model_shapes(model: torch.nn.Module, step) -> list:
     """Each distinct 1x1 layer shape this model's training step runs (one more step, recorded), with how many
-    layers have it, the kernel chosen for it and both kernels' times on fresh tensors of that shape
-    (``time_kernels``, cold caches, best of 5)."""
+    layers have it, the kernel chosen for it and the layer's backward on both paths on fresh tensors of that
+    shape (``time_kernels``, cold caches, best of 5)."""
     import polynext.models.polynext as family
     from polynext.ops import pointwise
     seen, layers = {}, Counter()
@@ -171,8 +173,8 @@ def main(argv=None) -> int:
               f"({row['in_step_saved_ms'] / (1e3 * med['auto']):.1%} of the auto step)", flush=True)
         for r in shapes:
             n, c, h, w = r['input']
-            print(f"    {r['layers']:3d} x {c:4d} -> {r['out_channels']:4d} at {h}x{w}: oneDNN {r['onednn_ms']:7.2f} ms, "
-                  f"torch.mm {r['mm_ms']:7.2f} ms, chosen {r['chosen']}", flush=True)
+            print(f"    {r['layers']:3d} x {c:4d} -> {r['out_channels']:4d} at {h}x{w}: backward oneDNN {r['onednn_ms']:7.2f} ms, "
+                  f"conv + torch.mm {r['mm_ms']:7.2f} ms, chosen {r['chosen']}", flush=True)
     out = dict(command=['python', 'benchmarks/weight_grad.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
                rows=rows)

@@ -65,7 +65,7 @@ def test_float32_weight_gradient_of_each_kernel(backend):
 def test_choice_is_timed_once_per_shape_and_kept_for_the_machine(monkeypatch, tmp_path):
     calls = []
     real = pointwise.time_kernels
-    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(pointwise, '_CHOICE', {})
     monkeypatch.setattr(pointwise, '_DISK', None)
     cache = tmp_path / 'cache'
@@ -152,7 +152,7 @@ def test_ranks_of_a_multi_process_run_read_but_do_not_time(monkeypatch, tmp_path
     monkeypatch.setattr(pointwise, '_multi_process', lambda: True)
     tmp_path = tmp_path / 'cache'
     tmp_path.mkdir()
-    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a: pytest.fail('timed inside a rank'))
+    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a, **k: pytest.fail('timed inside a rank'))
     conv = PointwiseConv2d(4, 6, bias=False)
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     y = conv(x)   # a shape the machine has not measured: PyTorch's own convolution and backward
@@ -171,3 +171,60 @@ def test_shapes_that_prefer_onednn_stay_plain_conv(monkeypatch):
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     monkeypatch.setattr(pointwise, '_CHOICE', {pointwise._key(x, conv.weight): 'onednn'})
     assert type(conv(x).grad_fn).__name__ == 'ConvolutionBackward0'
+
+
+def test_mm_is_chosen_only_by_the_margin():
+    assert pointwise.MM_MARGIN == 1.05
+    assert pointwise.choose({'onednn': 1.00, 'mm': 0.96}) == 'onednn'   # 4 % faster: a tie, PyTorch's kernel
+    assert pointwise.choose({'onednn': 1.00, 'mm': 0.94}) == 'mm'
+    assert pointwise.choose({'onednn': 0.90, 'mm': 1.00}) == 'onednn'
+
+
+@pytest.mark.parametrize('input_grad', [True, False])
+def test_time_kernels_times_the_whole_backward_of_each_path(input_grad):
+    """oneDNN: one convolution_backward for both gradients; mm: the input-gradient call (when the input
+    needs one) and the product. Recorded at the aten level, one timing round (plus the warm-up call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == 'convolution_backward':
+                self.ops.append(('conv_bwd', tuple(args[-1])))
+            elif name == 'mm':
+                self.ops.append(('mm',))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 12, 5, 5).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(12, 8, 1, 1)
+    monkey_evict = pointwise._evict_caches
+    pointwise._evict_caches = lambda: None   # keeps the record to the two paths' ops
+    try:
+        with Record() as rec:
+            best = pointwise.time_kernels(grad, x, weight, repeats=1, input_grad=input_grad)
+    finally:
+        pointwise._evict_caches = monkey_evict
+    onednn = [('conv_bwd', (input_grad, True, False))]
+    mm = ([('conv_bwd', (True, False, False))] if input_grad else []) + [('mm',)]
+    assert rec.ops == (onednn + mm) * 2 and set(best) == {'onednn', 'mm'}
+
+
+def test_choices_of_an_earlier_rule_are_measured_again(monkeypatch, tmp_path):
+    conv = PointwiseConv2d(8, 12, bias=False)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    key = pointwise._key(x, conv.weight)
+    old_key = pointwise._disk_key(key).replace(f' | {pointwise._RULE}', '')
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    (cache / 'pointwise_kernels.json').write_text(json.dumps({'choices': {old_key: 'mm'}}))
+    calls = []
+    monkeypatch.setattr(pointwise, 'time_kernels', lambda *a, **k: calls.append(1) or {'onednn': 1.0, 'mm': 2.0})
+    conv(x).sum().backward()
+    assert calls == [1] and pointwise._known(key) == 'onednn'
+    kept = json.loads((cache / 'pointwise_kernels.json').read_text())['choices']
+    assert kept[old_key] == 'mm' and kept[pointwise._disk_key(key)] == 'onednn'

@@ -6,12 +6,19 @@ A 1x1 convolution's weight gradient is one matrix product over the pixels,
 
 and PyTorch hands it to oneDNN's 1x1 backward-weights kernel. On some shapes that kernel runs at about
 half the rate of the same product as ``torch.mm`` on the same tensors; on others it is the faster one
-(``benchmarks/weight_grad.py`` times both at every 1x1 shape of a model; on a 2-core AMD EPYC (Zen 3),
-batch 32: 288 → 504 channels at 7x7 5.0 ms in oneDNN against 3.5 ms as ``torch.mm``, 144 → 192 at
-14x14 4.0 against 3.0; 48 → 48 at 56x56 3.9 against 4.9). Which kernel wins depends on the CPU (MKL's
+(the weight gradient alone, on a 2-core AMD EPYC (Zen 3), batch 32: 288 → 504 channels at 7x7 5.0 ms
+in oneDNN against 3.5 ms as ``torch.mm``, 144 → 192 at 14x14 4.0 against 3.0; 48 → 48 at 56x56 3.9
+against 4.9; on a Zen 4 oneDNN's AVX-512 kernels are within ±10 % of ``torch.mm`` or faster). Which kernel wins depends on the CPU (MKL's
 sgemm runs AVX2 code on AMD where oneDNN has AVX-512 kernels), so no fixed rule is right everywhere:
-as cuDNN's benchmark mode does, the first backward of each shape times both kernels on the tensors
-at hand and the faster one serves that shape from then on.
+as cuDNN's benchmark mode does, the first backward of each shape times both on the tensors at hand and
+the faster one serves that shape from then on.
+
+What is timed is the layer's whole backward as each path runs it: oneDNN computes both gradients in one
+call, the ``torch.mm`` path needs a second convolution call for the input gradient. Timing the weight
+gradients alone picked ``torch.mm`` on a Zen 4 (AVX-512) for shapes where it was 7-9 % faster alone and
+the whole backward was not, and the training step lost 14-39 ms to it (``benchmarks/weight_grad.py``).
+``torch.mm`` must also win by ``MM_MARGIN`` (5 %): a near tie stays on PyTorch's own kernel, so the
+choice does not follow timing noise.
 
 Unlike cuDNN's benchmark mode the choice is kept on disk, one file per machine
 (``$POLYNEXT_CACHE_DIR``, else ``$XDG_CACHE_HOME/polynext`` or ``~/.cache/polynext``:
@@ -48,7 +55,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'weight_grad_backend', 'weight_grad_choices', 'time_kernels',
-           'cache_path']
+           'choose', 'cache_path', 'MM_MARGIN']
 
 BACKENDS = ('auto', 'onednn', 'mm')
 _BACKEND = 'auto'
@@ -56,6 +63,8 @@ _CHOICE: Dict[Tuple[int, int, int, torch.dtype, int], str] = {}
 _CACHE_FILE = 'pointwise_kernels.json'
 _DISK: Optional[Dict[str, str]] = None   # the machine's file, read once per process
 _TIMING_REPEATS = 3
+MM_MARGIN = 1.05   # torch.mm must be this much faster than oneDNN to be chosen (module docstring)
+_RULE = 'whole backward, mm by 5 %'   # in the machine file's keys: choices made by an earlier rule are re-measured
 _EVICT_BYTES = 64 * 2**20
 _EVICT: Optional[torch.Tensor] = None
 
@@ -96,6 +105,27 @@ def _mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
 _KERNELS = {'onednn': _onednn_weight_grad, 'mm': _mm_weight_grad}
 
 
+def _input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+
+
+def _onednn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> None:
+    """The backward of a plain ``F.conv2d``: both gradients from one oneDNN call."""
+    torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                        [input_grad, True, False])
+
+
+def _mm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> None:
+    """The backward of ``_PointwiseConvFunction`` on the 'mm' kernel."""
+    if input_grad:
+        _input_grad(grad, x, weight)
+    _mm_weight_grad(grad, x, weight)
+
+
+_BACKWARDS = {'onednn': _onednn_backward, 'mm': _mm_backward}
+
+
 def _evict_caches() -> None:
     """Writes a buffer larger than a server CPU's last-level cache: in a training step a weight
     gradient reads activations that left the caches long ago, and a kernel timed on warm data is
@@ -108,19 +138,25 @@ def _evict_caches() -> None:
 
 
 def time_kernels(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 repeats: int = _TIMING_REPEATS) -> Dict[str, float]:
-    """Best seconds of each weight-gradient kernel on these tensors, interleaved and from cold caches
-    (a first untimed call each builds oneDNN's primitive). The first backward of a shape chooses by it."""
+                 repeats: int = _TIMING_REPEATS, input_grad: bool = True) -> Dict[str, float]:
+    """Best seconds of the layer's backward on each path ('onednn': both gradients in one call; 'mm': the
+    input gradient's call, if ``input_grad``, and ``torch.mm``), interleaved and from cold caches (a first
+    untimed call each builds oneDNN's primitives). The first backward of a shape chooses by it."""
     best = {}
-    for kernel in _KERNELS.values():
-        kernel(grad, x, weight)
+    for backward in _BACKWARDS.values():
+        backward(grad, x, weight, input_grad)
     for _ in range(repeats):
-        for name, kernel in _KERNELS.items():
+        for name, backward in _BACKWARDS.items():
             _evict_caches()
             start = time.perf_counter()
-            kernel(grad, x, weight)
+            backward(grad, x, weight, input_grad)
             best[name] = min(best.get(name, float('inf')), time.perf_counter() - start)
     return best
+
+
+def choose(best: Dict[str, float]) -> str:
+    """The kernel for a shape from :func:`time_kernels`' times: 'mm' only if it wins by ``MM_MARGIN``."""
+    return 'mm' if best['mm'] * MM_MARGIN < best['onednn'] else 'onednn'
 
 
 def cache_path() -> Path:
@@ -144,7 +180,8 @@ def _machine() -> str:
 
 def _disk_key(key: Tuple[int, int, int, torch.dtype, int]) -> str:
     pixels, in_ch, out_ch, dtype, threads = key
-    return f'{_machine()} | {threads} threads | {pixels}x{in_ch}->{out_ch} {str(dtype).replace("torch.", "")}'
+    return (f'{_machine()} | {threads} threads | {_RULE} | '
+            f'{pixels}x{in_ch}->{out_ch} {str(dtype).replace("torch.", "")}')
 
 
 def _read_disk() -> Dict[str, str]:
@@ -183,15 +220,14 @@ def _known(key: Tuple[int, int, int, torch.dtype, int]) -> Optional[str]:
 
 
 def _measure(key: Tuple[int, int, int, torch.dtype, int], grad: torch.Tensor, x: torch.Tensor,
-             weight: torch.Tensor) -> str:
+             weight: torch.Tensor, input_grad: bool) -> str:
     """Chooses the kernel for a shape neither this process nor the machine's file held: the file is read
     again first (another process may have measured it meanwhile), else both kernels are timed."""
     global _DISK
     _DISK = _read_disk()
     name = _DISK.get(_disk_key(key))
     if name is None:
-        best = time_kernels(grad, x, weight)
-        name = min(best, key=best.get)
+        name = choose(time_kernels(grad, x, weight, input_grad=input_grad))
         _remember(key, name)
         _DISK[_disk_key(key)] = name
     _CHOICE[key] = name
@@ -207,11 +243,11 @@ def _key(x: torch.Tensor, weight: torch.Tensor) -> Tuple[int, int, int, torch.dt
     return x.numel() // x.shape[1], x.shape[1], weight.shape[0], x.dtype, torch.get_num_threads()
 
 
-def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> torch.Tensor:
     name = _BACKEND
     if name == 'auto':
         key = _key(x, weight)
-        name = _known(key) or _measure(key, grad, x, weight)
+        name = _known(key) or _measure(key, grad, x, weight, input_grad)
     return _KERNELS[name](grad, x, weight)
 
 
@@ -243,10 +279,9 @@ class _PointwiseConvFunction(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+            grad_x = _input_grad(grad, x, weight)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(grad, x, weight)
+            grad_w = _weight_grad(grad, x, weight, ctx.needs_input_grad[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
