@@ -1,17 +1,23 @@
-"""The dilated depthwise backward of ``polynext.ops.depthwise`` against autograd's, at a model's shapes.
+"""The depthwise backward of ``polynext.ops.depthwise`` against autograd's, at a model's shapes.
 
-For every distinct dilated depthwise convolution of the model (PolyConv's coarse branch) at the
-given input size and batch, in one process, interleaved (order reversed every other round, medians):
+For every distinct depthwise convolution of the model that ``depthwise_conv2d`` routes (PolyConv's
+dilated coarse branch, PolyAttn's undilated 5x5 Q / K convolutions) at the given input size and batch,
+in one process, interleaved (order reversed every other round, medians):
 
   autograd   ``conv(x)`` and ``torch.autograd.grad`` (PyTorch's CPU backward)
-  polynext   ``depthwise_conv2d(x, conv)`` (phase split on maps of 14x14 and larger; crop of the taps
-             that only meet padding and a per-tap weight gradient on smaller channels-last maps)
+  polynext   ``depthwise_conv2d(x, conv)`` (phase split on maps of 14x14 and larger, 5x5 kernels cut into
+             3- and 1-wide columns; crop of the taps that only meet padding and a per-tap weight gradient
+             on smaller channels-last maps)
 
-forward + backward of the one layer, channels-last, fp32; and the float64 agreement of both
-gradients. Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
+forward + backward of the one layer, channels-last, in fp32 or under bf16 autocast (``--dtype bf16``, the
+CPU training path with ``amp: bf16``); and the float64 agreement of both gradients. Prints a table and
+writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/depthwise_backward.py --json benchmarks/results/depthwise_backward.json
+    python benchmarks/depthwise_backward.py apolynext_t apolynext_s --dtype bf16 --json r.json
     python benchmarks/depthwise_backward.py cpolynext_t --img-size 64 --init-channels 16   # ablation cells
+
+Run it with the pinned allocator (the script re-runs itself with it, as ``polynext bench`` does).
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ import torch
 import torch.nn as nn
 
 
-def _dilated_layers(model: nn.Module, x: torch.Tensor):
-    """(conv, input shape) of each distinct dilated depthwise conv that PolyConv sends through
-    ``depthwise_conv2d`` in a forward of ``x`` (fusions off, so that every call goes through it)."""
+def _routed_layers(model: nn.Module, x: torch.Tensor):
+    """(conv, input shape) of each distinct depthwise conv that the model sends through ``depthwise_conv2d``
+    and that it routes in training (dilated, or wider than 3), in a forward of ``x`` (fusions off, so that
+    every call goes through it)."""
     import polynext.models.polynext as family
     from polynext.ops.fused import fusion
     seen = {}
@@ -42,13 +49,14 @@ def _dilated_layers(model: nn.Module, x: torch.Tensor):
             model(x)
     finally:
         family.depthwise_conv2d = real
-    return [(conv, shape) for (shape, _, dil), conv in seen.items() if dil[0] > 1]
+    return [(conv, shape) for (shape, k, dil), conv in seen.items() if dil[0] > 1 or k[0] > 3]
 
 
-def _step(fn, x, conv, g):
+def _step(fn, x, conv, g, dtype=None):
     x = x.detach().requires_grad_()
-    y = fn(x, conv)
-    return torch.autograd.grad(y, (x, conv.weight), g)
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = fn(x, conv)
+    return torch.autograd.grad(y, (x, conv.weight), g.to(y.dtype))
 
 
 def main(argv=None) -> int:
@@ -64,8 +72,14 @@ def main(argv=None) -> int:
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--init-channels', type=int, default=None, help='base width (default: the model\'s)')
     parser.add_argument('--runs', type=int, default=9)
+    parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32',
+                        help='fp32, or bf16 autocast with fp32 weights as CPU training runs it')
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
+    if argv is None:
+        from polynext.bench import ensure_pinned_allocator
+        ensure_pinned_allocator('depthwise_backward.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+    autocast = torch.bfloat16 if args.dtype == 'bf16' else None
     if args.json and Path(args.json).is_dir():
         parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/depthwise.json')
 
@@ -77,9 +91,9 @@ def main(argv=None) -> int:
         kw = {} if args.init_channels is None else dict(init_channels=args.init_channels)
         model = timm.create_model(name, **kw).eval()
         x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-        for conv, shape in _dilated_layers(model, x0):
+        for conv, shape in _routed_layers(model, x0):
             conv = conv.float()
-            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            x = torch.randn(shape).to(autocast or torch.float32).contiguous(memory_format=torch.channels_last)
             g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
             c64 = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
                             dilation=conv.dilation, groups=conv.groups, bias=False).double()
@@ -90,20 +104,22 @@ def main(argv=None) -> int:
             times = {'autograd': [], 'polynext': []}
             fns = [('autograd', autograd), ('polynext', depthwise_conv2d)]
             for fn_name, fn in fns:
-                _step(fn, x, conv, g)                   # warm-up
+                _step(fn, x, conv, g, autocast)         # warm-up
             for r in range(args.runs):
                 for fn_name, fn in (fns if r % 2 == 0 else fns[::-1]):
                     t = time.perf_counter()
-                    _step(fn, x, conv, g)
+                    _step(fn, x, conv, g, autocast)
                     times[fn_name].append(time.perf_counter() - t)
             a, p = statistics.median(times['autograd']) * 1e3, statistics.median(times['polynext']) * 1e3
             rows.append(dict(model=name, shape=list(shape), kernel=conv.kernel_size[0], dilation=conv.dilation[0],
+                             dtype=args.dtype,
                              autograd_ms=round(a, 3), polynext_ms=round(p, 3), speedup=round(a / p, 2),
                              max_abs_diff_fp64=err))
             print(f'{name:12s} {str(list(shape)):20s} k{conv.kernel_size[0]} d{conv.dilation[0]}  '
                   f'autograd {a:8.2f} ms  polynext {p:8.2f} ms  x{a / p:5.2f}  fp64 diff {err:.1e}', flush=True)
-    out = dict(environment=environment(torch.device('cpu')), batch_size=args.batch_size, img_size=args.img_size,
-               init_channels=args.init_channels, rows=rows)
+    out = dict(command=['python', 'benchmarks/depthwise_backward.py'] + list(argv if argv is not None else sys.argv[1:]),
+               environment=environment(torch.device('cpu')), batch_size=args.batch_size, img_size=args.img_size,
+               init_channels=args.init_channels, dtype=args.dtype, rows=rows)
     if args.json:
         atomic_write_json(args.json, out)
         print(f'wrote {args.json}')

@@ -31,12 +31,73 @@ def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw, channels_last
     g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
     y = depthwise_conv2d(x, conv)
     routed = channels_last or min(hw) <= d * (k - 1) // 2 or hw[0] * hw[1] >= 14 * 14
-    assert (y.grad_fn is not None and 'DilatedDepthwise' in type(y.grad_fn).__name__) == routed
+    assert (y.grad_fn is not None and 'DepthwiseConv2dFunction' in type(y.grad_fn).__name__) == routed
     gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
     y_ref = conv(x)
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
     assert torch.equal(y, y_ref)
     assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+
+
+# PolyAttn's undilated 5x5 Q / K convolutions: the column cut at every size (14x14 and 7x7, the APolyNeXt maps;
+# 5x9, 3x3 and 2x2: the crop of taps that only meet padding; 1x1), both layouts; undilated 3x3 ones stay plain
+@pytest.mark.parametrize('k,hw', [(5, (14, 14)), (5, (7, 7)), (5, (5, 9)), (5, (3, 3)), (5, (2, 2)), (5, (1, 1)),
+                                  (7, (8, 8))])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_undilated_wide_depthwise_backward_equals_autograd_fp64(k, hw, channels_last):
+    gen = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(6, 6, k, padding=k // 2, groups=6, bias=False).double()
+    x = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
+    y = depthwise_conv2d(x, conv)
+    assert 'DepthwiseConv2dFunction' in type(y.grad_fn).__name__
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+    y_ref = conv(x)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
+    assert torch.equal(y, y_ref)
+    assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+    conv3 = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False).double()
+    assert type(depthwise_conv2d(x, conv3).grad_fn).__name__ == 'ConvolutionBackward0'
+
+
+def test_undilated_wide_depthwise_under_bf16_autocast_matches_autograd():
+    """Under CPU bf16 autocast (the training path) the function computes in bf16 like autograd does, and
+    returns gradients in the parameters' and input's dtypes."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 5, padding=2, groups=32, bias=False)
+    x = torch.randn(4, 32, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(4, 32, 14, 14)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = depthwise_conv2d(x, conv)
+        y_ref = conv(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g.bfloat16())
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g.bfloat16())
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+    # both are bf16 products summed over 4 x 14 x 14 pixels: equal to bf16 rounding
+    assert (gx - gx_ref).abs().max() <= 1e-2 * gx_ref.abs().max()
+    assert (gw - gw_ref).abs().max() <= 2e-2 * gw_ref.abs().max()
+
+
+def test_polyattn_training_routes_its_5x5_convolutions():
+    torch.manual_seed(0)
+    model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1)).train()
+    y = model(torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+    names, stack, seen = [], [y.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    attn = [m for m in model.modules() if isinstance(m, polynext.models.polynext.PolyAttn)]
+    # every PolyAttn: Q and K; every PolyConv: the dilated coarse branch
+    coarse = [m for m in model.modules() if isinstance(m, polynext.models.polynext.PolyConv)]
+    assert sum('DepthwiseConv2dFunction' in n for n in names) == 2 * len(attn) + len(coarse) and attn
 
 
 def _pointwise_fusions(model, x):

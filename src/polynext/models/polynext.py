@@ -488,7 +488,9 @@ class PolyAttn(nn.Module):
         """Everything before ``proj``: the attention output after ``final_conv`` (and ``norm2``)."""
         b, _, h, w = x.shape
         qk, v = self.qkv(x).split(self.attn_dim, dim=1)
-        q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
+        # the 5x5 Q / K convolutions' training backward cut into oneDNN's fast 3- and 1-wide kernels (ops/depthwise.py)
+        q, k = self._heads(depthwise_conv2d(qk, self.q_conv)), self._heads(depthwise_conv2d(qk, self.k_conv))
+        v = self._heads(self.v_conv(v))
         if self.window and not self.fully_polynomial:   # each query sees the window x window keys around it
             q = q if self.kernel == 'softmax' else q * self.scale.sigmoid().to(q.dtype)
             o = neighborhood_attention(q, k, v, (h, w), self.window, self.kernel, power=self.power)

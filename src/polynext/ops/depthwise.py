@@ -29,7 +29,10 @@ by each tap's offset, times the output gradient, summed over batch and pixels, c
 
 For kernels wider than 3 (5x5) the phase split's weight gradient is further cut into columns
 of width 3 and 1, the widths oneDNN's fast depthwise weight-gradient kernel takes
-(``_wide_phase_weight_grad``).
+(``_wide_phase_weight_grad``). The same cut serves *undilated* 5x5 depthwise convolutions (PolyAttn's
+Q and K convolutions; one phase), whose backward PyTorch also sends to oneDNN's generic kernel: on a
+Zen 4, batch 32, 160 channels at 14x14, 5.2 ms in fp32 and 11.4 ms in bf16 against 2.3 and 1.6 ms
+(``benchmarks/depthwise_backward.py``).
 
 All are exact in real arithmetic (float64 agreement ~1e-11 in the tests); the phase split is 4-6x
 faster than autograd's backward at the PolyNeXt shapes of 14x14 and larger, the crop and the
@@ -43,14 +46,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['depthwise_conv2d', 'DilatedDepthwiseConv2dFunction']
+__all__ = ['depthwise_conv2d', 'DepthwiseConv2dFunction']
 
 #: below this many output pixels per image the phase split costs more than it saves (7x7 and 8x8 maps)
 _MIN_PIXELS = 14 * 14
 
 
-class DilatedDepthwiseConv2dFunction(torch.autograd.Function):
-    """y = depthwise_conv2d(x, w, dilation=d, padding=d·(k−1)/2), stride 1, no bias; fast backward."""
+class DepthwiseConv2dFunction(torch.autograd.Function):
+    """y = depthwise_conv2d(x, w, dilation=d, padding=d·(k−1)/2), stride 1, no bias; fast backward
+    (dilated kernels, and undilated ones wider than 3)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -86,7 +90,7 @@ class DilatedDepthwiseConv2dFunction(torch.autograd.Function):
                                   groups=channels).to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:
                 acc = torch.promote_types(ctx.dtypes[1], torch.float32)
-                if cut_h == cut_w == 0 and height * width >= _MIN_PIXELS and k > 3:
+                if cut_h == cut_w == 0 and k > 3 and (height * width >= _MIN_PIXELS or d == 1):
                     grad_w = _wide_phase_weight_grad(x, grad, k, d).to(acc)
                 elif cut_h == cut_w == 0 and height * width >= _MIN_PIXELS:
                     c = (k - 1) // 2
@@ -192,17 +196,19 @@ def _dead_taps(k: int, d: int, size: int) -> int:
 def depthwise_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a depthwise ``nn.Conv2d``; the fast-backward function where it applies.
 
-    It applies on the CPU, with autograd recording, for a bias-free, stride-1, square-kernel,
-    dilated depthwise convolution with "same" padding: the phase split on maps of at least 14x14,
-    the crop of dead taps and a per-tap weight gradient on smaller channels-last maps."""
+    It applies on the CPU, with autograd recording, for a bias-free, stride-1, square-kernel depthwise
+    convolution with "same" padding that is dilated (the phase split on maps of at least 14x14, the crop
+    of dead taps and a per-tap weight gradient on smaller channels-last maps) or wider than 3 (PolyAttn's
+    5x5 Q / K convolutions: the column cut at every map size; undilated 3x3 ones already take oneDNN's
+    fast kernel)."""
     k = conv.kernel_size[0]
     d = conv.dilation[0]
-    if (d > 1 and x.device.type == 'cpu' and torch.is_grad_enabled()
+    if ((d > 1 or k > 3) and x.device.type == 'cpu' and torch.is_grad_enabled()
             and (x.requires_grad or conv.weight.requires_grad) and conv.bias is None
             and conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)
             and conv.kernel_size == (k, k) and conv.dilation == (d, d) and conv.padding == (d * (k - 1) // 2,) * 2
             and conv.padding_mode == 'zeros'
-            and (x.shape[-1] * x.shape[-2] >= _MIN_PIXELS or x.is_contiguous(memory_format=torch.channels_last)
-                 or _dead_taps(k, d, min(x.shape[-2:])) > 0)):
-        return DilatedDepthwiseConv2dFunction.apply(x, conv.weight, d)
+            and (d == 1 or x.shape[-1] * x.shape[-2] >= _MIN_PIXELS
+                 or x.is_contiguous(memory_format=torch.channels_last) or _dead_taps(k, d, min(x.shape[-2:])) > 0)):
+        return DepthwiseConv2dFunction.apply(x, conv.weight, d)
     return conv(x)
