@@ -100,6 +100,28 @@ def test_polyattn_training_routes_its_5x5_convolutions():
     assert sum('DepthwiseConv2dFunction' in n for n in names) == 2 * len(attn) + len(coarse) and attn
 
 
+def test_strided_depthwise_runs_in_float32_in_cpu_autocast_training():
+    from polynext.ops.depthwise import StridedDepthwiseConv2d
+    torch.manual_seed(0)
+    conv = StridedDepthwiseConv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+    plain = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+    assert list(conv.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 10, 10).bfloat16().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = conv(x)                                  # training: float32 from the bf16 input
+        with torch.no_grad():
+            assert conv(x).dtype == torch.bfloat16   # inference keeps autocast's choice
+    assert y.dtype == torch.float32
+    y_ref = plain(x.detach().float().requires_grad_())
+    assert torch.equal(y, y_ref)
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), torch.ones_like(y))
+    gw_ref = torch.autograd.grad(y_ref, plain.weight, torch.ones_like(y_ref))[0]
+    assert gx.dtype == torch.bfloat16 and torch.equal(gw, gw_ref)
+    model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    assert any(isinstance(m, StridedDepthwiseConv2d) for m in model.modules())
+
+
 def _pointwise_fusions(model, x):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.inference_mode():

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
-from ..ops.depthwise import depthwise_conv2d
+from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
 from ..ops.poly_attention import poly_attention
@@ -762,7 +762,8 @@ def _clip_grad(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
 def make_downsample(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """Stage-boundary reduction: 'sep3x3' = dw3x3/2 then 1x1; 'full3x3' = dense 3x3/2."""
     if kind == 'sep3x3':
-        layer = nn.Sequential(nn.Conv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim, bias=False),
+        layer = nn.Sequential(StridedDepthwiseConv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim,
+                                                     bias=False),
                               PointwiseConv2d(in_dim, out_dim, bias=False))
         poly_init_(layer[0].weight)
         poly_init_(layer[1].weight)
