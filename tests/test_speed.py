@@ -13,6 +13,25 @@ from polynext.ops.fused import fusion, fusion_available
 from conftest import mini_kwargs
 
 
+def _depthwise_vs_autograd_fp64(k: int, d: int, hw, channels_last: bool, seed: int):
+    """depthwise_conv2d against the plain convolution in fp64: same output bits, gradients within 1e-11.
+    Returns the output's autograd node name and the input."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(6, 6, k, padding=d * (k - 1) // 2, dilation=d, groups=6, bias=False).double()
+    x = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
+    y = depthwise_conv2d(x, conv)
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+    y_ref = conv(x)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
+    assert torch.equal(y, y_ref)
+    assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+    return type(y.grad_fn).__name__, x
+
+
 # 14x14 / 16x16: the phase split (5x5, 7x7 kernels: cut into k x 3 and k x 1 column gradients; 15x15,
 # 14x18 with d=2 and 20x19 with d=3: sides that are not multiples of d, zero-padded first); 4x4, 2x2, 3x20: the crop of the taps that only meet padding
 # (5x5 → 3x3 on 4x4, → 1x1 on 2x2; 3 rows x 20 columns: cropped in height only); 8x8, 7x7: the
@@ -22,21 +41,9 @@ from conftest import mini_kwargs
                                     (5, 2, (15, 15)), (5, 2, (14, 18)), (7, 2, (16, 16)), (5, 3, (20, 19))])
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw, channels_last):
-    gen = torch.Generator().manual_seed(0)
-    conv = nn.Conv2d(6, 6, k, padding=d * (k - 1) // 2, dilation=d, groups=6, bias=False).double()
-    x = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
-    y = depthwise_conv2d(x, conv)
+    node, _ = _depthwise_vs_autograd_fp64(k, d, hw, channels_last, seed=0)
     routed = channels_last or min(hw) <= d * (k - 1) // 2 or hw[0] * hw[1] >= 14 * 14
-    assert (y.grad_fn is not None and 'DepthwiseConv2dFunction' in type(y.grad_fn).__name__) == routed
-    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
-    y_ref = conv(x)
-    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
-    assert torch.equal(y, y_ref)
-    assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+    assert ('DepthwiseConv2dFunction' in node) == routed
 
 
 # PolyAttn's undilated 5x5 Q / K convolutions: the column cut at every size (14x14 and 7x7, the APolyNeXt maps;
@@ -45,20 +52,8 @@ def test_dilated_depthwise_backward_equals_autograd_fp64(k, d, hw, channels_last
                                   (7, (8, 8))])
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_undilated_wide_depthwise_backward_equals_autograd_fp64(k, hw, channels_last):
-    gen = torch.Generator().manual_seed(1)
-    conv = nn.Conv2d(6, 6, k, padding=k // 2, groups=6, bias=False).double()
-    x = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
-    y = depthwise_conv2d(x, conv)
-    assert 'DepthwiseConv2dFunction' in type(y.grad_fn).__name__
-    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
-    y_ref = conv(x)
-    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
-    assert torch.equal(y, y_ref)
-    assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+    node, x = _depthwise_vs_autograd_fp64(k, 1, hw, channels_last, seed=1)
+    assert 'DepthwiseConv2dFunction' in node
     conv3 = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False).double()
     assert type(depthwise_conv2d(x, conv3).grad_fn).__name__ == 'ConvolutionBackward0'
 
