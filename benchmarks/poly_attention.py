@@ -10,12 +10,15 @@ medians), heads passed as the strided views of a channels-last activation, as th
               ``polynext/ops/poly_attention.py``, e.g. an earlier commit's, to measure a change
   polynext    ``poly_attention`` (chunked, recomputing backward)
 
-and the float64 agreement of polynext's output and gradients with the expression's. Prints a table and
-writes JSON. Speed ratios depend on the CPU: the JSON names it.
+in fp32 or bf16 (``--dtype``; bf16 as the model runs it cast to bf16 or under autocast); the float64
+agreement of polynext's output and gradients with the expression's, and with ``--baseline`` whether the two
+versions give bit-identical outputs and gradients. Prints a table and writes JSON. Speed ratios depend on
+the CPU: the JSON names it.
 
     python benchmarks/poly_attention.py --json benchmarks/results/poly_attention.json
     git show edb6769:src/polynext/ops/poly_attention.py > /tmp/poly_attention_edb6769.py
     python benchmarks/poly_attention.py --baseline /tmp/poly_attention_edb6769.py --runs 15
+    python benchmarks/poly_attention.py apolynext_t apolynext_s --dtype bf16 --baseline FILE
 """
 from __future__ import annotations
 
@@ -69,10 +72,12 @@ def main(argv=None) -> int:
     parser.add_argument('--runs', type=int, default=9)
     parser.add_argument('--baseline', type=Path, default=None, metavar='FILE',
                         help='another version of polynext/ops/poly_attention.py to time alongside')
+    parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
     if args.json and Path(args.json).is_dir():
         parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/poly_attention.json')
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[args.dtype]
     if args.baseline is not None and not args.baseline.is_file():
         parser.error(f'--baseline {args.baseline} is not a file; write one with '
                      f'git show COMMIT:src/polynext/ops/poly_attention.py > FILE')
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         kernels['baseline'] = module.poly_attention
     kernels['polynext'] = poly_attention
     env = environment(torch.device('cpu'))
-    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, fp32, "
+    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
           f"batch {args.batch_size}, {args.img_size} px, forward + backward ms (median of {args.runs})", flush=True)
     rows = []
     for name in args.models:
@@ -120,8 +125,8 @@ def main(argv=None) -> int:
             want = _step(poly_attention_reference, q64, k64, v64, g64)
             err = max(((a - b).abs().max() / b.abs().max()).item()
                       for a, b in zip(_step(poly_attention, q64, k64, v64, g64), want))
-            q, k, v = _heads(shape, torch.float32, 0)
-            g = torch.randn(shape)
+            q, k, v = _heads(shape, dtype, 0)
+            g = torch.randn(shape).to(dtype)
             times = {key: [] for key in kernels}
             order = list(kernels)
             for fn in kernels.values():
@@ -137,14 +142,17 @@ def main(argv=None) -> int:
                        max_rel_diff_fp64=err)
             if 'baseline' in ms:
                 row['speedup_vs_baseline'] = round(ms['baseline'] / ms['polynext'], 3)
+                row['identical_to_baseline'] = all(torch.equal(a, b) for a, b in zip(
+                    _step(kernels['baseline'], q, k, v, g), _step(poly_attention, q, k, v, g)))
             rows.append(row)
             cols = '  '.join(f'{key} {t:8.1f}' for key, t in ms.items())
-            extra = f"  x{row['speedup_vs_baseline']:.3f} baseline" if 'baseline' in ms else ''
+            extra = (f"  x{row['speedup_vs_baseline']:.3f} baseline"
+                     f"{' (bit-identical)' if row['identical_to_baseline'] else ' (differs)'}") if 'baseline' in ms else ''
             print(f'{name:12s} {str(list(shape)):18s} {cols}  x{row["speedup_vs_expression"]:.2f} expression{extra}'
                   f'  fp64 rel diff {err:.1e}', flush=True)
     out = dict(command=['python', 'benchmarks/poly_attention.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
-               baseline=str(args.baseline) if args.baseline else None, rows=rows)
+               dtype=args.dtype, baseline=str(args.baseline) if args.baseline else None, rows=rows)
     if args.json:
         atomic_write_json(args.json, out)
         print(f'wrote {args.json}')

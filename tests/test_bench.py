@@ -468,6 +468,10 @@ def test_poly_attention_script_toy(tmp_path):
     rows = json.loads(out.read_text())['rows']
     assert [r['shape'] for r in rows] == [[2, 3, 16, 32], [2, 5, 4, 32]]
     assert all(r['max_rel_diff_fp64'] < 1e-12 and r['baseline_ms'] > 0 for r in rows)
+    assert all(r['identical_to_baseline'] for r in rows)   # the same file as baseline: the same bits
+    assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--dtype', 'bf16',
+                        '--json', str(out)]) == 0
+    assert json.loads(out.read_text())['dtype'] == 'bf16'
 
 
 def test_table11_quick_script(tmp_path):
