@@ -1,13 +1,15 @@
 """The depthwise backward of ``polynext.ops.depthwise`` against autograd's, at a model's shapes.
 
-For every distinct depthwise convolution of the model that ``depthwise_conv2d`` routes (PolyConv's
-dilated coarse branch, PolyAttn's undilated 5x5 Q / K convolutions) at the given input size and batch,
-in one process, interleaved (order reversed every other round, medians):
+For every distinct depthwise convolution of the model that polynext treats specially in training
+(PolyConv's dilated coarse branch and PolyAttn's undilated 5x5 Q / K convolutions, which
+``depthwise_conv2d`` routes; the stage boundaries' ``StridedDepthwiseConv2d``) at the given input size and
+batch, in one process, interleaved (order reversed every other round, medians):
 
-  autograd   ``conv(x)`` and ``torch.autograd.grad`` (PyTorch's CPU backward)
+  autograd   ``nn.Conv2d.forward`` and ``torch.autograd.grad`` (PyTorch's CPU backward, under autocast
+             in PyTorch's dtype for it)
   polynext   ``depthwise_conv2d(x, conv)`` (phase split on maps of 14x14 and larger, 5x5 kernels cut into
              3- and 1-wide columns; crop of the taps that only meet padding and a per-tap weight gradient
-             on smaller channels-last maps)
+             on smaller channels-last maps), or the strided layer's own forward (float32 inside autocast)
 
 forward + backward of the one layer, channels-last, in fp32 or under bf16 autocast (``--dtype bf16``, the
 CPU training path with ``amp: bf16``); and the float64 agreement of both gradients. Prints a table and
@@ -31,25 +33,34 @@ import torch
 import torch.nn as nn
 
 
-def _routed_layers(model: nn.Module, x: torch.Tensor):
-    """(conv, input shape) of each distinct depthwise conv that the model sends through ``depthwise_conv2d``
-    and that it routes in training (dilated, or wider than 3), in a forward of ``x`` (fusions off, so that
-    every call goes through it)."""
+def _special_layers(model: nn.Module, x: torch.Tensor):
+    """(conv, input shape, polynext's function) of each distinct depthwise conv that polynext treats specially
+    in training, in a forward of ``x`` (fusions off, so that every call goes through ``depthwise_conv2d``):
+    those ``depthwise_conv2d`` routes (dilated, or wider than 3) and the ``StridedDepthwiseConv2d`` layers."""
     import polynext.models.polynext as family
+    from polynext.ops.depthwise import StridedDepthwiseConv2d
     from polynext.ops.fused import fusion
     seen = {}
     real = family.depthwise_conv2d
 
     def record(inp, conv):
-        seen.setdefault((tuple(inp.shape), conv.kernel_size, conv.dilation), conv)
+        if conv.dilation[0] > 1 or conv.kernel_size[0] > 3:
+            seen.setdefault((tuple(inp.shape), conv.kernel_size, conv.dilation, 1), (conv, real))
         return real(inp, conv)
+
+    def strided(conv, args):
+        seen.setdefault((tuple(args[0].shape), conv.kernel_size, conv.dilation, conv.stride[0]),
+                        (conv, lambda inp, c: c(inp)))
+    hooks = [m.register_forward_pre_hook(strided) for m in model.modules() if isinstance(m, StridedDepthwiseConv2d)]
     family.depthwise_conv2d = record
     try:
         with torch.no_grad(), fusion(False):
             model(x)
     finally:
         family.depthwise_conv2d = real
-    return [(conv, shape) for (shape, k, dil), conv in seen.items() if dil[0] > 1 or k[0] > 3]
+        for hook in hooks:
+            hook.remove()
+    return [(conv, key[0], fn) for key, (conv, fn) in seen.items()]
 
 
 def _step(fn, x, conv, g, dtype=None):
@@ -84,25 +95,27 @@ def main(argv=None) -> int:
         parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/depthwise.json')
 
     def autograd(x, conv):
-        return conv(x)
+        return nn.Conv2d.forward(conv, x)
 
     rows = []
     for name in args.models:
         kw = {} if args.init_channels is None else dict(init_channels=args.init_channels)
         model = timm.create_model(name, **kw).eval()
         x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-        for conv, shape in _routed_layers(model, x0):
+        for conv, shape, ours in _special_layers(model, x0):
             conv = conv.float()
             x = torch.randn(shape).to(autocast or torch.float32).contiguous(memory_format=torch.channels_last)
-            g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-            c64 = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
-                            dilation=conv.dilation, groups=conv.groups, bias=False).double()
+            with torch.no_grad():
+                out_shape = autograd(x.float(), conv).shape
+            g = torch.randn(out_shape).contiguous(memory_format=torch.channels_last)
+            c64 = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=False).double()
             x64 = torch.randn(2, *shape[1:], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-            g64 = torch.randn_like(x64)
-            err = max((a - b).abs().max().item() for a, b in zip(_step(depthwise_conv2d, x64, c64, g64),
+            g64 = torch.randn(2, *out_shape[1:], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+            err = max((a - b).abs().max().item() for a, b in zip(_step(ours, x64, c64, g64),
                                                                   _step(autograd, x64, c64, g64)))
             times = {'autograd': [], 'polynext': []}
-            fns = [('autograd', autograd), ('polynext', depthwise_conv2d)]
+            fns = [('autograd', autograd), ('polynext', ours)]
             for fn_name, fn in fns:
                 _step(fn, x, conv, g, autocast)         # warm-up
             for r in range(args.runs):
@@ -112,10 +125,10 @@ def main(argv=None) -> int:
                     times[fn_name].append(time.perf_counter() - t)
             a, p = statistics.median(times['autograd']) * 1e3, statistics.median(times['polynext']) * 1e3
             rows.append(dict(model=name, shape=list(shape), kernel=conv.kernel_size[0], dilation=conv.dilation[0],
-                             dtype=args.dtype,
+                             stride=conv.stride[0], dtype=args.dtype,
                              autograd_ms=round(a, 3), polynext_ms=round(p, 3), speedup=round(a / p, 2),
                              max_abs_diff_fp64=err))
-            print(f'{name:12s} {str(list(shape)):20s} k{conv.kernel_size[0]} d{conv.dilation[0]}  '
+            print(f'{name:12s} {str(list(shape)):20s} k{conv.kernel_size[0]} d{conv.dilation[0]} s{conv.stride[0]}  '
                   f'autograd {a:8.2f} ms  polynext {p:8.2f} ms  x{a / p:5.2f}  fp64 diff {err:.1e}', flush=True)
     out = dict(command=['python', 'benchmarks/depthwise_backward.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=environment(torch.device('cpu')), batch_size=args.batch_size, img_size=args.img_size,

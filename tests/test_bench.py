@@ -457,6 +457,20 @@ def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_depthwise_backward_script_toy(tmp_path):
+    """benchmarks/depthwise_backward.py at toy sizes under bf16 autocast: every depthwise layer polynext treats
+    specially in an APolyNeXt (dilated coarse, undilated 5x5 Q / K, stride-2 boundaries) timed against autograd,
+    gradients equal in fp64."""
+    out = tmp_path / 'dw.json'
+    script = _load_script('depthwise_backward')
+    assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--init-channels', '8',
+                        '--runs', '1', '--dtype', 'bf16', '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())['rows']
+    kinds = {(r['kernel'], r['dilation'], r['stride']) for r in rows}
+    assert {(3, 2, 1), (5, 2, 1), (5, 1, 1), (3, 1, 2)} <= kinds
+    assert all(r['max_abs_diff_fp64'] < 1e-10 and r['dtype'] == 'bf16' for r in rows)
+
+
 def test_poly_attention_script_toy(tmp_path):
     """benchmarks/poly_attention.py at toy sizes: apolynext_t's two attention shapes (stages 3 and 4), the
     kernel equal to the paper's expression in fp64, a baseline file timed alongside."""

@@ -30,9 +30,9 @@ by each tap's offset, times the output gradient, summed over batch and pixels, c
 For kernels wider than 3 (5x5) the phase split's weight gradient is further cut into columns
 of width 3 and 1, the widths oneDNN's fast depthwise weight-gradient kernel takes
 (``_wide_phase_weight_grad``). The same cut serves *undilated* 5x5 depthwise convolutions (PolyAttn's
-Q and K convolutions; one phase), whose backward PyTorch also sends to oneDNN's generic kernel: on a
-Zen 4, batch 32, 160 channels at 14x14, 5.2 ms in fp32 and 11.4 ms in bf16 against 2.3 and 1.6 ms
-(``benchmarks/depthwise_backward.py``).
+Q and K convolutions; one phase), whose backward PyTorch also sends to oneDNN's generic kernel: forward +
+backward on a Zen 4, batch 32, 160 channels at 14x14, 6.1 → 4.8 ms in fp32 and 12.2 → 3.2 ms under bf16
+autocast (``benchmarks/depthwise_backward.py apolynext_s [--dtype bf16]``).
 
 All are exact in real arithmetic (float64 agreement ~1e-11 in the tests); the phase split is 4-6x
 faster than autograd's backward at the PolyNeXt shapes of 14x14 and larger, the crop and the
@@ -220,11 +220,12 @@ class StridedDepthwiseConv2d(nn.Conv2d):
     float32.
 
     PyTorch's CPU backward of a strided depthwise convolution in bf16 takes a generic path: on a Zen 4 (AVX-512
-    with bf16), batch 32, forward + backward of the 3x3 stride-2 layer on 48 channels at 56x56 took 38 ms under
-    bf16 autocast against 6.8 ms in float32 (the input cast included), 192 channels at 14x14 18.9 against
-    0.74 ms. The layer has a few MACs per pixel, so float32 costs nothing measurable and loses nothing; the next
-    1x1 convolution casts back to the autocast dtype. Inference (no gradient) and CUDA keep autocast's choice.
-    Same parameters and state dict as ``nn.Conv2d``."""
+    with bf16), batch 32, forward + backward of the 3x3 stride-2 layer on 48 channels at 56x56 took 25.0 ms
+    under bf16 autocast against 7.5 ms in float32 inside it (the input cast included), 288 channels at 14x14
+    26.9 against 1.7 ms (``benchmarks/depthwise_backward.py apolynext_t apolynext_s --dtype bf16``). The layer
+    has a few MACs per pixel, so float32 loses no precision; it keeps its float32 input for backward (+2.6 % of
+    apolynext_t's bf16 training memory). The next 1x1 convolution casts back to the autocast dtype. Inference
+    (no gradient) and CUDA keep autocast's choice. Same parameters and state dict as ``nn.Conv2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu'):

@@ -15,8 +15,8 @@ the faster one serves that shape from then on.
 
 What is timed is the layer's whole backward as each path runs it: oneDNN computes both gradients in one
 call, the ``torch.mm`` path needs a second convolution call for the input gradient. Timing the weight
-gradients alone picked ``torch.mm`` on a Zen 4 (AVX-512) for shapes where it was 7-9 % faster alone and
-the whole backward was not, and the training step lost 14-39 ms to it (``benchmarks/weight_grad.py``).
+gradients alone picked ``torch.mm`` on a Zen 4 (AVX-512) for shapes where it was 2-9 % faster alone and
+the whole backward was not, and the training step lost 13-39 ms to it (``benchmarks/weight_grad.py``).
 ``torch.mm`` must also win by ``MM_MARGIN`` (5 %): a near tie stays on PyTorch's own kernel, so the
 choice does not follow timing noise.
 
@@ -88,9 +88,15 @@ def weight_grad_choices() -> Dict[str, str]:
     return {f'{n}x{ci}->{co} {str(dt).replace("torch.", "")} t{th}': k for (n, ci, co, dt, th), k in _CHOICE.items()}
 
 
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
+                   weight_grad: bool) -> tuple:
+    """PyTorch's (oneDNN's) backward of the 1x1 convolution: the gradients asked for, in one call."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                               [input_grad, weight_grad, False])
+
+
 def _onednn_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    return _conv_backward(grad, x, weight, False, True)[1]
 
 
 def _mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -105,21 +111,15 @@ def _mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
 _KERNELS = {'onednn': _onednn_weight_grad, 'mm': _mm_weight_grad}
 
 
-def _input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-
-
 def _onednn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> None:
     """The backward of a plain ``F.conv2d``: both gradients from one oneDNN call."""
-    torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                        [input_grad, True, False])
+    _conv_backward(grad, x, weight, input_grad, True)
 
 
 def _mm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> None:
     """The backward of ``_PointwiseConvFunction`` on the 'mm' kernel."""
     if input_grad:
-        _input_grad(grad, x, weight)
+        _conv_backward(grad, x, weight, True, False)
     _mm_weight_grad(grad, x, weight)
 
 
@@ -279,7 +279,7 @@ class _PointwiseConvFunction(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(grad, x, weight)
+            grad_x = _conv_backward(grad, x, weight, True, False)[0]
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(grad, x, weight, ctx.needs_input_grad[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
