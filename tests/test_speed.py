@@ -1,5 +1,7 @@
 """The speed paths compute the same function: fused CPU inference, the dilated depthwise backward,
 torch.compile(fullgraph=True), and the profiler's op-class accounting."""
+import importlib
+
 import pytest
 import timm
 import torch
@@ -323,3 +325,26 @@ def test_prefault_heap_touches_only_under_the_pinned_allocator(monkeypatch):
     assert prefault_heap() == 0
     monkeypatch.setattr(bench, 'allocator_status', lambda env=None: 'pinned')
     assert prefault_heap(max_bytes=8 * 2**20) == 8 * 2**20
+
+
+def test_compiled_flex_attention_compiles_past_dynamos_default_limit():
+    """The CUDA path's compiled flex kernel must compile a new shape rather than let Dynamo fall back to
+    flex_attention's unfused path (an N×N tensor per layer) once its recompile limit (8 by default) is
+    spent. Run on the CPU (inductor's CPU flex kernel, forward only) with the global limit lowered to 1
+    and a hit made an error: three shapes that each need their own kernel all compile, and equal the
+    reference; the raised limit stays local to the call."""
+    import torch._dynamo
+    pa = importlib.import_module('polynext.ops.poly_attention')   # (polynext.ops.poly_attention is also a function)
+    if not pa.flex_available():
+        pytest.skip('this torch has no flex_attention')
+    torch._dynamo.reset()
+    pa._COMPILED_FLEX = None
+    gen = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), torch.no_grad():
+        for shape in ((2, 2, 49, 32), (2, 2, 96, 32), (3, 2, 49, 32)):
+            q, k, v = (0.2 * torch.randn(*shape, generator=gen) for _ in range(3))
+            out = pa.poly_attention_flex(q, k, v, compiled=True)
+            assert (out - pa.poly_attention_reference(q, k, v)).abs().max() < 1e-5
+        assert torch._dynamo.config.recompile_limit == 1
+    torch._dynamo.reset()
+    pa._COMPILED_FLEX = None

@@ -172,6 +172,13 @@ def _log_poly_score(power: int):
 
 _COMPILED_FLEX = None
 
+#: how many specialisations (shapes, dtypes, grad modes) the compiled flex kernel may collect. Dynamo's
+#: default is 8 per function, and past it Dynamo does not fail: it silently runs flex_attention's unfused
+#: path, which materialises every N×N score matrix (UperNet + APolyNeXt-S at 512x2048, batch 2: 2·9·4096²
+#: scores, 0.6-1.2 GB a layer). Batch sizes and grad modes multiply the count: the training batch, the last
+#: smaller one, evaluation and its last batch, at two attention stages, are already 8 with static shapes.
+FLEX_RECOMPILE_LIMIT = 64
+
 
 def flex_available() -> bool:
     """True when this PyTorch has ``flex_attention`` (torch >= 2.5)."""
@@ -182,26 +189,42 @@ def flex_available() -> bool:
     return True
 
 
-def poly_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int = 4) -> torch.Tensor:
+def _compiled_flex():
+    """flex_attention under ``torch.compile``, made once per process. ``dynamic=None`` (automatic dynamic
+    shapes): the first shape gets a static kernel; once a second token count is seen, one kernel with a
+    symbolic token count serves every later one (variable image sizes in detection and segmentation would
+    otherwise compile a kernel per size)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=None)
+    return _COMPILED_FLEX
+
+
+def poly_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int = 4,
+                        compiled: Optional[bool] = None) -> torch.Tensor:
     """The polynomial attention through ``flex_attention`` with a score modification.
 
     For even ``power``, (S+1)^p / Σ_row (S+1)^p = softmax(p·log|S+1|): flex_attention's softmax
     (max-subtracted, so in range) then *is* the l1 row normalisation, and its fused kernel never
     holds the N×N scores (forward and backward). Exact in real arithmetic; a score of exactly −1
-    gives a zero weight (as in the reference) but an undefined gradient. On CUDA the kernel is the
-    compiled one (compiled once per process); elsewhere flex_attention's eager reference runs
-    (forward only on CPU: PyTorch has no CPU backward for it).
+    gives a zero weight (as in the reference) but an undefined gradient.
+
+    ``compiled`` (default: on CUDA, unless a surrounding ``torch.compile`` traces this call) runs the
+    compiled kernel, with Dynamo's recompile limit raised to :data:`FLEX_RECOMPILE_LIMIT` for this call
+    so that a new shape compiles instead of falling back to the unfused path. Otherwise flex_attention's
+    eager reference runs (forward only on CPU: PyTorch has no CPU backward for it).
     """
-    global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
     if power % 2:
         raise ValueError(f"poly_attention_flex needs an even power (got {power})")
-    fn = flex_attention
-    if q.device.type == 'cuda' and not torch.compiler.is_compiling():
-        if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        fn = _COMPILED_FLEX
-    return fn(q, k, v, score_mod=_log_poly_score(power), scale=1.0)
+    if compiled is None:
+        compiled = q.device.type == 'cuda' and not torch.compiler.is_compiling()
+    if not compiled:
+        return flex_attention(q, k, v, score_mod=_log_poly_score(power), scale=1.0)
+    limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled_flex()(q, k, v, score_mod=_log_poly_score(power), scale=1.0)
 
 
 def poly_attention(
