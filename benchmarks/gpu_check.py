@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -66,29 +67,38 @@ def _model(name: str, dry: bool, **kw: Any) -> torch.nn.Module:
     return timm.create_model(name, **kw)
 
 
+def _training_step_row(name: str, device: torch.device, dry: bool) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    size = 32 if name == 'cpolynext_lr' else (64 if dry else 224)
+    model = _model(name, dry, num_classes=10).to(device, memory_format=torch.channels_last).train()
+    x = torch.randn(2 if dry else 16, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(x.shape[0], device=device) % 10
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    losses, finite = [], True
+    for _ in range(3):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        finite &= all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    ok = finite and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    return dict(model=name, losses=losses, grads_finite=finite, ok=ok)
+
+
 def check_training_steps(device: torch.device, dry: bool) -> List[Dict[str, Any]]:
     rows = []
     for name in FAMILIES:
-        torch.manual_seed(0)
-        size = 32 if name == 'cpolynext_lr' else (64 if dry else 224)
-        model = _model(name, dry, num_classes=10).to(device, memory_format=torch.channels_last).train()
-        x = torch.randn(2 if dry else 16, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        y = torch.arange(x.shape[0], device=device) % 10
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-        losses, finite = [], True
-        for _ in range(3):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
-            finite &= all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        ok = finite and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-        rows.append(dict(model=name, losses=losses, grads_finite=finite, ok=ok))
-        print(f"  {name:16s} bf16 step, fused AdamW, channels-last: losses {', '.join(f'{v:.4f}' for v in losses)}"
-              f"  {'ok' if ok else 'FAILED'}", flush=True)
-        del model, opt
+        try:
+            row = _training_step_row(name, device, dry)
+            detail = f"losses {', '.join(f'{v:.4f}' for v in row['losses'])}"
+        except Exception as exc:   # one family's failure must not hide the others'
+            row = dict(model=name, ok=False, error=f'{type(exc).__name__}: {exc}', traceback=traceback.format_exc())
+            detail = row['error'].splitlines()[0][:200]
+        rows.append(row)
+        print(f"  {name:16s} bf16 step, fused AdamW, channels-last: {detail}  {'ok' if row['ok'] else 'FAILED'}",
+              flush=True)
     return rows
 
 
@@ -214,22 +224,41 @@ def main(argv: List[str] = None) -> int:
     result: Dict[str, Any] = dict(command=['python', 'benchmarks/gpu_check.py'] + list(argv or sys.argv[1:]),
                                   device=str(device), device_name=name, torch=torch.__version__,
                                   dry_run=args.dry_run)
-    print('1. correctness', flush=True)
-    result['training_steps'] = check_training_steps(device, args.dry_run)
-    result['attention'] = check_attention(device, args.dry_run)
-    print('2. throughput, inference, bf16', flush=True)
-    result['throughput'] = throughput(device, args.dry_run, 1 if args.dry_run else args.runs)
-    print('3. segmentation training memory', flush=True)
-    result['segmentation'] = seg_memory(device, args.dry_run)
+    path = Path(args.json) if args.json else None
+
+    def write() -> None:   # after every section, so a run cut short still leaves what it measured
+        if path is not None:
+            tmp = path.with_name(f'.{path.name}.tmp')
+            tmp.write_text(json.dumps(result, indent=2) + '\n')
+            tmp.replace(path)
+
+    sections = (('1. correctness: training steps', 'training_steps', lambda: check_training_steps(device, args.dry_run)),
+                ('   correctness: attention kernel', 'attention', lambda: check_attention(device, args.dry_run)),
+                ('2. throughput, inference, bf16', 'throughput',
+                 lambda: throughput(device, args.dry_run, 1 if args.dry_run else args.runs)),
+                ('3. segmentation training memory', 'segmentation', lambda: seg_memory(device, args.dry_run)))
+    failed = []
+    for title, key, section in sections:
+        start = time.perf_counter()
+        print(f'{title} (at {start - t0:.0f} s)', flush=True)
+        try:
+            result[key] = section()
+        except Exception as exc:   # one GPU run is precious: record the failure and go on with the next section
+            traceback.print_exc()
+            result[key] = dict(ok=False, error=f'{type(exc).__name__}: {exc}', traceback=traceback.format_exc())
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+        rows = result[key] if isinstance(result[key], list) else [result[key]]
+        if not all(r.get('ok', True) for r in rows):   # (throughput rows are measurements, not checks)
+            failed.append(key)
+        result.setdefault('section_seconds', {})[key] = time.perf_counter() - start
+        write()
     result['seconds'] = time.perf_counter() - t0
-    result['ok'] = (all(r['ok'] for r in result['training_steps']) and all(r['ok'] for r in result['attention'])
-                    and result['segmentation']['ok'])
+    result['ok'] = not failed
+    result['failed_sections'] = failed
     print(f"{'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'} in {result['seconds']:.0f} s", flush=True)
-    if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f'.{path.name}.tmp')
-        tmp.write_text(json.dumps(result, indent=2) + '\n')
-        tmp.replace(path)
+    write()
+    if path is not None:
         print(f'wrote {args.json}')
     return 0 if result['ok'] else 1
 

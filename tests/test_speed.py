@@ -1,6 +1,7 @@
 """The speed paths compute the same function: fused CPU inference, the dilated depthwise backward,
 torch.compile(fullgraph=True), and the profiler's op-class accounting."""
 import importlib
+import importlib.util
 
 import pytest
 import timm
@@ -12,7 +13,7 @@ import polynext
 from polynext.ops.depthwise import depthwise_conv2d
 from polynext.ops.fused import fusion, fusion_available
 
-from conftest import mini_kwargs
+from conftest import mini_kwargs, subprocess_env
 
 
 def _depthwise_vs_autograd_fp64(k: int, d: int, hw, channels_last: bool, seed: int):
@@ -248,7 +249,6 @@ def test_flex_attention_form_equals_the_reference_fp64():
 
 def test_gpu_check_dry_run(tmp_path):
     """benchmarks/gpu_check.py end to end at toy sizes on the CPU: every section runs and passes."""
-    import importlib.util
     import json
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.py'
@@ -264,6 +264,56 @@ def test_gpu_check_dry_run(tmp_path):
     assert r['attention'][0]['out_rel'] < 1e-5
     assert [row['model'] for row in r['throughput']] == ['cpolynext_s', 'apolynext_s']
     assert r['segmentation']['input'] == [2, 3, 64, 256]
+    assert r['failed_sections'] == [] and set(r['section_seconds']) == {'training_steps', 'attention', 'throughput',
+                                                                       'segmentation'}
+
+
+def test_gpu_session_script_dry_run_on_cpu(tmp_path):
+    """tools/gpu_session.sh, the one command a GPU lease runs, end to end on the CPU (DRY=1: gpu_check at toy
+    sizes, the gpu tests skip): it imports polynext from src/, writes its five files, and exits 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / 'out'
+    env = dict(subprocess_env(), PYTHON=sys.executable, DRY='1')
+    r = subprocess.run(['bash', 'tools/gpu_session.sh', str(out)], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ['env.txt', 'gpu_check.json', 'gpu_check.log', 'summary.txt',
+                                                     'tests.log']
+    assert str(root / 'src' / 'polynext') in (out / 'env.txt').read_text()
+    result = json.loads((out / 'gpu_check.json').read_text())
+    assert result['dry_run'] and result['ok']
+    assert 'skipped' in (out / 'tests.log').read_text()
+    assert (out / 'summary.txt').read_text().startswith('gpu_check exit 0')
+    usage = subprocess.run(['bash', 'tools/gpu_session.sh'], cwd=root, env=env, capture_output=True, text=True)
+    assert usage.returncode != 0 and 'usage: bash tools/gpu_session.sh OUTDIR' in usage.stderr
+
+
+def test_gpu_check_records_a_failure_and_runs_on(tmp_path, monkeypatch, capsys):
+    """One GPU run is precious: a model or a section that raises is recorded with its error, the other
+    models and sections still run, the JSON is written and the exit status is 1."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.py'
+    spec = importlib.util.spec_from_file_location('gpu_check_fail', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, 'FAMILIES', ('cpolynext_lr', 'cpolynext_nope', 'cpolynext_t'))
+    monkeypatch.setattr(mod, 'check_attention', lambda device, dry: 1 / 0)
+    monkeypatch.setattr(mod, 'throughput', lambda device, dry, runs: [])
+    monkeypatch.setattr(mod, 'seg_memory', lambda device, dry: dict(ok=True))
+    assert mod.main(['--dry-run', '--device', 'cpu', '--json', str(tmp_path / 'r.json')]) == 1
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert [(row['model'], row['ok']) for row in r['training_steps']] == [
+        ('cpolynext_lr', True), ('cpolynext_nope', False), ('cpolynext_t', True)]
+    assert 'cpolynext_nope' in r['training_steps'][1]['error']
+    assert r['attention'] == dict(ok=False, error='ZeroDivisionError: division by zero',
+                                  traceback=r['attention']['traceback'])
+    assert r['failed_sections'] == ['training_steps', 'attention'] and not r['ok']
+    assert 'SOME CHECKS FAILED' in capsys.readouterr().out
 
 
 # The residual gates are folded into the branch's last weight (``_gated_conv``, the LayerNorm's weight):
