@@ -232,19 +232,28 @@ def test_flex_attention_form_equals_the_reference_fp64():
     """The GPU kernel's formulation: forward through flex_attention itself (CPU, eager), and the
     score modification's gradients through the same softmax expression (PyTorch has no CPU
     backward for flex_attention)."""
-    from polynext.ops.poly_attention import flex_available, poly_attention_flex, poly_attention_reference
+    from polynext.ops.poly_attention import (_log_poly_score, flex_available, poly_attention_flex,
+                                             poly_attention_reference)
     if not flex_available():
         pytest.skip('this torch has no flex_attention')
     gen = torch.Generator().manual_seed(0)
     q, k, v = (0.3 * torch.randn(2, 3, 40, 16, generator=gen, dtype=torch.float64) for _ in range(3))
     ref = poly_attention_reference(q, k, v)
     assert (poly_attention_flex(q, k, v) - ref).abs().max() < 1e-12
+    # a score of exactly -1 (query 0 against key 0): a zero weight, and a finite gradient equal to the reference's
+    q[0, 0, 0], k[0, 0, 0] = 0., 0.
+    q[0, 0, 0, 0], k[0, 0, 0, 0] = 1., -1.
+    assert (q @ k.transpose(-1, -2))[0, 0, 0, 0] == -1
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    form = torch.softmax(4 * torch.log(torch.abs(q @ k.transpose(-1, -2) + 1)), dim=-1) @ v
+    score_mod = _log_poly_score(4)     # the flex kernel's own score modification, here under autograd
+    form = torch.softmax(score_mod(q @ k.transpose(-1, -2), None, None, None, None), dim=-1) @ v
     grads = torch.autograd.grad(form, (q, k, v), g)
     ref_grads = torch.autograd.grad(poly_attention_reference(q, k, v), (q, k, v), g)
+    assert all(torch.isfinite(a).all() for a in grads)
     assert max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)) < 1e-12
+    q, k, v = (t.detach() for t in (q, k, v))
+    assert (poly_attention_flex(q, k, v) - poly_attention_reference(q, k, v)).abs().max() < 1e-12
 
 
 def test_gpu_check_dry_run(tmp_path):

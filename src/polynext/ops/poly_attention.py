@@ -164,9 +164,16 @@ def _export_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: in
     return (a @ v) / a.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
+#: |S + 1| is clamped to this before the log: at a score of exactly −1 (fp32 sums of bf16 products land on it,
+#: a few times per layer and step at segmentation sizes) log|·| has the derivative 0/0 and the whole row's
+#: gradient would be NaN. Clamped, the weight is e^(p·log 1e-30) ≈ 0 as before and the gradient is 0, the
+#: value of d(S+1)^p/dS there.
+_SCORE_FLOOR = 1e-30
+
+
 def _log_poly_score(power: int):
     def score_mod(score, b, h, q_idx, kv_idx):
-        return power * torch.log(torch.abs(score + 1))
+        return power * torch.log(torch.abs(score + 1).clamp_min(_SCORE_FLOOR))
     return score_mod
 
 
@@ -207,8 +214,8 @@ def poly_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power
 
     For even ``power``, (S+1)^p / Σ_row (S+1)^p = softmax(p·log|S+1|): flex_attention's softmax
     (max-subtracted, so in range) then *is* the l1 row normalisation, and its fused kernel never
-    holds the N×N scores (forward and backward). Exact in real arithmetic; a score of exactly −1
-    gives a zero weight (as in the reference) but an undefined gradient.
+    holds the N×N scores (forward and backward). Exact in real arithmetic, except that |S+1| is
+    clamped at 1e-30 (a zero weight and gradient at a score of exactly −1, as in the reference).
 
     ``compiled`` (default: on CUDA, unless a surrounding ``torch.compile`` traces this call) runs the
     compiled kernel, with Dynamo's recompile limit raised to :data:`FLEX_RECOMPILE_LIMIT` for this call
@@ -222,8 +229,9 @@ def poly_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power
         compiled = q.device.type == 'cuda' and not torch.compiler.is_compiling()
     if not compiled:
         return flex_attention(q, k, v, score_mod=_log_poly_score(power), scale=1.0)
-    limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'   # (torch < 2.7)
+    with config.patch(**{name: max(FLEX_RECOMPILE_LIMIT, getattr(config, name))}):
         return _compiled_flex()(q, k, v, score_mod=_log_poly_score(power), scale=1.0)
 
 
@@ -246,7 +254,7 @@ def poly_attention(
     if _is_exporting():
         return _export_forward(q, k, v, power)
     if q.device.type == 'cuda' and flex_available():   # the fused kernel: chosen automatically on CUDA
-        return poly_attention_flex(q, k, v.to(q.dtype), power).to(v.dtype)
+        return poly_attention_flex(q, k.to(q.dtype), v.to(q.dtype), power).to(v.dtype)
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _PolyAttentionFunction.apply(q, k, v, power, chunk_bytes)
