@@ -246,3 +246,34 @@ def test_layer_wise_decay_groups_and_step_schedule_follow_convnext_and_mmcv():
     assert step_lr_factor(250, per_epoch, cfg) == pytest.approx(1 - 0.5 * 0.999)
     assert [step_lr_factor(e * per_epoch, per_epoch, cfg) for e in (26, 27, 32, 33, 35)] == pytest.approx(
         [1, 0.1, 0.1, 0.01, 0.01])                                                # steps after epochs 27 and 33
+
+
+@pytest.mark.parametrize('kind', ['mask_rcnn', 'cascade_mask_rcnn'])
+def test_box_geometry_stays_float32_under_bf16_autocast(kind):
+    """Under bf16 autocast (the recipes' CUDA default; here the CPU's) the anchors, proposals, RoIs, regression
+    outputs and final boxes stay float32: torchvision would make them bf16 (8 significant bits, up to 4 px off
+    at 1024-2047), and the ground truth cast to the proposals' dtype with them."""
+    from polynext.det.detector import build_detector
+    torch.manual_seed(0)
+    spec = DetectorSpec(kind, 'cpolynext_t', num_classes=3, backbone_kwargs=dict(init_channels=8), fpn_channels=16,
+                        box_fc=32, conv_channels=16, mask_channels=8, rpn_batch=32, roi_batch=32)
+    model = build_detector(spec)
+    seen = {}
+
+    def record(name, tensors):
+        seen.setdefault(name, tensors[0].dtype)     # (a hook that returns a value replaces the output)
+    model.rpn.anchor_generator.register_forward_hook(lambda m, i, o: record('anchors', o))
+    model.roi_heads.register_forward_pre_hook(lambda m, args: record('proposals', args[1]))
+    model.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, args: record('rois', args[1]))
+    box = torch.tensor([[1211.1, 300.3, 1500.7, 640.9]])          # 1211.1 in bf16 is 1208
+    images = [torch.rand(3, 704, 1600)]
+    targets = [dict(boxes=box, labels=torch.tensor([1]), masks=torch.zeros(1, 704, 1600, dtype=torch.uint8))]
+    targets[0]['masks'][0, 300:640, 1211:1500] = 1
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert seen == dict(anchors=torch.float32, proposals=torch.float32, rois=torch.float32)
+    model.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(images)
+    assert out[0]['boxes'].dtype == torch.float32

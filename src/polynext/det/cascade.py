@@ -88,7 +88,7 @@ class CascadeRoIHeads(RoIHeads):
         """Per image: sampled RoIs, labels, matched gt index, matched gt box, is-ground-truth flag."""
         out = []
         for props, t in zip(proposals, targets):
-            gt = t['boxes'].to(props.dtype)
+            props, gt = props.float(), t['boxes'].float()    # box geometry in float32 under autocast too
             props = torch.cat([props, gt])
             is_gt = torch.zeros(props.shape[0], dtype=torch.bool, device=props.device)
             is_gt[props.shape[0] - gt.shape[0]:] = True

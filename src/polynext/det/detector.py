@@ -24,7 +24,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -136,9 +136,36 @@ class DetTransform(GeneralizedRCNNTransform):
         return result
 
 
+class Fp32AnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with its anchors in float32 whatever the features' dtype.
+
+    torchvision makes the anchors in the dtype of the feature maps: under bf16 autocast (the CUDA default
+    of the detection recipes) the FPN's bf16. bf16 keeps 8 significant bits, so a coordinate in 1024-2047
+    is rounded by up to 4 px and proposals, regression targets and the ground truth cast to their dtype
+    inherit it. The features only lend their shapes (zero-stride views of a float32 scalar, no copy)."""
+
+    def forward(self, image_list, feature_maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        shapes = [torch.zeros((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class Fp32RPNHead(RPNHead):
+    """torchvision's ``RPNHead`` returning float32 objectness and deltas (its convolutions still run in the
+    autocast dtype): ``BoxCoder.decode`` casts the anchors to the deltas' dtype, so bf16 deltas would undo
+    :class:`Fp32AnchorGenerator`."""
+
+    def forward(self, x: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+def _anchor_generator(spec: DetectorSpec) -> AnchorGenerator:
+    return Fp32AnchorGenerator(tuple((s,) for s in spec.anchor_sizes), (tuple(spec.anchor_ratios),) * 5)
+
+
 def _rpn(spec: DetectorSpec, channels: int) -> RegionProposalNetwork:
-    anchors = AnchorGenerator(tuple((s,) for s in spec.anchor_sizes), (tuple(spec.anchor_ratios),) * 5)
-    head = RPNHead(channels, anchors.num_anchors_per_location()[0])
+    anchors = _anchor_generator(spec)
+    head = Fp32RPNHead(channels, anchors.num_anchors_per_location()[0])
     return RegionProposalNetwork(
         anchors, head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=spec.rpn_batch,
         positive_fraction=0.5, pre_nms_top_n=dict(training=spec.rpn_pre_nms_train, testing=spec.rpn_pre_nms_test),
@@ -149,7 +176,7 @@ def _mask_rcnn(spec: DetectorSpec, backbone: DetBackbone) -> MaskRCNN:
     c = backbone.out_channels
     model = MaskRCNN(
         backbone, num_classes=None,
-        rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in spec.anchor_sizes), (tuple(spec.anchor_ratios),) * 5),
+        rpn_anchor_generator=_anchor_generator(spec),
         rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train, rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test,
         rpn_post_nms_top_n_train=spec.rpn_post_nms_train, rpn_post_nms_top_n_test=spec.rpn_post_nms_test,
         rpn_batch_size_per_image=spec.rpn_batch,

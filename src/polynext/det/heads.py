@@ -56,7 +56,10 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         for level, (feat, stride) in enumerate(zip(feats, self.strides)):
             idx = torch.where(levels == level)[0]
             if idx.numel():
-                out[idx] = roi_align(feat, rois[idx].to(feat.dtype), self.output_size, spatial_scale=1.0 / stride,
+                # under autocast torchvision's roi_align runs in float32 itself: the boxes keep their float32
+                # coordinates (cast to bf16 they would move by up to 4 px); otherwise the dtypes must match
+                level_rois = rois[idx] if torch.is_autocast_enabled(feat.device.type) else rois[idx].to(feat.dtype)
+                out[idx] = roi_align(feat, level_rois, self.output_size, spatial_scale=1.0 / stride,
                                      sampling_ratio=self.sampling_ratio, aligned=self.aligned).to(out.dtype)
         return out
 
@@ -124,7 +127,9 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.cls_score(x), self.bbox_pred(x)
+        """float32 outputs under autocast too: the box coder decodes in the deltas' dtype (bf16 would round the
+        boxes by up to 4 px), and the losses are taken in float32 anyway."""
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
 
 
 def mask_head(in_channels: int, channels: int = 256, num_convs: int = 4) -> MaskRCNNHeads:
