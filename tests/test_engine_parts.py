@@ -303,3 +303,51 @@ def test_the_engine_imports_no_task_and_checkpoint_io_no_model():
     for module, deps in graph.items():
         if module.startswith('polynext.models'):
             assert not [d for d in deps if d.startswith(tasks + ('polynext.engine',))], module
+
+
+def test_to_channels_last_keeps_per_channel_scales_in_standard_strides():
+    """Every 4-D weight goes channels-last except the (1, C, 1, 1) scales, which keep the strides autograd gives
+    their gradients (DDP's buckets follow the parameter: a mismatch is a copy per step); values unchanged."""
+    import timm
+    from polynext.engine.step import to_channels_last
+    from conftest import mini_kwargs
+    model = timm.create_model('cpolynext_t', **mini_kwargs('cpolynext_t'))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scales = [n for n, p in model.named_parameters() if p.dim() == 4 and p.shape[0] == 1 and p.shape[2:] == (1, 1)]
+    assert scales                                       # the cells' per-channel input scales
+    to_channels_last(model)
+    for name, p in model.named_parameters():
+        if name in scales:
+            assert p.stride() == torch.empty(p.shape).stride(), name
+        elif p.dim() == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1):
+            assert p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous(), name
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert all(p.grad.stride() == p.stride() for n, p in model.named_parameters() if n in scales)
+
+
+def test_cudnn_benchmark_is_off_for_detection_only(monkeypatch):
+    """cuDNN's algorithm search pays for fixed shapes (classification, segmentation crops) and re-runs for every
+    new one: detection (a padded size per batch) turns it off. The flags are set without touching a GPU."""
+    from polynext.det.recipes import DetConfig
+    from polynext.engine import run as engine_run
+    from polynext.engine.backend import setup_backend
+    from polynext.seg.recipes import SegConfig
+    from polynext.train.recipes import TrainConfig
+    seen = {}
+    with monkeypatch.context() as m:
+        m.setattr('polynext.engine.backend.setup_backend',
+                  lambda device, seed, threads, deterministic, benchmark: seen.update({type(cfg): benchmark}))
+        env = type('Env', (), dict(device=torch.device('cpu'), rank=0, world_size=1, is_main=False))()
+        for cfg in (TrainConfig(), SegConfig(), DetConfig()):
+            engine_run.start_run('/nonexistent/never-written', env, cfg, quiet=True)
+    assert seen == {TrainConfig: True, SegConfig: True, DetConfig: False}
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        setup_backend(torch.device('cuda'), 0, benchmark=False)
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.allow_tf32
+        setup_backend(torch.device('cuda'), 0)
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

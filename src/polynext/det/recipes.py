@@ -145,6 +145,9 @@ class DetConfig:
 
     # ---- what the engine's preset table needs ----
     COMMAND: ClassVar[str] = 'polynext det train'
+    #: every batch has its own padded size (multi-scale, aspect ratios): cuDNN's algorithm search would run
+    #: again for each new shape (mmdetection turns it off too)
+    CUDNN_BENCHMARK: ClassVar[bool] = False
     MODEL_FIELDS: ClassVar[Tuple[str, str]] = ('backbone', 'backbone_kwargs')
     DATA_DATASETS: ClassVar[Dict[str, str]] = {'shapes': 'coco'}   # --data on the demo: a COCO folder
 

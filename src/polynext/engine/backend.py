@@ -6,8 +6,9 @@ builds data or a model, so that the model's initial weights depend only on the s
 * Python's, NumPy's and torch's generators seeded with ``seed`` (the trainers pass
   ``cfg.seed + rank``: each rank has its own dropout / drop-path / mixing streams);
 * ``torch.set_num_threads(threads)`` when ``threads`` > 0 (0 keeps torch's default);
-* on CUDA, TF32 matmuls and convolutions and ``cudnn.benchmark``, as the authors' scripts run, or
-  with ``deterministic=True`` deterministic algorithms instead (slower; bit-stable across runs).
+* on CUDA, TF32 matmuls and convolutions and ``cudnn.benchmark`` (unless ``benchmark=False``: detection,
+  whose padded batch size changes every batch), as the authors' scripts run, or with
+  ``deterministic=True`` deterministic algorithms instead (slower; bit-stable across runs).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .determinism import seed_everything
 __all__ = ['setup_backend', 'optimizer_kwargs']
 
 
-def setup_backend(device: torch.device, seed: int, threads: int = 0, deterministic: bool = False) -> None:
+def setup_backend(device: torch.device, seed: int, threads: int = 0, deterministic: bool = False,
+                  benchmark: bool = True) -> None:
     """Seed every generator, set torch's CPU threads and the CUDA math modes (see the module doc)."""
     seed_everything(seed)
     if threads:
@@ -37,7 +39,7 @@ def setup_backend(device: torch.device, seed: int, threads: int = 0, determinist
     else:
         torch.backends.cuda.matmul.allow_tf32 = True   # as the references
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = benchmark   # (off for inputs whose shape changes every batch)
 
 
 def optimizer_kwargs(device: torch.device) -> dict:

@@ -422,13 +422,15 @@ def _with_notes(state: Dict[str, Any], note: Optional[str], reason: Optional[str
 def start_run(path: Union[str, Path], env: Any, cfg: Any, quiet: bool = False) -> Tuple['RunFolder', Any]:
     """The first thing a trainer does: the batch layout (checked before anything is written), the run folder
     (created by its first write) and the backend (seed ``cfg.seed`` + rank, ``cfg.threads``, TF32 or
-    ``cfg.deterministic``); returns (run folder, layout)."""
+    ``cfg.deterministic``, cuDNN's algorithm search unless the config class sets ``CUDNN_BENCHMARK = False``);
+    returns (run folder, layout)."""
     from .backend import setup_backend
     from .memory import BatchLayout
     layout = BatchLayout.split(cfg.batch_size, cfg.device_batch_size, env.world_size)
     run = RunFolder(path, is_main=env.is_main, quiet=quiet,
                     command=command_prefix(getattr(type(cfg), 'COMMAND', 'polynext train'), env.world_size))
-    setup_backend(env.device, cfg.seed + env.rank, cfg.threads, deterministic=cfg.deterministic)
+    setup_backend(env.device, cfg.seed + env.rank, cfg.threads, deterministic=cfg.deterministic,
+                  benchmark=getattr(type(cfg), 'CUDNN_BENCHMARK', True))
     return run, layout
 
 

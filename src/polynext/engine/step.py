@@ -39,12 +39,23 @@ from .metrics import Meters
 from .nonfinite import NonFiniteError, NonFinitePolicy, nonfinite_what, where
 from .precision import Precision
 
-__all__ = ['TrainStep', 'unwrap', 'wrap_model']
+__all__ = ['TrainStep', 'to_channels_last', 'unwrap', 'wrap_model']
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=torch.channels_last)``, with its (1, C, 1, 1) parameters (per-channel scales)
+    kept in standard strides: channels-last restrides them, autograd gives their gradients standard strides,
+    and DDP's gradient buckets follow the parameter's (a mismatch costs a warning and a copy every step)."""
+    model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[0] == 1 and p.shape[2:] == (1, 1):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
 
 
 def wrap_model(model: nn.Module, env: DistEnv, sync_batchnorm: bool = False,

@@ -38,7 +38,7 @@ from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
 from ..engine.run import launch, plan_run, progress, start_run
 from ..engine.session import Session
-from ..engine.step import TrainStep
+from ..engine.step import TrainStep, to_channels_last
 from ..errors import CheckpointError, ConfigError, DataError
 from .data import DataBundle, build_data
 from .recipes import PRESETS, TrainConfig
@@ -194,7 +194,7 @@ class Trainer:
             self._load_initial(model)
         model.to(self.device)
         if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         return model
 
     def _load_initial(self, model: nn.Module) -> None:
