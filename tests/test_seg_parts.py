@@ -318,3 +318,64 @@ def test_cell_grad_clip_reaches_the_polynext_backbone():
     assert len(cells) == 12 and all(c.grad_clip == 5.0 for c in cells)
     other = build_segmentor(SegmentorSpec('test_convnext', channels=16, aux_channels=8))
     assert not other.set_cell_grad_clip(5.0)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('align_corners', [False, True])
+def test_upsampled_cross_entropy_equals_interpolate_then_cross_entropy(dtype, align_corners):
+    """seg/loss.py against the plain expression: the loss and its gradient, ignored pixels included (fp64:
+    to 1e-12; bf16 logits: float32 inside, as the plain expression's ``.float()``)."""
+    import torch.nn.functional as F
+    from polynext.seg.loss import upsampled_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 6, 7, 9, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, 6, (3, 29, 35), generator=g)
+    t[0, :4], t[2, :, 30:] = 255, 255
+    up = F.interpolate(z.double() if dtype == torch.float64 else z.float(), size=(29, 35), mode='bilinear',
+                       align_corners=align_corners)
+    ref = F.cross_entropy(up, t, ignore_index=255, reduction='sum')
+    out = upsampled_cross_entropy(z, t, 255, align_corners)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.dtype == ref.dtype and abs(out.item() - ref.item()) <= tol * abs(ref.item())
+    (grad,), (ref_grad,) = torch.autograd.grad(out, z), torch.autograd.grad(ref, z)
+    assert grad.dtype == dtype
+    assert (grad.double() - ref_grad.double()).abs().max() <= tol * ref_grad.double().abs().max()
+
+
+def test_upsampled_cross_entropy_keeps_no_full_resolution_logits():
+    """Nothing of the label's size is saved for backward (the plain expression saves its float32 log-softmax),
+    and a label outside the classes is one clear error, as in cross_entropy."""
+    import torch.nn.functional as F
+    from polynext.seg.loss import upsampled_cross_entropy
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    t = torch.randint(0, 4, (2, 64, 64))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        upsampled_cross_entropy(z, t)
+    assert max(saved) == t.numel()                     # the labels themselves: 8192 int64, the logits: 512
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        F.cross_entropy(F.interpolate(z, size=(64, 64), mode='bilinear'), t, reduction='sum')
+    assert max(saved) == 4 * t.numel()                 # the plain form: the full-resolution log-softmax
+    t[1, 5, 5] = 4
+    with pytest.raises(ValueError, match=r'a label outside 0\.\.3 \(and not the ignore index 255\)'):
+        upsampled_cross_entropy(z, t)
+
+
+def test_seg_memory_benchmark_runs_both_losses(tmp_path):
+    """benchmarks/seg_memory.py at toy size: both losses in their own processes, the same loss value, JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from conftest import subprocess_env
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'seg_memory.py'
+    out = tmp_path / 'm.json'
+    done = subprocess.run([sys.executable, str(script), '--backbone', 'cpolynext_t', '--size', '32', '128',
+                           '--backbone-kwargs', '{"init_channels": 8}', '--threads', '1', '--json', str(out)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert [row['variant'] for row in r['rows']] == ['plain', 'polynext']
+    assert all(row['step_bytes'] > 0 for row in r['rows'])
+    assert abs(r['rows'][0]['loss'] - r['rows'][1]['loss']) < 1e-5 * r['rows'][0]['loss']

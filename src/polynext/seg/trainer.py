@@ -43,10 +43,11 @@ from ..engine.metrics import Meters, banner
 from ..engine.precision import Precision
 from ..engine.run import TUNABLE_ON_RESUME, launch, plan_run, progress, start_run
 from ..engine.session import Session
-from ..engine.step import TrainStep
+from ..engine.step import TrainStep, to_channels_last
 from ..errors import ConfigError, DataError
 from .data import ADE20KSource, SegSamples, collate_eval, collate_train
 from .inference import evaluate
+from .loss import upsampled_cross_entropy
 from .metrics import SegMetrics, format_per_class
 from .recipes import RESUME_SAFE_KEYS, SEG_PRESETS, SegConfig, effective_custom_keys
 from .segmentor import UperNet, build_segmentor, spec_metadata
@@ -111,12 +112,13 @@ def poly_warmup_factor(it: int, cfg: SegConfig, base_lr: float) -> float:
 
 def _ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, average: str,
         align_corners: bool = False) -> torch.Tensor:
-    logits = F.interpolate(logits.float(), size=target.shape[-2:], mode='bilinear', align_corners=align_corners)
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction='none')
+    """CE of the logits up-sampled to the label size, float32, without keeping the full-resolution logits
+    (``seg/loss.py``: 4.8 GB less at 512x2048 with 150 classes and two images)."""
+    total = upsampled_cross_entropy(logits, target, ignore_index, align_corners)
     if average == 'all_pixels':        # mmseg: ignored pixels contribute 0 but count in the mean
-        return loss.mean()
+        return total / target.numel()
     valid = (target != ignore_index).sum()
-    return loss.sum() / valid.clamp(min=1)
+    return total / valid.clamp(min=1)
 
 
 def seg_loss(outputs: Mapping[str, torch.Tensor], target: torch.Tensor, aux_weight: float = 0.4,
@@ -245,10 +247,7 @@ class SegTrainer:
                               f"set --set cell_grad_clip=null")
         model.to(self.device)
         if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-            for p in model.parameters():   # (1, C, 1, 1) scales: standard strides, the layout of their gradients
-                if p.dim() == 4 and p.shape[0] == 1 and p.shape[2:] == (1, 1):   # (DDP's buckets follow the param)
-                    p.data = p.data.clone(memory_format=torch.contiguous_format)
+            to_channels_last(model)
         return model
 
     def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
