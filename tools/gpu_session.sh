@@ -9,7 +9,9 @@
 # .whl/ (timm and segmentation-models-pytorch at this project's pins) unpacked to a private folder. What it
 # writes to OUTDIR (at most five files, each written as it goes, so a run cut short still returns what it
 # measured): env.txt (versions, the GPU), gpu_check.json / .log, tests.log, summary.txt.
-# Time: gpu_check gets GPU_CHECK_S seconds (default 300, its own target), the tests TESTS_S (default 180).
+# Time: gpu_check gets GPU_CHECK_S seconds (default 300, its own target), the tests TESTS_S (default 180), so
+# the whole run fits in 8-9 minutes (give the command a 540 s limit); the tests reuse the kernels gpu_check
+# compiled (inductor's cache), and a cut-short gpu_check still leaves the JSON of its finished sections.
 # PYTHON (default python3) is the interpreter; DRY=1 runs gpu_check at toy sizes (to try this script on a
 # CPU; the gpu tests then skip).
 set -uo pipefail
