@@ -26,7 +26,6 @@ figures mean nothing. No figure of this script has been measured on a GPU yet (s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -240,9 +239,8 @@ def main(argv: List[str] = None) -> int:
 
     def write() -> None:   # after every section, so a run cut short still leaves what it measured
         if path is not None:
-            tmp = path.with_name(f'.{path.name}.tmp')
-            tmp.write_text(json.dumps(result, indent=2) + '\n')
-            tmp.replace(path)
+            from polynext.checkpoint import atomic_write_json
+            atomic_write_json(path, result)
 
     sections = (('1. correctness: training steps', 'training_steps', lambda: check_training_steps(device, args.dry_run)),
                 ('   correctness: attention kernel', 'attention', lambda: check_attention(device, args.dry_run)),

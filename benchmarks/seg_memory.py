@@ -97,11 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, size=args.size, batch=args.batch,
                       threads=args.threads, cpu=platform.processor() or platform.machine(), rows=rows,
                       saved_bytes=saved)
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'.{path.name}.tmp')
-        tmp.write_text(json.dumps(result, indent=2) + '\n')
-        tmp.replace(path)
+        from polynext.checkpoint import atomic_write_json
+        atomic_write_json(args.json, result)
         print(f'wrote {args.json}')
     return 0
 
