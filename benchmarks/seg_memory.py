@@ -2,6 +2,7 @@
 
     python benchmarks/seg_memory.py --json benchmarks/results/seg_memory.json                  # 512x2048, APolyNeXt-S
     python benchmarks/seg_memory.py --backbone cpolynext_t --size 64 256 --backbone-kwargs '{"init_channels": 8}'
+    python benchmarks/seg_memory.py --grad-checkpointing --variants polynext     # + the backbone recomputed in backward
 
 One step = forward under bf16 autocast, the decode + 0.4 · auxiliary loss, backward (UperNet, 150 classes,
 batch 2: the ADE20K recipe's per-GPU batch). Each loss runs in a fresh process whose allocator maps every
@@ -29,7 +30,8 @@ from typing import Any, Dict, List, Optional
 VARIANTS = ('plain', 'polynext')
 
 
-def child(variant: str, backbone: str, kwargs: Dict[str, Any], size: List[int], batch: int) -> Dict[str, Any]:
+def child(variant: str, backbone: str, kwargs: Dict[str, Any], size: List[int], batch: int,
+          grad_checkpointing: bool) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from polynext.seg.segmentor import SegmentorSpec, build_segmentor
@@ -38,6 +40,7 @@ def child(variant: str, backbone: str, kwargs: Dict[str, Any], size: List[int], 
     h, w = size
     spec = SegmentorSpec(backbone=backbone, num_classes=150, backbone_kwargs=kwargs)
     model = build_segmentor(spec).to(memory_format=torch.channels_last).train()
+    model.set_grad_checkpointing(grad_checkpointing)
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 150, (batch, h, w))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -52,7 +55,7 @@ def child(variant: str, backbone: str, kwargs: Dict[str, Any], size: List[int], 
         loss, _ = seg_loss(out, y)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(variant=variant, base_bytes=base, peak_bytes=peak, step_bytes=peak - base,
+    return dict(variant=variant, grad_checkpointing=grad_checkpointing, base_bytes=base, peak_bytes=peak, step_bytes=peak - base,
                 step_s=time.perf_counter() - t0, loss=loss.item())
 
 
@@ -63,24 +66,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--size', nargs=2, type=int, default=[512, 2048], metavar=('H', 'W'))
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--grad-checkpointing', action='store_true', help='recompute the backbone in backward')
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument('--json', default=None, metavar='PATH')
     parser.add_argument('--child', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         import torch
         torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child, args.backbone, args.backbone_kwargs, args.size, args.batch)))
+        print(json.dumps(child(args.child, args.backbone, args.backbone_kwargs, args.size, args.batch,
+                               args.grad_checkpointing)))
         return 0
     env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.mmap_threshold=65536')
     src = str(Path(__file__).resolve().parents[1] / 'src')
     env['PYTHONPATH'] = src + os.pathsep + env.get('PYTHONPATH', '')
     rows = []
     print(f'UperNet + {args.backbone}, {args.batch} x {args.size[0]}x{args.size[1]}, 150 classes, bf16 autocast, '
-          f'{args.threads} threads on {platform.processor() or platform.machine()}', flush=True)
-    for variant in VARIANTS:
+          f'{args.threads} threads on {platform.processor() or platform.machine()}'
+          f'{", backbone checkpointed" if args.grad_checkpointing else ""}', flush=True)
+    for variant in args.variants:
         cmd = [sys.executable, __file__, '--child', variant, '--backbone', args.backbone, '--backbone-kwargs',
                json.dumps(args.backbone_kwargs), '--size', *map(str, args.size), '--batch', str(args.batch),
-               '--threads', str(args.threads)]
+               '--threads', str(args.threads)] + (['--grad-checkpointing'] if args.grad_checkpointing else [])
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
@@ -89,13 +96,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(row)
         print(f"  {variant:9s} step {row['step_bytes'] / 2**30:6.2f} GiB above {row['base_bytes'] / 2**30:.2f} GiB "
               f"(peak {row['peak_bytes'] / 2**30:.2f}), {row['step_s']:.0f} s, loss {row['loss']:.4f}", flush=True)
-    saved = rows[0]['step_bytes'] - rows[1]['step_bytes']
-    print(f'  the trainer\'s loss: {saved / 2**30:.2f} GiB less ({100 * saved / rows[0]["step_bytes"]:.0f} % of the '
-          f'step), same loss to {abs(rows[0]["loss"] - rows[1]["loss"]):.1e}', flush=True)
+    saved = rows[0]['step_bytes'] - rows[1]['step_bytes'] if len(rows) == 2 else None
+    if saved is not None:
+        print(f'  the trainer\'s loss: {saved / 2**30:.2f} GiB less ({100 * saved / rows[0]["step_bytes"]:.0f} % of '
+              f'the step), same loss to {abs(rows[0]["loss"] - rows[1]["loss"]):.1e}', flush=True)
     if args.json:
         result = dict(command=['python', 'benchmarks/seg_memory.py'] + list(argv if argv is not None else sys.argv[1:]),
                       backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, size=args.size, batch=args.batch,
-                      threads=args.threads, cpu=platform.processor() or platform.machine(), rows=rows,
+                      threads=args.threads, grad_checkpointing=args.grad_checkpointing, cpu=platform.processor() or platform.machine(), rows=rows,
                       saved_bytes=saved)
         from polynext.checkpoint import atomic_write_json
         atomic_write_json(args.json, result)

@@ -379,3 +379,28 @@ def test_seg_memory_benchmark_runs_both_losses(tmp_path):
     assert [row['variant'] for row in r['rows']] == ['plain', 'polynext']
     assert all(row['step_bytes'] > 0 for row in r['rows'])
     assert abs(r['rows'][0]['loss'] - r['rows'][1]['loss']) < 1e-5 * r['rows'][0]['loss']
+
+
+@pytest.mark.parametrize('backbone', ['cpolynext_t', 'convformer_s18'])
+def test_grad_checkpointing_of_the_backbone_gives_the_same_gradients(backbone):
+    """``grad_checkpointing`` reaches the model inside timm's features_only wrapper (PolyNeXt: every cell;
+    MetaFormer: every stage) and changes no value: loss and every gradient equal, drop path on."""
+    kwargs = dict(init_channels=8) if backbone == 'cpolynext_t' else dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1))
+    spec = SegmentorSpec(backbone=backbone, num_classes=5, backbone_kwargs=kwargs, channels=16, aux_channels=8,
+                         drop_path=0.2)
+    torch.manual_seed(0)
+    model = build_segmentor(spec).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+
+    def grads():
+        torch.manual_seed(1)
+        kept = []                               # what autograd keeps outside the checkpointed regions
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            out = model(x)
+        loss = out['out'].square().mean() + out['aux'].square().mean()
+        return sum(kept), [loss] + list(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+    kept_plain, plain = grads()
+    model.set_grad_checkpointing()
+    kept_ckpt, ckpt = grads()
+    assert kept_ckpt < 0.7 * kept_plain
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))

@@ -68,7 +68,7 @@ REFERENCE_KEYS: Dict[str, Dict[str, float]] = {
 }
 #: config keys that may differ between a run and its resumption
 RESUME_SAFE_KEYS = ('data', 'output', 'workers', 'device', 'checkpoint_every', 'log_every', 'threads', 'compile',
-                    'max_corrupt', 'eval_window_batch', 'demo_images')
+                    'max_corrupt', 'eval_window_batch', 'demo_images', 'grad_checkpointing')
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ class SegConfig:
     amp: str = 'bf16'                            # bf16 | fp16 | none: training autocast on CUDA (evaluation fp32)
     cpu_amp: bool = False                        # also autocast on CPU (slow on most CPUs; for testing)
     compile: bool = False
+    grad_checkpointing: bool = False             # recompute the backbone in backward: less memory, same results
     channels_last: bool = True
     device: str = 'auto'
     threads: int = 0

@@ -113,6 +113,15 @@ class SegmentationBackbone(nn.Module):
         self.extra_norms = (nn.ModuleList([LayerNorm2d(c, eps=1e-5, bias=True) for c in self.channels])
                             if extra_norms else None)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone in backward instead of keeping its activations (timm's
+        ``set_grad_checkpointing`` of the model inside the ``features_only`` wrapper; PolyNeXt: per cell)."""
+        model = self.body if hasattr(self.body, 'set_grad_checkpointing') else getattr(self.body, 'model', None)
+        if model is None or not hasattr(model, 'set_grad_checkpointing'):
+            raise ConfigError(f'grad_checkpointing: the backbone {type(self.body).__name__} has no '
+                              f'set_grad_checkpointing; drop --set grad_checkpointing=true')
+        model.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         feats = self.body(x)
         feats = [feats[i] for i in self.take]
@@ -159,6 +168,11 @@ class UperNet(nn.Module):
             return False
         net.set_cell_grad_clip(max_norm)
         return True
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the backbone (the heads keep their activations)."""
+        self.backbone.set_grad_checkpointing(enable)
 
 
 def _checkpoint_architecture(checkpoint: Union[str, Path, Mapping[str, Any]]) -> Optional[str]:

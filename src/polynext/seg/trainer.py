@@ -245,6 +245,8 @@ class SegTrainer:
         if cfg.cell_grad_clip is not None and not model.set_cell_grad_clip(cfg.cell_grad_clip):
             raise ConfigError(f"cell_grad_clip applies to PolyNeXt backbones only, not '{cfg.backbone}'; "
                               f"set --set cell_grad_clip=null")
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing()
         model.to(self.device)
         if cfg.channels_last:
             to_channels_last(model)

@@ -121,6 +121,7 @@ class TrainConfig:
     amp: str = 'bf16'                          # bf16 | fp16 | none: autocast on CUDA (CPU runs fp32)
     cpu_amp: bool = False                      # also autocast on CPU (slow on most CPUs; for testing)
     compile: bool = False                      # torch.compile the model
+    grad_checkpointing: bool = False           # recompute activations in backward: less memory, same results
     channels_last: bool = True
     device: str = 'auto'                       # auto | cpu | cuda
     threads: int = 0                           # CPU threads of torch per process; 0: torch's default

@@ -50,7 +50,7 @@ __all__ = ['Trainer', 'train', 'build_model', 'build_optimizer', 'build_schedule
 STATE_FORMAT = 'polynext.train/1'
 #: config keys that may differ between a run and its resumption
 RESUME_SAFE_KEYS = ('data', 'output', 'workers', 'download', 'compile', 'checkpoint_every', 'log_every', 'device',
-                    'max_corrupt', 'threads')
+                    'max_corrupt', 'threads', 'grad_checkpointing')
 
 CURVE_PANELS = [
     ('loss', 'cross-entropy', [('train_loss', 'train (smoothed / mixed targets)'), ('val_loss', 'val')]),
@@ -192,6 +192,8 @@ class Trainer:
         model = build_model(cfg, self.num_classes)
         if cfg.initial_checkpoint:
             self._load_initial(model)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing()      # timm's switch (PolyNeXt: per cell; MetaFormer: per stage)
         model.to(self.device)
         if cfg.channels_last:
             to_channels_last(model)
