@@ -112,3 +112,12 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
     single = json.loads(out.read_text())['metrics']
     assert single['bbox']['AP'] == pytest.approx(last['bbox_AP']) and single['segm']['AP'] == pytest.approx(
         last['segm_AP'])
+
+
+def test_grad_checkpointing_trains_to_the_same_weights(coco, tmp_path):
+    """``--set grad_checkpointing=true`` recomputes the backbone in backward: the same detector weights bit for bit."""
+    plain, ckpt = tmp_path / 'plain', tmp_path / 'ckpt'
+    assert main(tiny(coco, plain)) == 0
+    assert main(tiny(coco, ckpt, '--set', 'grad_checkpointing=true')) == 0
+    a, b = _weights(plain / 'last.safetensors'), _weights(ckpt / 'last.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -54,7 +54,7 @@ POLYNEXT_DET_KEYS: Dict[str, Dict[str, float]] = {
 }
 #: config keys that may differ between a run and its resumption
 RESUME_SAFE_KEYS = ('data', 'output', 'workers', 'device', 'checkpoint_every', 'log_every', 'threads', 'compile',
-                    'max_corrupt', 'demo_images', 'eval_limit')
+                    'max_corrupt', 'demo_images', 'eval_limit', 'grad_checkpointing')
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,7 @@ class DetConfig:
     amp: str = 'bf16'
     cpu_amp: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False             # recompute the backbone in backward: less memory, same results
     channels_last: bool = False
     device: str = 'auto'
     threads: int = 0

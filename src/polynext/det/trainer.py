@@ -185,6 +185,8 @@ class DetTrainer:
                 raise ConfigError(f"cell_grad_clip applies to PolyNeXt backbones only, not '{cfg.backbone}'; "
                                   f"set --set cell_grad_clip=null")
             net.set_cell_grad_clip(cfg.cell_grad_clip)
+        if cfg.grad_checkpointing:
+            model.backbone.body.set_grad_checkpointing()     # the backbone (seg.segmentor.SegmentationBackbone)
         model.to(self.device)
         groups = det_param_groups(model, cfg)
         for g in groups:
