@@ -183,6 +183,10 @@ def test_profile_counts_every_mac_in_its_class():
     assert counted == pytest.approx(expected - head, rel=1e-9)
     assert macs['attention'] > 0 and macs['depthwise conv'] > 0
     assert 'depthwise conv' in format_profile('m', prof)
+    # CPU operators' time is a GPU's launch time: one clear error instead of a wrong table (before any CUDA call)
+    from polynext.errors import ConfigError
+    with pytest.raises(ConfigError, match="profile_model times CPU operators; for device 'cuda' use torch.profiler"):
+        profile_model(model, device='cuda')
 
 
 @pytest.mark.parametrize('kernel', ['onednn', 'mm'])
