@@ -17,7 +17,8 @@ It reports, and writes as JSON:
    CAFormer-S18 2093 img/s);
 3. the peak memory of one UperNet + APolyNeXt-S training step at 512x2048 (bf16 autocast, batch 2,
    the ADE20K recipe's per-GPU batch, the segmentation trainer's loss; measured on the second step;
-   target at most 8 GB, reported as ``within_target``, not a failure of the run).
+   target at most 8 GB, reported as ``within_target``, not a failure of the run), and of the same step
+   with the backbone checkpointed (``grad_checkpointing``).
 
 ``--dry-run`` runs every section at toy sizes (64 px, batch 2, one block per stage, narrow widths, a
 64x256 segmentation input) on whatever device is there, so the logic is tested on a CPU (tests/test_speed.py); its
@@ -190,27 +191,34 @@ def seg_memory(device: torch.device, dry: bool) -> Dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    def measured(label: str) -> Dict[str, Any]:
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        loss = step()
+        _sync(device)
+        m = dict(step_s=time.perf_counter() - t0, loss=loss, ok=math.isfinite(loss))
+        if device.type == 'cuda':
+            peak = torch.cuda.max_memory_allocated(device)
+            m.update(peak_gb=peak / 1e9, peak_gib=peak / 2 ** 30, within_target=peak / 1e9 <= 8.0)
+            print(f"  UperNet + {spec.backbone} training step at {h}x{w}, batch {batch}, {label}: peak "
+                  f"{m['peak_gb']:.2f} GB (target <= 8 GB: {'met' if m['within_target'] else 'OVER'}), "
+                  f"{m['step_s']:.2f} s", flush=True)
+        else:
+            m.update(peak_gb=None, peak_gib=None, within_target=None)
+            print(f"  UperNet + {spec.backbone} training step at {h}x{w}, {label}: loss {loss:.3f} "
+                  f"(peak memory: CUDA only)", flush=True)
+        return m
+
     t0 = time.perf_counter()
     step()
     _sync(device)
     first_s = time.perf_counter() - t0
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    loss = step()
-    _sync(device)
-    row = dict(model=f'UperNet + {spec.backbone}', input=[batch, 3, h, w], first_step_s=first_s,
-               step_s=time.perf_counter() - t0, loss=loss, target_gb=8.0, ok=math.isfinite(loss))
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device)
-        row.update(peak_gb=peak / 1e9, peak_gib=peak / 2 ** 30, within_target=peak / 1e9 <= 8.0)
-        print(f"  {row['model']} training step at {h}x{w}, batch {batch}: peak {row['peak_gb']:.2f} GB "
-              f"(second step; target <= 8 GB: {'met' if row['within_target'] else 'OVER'}), {row['step_s']:.2f} s",
-              flush=True)
-    else:
-        row.update(peak_gb=None, peak_gib=None, within_target=None)
-        print(f"  {row['model']} training step at {h}x{w}: loss {row['loss']:.3f} (peak memory: CUDA only)",
-              flush=True)
+    row = dict(model=f'UperNet + {spec.backbone}', input=[batch, 3, h, w], first_step_s=first_s, target_gb=8.0,
+               **measured('second step'))
+    model.set_grad_checkpointing()      # the same step with the backbone recomputed in backward (--set grad_checkpointing)
+    row['grad_checkpointing'] = measured('backbone checkpointed')
+    row['ok'] = row['ok'] and row['grad_checkpointing']['ok']
     return row
 
 

@@ -276,7 +276,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert {row['dtype'] for row in r['attention']} == {'float32', 'bfloat16'}
     assert r['attention'][0]['out_rel'] < 1e-5
     assert [row['model'] for row in r['throughput']] == ['cpolynext_s', 'apolynext_s']
-    assert r['segmentation']['input'] == [2, 3, 64, 256]
+    assert r['segmentation']['input'] == [2, 3, 64, 256] and r['segmentation']['grad_checkpointing']['ok']
+    assert r['segmentation']['loss'] == pytest.approx(r['segmentation']['grad_checkpointing']['loss'], rel=0.1)
     assert r['failed_sections'] == [] and set(r['section_seconds']) == {'training_steps', 'attention', 'throughput',
                                                                        'segmentation'}
 
