@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -77,12 +76,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(child(args.child, args.backbone, args.backbone_kwargs, args.size, args.batch,
                                args.grad_checkpointing)))
         return 0
+    import torch
+    from polynext.bench import environment
+    machine = environment(torch.device('cpu'))
     env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.mmap_threshold=65536')
     src = str(Path(__file__).resolve().parents[1] / 'src')
     env['PYTHONPATH'] = src + os.pathsep + env.get('PYTHONPATH', '')
     rows = []
     print(f'UperNet + {args.backbone}, {args.batch} x {args.size[0]}x{args.size[1]}, 150 classes, bf16 autocast, '
-          f'{args.threads} threads on {platform.processor() or platform.machine()}'
+          f'{args.threads} threads on {machine["device_name"]}'
           f'{", backbone checkpointed" if args.grad_checkpointing else ""}', flush=True)
     for variant in args.variants:
         cmd = [sys.executable, __file__, '--child', variant, '--backbone', args.backbone, '--backbone-kwargs',
@@ -103,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         result = dict(command=['python', 'benchmarks/seg_memory.py'] + list(argv if argv is not None else sys.argv[1:]),
                       backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, size=args.size, batch=args.batch,
-                      threads=args.threads, grad_checkpointing=args.grad_checkpointing, cpu=platform.processor() or platform.machine(), rows=rows,
+                      threads=args.threads, grad_checkpointing=args.grad_checkpointing, environment=machine, rows=rows,
                       saved_bytes=saved)
         from polynext.checkpoint import atomic_write_json
         atomic_write_json(args.json, result)
