@@ -35,6 +35,7 @@ mkdir -p "$out" || exit 2
 export PYTHONUNBUFFERED=1
 if compgen -G '.whl/*.whl' >/dev/null; then
   site=$(mktemp -d /tmp/polynext-site.XXXXXX)
+  trap 'rm -rf "$site"' EXIT
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
