@@ -17,13 +17,15 @@ from conftest import mini_kwargs, subprocess_env
 
 
 def _depthwise_vs_autograd_fp64(k: int, d: int, hw, channels_last: bool, seed: int):
-    """depthwise_conv2d against the plain convolution in fp64: same output bits, gradients within 1e-11.
+    """depthwise_conv2d against the plain convolution in fp64: same output bits, gradients within 1e-11, the
+    weight gradient in the weight's layout (a channels-last model's: DDP's buckets follow the parameter).
     Returns the output's autograd node name and the input."""
     gen = torch.Generator().manual_seed(seed)
     conv = nn.Conv2d(6, 6, k, padding=d * (k - 1) // 2, dilation=d, groups=6, bias=False).double()
     x = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+        conv = conv.to(memory_format=torch.channels_last)
     x.requires_grad_()
     g = torch.randn(2, 6, *hw, generator=gen, dtype=torch.float64)
     y = depthwise_conv2d(x, conv)
@@ -32,6 +34,7 @@ def _depthwise_vs_autograd_fp64(k: int, d: int, hw, channels_last: bool, seed: i
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g)
     assert torch.equal(y, y_ref)
     assert (gx - gx_ref).abs().max() < 1e-11 and (gw - gw_ref).abs().max() < 1e-11
+    assert gw.stride() == conv.weight.stride()
     return type(y.grad_fn).__name__, x
 
 

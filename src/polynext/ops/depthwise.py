@@ -110,7 +110,9 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
                         [False, True, False])[1].to(acc)
                     grad_w = F.pad(grad_w, (cut_w, cut_w, cut_h, cut_h))
                 grad_w = grad_w.to(ctx.dtypes[1])
-        return grad_x, grad_w, None
+                if grad_w.stride() != weight.stride():   # the weight's own layout (a channels-last model's is
+                    grad_w = torch.empty_like(weight, dtype=grad_w.dtype).copy_(grad_w)   # not standard): DDP's
+        return grad_x, grad_w, None                                                      # buckets follow it
 
 
 def _phase_stack(t: torch.Tensor, d: int, pad: int, slack: int) -> torch.Tensor:
