@@ -443,7 +443,7 @@ def launch(plan: RunPlan, train: Callable[[Any, RunPlan], Dict[str, Any]], progr
     ``on_nonfinite=rollback``: a non-finite loss goes back to the last good checkpoint with the lr multiplied
     by ``rollback_lr_factor``, at most ``nonfinite_limit`` times. Ctrl-C raises ``Interrupted`` with the
     command that resumes."""
-    from .distributed import cleanup_distributed, init_distributed
+    from .distributed import barrier, cleanup_distributed, init_distributed
     env = init_distributed(plan.config.device)
     try:
         key, total, unit = progress
@@ -456,7 +456,11 @@ def launch(plan: RunPlan, train: Callable[[Any, RunPlan], Dict[str, Any]], progr
         done_rollbacks = _rollbacks(plan.state)
         while True:
             try:
-                return train(env, plan)
+                result = train(env, plan)
+                # every rank through its last collective before any rank tears the group down: a rank that
+                # closed its connections while the other still waited on one aborted it (gloo, once in CI)
+                barrier()
+                return result
             except NonFiniteError as e:
                 if not e.rollback:
                     raise
