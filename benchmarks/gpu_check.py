@@ -68,6 +68,11 @@ def _model(name: str, dry: bool, **kw: Any) -> torch.nn.Module:
     return timm.create_model(name, **kw)
 
 
+def _failure(exc: BaseException, **fields: Any) -> Dict[str, Any]:
+    """A check that raised: recorded with its error, so the rest of the one GPU run still happens."""
+    return dict(fields, ok=False, error=f'{type(exc).__name__}: {exc}', traceback=traceback.format_exc())
+
+
 def _training_step_row(name: str, device: torch.device, dry: bool) -> Dict[str, Any]:
     torch.manual_seed(0)
     size = 32 if name == 'cpolynext_lr' else (64 if dry else 224)
@@ -95,7 +100,7 @@ def check_training_steps(device: torch.device, dry: bool) -> List[Dict[str, Any]
             row = _training_step_row(name, device, dry)
             detail = f"losses {', '.join(f'{v:.4f}' for v in row['losses'])}"
         except Exception as exc:   # one family's failure must not hide the others'
-            row = dict(model=name, ok=False, error=f'{type(exc).__name__}: {exc}', traceback=traceback.format_exc())
+            row = _failure(exc, model=name)
             detail = row['error'].splitlines()[0][:200]
         rows.append(row)
         print(f"  {name:16s} bf16 step, fused AdamW, channels-last: {detail}  {'ok' if row['ok'] else 'FAILED'}",
@@ -263,7 +268,7 @@ def main(argv: List[str] = None) -> int:
             result[key] = section()
         except Exception as exc:   # one GPU run is precious: record the failure and go on with the next section
             traceback.print_exc()
-            result[key] = dict(ok=False, error=f'{type(exc).__name__}: {exc}', traceback=traceback.format_exc())
+            result[key] = _failure(exc)
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
         rows = result[key] if isinstance(result[key], list) else [result[key]]

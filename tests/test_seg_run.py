@@ -170,3 +170,17 @@ def test_ddp_two_cpu_processes(ade, tmp_path, capsys):
     single = json.loads(out_json.read_text())
     assert single['mIoU'] == pytest.approx(last['mIoU'], abs=1e-9) and single['aAcc'] == pytest.approx(last['aAcc'])
     assert proc.stdout.count('iter 4 ') == 1                               # only rank 0 prints
+
+
+def test_grad_checkpointing_trains_to_the_same_weights(ade, tmp_path, monkeypatch):
+    """``--set grad_checkpointing=true``: the backbone's cells run checkpointed and the run ends with the same
+    weights bit for bit (drop path 0.3 of the recipe on)."""
+    from test_train_run import count_cell_checkpoints
+    plain, ckpt = tmp_path / 'plain', tmp_path / 'ckpt'
+    calls = count_cell_checkpoints(monkeypatch)
+    assert main(tiny(ade, plain)) == 0
+    assert not calls
+    assert main(tiny(ade, ckpt, '--set', 'grad_checkpointing=true')) == 0
+    assert calls
+    a, b = load_file(str(plain / 'last.safetensors')), load_file(str(ckpt / 'last.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

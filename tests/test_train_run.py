@@ -502,15 +502,28 @@ def test_tiny_imagenet_as_released_and_torchvision_sets_without_download(tmp_pat
                    'CIFAR10 not found in')
 
 
-def test_grad_checkpointing_trains_to_the_same_weights_and_may_change_on_resume(folder, tmp_path, capsys):
-    """``--set grad_checkpointing=true`` recomputes each cell in backward (timm's switch): the same weights bit for
-    bit after an epoch with drop path on (the recomputation replays the random streams), and a run may turn it
-    on when resumed (a resume-safe key: where and how the run runs, not what it computes)."""
+def count_cell_checkpoints(monkeypatch) -> list:
+    """Count the PolyNeXt cells run under activation checkpointing (``torch.utils.checkpoint`` as the stages call it)."""
+    import polynext.models.polynext as pn
+    calls, real = [], pn.checkpoint
+    monkeypatch.setattr(pn, 'checkpoint', lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_grad_checkpointing_trains_to_the_same_weights_and_may_change_on_resume(folder, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """``--set grad_checkpointing=true`` recomputes each cell in backward (timm's switch): the cells do run
+    checkpointed, the same weights bit for bit after an epoch with drop path on (the recomputation replays the
+    random streams), and a run may turn it on when resumed (a resume-safe key: where and how the run runs, not
+    what it computes)."""
     plain, ckpt = tmp_path / 'plain', tmp_path / 'ckpt'
     extra = ('--epochs', '1', '--set', 'drop_path=0.2')
+    calls = count_cell_checkpoints(monkeypatch)
     assert run_cli(tiny_args(folder, plain, *extra), capsys)[0] == 0
+    assert not calls
     code, _, err = run_cli(tiny_args(folder, ckpt, *extra, '--set', 'grad_checkpointing=true'), capsys)
     assert code == 0, err
+    assert calls
     a, b = _tensors(plain / 'last.safetensors'), _tensors(ckpt / 'last.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, out, err = run_cli(tiny_args(folder, plain, *extra, '--resume', str(plain), '--set', 'grad_checkpointing=true'),

@@ -685,14 +685,14 @@ def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, i
     from .bench import BenchSettings, make_step
     from .profile import count_macs
     from .errors import ConfigError
-    if torch.device(device).type != 'cpu':
+    settings = BenchSettings(img_size=img_size, batch_size=batch_size, mode=mode, dtype=dtype,
+                             channels_last=channels_last, runs=runs, warmup=warmup, memory=False, device=device)
+    settings.validate()
+    if str(device).split(':')[0] != 'cpu':
         # the op classes are timed from the CPU operators' own time; on a GPU that is the launch time, not the
         # kernels' (attributing CUDA kernels to classes is not written: no GPU has been available to test it)
         raise ConfigError(f"profile_model times CPU operators; for device '{device}' use torch.profiler with "
                           f"ProfilerActivity.CUDA, or `polynext bench --device {device}` for the step time")
-    settings = BenchSettings(img_size=img_size, batch_size=batch_size, mode=mode, dtype=dtype,
-                             channels_last=channels_last, runs=runs, warmup=warmup, memory=False, device=device)
-    settings.validate()
     if fold:
         from .models.folded import fold_for_inference
         if mode != 'infer':

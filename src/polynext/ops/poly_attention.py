@@ -164,8 +164,8 @@ def _export_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: in
     return (a @ v) / a.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
-#: |S + 1| is clamped to this before the log: at a score of exactly −1 (fp32 sums of bf16 products land on it,
-#: a few times per layer and step at segmentation sizes) log|·| has the derivative 0/0 and the whole row's
+#: |S + 1| is clamped to this before the log: at a score of exactly −1 (fp32 sums of bf16 products can land on
+#: it exactly; a segmentation step computes ~10⁸ scores a layer) log|·| has the derivative 0/0 and the row's
 #: gradient would be NaN. Clamped, the weight is e^(p·log 1e-30) ≈ 0 as before and the gradient is 0, the
 #: value of d(S+1)^p/dS there.
 _SCORE_FLOOR = 1e-30
