@@ -510,22 +510,30 @@ def count_cell_checkpoints(monkeypatch) -> list:
     return calls
 
 
+def check_grad_checkpointing_changes_nothing(train_args, tmp_path, monkeypatch) -> None:
+    """A task's tiny run (``train_args(out, *extra)``: CLI arguments) without and with ``--set
+    grad_checkpointing=true``: only the second runs cells checkpointed, and both end with the same weights bit
+    for bit (the recomputation replays the random streams)."""
+    from safetensors.torch import load_file
+    plain, ckpt = tmp_path / 'plain', tmp_path / 'ckpt'
+    calls = count_cell_checkpoints(monkeypatch)
+    assert main(train_args(plain)) == 0
+    assert not calls
+    assert main(train_args(ckpt, '--set', 'grad_checkpointing=true')) == 0
+    assert calls
+    a, b = load_file(str(plain / 'last.safetensors')), load_file(str(ckpt / 'last.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_grad_checkpointing_trains_to_the_same_weights_and_may_change_on_resume(folder, tmp_path, capsys,
                                                                                   monkeypatch):
-    """``--set grad_checkpointing=true`` recomputes each cell in backward (timm's switch): the cells do run
-    checkpointed, the same weights bit for bit after an epoch with drop path on (the recomputation replays the
-    random streams), and a run may turn it on when resumed (a resume-safe key: where and how the run runs, not
-    what it computes)."""
-    plain, ckpt = tmp_path / 'plain', tmp_path / 'ckpt'
+    """``--set grad_checkpointing=true`` recomputes each cell in backward (timm's switch): the same weights after an
+    epoch with drop path on, and a run may turn it on when resumed (a resume-safe key: where and how the run runs,
+    not what it computes)."""
     extra = ('--epochs', '1', '--set', 'drop_path=0.2')
-    calls = count_cell_checkpoints(monkeypatch)
-    assert run_cli(tiny_args(folder, plain, *extra), capsys)[0] == 0
-    assert not calls
-    code, _, err = run_cli(tiny_args(folder, ckpt, *extra, '--set', 'grad_checkpointing=true'), capsys)
-    assert code == 0, err
-    assert calls
-    a, b = _tensors(plain / 'last.safetensors'), _tensors(ckpt / 'last.safetensors')
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_grad_checkpointing_changes_nothing(lambda out, *more: tiny_args(folder, out, *extra, *more), tmp_path,
+                                             monkeypatch)
+    plain = tmp_path / 'plain'
     code, out, err = run_cli(tiny_args(folder, plain, *extra, '--resume', str(plain), '--set', 'grad_checkpointing=true'),
                              capsys)
     assert code == 0, err
