@@ -397,6 +397,8 @@ CASES: Sequence[Case] = [
          'is a folder', 'pass a file path'),
     Case('profile-negative-top', lambda w: ['profile', 'cpolynext_t', '--top', '-1'],
          '--top must be 0 (no operator list) or more', 'got -1'),
+    Case('profile-unknown-device', lambda w: ['profile', 'cpolynext_t', '--device', 'tpu'],
+         "unknown device 'tpu'", 'use auto, cpu, cuda or cuda:N'),
     # ---- polynext ablate ---------------------------------------------------------------------------------------------
     Case('ablate-unknown-row', lambda w: ['ablate', '--rows', 'nosuchrow'],
          "unknown ablation row 'nosuchrow'", '`polynext ablate --list-rows` lists them'),

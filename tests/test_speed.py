@@ -185,11 +185,96 @@ def test_profile_counts_every_mac_in_its_class():
     head = 2 * model.get_classifier().in_features * 5
     assert counted == pytest.approx(expected - head, rel=1e-9)
     assert macs['attention'] > 0 and macs['depthwise conv'] > 0
-    assert 'depthwise conv' in format_profile('m', prof)
-    # CPU operators' time is a GPU's launch time: one clear error instead of a wrong table (before any CUDA call)
-    from polynext.errors import ConfigError
-    with pytest.raises(ConfigError, match="profile_model times CPU operators; for device 'cuda' use torch.profiler"):
-        profile_model(model, device='cuda')
+    assert 'depthwise conv' in format_profile('m', prof) and 'GPU kernels' not in format_profile('m', prof)
+    assert prof.clock == 'cpu' and prof.busy_s == pytest.approx(sum(c.seconds for c in prof.classes.values()))
+    if not torch.cuda.is_available():   # a device that is not there: one line, before anything runs
+        from polynext.errors import ConfigError
+        with pytest.raises(ConfigError, match='--device cuda: no CUDA device is available on this machine'):
+            profile_model(model, device='cuda')
+
+
+class _Event:
+    """A stand-in for torch.profiler's FunctionEvent: a name, children, CPU time, and the GPU kernels the
+    profiler linked to it (``kernels_us``), with FunctionEvent's rules for the totals."""
+
+    def __init__(self, name, children=(), cpu_us=0.0, kernels_us=0.0, shapes=None, concrete=None, seq=-1,
+                 start=0, gpu=False):
+        from types import SimpleNamespace
+        from torch.autograd import DeviceType
+        self.name, self.cpu_children, self.cpu_parent = name, list(children), None
+        for c in self.cpu_children:
+            c.cpu_parent = self
+        self.device_type = DeviceType.CUDA if gpu else DeviceType.CPU
+        self.kernels_us, self.input_shapes, self.concrete_inputs = kernels_us, shapes or [], concrete or []
+        self.sequence_nr, self.time_range = seq, SimpleNamespace(start=start)
+        self.self_cpu_time_total = cpu_us
+
+    @property
+    def cpu_time_total(self):
+        return self.self_cpu_time_total + sum(c.cpu_time_total for c in self.cpu_children)
+
+    @property
+    def self_device_time_total(self):
+        return self.kernels_us
+
+    @property
+    def device_time_total(self):
+        return self.kernels_us + sum(c.device_time_total for c in self.cpu_children)
+
+
+def test_profile_on_a_gpu_sorts_kernel_time_by_the_operator_that_launched_it():
+    """On CUDA a class gets the time of the kernels its operators launched, not their CPU (launch) time;
+    kernels launched by a compiled region inside the attention (the flex kernel: a Triton kernel under no aten
+    operator), forward and backward, are attention; a kernel linked to no operator is 'other'. The same events
+    on the CPU clock give the operators' CPU time, as before."""
+    from polynext.perf import sort_events
+    scope = 'polynext::scope::'
+    conv = _Event('aten::conv2d', cpu_us=10, kernels_us=100, start=0,
+                  shapes=[[2, 8, 4, 4], [16, 8, 1, 1], [], [], [], [], []], concrete=[None, None, None, [1, 1], [0, 0],
+                                                                                      [1, 1], 1])
+    attn = _Event(scope + 'attention', start=1, cpu_us=3, children=[
+        _Event('Torch-Compiled Region: 0/0', cpu_us=4, children=[
+            _Event('CompiledFunction', seq=7, cpu_us=5, children=[
+                _Event('triton_tem_fused_flex_attention_0', cpu_us=6, kernels_us=300)])])])
+    attn_bwd = _Event('autograd::engine::evaluate_function: CompiledFunctionBackward', seq=7, cpu_us=7, start=3,
+                      children=[_Event('triton_tem_fused_flex_attention_backward_0', cpu_us=8, kernels_us=500)])
+    norm = _Event(scope + 'norms', start=2, cpu_us=1, children=[
+        _Event('aten::native_layer_norm', cpu_us=9, kernels_us=50, shapes=[[2, 4, 4, 16]])])
+    kernels = [_Event(f'kernel{i}', kernels_us=us, gpu=True) for i, us in enumerate((100, 300, 500, 50, 25))]
+    events = [conv, attn, attn_bwd, norm] + kernels
+
+    gpu = sort_events(events, device=True).classes
+    assert {k: round(c.seconds * 1e6, 6) for k, c in gpu.items() if c.seconds} == \
+        {'1x1 conv': 100, 'attention': 800, 'norms': 50, 'other': 25}
+    assert gpu['1x1 conv'].macs == 2 * 16 * 8 * 16 and gpu['1x1 conv'].calls == 1
+    cpu = sort_events(events, device=False).classes
+    assert {k: round(c.seconds * 1e6, 6) for k, c in cpu.items() if c.seconds} == \
+        {'1x1 conv': 10, 'attention': 15, 'norms': 10, 'other': 18}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('mode', ['infer', 'train'])
+def test_profile_on_cuda(mode):
+    """On a GPU: every convolution MAC counted in its class, as on the CPU; the classes hold the kernels'
+    time (the GPU busy for no longer than the profiled step) and the attention kernel is attention."""
+    from polynext.perf import format_profile, measure_peaks, profile_model
+    from polynext.profile import count_macs
+    torch.manual_seed(0)
+    kwargs = dict(init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    model = timm.create_model('cpolynext_t', **kwargs)
+    peaks = measure_peaks('fp32', batch_size=2, runs=2, device='cuda', memory_mib=16)
+    prof = profile_model(model, mode=mode, batch_size=2, img_size=64, runs=2, warmup=2, device='cuda', peaks=peaks)
+    assert prof.clock == 'gpu' and 0 < prof.busy_s <= prof.profiled_step_s
+    convs = sum(prof.classes[c].macs for c in ('1x1 conv', 'depthwise conv', 'other conv'))
+    head = 2 * model.get_classifier().in_features * 5
+    per_pass = 2 * count_macs(model, input_size=64) - head
+    if mode == 'infer':
+        assert convs == pytest.approx(per_pass, rel=1e-9)
+    assert prof.classes['1x1 conv'].seconds > 0 and 'GPU kernels' in format_profile('m', prof)
+    attn = profile_model(timm.create_model('apolynext_t', **kwargs), mode=mode, batch_size=2, img_size=64, runs=2,
+                         warmup=2, device='cuda')
+    assert attn.classes['attention'].seconds > 0
 
 
 @pytest.mark.parametrize('kernel', ['onednn', 'mm'])
@@ -287,7 +372,8 @@ def test_gpu_check_dry_run(tmp_path):
 
 def test_gpu_session_script_dry_run_on_cpu(tmp_path):
     """tools/gpu_session.sh, the one command a GPU lease runs, end to end on the CPU (DRY=1: gpu_check at toy
-    sizes, the gpu tests skip): it imports polynext from src/, writes its five files, and exits 0."""
+    sizes, the gpu tests skip, the profile on the CPU): it imports polynext from src/, writes its seven files, and
+    exits 0."""
     import json
     import subprocess
     import sys
@@ -298,13 +384,15 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
     r = subprocess.run(['bash', 'tools/gpu_session.sh', str(out)], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ['env.txt', 'gpu_check.json', 'gpu_check.log', 'summary.txt',
-                                                     'tests.log']
+    assert sorted(p.name for p in out.iterdir()) == ['env.txt', 'gpu_check.json', 'gpu_check.log', 'profile.json',
+                                                     'profile.log', 'summary.txt', 'tests.log']
     assert str(root / 'src' / 'polynext') in (out / 'env.txt').read_text()
     result = json.loads((out / 'gpu_check.json').read_text())
     assert result['dry_run'] and result['ok']
     assert 'skipped' in (out / 'tests.log').read_text()
-    assert (out / 'summary.txt').read_text().startswith('gpu_check exit 0')
+    summary = (out / 'summary.txt').read_text()
+    assert summary.startswith('gpu_check exit 0') and 'profile exit 0' in summary
+    assert json.loads((out / 'profile.json').read_text())['models']['cpolynext_t']['infer']['clock'] == 'cpu'
     usage = subprocess.run(['bash', 'tools/gpu_session.sh'], cwd=root, env=env, capture_output=True, text=True)
     assert usage.returncode != 0 and 'usage: bash tools/gpu_session.sh OUTDIR' in usage.stderr
 

@@ -53,7 +53,8 @@ from .errors import ConfigError
 
 __all__ = [
     'PINNED_TUNABLES', 'BenchSettings', 'ModelSpec', 'ModelResult', 'BenchReport', 'run_bench',
-    'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'make_step',
+    'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'prepare_device',
+    'make_step',
     'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_oom_error',
     'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env', 'expand_variants',
     'RUNTIMES',
@@ -734,6 +735,21 @@ def _check_dtype(settings: BenchSettings, device: torch.device) -> None:
         raise ConfigError(f'{torch.cuda.get_device_name(device)} does not support bf16; use --dtype fp16 or fp32')
 
 
+def prepare_device(settings: BenchSettings) -> torch.device:
+    """The device of ``settings``, checked (present, supports the dtype) and set up as every timing here runs
+    it: ``settings.threads`` CPU threads; on CUDA cuDNN's algorithm search on and TF32 only if asked for."""
+    device = resolve_device(settings.device)
+    _check_dtype(settings, device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        # fp32 means fp32 unless TF32 is asked for (torch's own default allows it for convolutions only)
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
+    return device
+
+
 def _count_macs(model: nn.Module, spec: ModelSpec, img_size: int) -> float:
     from .profile import count_macs
     try:
@@ -764,15 +780,7 @@ def run_bench(specs: Sequence[ModelSpec], settings: BenchSettings, progress: boo
         raise ConfigError(f'model labels must be unique, got {labels}')
     for spec in specs:
         check_model_name(spec.name)
-    device = resolve_device(settings.device)
-    _check_dtype(settings, device)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        # fp32 means fp32 unless TF32 is asked for (torch's own default allows it for convolutions only)
-        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
-        torch.backends.cudnn.allow_tf32 = settings.tf32
+    device = prepare_device(settings)
 
     # 1. build every model on the CPU and count it: bad kwargs or sizes fail here, before any timing;
     #    models for ONNX Runtime are exported into a temporary folder

@@ -304,28 +304,50 @@ class ClassTime:
 
 
 class _Sorter:
-    """Walks the profiler's event tree of one step and sums time and work per class."""
+    """Walks the profiler's event tree of one step and sums time and work per class.
 
-    def __init__(self):
+    ``device``: time an operator by the GPU kernels it launched (the profiler links each kernel to the
+    innermost operator or range open when it was launched) instead of its CPU time, which on a GPU is the
+    launch. Kernels launched by a range that is not an aten operator (inductor's Triton kernels, e.g. the
+    compiled flex attention) count in the class of the range's scope."""
+
+    def __init__(self, device: bool = False):
+        self.device = device
         self.classes: Dict[str, ClassTime] = {c: ClassTime() for c in OP_CLASSES}
         self.ops: Dict[Tuple[str, str, str], ClassTime] = {}   # (class, operator, first shape) -> time and work
         self.seq_class: Dict[int, str] = {}
         self.seq_conv: Dict[int, Tuple[str, float]] = {}   # hand-written conv functions: class, forward MACs
 
+    def total_s(self, ev) -> float:
+        """The time of ``ev`` and everything under it, in seconds, on this sorter's clock."""
+        return (ev.device_time_total if self.device else ev.cpu_time_total) / 1e6
+
+    def self_s(self, ev) -> float:
+        return (ev.self_device_time_total if self.device else ev.self_cpu_time_total) / 1e6
+
     def add(self, cls: str, ev, seconds: Optional[float] = None, macs: float = 0.0, nbytes: float = 0.0) -> None:
-        seconds = ev.cpu_time_total / 1e6 if seconds is None else seconds
+        seconds = self.total_s(ev) if seconds is None else seconds
         for c in (self.classes[cls], self.ops.setdefault((cls,) + _op_label(ev), ClassTime())):
             c.seconds += seconds
             c.macs += macs
             c.bytes += nbytes
             c.calls += 1
 
-    def add_overhead(self, ev) -> None:
-        """The self time of a range or Python-level event whose children are sorted on their own ('other',
-        not counted as a call)."""
-        self.add('other', ev, seconds=ev.self_cpu_time_total / 1e6)
-        self.classes['other'].calls -= 1
-        self.ops[('other',) + _op_label(ev)].calls -= 1
+    def add_overhead(self, ev, scope: Optional[str] = None) -> None:
+        """The self time of a range or Python-level event whose children are sorted on their own (not counted
+        as a call): 'other' on the CPU, where it is Python's time; on a GPU it is the kernels the range launched
+        itself, which are its scope's work (attention, norms) where it has one."""
+        cls = scope if self.device and scope in self.classes else 'other'
+        self.add(cls, ev, seconds=self.self_s(ev))
+        self.classes[cls].calls -= 1
+        self.ops[(cls,) + _op_label(ev)].calls -= 1
+
+    def add_unlinked_kernels(self, seconds: float) -> None:
+        """GPU kernel time the profiler linked to no operator ('other', one row)."""
+        if seconds > 0:
+            for c in (self.classes['other'], self.ops.setdefault(('other', 'kernels without an operator', ''),
+                                                                 ClassTime())):
+                c.seconds += seconds
 
     def remember(self, ev, cls: str) -> None:
         stack = [ev]
@@ -360,7 +382,7 @@ class _Sorter:
                 self.add('norms', ev, nbytes=nbytes)
                 self.remember(ev, 'norms')
                 return
-            self.add_overhead(ev)
+            self.add_overhead(ev, kind)
             for child in ev.cpu_children:
                 self.visit(child, kind)
             return
@@ -394,13 +416,17 @@ class _Sorter:
             self.add('elementwise', ev, nbytes=_operand_bytes(ev))
             self.remember(ev, 'elementwise')
             return
-        if name.startswith('aten::') and ev.cpu_time_total > 0:
+        if name.startswith('aten::') and self.total_s(ev) > 0:
             self.add('other', ev)
             self.remember(ev, 'other')
             return
-        self.add_overhead(ev)
+        self.add_overhead(ev, scope)
         for child in ev.cpu_children:
             self.visit(child, scope)
+        if scope == 'attention':
+            # a compiled region or autograd function inside the attention (the flex kernel on CUDA): its backward
+            # node is attention too (the operators under it keep their own classes, remembered first)
+            self.remember(ev, 'attention')
         seq = getattr(ev, 'sequence_nr', -1)
         convs = list(_top_convs(ev)) if seq is not None and seq >= 0 else []
         if convs:
@@ -541,6 +567,12 @@ class StepProfile:
     peaks: Dict[str, Peak] = field(default_factory=dict)
     ops: Dict[Tuple[str, str, str], ClassTime] = field(default_factory=dict)
     page_faults: Optional[int] = None   # minor page faults in a profiled step (median)
+    clock: str = 'cpu'   # 'gpu': the classes hold GPU kernel time, their sum is the GPU's busy time
+
+    @property
+    def busy_s(self) -> float:
+        """The classes' total: the operators' time on the CPU, the kernels' time on a GPU."""
+        return sum(c.seconds for c in self.classes.values())
 
     def _rate(self, cls: str, c: ClassTime, work: Optional[float] = None
               ) -> Tuple[Optional[float], Optional[Peak], str, float]:
@@ -581,8 +613,9 @@ class StepProfile:
         return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(mode=self.mode, batch_size=self.batch_size, step_ms=1000 * self.step_s,
-                    profiled_step_ms=1000 * self.profiled_step_s, macs_per_image=self.macs_per_image,
+        return dict(mode=self.mode, clock=self.clock, batch_size=self.batch_size, step_ms=1000 * self.step_s,
+                    profiled_step_ms=1000 * self.profiled_step_s, busy_ms=1000 * self.busy_s,
+                    macs_per_image=self.macs_per_image,
                     img_per_s=self.batch_size / self.step_s,
                     gmacs_per_s=self.macs_per_image * self.batch_size / self.step_s / 1e9,
                     page_faults_profiled=self.page_faults, rows=self.rows(), top_ops=self.top_ops(40), peaks={k: asdict(v) for k, v in self.peaks.items()})
@@ -624,8 +657,23 @@ def _minor_faults() -> Optional[int]:
         return None
 
 
+def sort_events(events: Sequence[Any], device: bool = False) -> _Sorter:
+    """Sort one profiled step's events (``prof.events()``) into the op classes. ``device``: by the GPU kernels'
+    time (see :class:`_Sorter`); the kernel time the profiler linked to no operator goes to 'other'."""
+    from torch.autograd import DeviceType
+    sorter = _Sorter(device=device)
+    roots = sorted((e for e in events if e.cpu_parent is None and e.device_type == DeviceType.CPU),
+                   key=lambda e: e.time_range.start)
+    for ev in roots:
+        sorter.visit(ev)
+    if device:
+        kernels = sum(e.device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6
+        sorter.add_unlinked_kernels(kernels - sum(sorter.total_s(e) for e in roots))
+    return sorter
+
+
 def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync: Callable[[], None] = lambda: None,
-                 prefault: bool = True
+                 prefault: bool = True, device: bool = False
                  ) -> Tuple[Dict[str, ClassTime], float, float, Dict[Tuple[str, str, str], ClassTime], Optional[int]]:
     """Profile ``step`` ``runs`` times (one step per profiler session, after the caller's warm-up).
 
@@ -634,7 +682,7 @@ def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync
     times of the profiled step whose total is the median one, and the median count of minor page faults
     in a profiled step (None where ``getrusage`` is missing). On the CPU, unless ``prefault`` is off, the
     heap is touched before every step (:func:`prefault_heap`), so no operator is charged with page faults
-    the profiler caused."""
+    the profiler caused. ``device``: the step runs on a CUDA GPU; the classes get its kernels' time."""
     from torch.profiler import ProfilerActivity, profile
     per_run: List[Dict[str, ClassTime]] = []
     per_run_ops: List[Dict[Tuple[str, str, str], ClassTime]] = []
@@ -654,16 +702,15 @@ def profile_step(step: Callable[[], None], model: nn.Module, runs: int = 5, sync
             if cpu:
                 prefault_heap()
             f0 = _minor_faults()
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+            with profile(activities=activities, record_shapes=True) as prof:
                 t0 = time.perf_counter()
                 step()
                 sync()
                 profiled.append(time.perf_counter() - t0)
             if f0 is not None:
                 faults.append(_minor_faults() - f0)
-            sorter = _Sorter()
-            for ev in sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start):
-                sorter.visit(ev)
+            sorter = sort_events(prof.events(), device)
             per_run.append(sorter.classes)
             per_run_ops.append(sorter.ops)
     merged = {}
@@ -679,20 +726,17 @@ def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, i
                   dtype: str = 'fp32', runs: int = 5, warmup: int = 2, channels_last: bool = False,
                   peaks: Optional[Dict[str, Peak]] = None, macs_per_image: Optional[float] = None,
                   device: str = 'cpu', fold: bool = False, prefault: bool = True) -> StepProfile:
-    """Profile one step of ``model`` (``mode`` 'infer' or 'train', as ``polynext bench`` runs it;
-    ``fold``: a PolyNeXt folded with ``polynext.fold_for_inference`` first, inference only; ``prefault``:
-    see :func:`profile_step`)."""
-    from .bench import BenchSettings, make_step
+    """Profile one step of ``model`` (``mode`` 'infer' or 'train', as ``polynext bench`` runs it, on
+    ``device``, set up as ``bench`` does; on a GPU each class gets the time of the kernels its operators
+    launched; ``fold``: a PolyNeXt folded with ``polynext.fold_for_inference`` first, inference only;
+    ``prefault``: see :func:`profile_step`)."""
+    from .bench import BenchSettings, make_step, prepare_device
     from .profile import count_macs
     from .errors import ConfigError
     settings = BenchSettings(img_size=img_size, batch_size=batch_size, mode=mode, dtype=dtype,
                              channels_last=channels_last, runs=runs, warmup=warmup, memory=False, device=device)
     settings.validate()
-    if str(device).split(':')[0] != 'cpu':
-        # the op classes are timed from the CPU operators' own time; on a GPU that is the launch time, not the
-        # kernels' (attributing CUDA kernels to classes is not written: no GPU has been available to test it)
-        raise ConfigError(f"profile_model times CPU operators; for device '{device}' use torch.profiler with "
-                          f"ProfilerActivity.CUDA, or `polynext bench --device {device}` for the step time")
+    dev = prepare_device(settings)
     if fold:
         from .models.folded import fold_for_inference
         if mode != 'infer':
@@ -703,15 +747,16 @@ def profile_model(model: nn.Module, mode: str = 'infer', batch_size: int = 32, i
     if macs_per_image is None:
         macs_per_image = float(count_macs(model, input_size=img_size))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dev = torch.device(device)
     step = make_step(model, settings, dev)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    gpu = dev.type == 'cuda'
+    sync = (lambda: torch.cuda.synchronize(dev)) if gpu else (lambda: None)
     for _ in range(warmup):
         step()
-    classes, profiled, plain, ops, faults = profile_step(step, model, runs, sync, prefault=prefault)
+    classes, profiled, plain, ops, faults = profile_step(step, model, runs, sync, prefault=prefault, device=gpu)
     return StepProfile(mode=mode, classes=classes, profiled_step_s=profiled, step_s=plain, batch_size=batch_size,
                        macs_per_image=macs_per_image, optimizer_bytes=7 * 4 * n_params if mode == 'train' else 0.0,
-                       peaks=dict(peaks or {}), ops=ops, page_faults=faults)
+                       peaks=dict(peaks or {}), ops=ops, page_faults=None if gpu else faults,
+                       clock='gpu' if gpu else 'cpu')
 
 
 def format_profile(name: str, prof: StepProfile) -> str:
@@ -727,6 +772,10 @@ def format_profile(name: str, prof: StepProfile) -> str:
     head = (f"{name} {prof.mode}: {d['step_ms']:,.1f} ms per batch of {prof.batch_size} unprofiled "
             f"({d['img_per_s']:,.1f} img/s, {d['gmacs_per_s']:,.1f} GMAC/s), {d['profiled_step_ms']:,.1f} ms profiled"
             + ('' if prof.page_faults is None else f" ({prof.page_faults:,} minor page faults)"))
+    if prof.clock == 'gpu':
+        # the rest of the profiled step the GPU waited: for launches, synchronisations, the host's Python
+        head += (f"\nGPU kernels {d['busy_ms']:,.1f} ms: busy {100 * prof.busy_s / prof.profiled_step_s:.0f} % of the "
+                 f"profiled step (the classes below are kernel time)")
     return head + '\n' + format_table(['op class', 'ms', 'share', 'achieved', 'peak', 'of peak'], rows)
 
 

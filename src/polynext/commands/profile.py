@@ -10,9 +10,14 @@ if every MAC ran at the 1x1-conv peak. Below each table, the --top heaviest oper
 (operator, first operand's shape, class, calls, time, rate against the class's peak): where a
 class is slow, which layer makes it so.
 
+On a GPU (``--device cuda``) each class gets the time of the CUDA kernels its operators launched (on the
+GPU an operator's CPU time is its launch), the peaks are measured on the GPU, and the header adds how
+busy the GPU was: kernel time against the profiled step.
+
   polynext profile cpolynext_s apolynext_s
   polynext profile cpolynext_t --modes infer --dtype bf16 --fold --json prof.json
   polynext profile cpolynext_t --modes train --top 25
+  polynext profile cpolynext_s apolynext_s --device cuda --dtype bf16 --batch-size 128
 
 The glibc allocator is pinned as in ``polynext bench`` (the command re-runs itself with it set).
 """
@@ -30,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch-size', '-b', type=int, default=32, help='batch size (default 32)')
     parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32',
                         help='infer: model and input in it; train: autocast (default fp32)')
+    parser.add_argument('--device', default='cpu', help='cpu (default), cuda or cuda:N')
     parser.add_argument('--channels-last', action='store_true',
                         help='model and input in channels_last (PolyNeXt models convert their input anyway)')
     parser.add_argument('--fold', action='store_true', help='infer: PolyNeXt folded with polynext.fold_for_inference')
@@ -73,15 +79,20 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
     from ..checkpoint import atomic_write
+    from ..bench import BenchSettings, prepare_device
     from ..perf import conv1x1_bound, format_profile, format_top_ops, measure_peaks, profile_model
     from ..profile import count_macs
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    peaks = measure_peaks(args.dtype, batch_size=args.batch_size)
-    print(f"{environment(torch.device('cpu'))['device_name']}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"allocator {allocator_status()}; peaks: "
+    # the device checked (present, bf16 support) before a minute of measuring
+    settings = BenchSettings(device=args.device, dtype=args.dtype, threads=args.threads)
+    settings.validate()
+    device = prepare_device(settings)
+    peaks = measure_peaks(args.dtype, batch_size=args.batch_size, device=str(device))
+    env = environment(device)
+    where = (f"{env['device_name']}, {torch.get_num_threads()} threads" if device.type == 'cpu'
+             else f"{device} ({env['device_name']})")
+    print(f"{where}, {args.dtype}, allocator {allocator_status()}; peaks: "
           + ', '.join(f'{p.name} {p.rate:,.1f} {p.unit}' for p in peaks.values()))
-    out = dict(command=['polynext', 'profile'] + sys.argv[2:], environment=environment(torch.device('cpu')),
+    out = dict(command=['polynext', 'profile'] + sys.argv[2:], environment=env,
                peaks={k: vars(p) for k, p in peaks.items()}, models={})
     for name in args.models:
         macs = None
@@ -93,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             prof = profile_model(model, mode=mode, batch_size=args.batch_size, img_size=args.img_size,
                                  dtype=args.dtype, runs=args.runs, warmup=args.warmup,
                                  channels_last=args.channels_last, peaks=peaks, macs_per_image=macs, fold=args.fold,
-                                 prefault=not args.no_prefault_heap)
+                                 prefault=not args.no_prefault_heap, device=str(device))
             d = prof.to_dict()
             print()
             print(format_profile(name, prof))
@@ -105,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
             if args.top:
                 print(format_top_ops(prof, args.top))
             out['models'].setdefault(name, {})[mode] = d
+            if args.json:   # rewritten after every profile: a run cut short keeps what it measured
+                text = json.dumps(out, indent=2)
+                atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + '\n'))
         del model
     if args.json:
-        text = json.dumps(out, indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + '\n'))
         print(f'wrote {args.json}')
     return 0
