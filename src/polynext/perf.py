@@ -175,7 +175,8 @@ _COPY_OPS = {'aten::copy_', 'aten::clone', 'aten::contiguous', 'aten::flip', 'at
              'aten::_unsafe_view', 'aten::zeros_like', 'aten::zero_', 'aten::fill_'}
 _NORM_OPS = {'aten::layer_norm', 'aten::native_layer_norm', 'aten::native_layer_norm_backward',
              'aten::group_norm', 'aten::native_group_norm', 'aten::batch_norm', 'aten::native_batch_norm',
-             'aten::_native_batch_norm_legit', 'aten::_native_batch_norm_legit_no_training'}
+             'aten::_native_batch_norm_legit', 'aten::_native_batch_norm_legit_no_training',
+             'polynext::channel_norm', 'polynext::channel_norm_'}
 _ELEMENTWISE_OPS = {'aten::mul', 'aten::mul_', 'aten::add', 'aten::add_', 'aten::addcmul', 'aten::addcmul_',
                     'aten::sub', 'aten::sub_', 'aten::div', 'aten::div_', 'aten::sigmoid', 'aten::sigmoid_',
                     'aten::pow', 'aten::pow_', 'aten::square', 'aten::square_', 'aten::rsqrt', 'aten::neg',
@@ -366,7 +367,7 @@ class _Sorter:
                 macs += _conv_class_and_macs(child)[1]
             elif name in _LINEAR_OPS:
                 macs += _matmul_macs(child) or self.leaf_work(child)[0]
-            elif name.startswith('aten::'):
+            elif name.startswith('aten::') or name in _NORM_OPS:
                 nbytes += _operand_bytes(child)
             else:
                 m, b = self.leaf_work(child)

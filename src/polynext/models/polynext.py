@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
+from ..ops.channel_norm import channel_layer_norm
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
@@ -80,8 +81,9 @@ class LayerNorm2d(nn.LayerNorm):
         y[:, c] = (x[:, c] - mean_c x) / sqrt(var_c x + eps) · w[c]
 
     Computed with ``F.layer_norm`` on the NHWC view, which is free for channels-last
-    tensors. (The reference uses the one-pass variance E[x²]−E[x]²; the difference is
-    rounding only, ≤ 4.4e-6 on the golden logits.)
+    tensors, and at CPU inference by ``ops.channel_norm``'s kernel (same values to rounding).
+    (The reference uses the one-pass variance E[x²]−E[x]²; the difference is rounding only,
+    ≤ 4.4e-6 on the golden logits.)
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = False):
@@ -89,7 +91,7 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = channel_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 
@@ -632,8 +634,13 @@ class PolyConvBlock(_MixerMLPBlock):
         if isinstance(norm, LayerNorm2d):
             g = gate.reshape(-1)
             z = self.mixer(x).permute(0, 2, 3, 1)
-            z = F.layer_norm(z, norm.normalized_shape, norm.weight * g, None if norm.bias is None else norm.bias * g,
-                             norm.eps)
+            weight, bias = norm.weight * g, None if norm.bias is None else norm.bias * g
+            if isinstance(self.drop_path, nn.Identity):
+                # at CPU inference the norm and the addition are one pass, written into the branch's own
+                # output (ops.channel_norm); elsewhere F.layer_norm and the addition below
+                return channel_layer_norm(z, norm.normalized_shape, weight, bias, norm.eps,
+                                          residual=x.permute(0, 2, 3, 1), inplace=True).permute(0, 3, 1, 2)
+            z = F.layer_norm(z, norm.normalized_shape, weight, bias, norm.eps)
             # added on the NHWC tensor itself: an in-place op on the NCHW view would cost autograd a copy
             return self.drop_path(z).add_(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return super().mix_residual(x, gate, owned)

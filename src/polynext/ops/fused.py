@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['fusion_available', 'can_fuse', 'conv_add_', 'conv_mul', 'fusion']
+__all__ = ['fusion_available', 'can_fuse', 'eager_cpu_inference', 'conv_add_', 'conv_mul', 'fusion']
 
 _ENABLED = True
 
@@ -61,24 +61,33 @@ def _in_dispatch_mode() -> bool:
     return is_in_torch_dispatch_mode()
 
 
-def can_fuse(*tensors: torch.Tensor) -> bool:
-    """Whether the oneDNN fused path applies to these activations (see the module docstring)."""
+def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are eager CPU inference, where polynext's hand-fused paths may replace the plain
+    operations (this module's oneDNN post-ops, ``ops.channel_norm``'s kernel): fusions on, no autograd
+    recording, not under ``torch.compile`` / ``torch.export`` / tracing / a dispatch mode, plain CPU tensors
+    of one dtype."""
     exporting = getattr(torch.compiler, 'is_exporting', None)
-    if (torch.compiler.is_compiling() or (exporting is not None and exporting()) or torch.jit.is_tracing()
-            or torch.jit.is_scripting()):
+    if (not _ENABLED or torch.compiler.is_compiling() or (exporting is not None and exporting())
+            or torch.jit.is_tracing() or torch.jit.is_scripting()):
         return False
     first = tensors[0]
-    if not _ENABLED or not torch.backends.mkldnn.enabled:
-        return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != 'cpu' or t.dtype != first.dtype or t.dim() != 4:
+        if type(t) is not torch.Tensor or t.device.type != 'cpu' or t.dtype != first.dtype:
             return False
         if grad and t.requires_grad:
             return False
-        if not t.is_contiguous(memory_format=torch.channels_last):
+    return not _in_dispatch_mode()
+
+
+def can_fuse(*tensors: torch.Tensor) -> bool:
+    """Whether the oneDNN fused path applies to these activations (see the module docstring)."""
+    if not eager_cpu_inference(*tensors) or not torch.backends.mkldnn.enabled:   # (compiling: checked first)
+        return False
+    for t in tensors:
+        if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
             return False
-    return fusion_available(first.dtype) and not _in_dispatch_mode()
+    return fusion_available(tensors[0].dtype)
 
 
 def _geometry(conv: nn.Conv2d):

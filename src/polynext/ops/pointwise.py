@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import platform
 import time
 import warnings
@@ -161,10 +160,8 @@ def choose(best: Dict[str, float]) -> str:
 
 def cache_path() -> Path:
     """The file that keeps this machine's kernel choices (see the module docstring)."""
-    root = os.environ.get('POLYNEXT_CACHE_DIR')
-    if not root:
-        root = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache'), 'polynext')
-    return Path(root).expanduser() / _CACHE_FILE
+    from .cache import cache_dir
+    return cache_dir() / _CACHE_FILE
 
 
 @functools.lru_cache(maxsize=None)   # read once: a forward looks shapes up on every call

@@ -1,0 +1,182 @@
+"""The channel LayerNorm kernel of ``polynext.ops.channel_norm`` against PyTorch's, per layer and per model.
+
+1. Per layer: every distinct channel LayerNorm of the models' inference at the given size and batch
+   (found by running the model once with the kernel off), the input in the model's dtype, timed in one
+   process, interleaved (order reversed every other round, medians):
+
+     aten       ``F.layer_norm`` on the NHWC view (PyTorch's CPU kernel)
+     inductor   the same under ``torch.compile`` (inductor's generated C++ kernel; ``--no-inductor`` skips it)
+     polynext   ``channel_layer_norm`` (the C kernel)
+
+   with the bytes moved (read + write) per second, and each one's largest difference from float64.
+2. Per model: inference of the whole model (``polynext bench``'s step: the model and the input in the dtype,
+   channels-last, ``inference_mode``) with the kernel on and off, interleaved, and the largest logit
+   difference between the two.
+
+Prints two tables and writes JSON; the speed ratios depend on the CPU, which the JSON names.
+
+    python benchmarks/channel_norm.py --json benchmarks/results/channel_norm_fp32.json
+    python benchmarks/channel_norm.py --dtype bf16 --json benchmarks/results/channel_norm_bf16.json
+    python benchmarks/channel_norm.py cpolynext_t --batch-size 2 --img-size 64 --runs 3   # a quick look
+
+Run it with the pinned allocator (the script re-runs itself with it, as ``polynext bench`` does).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+
+
+def norm_shapes(model, x):
+    """The distinct (NHWC shape, has bias, has residual) of the channel LayerNorms in one inference of ``model``."""
+    import polynext.models.polynext as family
+    from polynext.ops.channel_norm import channel_norm_kernel
+    seen = {}
+    real = family.channel_layer_norm
+
+    def record(z, shape, weight, bias, eps, residual=None, inplace=False):
+        seen.setdefault((tuple(z.shape), bias is not None, residual is not None), None)
+        return real(z, shape, weight, bias, eps, residual=residual, inplace=inplace)
+    family.channel_layer_norm = record
+    try:
+        with torch.inference_mode(), channel_norm_kernel(False):
+            model(x)
+    finally:
+        family.channel_layer_norm = real
+    return list(seen)
+
+
+def _median_ms(times):
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None) -> int:
+    import timm
+    import polynext  # noqa: F401  (registers the models)
+    from polynext.bench import BenchSettings, environment, make_step, time_interleaved
+    from polynext.checkpoint import atomic_write_json
+    from polynext.ops.channel_norm import channel_layer_norm, channel_norm_kernel, kernel_info
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='*', default=['cpolynext_s', 'apolynext_s'])
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--dtype', choices=tuple(DTYPES), default='fp32')
+    parser.add_argument('--runs', type=int, default=9, help='interleaved rounds (default 9)')
+    parser.add_argument('--no-inductor', action='store_true', help='skip the torch.compile column (slow to build)')
+    parser.add_argument('--json', default=None, metavar='PATH')
+    args = parser.parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/channel_norm.json')
+    for key in ('batch_size', 'img_size', 'runs'):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    if argv is None:
+        from polynext.bench import ensure_pinned_allocator
+        ensure_pinned_allocator('channel_norm.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+    info = kernel_info()
+    if not info['available']:
+        print('channel_norm.py: the kernel is not available here (no C compiler?), nothing to compare',
+              file=sys.stderr)
+        return 1
+    dtype = DTYPES[args.dtype]
+    print(f"{environment(torch.device('cpu'))['device_name']}, {torch.get_num_threads()} threads, {args.dtype}; "
+          f"kernel: {info['code']}, OpenMP {info['openmp']}", flush=True)
+
+    # 1. per layer
+    layers, done = [], set()
+    gen = torch.Generator().manual_seed(0)
+    compiled = None if args.no_inductor else torch.compile(
+        lambda z, w, b: F.layer_norm(z, (z.shape[-1],), w, b, 1e-6), dynamic=False)
+    for name in args.models:
+        model = timm.create_model(name).eval()
+        x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
+        for shape, has_bias, has_res in norm_shapes(model, x0):
+            if (shape, has_bias, has_res) in done:
+                continue
+            done.add((shape, has_bias, has_res))
+            c = shape[-1]
+            z = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+            w = (torch.randn(c, generator=gen) * 0.5 + 1).to(dtype)
+            b = torch.randn(c, generator=gen).to(dtype) if has_bias else None
+            r = torch.randn(shape, generator=gen).to(dtype) if has_res else None
+
+            def aten():
+                y = F.layer_norm(z, (c,), w, b, 1e-6)
+                return y if r is None else y.add_(r)
+
+            def ours():
+                return channel_layer_norm(z, (c,), w, b, 1e-6, residual=r)
+            steps = {'aten': aten, 'polynext': ours}
+            if compiled is not None:
+                steps['inductor'] = (lambda: compiled(z, w, b)) if r is None else (lambda: compiled(z, w, b).add_(r))
+            with torch.inference_mode():
+                ref = F.layer_norm(z.double(), (c,), w.double(), None if b is None else b.double(), 1e-6)
+                ref = ref if r is None else ref + r.double()
+                errs = {k: (fn().double() - ref).abs().max().item() for k, fn in steps.items()}
+                times = time_interleaved(steps, args.runs)
+            nbytes = z.numel() * z.element_size() * (3 if r is not None else 2)
+            row = dict(model=name, shape=list(shape), bias=has_bias, residual=has_res, dtype=args.dtype)
+            for k in steps:
+                ms = _median_ms(times[k])
+                row[f'{k}_ms'] = round(ms, 4)
+                row[f'{k}_gb_per_s'] = round(nbytes / ms / 1e6, 2)
+                row[f'{k}_max_abs_diff_fp64'] = errs[k]
+            row['speedup_vs_aten'] = round(row['aten_ms'] / row['polynext_ms'], 3)
+            layers.append(row)
+            cols = '  '.join(f"{k} {row[f'{k}_ms']:7.3f} ms {row[f'{k}_gb_per_s']:5.1f} GB/s" for k in steps)
+            print(f"{name:12s} {str(list(shape)):20s} {'+res' if has_res else '    '}  {cols}  "
+                  f"x{row['speedup_vs_aten']:.2f}  fp64 diff ours {errs['polynext']:.1e} aten {errs['aten']:.1e}",
+                  flush=True)
+
+    # 2. per model
+    models = []
+    settings = BenchSettings(batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype, mode='infer',
+                             channels_last=True, memory=False)
+    for name in args.models:
+        torch.manual_seed(0)
+        step = make_step(timm.create_model(name), settings, torch.device('cpu'))
+        outputs = {}
+
+        def run(enabled: bool):
+            with channel_norm_kernel(enabled):
+                step()
+
+        for enabled in (False, True, False, True):   # warm-up
+            run(enabled)
+        times = time_interleaved({'aten': lambda: run(False), 'polynext': lambda: run(True)}, args.runs)
+        torch.manual_seed(0)   # the logits of both paths, from the same weights on two images
+        net = timm.create_model(name).eval().to(memory_format=torch.channels_last).to(dtype)
+        x = torch.randn(2, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+        with torch.inference_mode():
+            for enabled in (False, True):
+                with channel_norm_kernel(enabled):
+                    outputs[enabled] = net(x.contiguous(memory_format=torch.channels_last)).float()
+        diff = (outputs[True] - outputs[False]).abs().max().item()
+        a, p = (statistics.median(times[k]) for k in ('aten', 'polynext'))
+        row = dict(model=name, dtype=args.dtype, aten_img_per_s=round(args.batch_size / a, 2),
+                   polynext_img_per_s=round(args.batch_size / p, 2), speedup=round(a / p, 3),
+                   max_abs_logit_diff=diff, max_abs_logit=outputs[False].abs().max().item())
+        models.append(row)
+        print(f"{name:12s} whole model, {args.dtype}: aten norms {row['aten_img_per_s']:6.1f} img/s, "
+              f"polynext kernel {row['polynext_img_per_s']:6.1f} img/s, x{row['speedup']:.3f}; "
+              f"max |Δ logit| {diff:.1e}", flush=True)
+
+    out = dict(command=['python', 'benchmarks/channel_norm.py'] + list(argv if argv is not None else sys.argv[1:]),
+               environment=environment(torch.device('cpu')), kernel=info, batch_size=args.batch_size,
+               img_size=args.img_size, dtype=args.dtype, runs=args.runs, layers=layers, models=models)
+    if args.json:
+        atomic_write_json(args.json, out)
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

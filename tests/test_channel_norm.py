@@ -1,0 +1,203 @@
+"""ops.channel_norm: the C kernel of the channel LayerNorm computes F.layer_norm (+ the residual), in every code
+path it has (AVX-512 with and without BF16 instructions, portable loops), and the models take it at CPU
+inference only."""
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import polynext  # noqa: F401  (registers the models)
+from polynext.ops import channel_norm as cn
+from polynext.ops.fused import fusion
+
+from conftest import subprocess_env
+
+HAS_CC = cn._compiler() is not None
+needs_cc = pytest.mark.skipif(not HAS_CC, reason='no C compiler on this machine')
+AVX512 = 'avx512f' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else False
+AVX512_BF16 = AVX512 and 'avx512_bf16' in open('/proc/cpuinfo').read()
+
+
+def _case(rows, c, dtype, bias, residual, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, c, generator=gen) * 3 + 1.5).to(dtype)
+    w = (torch.randn(c, generator=gen) * 0.5 + 1).to(dtype)
+    b = torch.randn(c, generator=gen).to(dtype) if bias else None
+    r = torch.randn(rows, c, generator=gen).to(dtype) if residual else None
+    return x, w, b, r
+
+
+def _reference(x, w, b, r, eps=1e-5):
+    """float32 arithmetic on the same (possibly bf16) values: what the kernel computes before its one rounding."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), w.float(), None if b is None else b.float(), eps)
+    return y if r is None else y + r.float()
+
+
+def _check(y, x, w, b, r):
+    ref = _reference(x, w, b, r)
+    if x.dtype == torch.float32:
+        assert (y - ref).abs().max() <= 2e-6 * max(1.0, ref.abs().max().item())
+    else:   # one rounding of the float32 result to bf16 (8 significant bits): half an ulp, and float32's own error
+        assert y.dtype == torch.bfloat16
+        assert ((y.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-5).all()
+
+
+@needs_cc
+def test_the_kernel_is_built_and_loaded_here():
+    info = cn.kernel_info()
+    assert info['available'] and os.path.isfile(info['path'])
+    assert info['code'] == ('avx512' if AVX512 else 'portable')
+    # it shares torch's OpenMP runtime: loading it maps no other one (a fresh process: other packages, such as
+    # scikit-learn, bring their own under another name)
+    code = ('import torch, polynext.ops.channel_norm as cn\n'
+            'maps = lambda: {l.split()[-1] for l in open("/proc/self/maps") if "gomp" in l or "iomp" in l}\n'
+            'before = maps(); assert cn.kernel_available(); print(sorted(maps() - before), len(before))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=subprocess_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == '[]'
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('c', [1, 15, 16, 17, 33, 72, 100, 768])
+def test_kernel_equals_layer_norm(dtype, c, monkeypatch):
+    """Every channel count (AVX-512: full 16-lane vectors, the 32-wide unrolled part, masked tails), with and
+    without bias and residual, out of place and in place."""
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    for bias in (False, True):
+        for residual in (False, True):
+            x, w, b, r = _case(257, c, dtype, bias, residual)
+            with torch.inference_mode():
+                y = cn.channel_layer_norm(x, (c,), w, b, 1e-5, residual=r)
+                _check(y, x, w, b, r)
+                x2 = x.clone()
+                y2 = cn.channel_layer_norm(x2, (c,), w, b, 1e-5, residual=r, inplace=True)
+                assert y2.data_ptr() == x2.data_ptr() and torch.equal(y2, y)
+
+
+@needs_cc
+@pytest.mark.parametrize('march', ['x86-64-v2', 'skylake-avx512'])
+def test_every_code_path_of_the_kernel(march, tmp_path):
+    """The portable loops (compiled for a CPU without AVX-512) and the AVX-512 path without BF16 instructions
+    (its rounding by integer arithmetic, NaN kept quiet) give the values of the kernel this machine runs."""
+    if march == 'skylake-avx512' and not AVX512:
+        pytest.skip('this CPU has no AVX-512')
+    if not AVX512 and march != 'x86-64-v2' or os.uname().machine != 'x86_64':
+        pytest.skip('x86-64 variants')
+    lib = cn._load(cn._build(cn._compiler(), False, march=march, folder=tmp_path), False)
+    assert lib.polynext_channel_norm_kernel().decode() == ('portable' if march == 'x86-64-v2' else 'avx512')
+    for dtype in (torch.float32, torch.bfloat16):
+        for c in (7, 16, 72, 129):
+            x, w, b, r = _case(65, c, dtype, True, True, seed=c)
+            y = torch.empty_like(x)
+            cn._run(x, w, b, r, y, 1e-5, lib=lib)
+            _check(y, x, w, b, r)
+            y_here = torch.empty_like(x)
+            cn._run(x, w, b, r, y_here, 1e-5)
+            if dtype == torch.float32:
+                assert (y - y_here).abs().max() <= 2e-6 * y_here.abs().max()
+            else:   # the same float32 values up to summation order, rounded once: at most one bf16 ulp apart
+                assert ((y.float() - y_here.float()).abs() <= 2 ** -7 * y_here.float().abs() + 1e-6).all()
+    # NaN in a row: that row is NaN (a quiet NaN in bf16), the others untouched
+    x, w, b, r = _case(4, 20, torch.bfloat16, False, False)
+    x[1, 3] = float('nan')
+    y = torch.empty_like(x)
+    cn._run(x, w, b, r, y, 1e-5, lib=lib)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2, 3]]).any()
+
+
+@needs_cc
+def test_the_library_is_built_once_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv('POLYNEXT_CACHE_DIR', str(tmp_path))
+    path = cn._build(cn._compiler(), False)
+    assert path.parent == tmp_path / 'kernels' and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert cn._build(cn._compiler(), False) == path and path.stat().st_mtime_ns == mtime   # reused, not rebuilt
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]   # no temporary file left
+    # a compiler that fails: an error naming it, and nothing left behind
+    bad = tmp_path / 'badcc'
+    bad.write_text('#!/bin/sh\necho "cc: fatal error: broken" >&2\nexit 1\n')
+    bad.chmod(0o755)
+    with pytest.raises(RuntimeError, match='badcc failed: cc: fatal error: broken'):
+        cn._build(str(bad), False, folder=tmp_path / 'other')
+    assert list((tmp_path / 'other').iterdir()) == []
+
+
+def test_without_a_compiler_it_is_pytorchs_layer_norm(monkeypatch):
+    monkeypatch.setattr(cn, '_compiler', lambda: None)
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    cn._library.cache_clear()
+    try:
+        x, w, b, r = _case(64, 24, torch.float32, True, True)
+        with pytest.warns(UserWarning, match='no C compiler'), torch.inference_mode():
+            y = cn.channel_layer_norm(x, (24,), w, b, 1e-5, residual=r)
+        assert torch.equal(y, F.layer_norm(x, (24,), w, b, 1e-5) + r)
+        assert not cn.kernel_available()
+    finally:
+        cn._library.cache_clear()
+
+
+def _count_runs(monkeypatch):
+    calls = []
+    real = cn._run
+
+    def spy(x, weight, bias, residual, out, eps, lib=None):
+        calls.append((tuple(x.shape), residual is not None, out.data_ptr() == x.data_ptr()))
+        return real(x, weight, bias, residual, out, eps, lib)
+    monkeypatch.setattr(cn, '_run', spy)
+    return calls
+
+
+@needs_cc
+@pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
+def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
+    """Every channel LayerNorm of a CPU inference runs the kernel (PolyConv's closing norm with its residual,
+    in place), logits within 2e-5 of PyTorch's norms in fp32 and within bf16's rounding in bf16; a training
+    forward, ``fusion(False)`` and ``channel_norm_kernel(False)`` do not take it."""
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    calls = _count_runs(monkeypatch)
+    torch.manual_seed(0)
+    model = timm.create_model(name, init_channels=16, num_classes=10, cells=(1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with cn.channel_norm_kernel(False):
+            ref = model(x)
+        assert calls == []
+        out = model(x)
+        n = len(calls)
+        n_norms = sum(isinstance(m, polynext.models.polynext.LayerNorm2d) for m in model.modules())
+        assert n == n_norms
+        assert any(res and inplace for _, res, inplace in calls)   # both have PolyConv stages
+        assert (out - ref).abs().max() < 2e-5
+        with fusion(False):
+            model(x)
+        assert len(calls) == n
+        model_bf16 = timm.create_model(name, init_channels=16, num_classes=10, cells=(1, 1, 1, 1)).eval()
+        model_bf16.load_state_dict(model.state_dict())
+        model_bf16 = model_bf16.to(torch.bfloat16)
+        out16 = model_bf16(x.bfloat16())
+        assert len(calls) == 2 * n
+        with cn.channel_norm_kernel(False):
+            ref16 = model_bf16(x.bfloat16())
+        rel = ((out16.float() - ref16.float()).norm() / ref16.float().norm()).item()
+        assert rel < 0.05
+    model.train()
+    model(x).sum().backward()
+    assert len(calls) == 2 * n
+
+
+@needs_cc
+def test_the_profiler_sees_the_kernel_as_a_norm(monkeypatch):
+    from polynext.perf import profile_model
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    torch.manual_seed(0)
+    model = timm.create_model('cpolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
+    ops = {(cls, op) for cls, op, _ in prof.ops}
+    assert ('norms', 'polynext::channel_norm_') in ops
+    assert not any(op.startswith('polynext::') and cls != 'norms' for cls, op in ops)
+    assert prof.classes['norms'].bytes > 0
