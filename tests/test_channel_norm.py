@@ -22,23 +22,27 @@ AVX512 = 'avx512f' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpui
 AVX512_BF16 = AVX512 and 'avx512_bf16' in open('/proc/cpuinfo').read()
 
 
-def _case(rows, c, dtype, bias, residual, seed=0):
+def _case(rows, c, dtype, bias, residual, seed=0, product=False):
+    """x: rows x C (with ``product`` rows x 2C, the two halves multiplied), weight, bias, residual."""
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(rows, c, generator=gen) * 3 + 1.5).to(dtype)
+    x = (torch.randn(rows, 2 * c if product else c, generator=gen) * 3 + 1.5).to(dtype)
     w = (torch.randn(c, generator=gen) * 0.5 + 1).to(dtype)
     b = torch.randn(c, generator=gen).to(dtype) if bias else None
     r = torch.randn(rows, c, generator=gen).to(dtype) if residual else None
     return x, w, b, r
 
 
-def _reference(x, w, b, r, eps=1e-5):
+def _reference(x, w, b, r, eps=1e-5, product=False):
     """float32 arithmetic on the same (possibly bf16) values: what the kernel computes before its one rounding."""
-    y = F.layer_norm(x.float(), (x.shape[-1],), w.float(), None if b is None else b.float(), eps)
+    x = x.float()
+    if product:
+        x = x[:, :x.shape[1] // 2] * x[:, x.shape[1] // 2:]
+    y = F.layer_norm(x, (x.shape[-1],), w.float(), None if b is None else b.float(), eps)
     return y if r is None else y + r.float()
 
 
-def _check(y, x, w, b, r):
-    ref = _reference(x, w, b, r)
+def _check(y, x, w, b, r, product=False):
+    ref = _reference(x, w, b, r, product=product)
     if x.dtype == torch.float32:
         assert (y - ref).abs().max() <= 2e-6 * max(1.0, ref.abs().max().item())
     else:   # one rounding of the float32 result to bf16 (8 significant bits): half an ulp, and float32's own error
@@ -66,17 +70,25 @@ def test_the_kernel_is_built_and_loaded_here():
 @pytest.mark.parametrize('c', [1, 15, 16, 17, 33, 72, 100, 768])
 def test_kernel_equals_layer_norm(dtype, c, monkeypatch):
     """Every channel count (AVX-512: full 16-lane vectors, the 32-wide unrolled part, masked tails), with and
-    without bias and residual, out of place and in place."""
+    without bias and residual, out of place and in place, and of the product of two halves (PolyMLP)."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
     for bias in (False, True):
         for residual in (False, True):
             x, w, b, r = _case(257, c, dtype, bias, residual)
             with torch.inference_mode():
+                assert cn.applies(x, w, b, r)
                 y = cn.channel_layer_norm(x, (c,), w, b, 1e-5, residual=r)
                 _check(y, x, w, b, r)
                 x2 = x.clone()
                 y2 = cn.channel_layer_norm(x2, (c,), w, b, 1e-5, residual=r, inplace=True)
                 assert y2.data_ptr() == x2.data_ptr() and torch.equal(y2, y)
+                x, w, b, r = _case(257, c, dtype, bias, residual, product=True)
+                y = cn.channel_layer_norm(x, (c,), w, b, 1e-5, residual=r, product=True)
+                assert y.shape == (257, c)
+                _check(y, x, w, b, r, product=True)
+                with cn.channel_norm_kernel(False):   # PyTorch's form: the product rounded to bf16 first
+                    y_torch = cn.channel_layer_norm(x, (c,), w, b, 1e-5, residual=r, product=True)
+                _check(y_torch.to(x.dtype) if dtype == torch.float32 else y, x, w, b, r, product=True)
 
 
 @needs_cc
@@ -91,13 +103,13 @@ def test_every_code_path_of_the_kernel(march, tmp_path):
     lib = cn._load(cn._build(cn._compiler(), False, march=march, folder=tmp_path), False)
     assert lib.polynext_channel_norm_kernel().decode() == ('portable' if march == 'x86-64-v2' else 'avx512')
     for dtype in (torch.float32, torch.bfloat16):
-        for c in (7, 16, 72, 129):
-            x, w, b, r = _case(65, c, dtype, True, True, seed=c)
-            y = torch.empty_like(x)
-            cn._run(x, w, b, r, y, 1e-5, lib=lib)
-            _check(y, x, w, b, r)
-            y_here = torch.empty_like(x)
-            cn._run(x, w, b, r, y_here, 1e-5)
+        for c, product in ((7, False), (16, True), (72, False), (129, True)):
+            x, w, b, r = _case(65, c, dtype, True, True, seed=c, product=product)
+            y = torch.empty(65, c, dtype=dtype)
+            cn._run(x, w, b, r, y, 1e-5, lib=lib, product=product)
+            _check(y, x, w, b, r, product=product)
+            y_here = torch.empty_like(y)
+            cn._run(x, w, b, r, y_here, 1e-5, product=product)
             if dtype == torch.float32:
                 assert (y - y_here).abs().max() <= 2e-6 * y_here.abs().max()
             else:   # the same float32 values up to summation order, rounded once: at most one bf16 ulp apart
@@ -145,9 +157,9 @@ def _count_runs(monkeypatch):
     calls = []
     real = cn._run
 
-    def spy(x, weight, bias, residual, out, eps, lib=None):
-        calls.append((tuple(x.shape), residual is not None, out.data_ptr() == x.data_ptr()))
-        return real(x, weight, bias, residual, out, eps, lib)
+    def spy(x, weight, bias, residual, out, eps, lib=None, product=False):
+        calls.append((tuple(x.shape), residual is not None, out.data_ptr() == x.data_ptr(), product))
+        return real(x, weight, bias, residual, out, eps, lib, product)
     monkeypatch.setattr(cn, '_run', spy)
     return calls
 
@@ -171,7 +183,9 @@ def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
         n = len(calls)
         n_norms = sum(isinstance(m, polynext.models.polynext.LayerNorm2d) for m in model.modules())
         assert n == n_norms
-        assert any(res and inplace for _, res, inplace in calls)   # both have PolyConv stages
+        assert any(res and inplace for _, res, inplace, _ in calls)   # both have PolyConv stages
+        assert sum(product for *_, product in calls) == sum(isinstance(m, polynext.models.polynext.PolyMLP)
+                                                            for m in model.modules())
         assert (out - ref).abs().max() < 2e-5
         with fusion(False):
             model(x)

@@ -88,9 +88,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..ops.channel_norm import channel_norm_nchw, product_norm_nchw
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from .polynext import (
     ChannelBatchNorm, GatedHead, LayerNorm2d, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP, PolyNeXt,
@@ -131,10 +131,17 @@ class ChannelLayerNorm(nn.Module):
         if weight is None:
             self.register_buffer('_ones', torch.ones(num_channels, device=device, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._ones if self.weight is None else self.weight
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (self.num_channels,), w, None, self.eps)
-        return x.permute(0, 3, 1, 2)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
+        """The norm (+ ``residual``; ``inplace``: may be written into x), by ``ops.channel_norm``."""
+        return channel_norm_nchw(x, self.scale, None, self.eps, residual=residual, inplace=inplace)
+
+    def of_product(self, m: torch.Tensor) -> Optional[torch.Tensor]:
+        """The norm of m[:, :C] ⊙ m[:, C:] in one pass at CPU inference, else None (ops.channel_norm)."""
+        return product_norm_nchw(m, self.scale, None, self.eps)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._ones if self.weight is None else self.weight
 
     def extra_repr(self) -> str:
         return f'{self.num_channels}, eps={self.eps}, weight={self.weight is not None}'
@@ -213,17 +220,23 @@ class FoldedPolyConv(nn.Module):
         self.pw_out = pw_out
         self.norm = norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the norm."""
         # (on CPU inference the product is the coarse convolution's post-op: ops.fused.conv_mul)
         if self.pw_in_flip is None:
             u = self.pw_in(x)
             y = conv_mul(u, self.fine(u).flip(1), self.coarse)
         else:
             y = conv_mul(self.pw_in(x), self.fine(self.pw_in_flip(x)), self.coarse)
-        return self.norm(self.pw_out(self.dw_out(y)))
+        return self.pw_out(self.dw_out(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.branch(x))
 
     def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
-        """x + self(x), as a new tensor."""
+        """x + self(x), as a new tensor (after a LayerNorm, added by the norm's pass: ops.channel_norm)."""
+        if isinstance(self.norm, ChannelLayerNorm):
+            return self.norm(self.branch(x), residual=x, inplace=True)
         return self(x).add_(x)
 
 
@@ -237,7 +250,12 @@ class FoldedPolyMLP(nn.Module):
         self.fc_out = fc_out
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.fc_in(x).chunk(2, dim=1)
+        m = self.fc_in(x)
+        if isinstance(self.norm, ChannelLayerNorm):
+            y = self.norm.of_product(m)   # CPU inference: the product is not written (ops.channel_norm)
+            if y is not None:
+                return y
+        a, b = m.chunk(2, dim=1)
         return self.norm(a * b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

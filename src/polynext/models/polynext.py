@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
-from ..ops.channel_norm import channel_layer_norm
+from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_norm_nchw
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
@@ -90,9 +90,7 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, elementwise_affine=True, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = channel_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return channel_norm_nchw(x, self.weight, self.bias, self.eps)
 
 
 class ChannelBatchNorm(nn.Module):
@@ -390,7 +388,13 @@ class PolyMLP(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Norm((W_a x) ⊙ (W_b x)): everything before ``fc_out``."""
-        return self.norm(self.product.halves(self.fc_in(x)))
+        m = self.fc_in(x)
+        if self.product.is_product and isinstance(self.norm, LayerNorm2d):
+            n = self.norm
+            y = product_norm_nchw(m, n.weight, n.bias, n.eps)   # CPU inference: the product is not written
+            if y is not None:
+                return y
+        return self.norm(self.product.halves(m))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(self.hidden(x))

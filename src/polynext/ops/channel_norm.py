@@ -44,7 +44,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ['channel_layer_norm', 'channel_norm_kernel', 'kernel_available', 'kernel_info']
+__all__ = ['channel_layer_norm', 'channel_norm_nchw', 'product_norm_nchw', 'applies', 'channel_norm_kernel',
+           'kernel_available', 'kernel_info']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'channel_norm.c'
 _MAX_C = 4096            # the kernel's row buffer (MAX_C in the source)
@@ -55,7 +56,9 @@ _PARAMS = (torch.Tensor, torch.nn.Parameter)
 MIN_NUMEL = 65536
 _ENABLED = True
 _profiling = getattr(torch._C._autograd, '_profiler_enabled', lambda: True)
-_FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-shared', '-fPIC')
+#: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in the statistics
+#: and in the normalisation pass, so that a row's value minus its own mean need not be 0
+_FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-ffp-contract=off', '-shared', '-fPIC')
 
 
 @contextlib.contextmanager
@@ -133,7 +136,7 @@ def _load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.polynext_channel_norm_f32, lib.polynext_channel_norm_bf16):
-        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.polynext_channel_norm_kernel.restype = ctypes.c_char_p
     lib.openmp = openmp
@@ -171,20 +174,23 @@ def kernel_info() -> dict:
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-         out: torch.Tensor, eps: float, lib: Optional[ctypes.CDLL] = None) -> None:
+         out: torch.Tensor, eps: float, lib: Optional[ctypes.CDLL] = None, product: bool = False) -> None:
     lib = lib or _library()
     fn = lib.polynext_channel_norm_f32 if x.dtype == torch.float32 else lib.polynext_channel_norm_bf16
-    c = x.shape[-1]
+    c = out.shape[-1]
     status = fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                None if residual is None else residual.data_ptr(), out.data_ptr(), x.numel() // c, c, eps,
-                torch.get_num_threads())
+                None if residual is None else residual.data_ptr(), out.data_ptr(), out.numel() // c, c, eps,
+                torch.get_num_threads(), int(product))
     if status != 0:
         raise RuntimeError(f'polynext::channel_norm: {c} channels is more than the kernel takes ({_MAX_C})')
 
 
-def _channel_norm(x, weight, bias, residual, eps):
-    out = torch.empty_like(x)
-    _run(x, weight, bias, residual, out, eps)
+def _channel_norm(x, weight, bias, residual, eps, product=False):
+    if product:
+        out = x.new_empty(x.shape[:-1] + (x.shape[-1] // 2,))
+    else:
+        out = torch.empty_like(x)
+    _run(x, weight, bias, residual, out, eps, product=product)
     return out
 
 
@@ -194,19 +200,25 @@ def _channel_norm_(x, weight, bias, residual, eps):
 
 
 _LIB = torch.library.Library('polynext', 'FRAGMENT')
-_LIB.define('channel_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps) -> Tensor')
+_LIB.define('channel_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, bool product=False) '
+            '-> Tensor')
 _LIB.define('channel_norm_(Tensor(a!) x, Tensor weight, Tensor? bias, Tensor? residual, float eps) -> Tensor(a!)')
 _LIB.impl('channel_norm', _channel_norm, 'CPU')
 _LIB.impl('channel_norm_', _channel_norm_, 'CPU')
 
 
-def _applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             residual: Optional[torch.Tensor]) -> bool:
-    """Whether the kernel computes this call (the module docstring): cheapest checks first, a call costs a
-    few microseconds more than ``F.layer_norm``'s, so tensors under ``MIN_NUMEL`` values stay with it."""
+def applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             residual: Optional[torch.Tensor], product: bool = False) -> bool:
+    """Whether the kernel computes ``channel_layer_norm`` of these arguments (the module docstring): cheapest
+    checks first; a call costs a few microseconds more than ``F.layer_norm``'s, so tensors under ``MIN_NUMEL``
+    values stay with it."""
     if not _ENABLED or weight is None or x.dtype not in _DTYPES or type(x) is not torch.Tensor:
         return False
     numel, c = x.numel(), x.shape[-1]
+    if product:
+        if c % 2:
+            return False
+        numel, c = numel // 2, c // 2
     if numel < MIN_NUMEL or c > _MAX_C or not x.is_contiguous():
         return False
     grad = torch.is_grad_enabled()
@@ -214,7 +226,8 @@ def _applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
         if t is not None and (type(t) not in _PARAMS or t.dtype != x.dtype or t.device.type != 'cpu' or t.dim() != 1
                               or t.shape[0] != c or not t.is_contiguous() or (grad and t.requires_grad)):
             return False
-    if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
+    if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != c
+                                 or not residual.is_contiguous()):
         return False
     from .fused import eager_cpu_inference
     return eager_cpu_inference(*((x,) if residual is None else (x, residual))) and kernel_available()
@@ -222,14 +235,42 @@ def _applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
 
 def channel_layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor] = None,
-                       inplace: bool = False) -> torch.Tensor:
+                       inplace: bool = False, product: bool = False) -> torch.Tensor:
     """``F.layer_norm(x, normalized_shape, weight, bias, eps) (+ residual)`` over the last dimension of ``x``
     (the NHWC view of a channels-last activation). ``inplace``: the result may be written into ``x`` (the
-    caller owns it; it is then returned). The C kernel where it applies (module docstring), else PyTorch."""
-    if len(normalized_shape) == 1 and _applies(x, weight, bias, residual):
+    caller owns it; it is then returned). ``product``: ``x`` holds 2C values per row and the norm is of
+    ``x[..., :C] ⊙ x[..., C:]`` (PolyMLP's product of the halves of ``fc_in``), which the kernel forms as it
+    reads. The C kernel where it applies (module docstring), else PyTorch."""
+    if len(normalized_shape) == 1 and applies(x, weight, bias, residual, product):
         if _profiling():   # through the dispatcher, so that the profiler records the operator and its shapes
-            op = torch.ops.polynext.channel_norm_ if inplace else torch.ops.polynext.channel_norm
-            return op(x, weight, bias, residual, eps)
-        return (_channel_norm_ if inplace else _channel_norm)(x, weight, bias, residual, eps)
+            if inplace and not product:
+                return torch.ops.polynext.channel_norm_(x, weight, bias, residual, eps)
+            return torch.ops.polynext.channel_norm(x, weight, bias, residual, eps, product)
+        if inplace and not product:
+            return _channel_norm_(x, weight, bias, residual, eps)
+        return _channel_norm(x, weight, bias, residual, eps, product)
+    if product:
+        a, b = x.chunk(2, dim=-1)
+        x = a * b
     y = F.layer_norm(x, normalized_shape, weight, bias, eps)
     return y if residual is None else y.add_(residual)
+
+
+def channel_norm_nchw(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                      residual: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
+    """:func:`channel_layer_norm` over the channels of NCHW tensors (on their NHWC views, free for channels-last
+    ones); returns NCHW."""
+    res = None if residual is None else residual.permute(0, 2, 3, 1)
+    return channel_layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps, residual=res,
+                              inplace=inplace).permute(0, 3, 1, 2)
+
+
+def product_norm_nchw(m: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      eps: float) -> Optional[torch.Tensor]:
+    """Norm(m[:, :C] ⊙ m[:, C:]) of an NCHW tensor with 2C channels, in one pass, where the kernel applies
+    (CPU inference: the product is formed as the rows are read, never written); None elsewhere, where the
+    caller keeps its own form (in training, an autograd-friendly product)."""
+    z = m.permute(0, 2, 3, 1)
+    if not applies(z, weight, bias, None, product=True):
+        return None
+    return channel_layer_norm(z, (z.shape[-1] // 2,), weight, bias, eps, product=True).permute(0, 3, 1, 2)
