@@ -406,7 +406,7 @@ class _Sorter:
             self.add('copies and layout', ev, nbytes=_operand_bytes(ev))
             self.remember(ev, 'copies and layout')
             return
-        if scope == 'attention' and name.startswith('aten::'):
+        if scope == 'attention' and name.startswith(('aten::', 'polynext::')):
             macs = _matmul_macs(ev)
             if not macs and name in _LINEAR_OPS:
                 macs = self.leaf_work(ev)[0]

@@ -7,175 +7,48 @@ pre-norm, the norm inside PolyMLP), on channels-last tensors whose NHWC view has
 pixel. PyTorch's CPU ``layer_norm`` runs these short rows (72-768 values) slowly, in bfloat16 most of all:
 4-16 GB/s on a 2-core AMD EPYC (Zen 4), where an elementwise product of the same tensor runs at 30-45 GB/s,
 so in bf16 the norms took 17 % of a cpolynext_s inference step (``polynext profile``) and removing them
-entirely would make it 1.20x faster. ``csrc/channel_norm.c`` reads each row once, keeps it in L1 for the
+entirely would make it 1.20x faster. The kernel (``csrc/cpu_kernels.c``) reads each row once, keeps it in L1 for the
 two-pass statistics (the variance as the mean squared deviation, as PyTorch), and writes it once; in
 bfloat16 it computes in float32 and rounds once. It can also add the residual that follows PolyConv's norm
 in the same pass, and write in place. Why by hand: no maintained library has a fast norm for rows this
 short on the CPU (inductor's generated kernel reaches 12-16 GB/s in bf16 here; ``benchmarks/channel_norm.py``
 measures all three).
 
-The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc`` / ``gcc``;
-``-O3 -march=native``, OpenMP when torch's own libgomp is loaded, so that it shares torch's threads) into
-the polynext cache folder (``ops.cache``), one file per source, compiler and CPU, written atomically; a
-later process loads it. It applies where the oneDNN fusions of ``ops.fused`` apply (eager CPU inference,
-no autograd recording, not compiling / exporting / tracing, channels-last, same dtype), in float32 and
-bfloat16, and can be turned off with ``fusion(False)`` (every CPU inference fusion) or
-:func:`channel_norm_kernel` ``(False)`` (this one). Everywhere else, and where there is no compiler
-(one warning), :func:`channel_layer_norm` is ``F.layer_norm`` on the NHWC view. Outputs equal
-``F.layer_norm``'s within float32 rounding (2e-6 relative in the tests), in bfloat16 within one rounding.
+The kernel is one of ``ops.cpu_kernels`` (compiled on first use with the system's C compiler into the
+polynext cache folder, sharing torch's OpenMP threads). It applies where the oneDNN fusions of
+``ops.fused`` apply (eager CPU inference, no autograd recording, not compiling / exporting / tracing,
+channels-last, same dtype), in float32 and bfloat16, on tensors of at least ``MIN_NUMEL`` values, and can be
+turned off with ``fusion(False)`` (every CPU inference fusion) or ``ops.cpu_kernels.kernels(False)`` (the
+hand-written kernels). Everywhere else, and where there is no compiler (one warning), :func:`channel_layer_norm` is
+``F.layer_norm`` on the NHWC view. Outputs equal ``F.layer_norm``'s within float32 rounding (2e-6 relative
+in the tests), in bfloat16 within one rounding.
 
 It is registered as the operator ``polynext::channel_norm`` (profiler, ``torch.compile`` see an operator
 with shapes, not a foreign call).
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['channel_layer_norm', 'channel_norm_nchw', 'product_norm_nchw', 'applies', 'channel_norm_kernel',
-           'kernel_available', 'kernel_info']
+from .cpu_kernels import kernel_available, library, profiling
 
-_SOURCE = Path(__file__).with_name('csrc') / 'channel_norm.c'
+__all__ = ['channel_layer_norm', 'channel_norm_nchw', 'product_norm_nchw', 'applies']
+
 _MAX_C = 4096            # the kernel's row buffer (MAX_C in the source)
 _DTYPES = (torch.float32, torch.bfloat16)
 _PARAMS = (torch.Tensor, torch.nn.Parameter)
 #: smaller tensors stay with F.layer_norm: a call costs about 10 µs against its 4-6 µs (Python, ctypes, the
 #: thread pool's wake-up), which the faster rows pay back from about 50,000 values on a 2-core Zen 4
 MIN_NUMEL = 65536
-_ENABLED = True
-_profiling = getattr(torch._C._autograd, '_profiler_enabled', lambda: True)
-#: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in the statistics
-#: and in the normalisation pass, so that a row's value minus its own mean need not be 0
-_FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-ffp-contract=off', '-shared', '-fPIC')
-
-
-@contextlib.contextmanager
-def channel_norm_kernel(enabled: bool) -> Iterator[None]:
-    """Turn the C kernel on or off inside a ``with`` block (A/B timing and tests)."""
-    global _ENABLED
-    before, _ENABLED = _ENABLED, enabled
-    try:
-        yield
-    finally:
-        _ENABLED = before
-
-
-def _torch_openmp() -> Optional[str]:
-    """The OpenMP runtime torch has loaded, if it is GNU's (``libgomp``): linking the kernel with -fopenmp
-    then resolves to that same library (by its soname), so both share one thread pool. Another runtime
-    (or none) and the kernel is built single-threaded rather than bring a second pool of spinning threads."""
-    if 'OpenMP' not in torch.__config__.parallel_info():
-        return None
-    try:
-        with open('/proc/self/maps') as f:
-            return next((line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith('libgomp')),
-                        None)
-    except OSError:
-        return None
-
-
-def _cpu_id() -> str:
-    """What -march=native compiles for: the CPU's model and instruction flags."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            lines = [line for line in f if line.startswith(('model name', 'flags', 'Features', 'CPU part'))]
-        return ''.join(sorted(set(lines)))
-    except OSError:
-        import platform
-        return f'{platform.machine()} {platform.processor()}'
-
-
-def _compiler() -> Optional[str]:
-    return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
-
-
-def _build(compiler: str, openmp: bool, march: str = 'native', folder: Optional[Path] = None) -> Path:
-    """Compile the kernel (once per source, compiler, flags and CPU) into ``folder`` (default: the cache
-    folder) and return the library's path; the file appears whole or not at all."""
-    from .cache import cache_dir
-    flags = [f if f != '-march=native' else f'-march={march}' for f in _FLAGS]
-    flags += ['-fopenmp'] if openmp else ['-fopenmp-simd']
-    version = subprocess.run([compiler, '--version'], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256('\n'.join([_SOURCE.read_text(), compiler, version, ' '.join(flags), _cpu_id()]).encode())
-    target = (folder or cache_dir() / 'kernels') / f'channel_norm-{key.hexdigest()[:16]}.so'
-    if target.exists():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(target.parent, os.W_OK):
-            raise PermissionError(f'{target.parent} is not writable')
-    except OSError:   # a read-only cache: built for this process only (a loaded library may be deleted)
-        target = Path(tempfile.mkdtemp(prefix='polynext-kernels-')) / target.name
-    fd, tmp = tempfile.mkstemp(prefix='.channel_norm-', suffix='.so', dir=target.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([compiler, *flags, '-o', tmp, str(_SOURCE), '-lm'], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f'{compiler} failed: ' + (r.stderr.strip().splitlines() or ['(no message)'])[-1])
-        os.replace(tmp, target)   # atomic: a concurrent process loads a whole file or builds its own
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load(path: Path, openmp: bool) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    for fn in (lib.polynext_channel_norm_f32, lib.polynext_channel_norm_bf16):
-        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    lib.polynext_channel_norm_kernel.restype = ctypes.c_char_p
-    lib.openmp = openmp
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
-def _library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, or None (with one warning) where it cannot be built here."""
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn('polynext: no C compiler (cc / gcc, or $CC) found, so channel LayerNorms use PyTorch\'s '
-                      'slower CPU kernel; install one to enable polynext.ops.channel_norm')
-        return None
-    openmp = _torch_openmp() is not None
-    try:
-        return _load(_build(compiler, openmp), openmp)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f'polynext: the channel LayerNorm kernel could not be built ({err}); using PyTorch\'s')
-        return None
-
-
-def kernel_available() -> bool:
-    """Whether the C kernel is built and loaded in this process (builds it on the first call)."""
-    return _library() is not None
-
-
-def kernel_info() -> dict:
-    """Which code the kernel runs ('avx512' or 'portable'), whether it is threaded, and its file."""
-    lib = _library()
-    if lib is None:
-        return dict(available=False)
-    return dict(available=True, code=lib.polynext_channel_norm_kernel().decode(), openmp=lib.openmp,
-                path=lib._name)
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
          out: torch.Tensor, eps: float, lib: Optional[ctypes.CDLL] = None, product: bool = False) -> None:
-    lib = lib or _library()
+    lib = lib or library()
     fn = lib.polynext_channel_norm_f32 if x.dtype == torch.float32 else lib.polynext_channel_norm_bf16
     c = out.shape[-1]
     status = fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
@@ -212,7 +85,7 @@ def applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     """Whether the kernel computes ``channel_layer_norm`` of these arguments (the module docstring): cheapest
     checks first; a call costs a few microseconds more than ``F.layer_norm``'s, so tensors under ``MIN_NUMEL``
     values stay with it."""
-    if not _ENABLED or weight is None or x.dtype not in _DTYPES or type(x) is not torch.Tensor:
+    if weight is None or x.dtype not in _DTYPES or type(x) is not torch.Tensor:
         return False
     numel, c = x.numel(), x.shape[-1]
     if product:
@@ -242,7 +115,7 @@ def channel_layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight:
     ``x[..., :C] ⊙ x[..., C:]`` (PolyMLP's product of the halves of ``fc_in``), which the kernel forms as it
     reads. The C kernel where it applies (module docstring), else PyTorch."""
     if len(normalized_shape) == 1 and applies(x, weight, bias, residual, product):
-        if _profiling():   # through the dispatcher, so that the profiler records the operator and its shapes
+        if profiling():   # through the dispatcher, so that the profiler records the operator and its shapes
             if inplace and not product:
                 return torch.ops.polynext.channel_norm_(x, weight, bias, residual, eps)
             return torch.ops.polynext.channel_norm(x, weight, bias, residual, eps, product)

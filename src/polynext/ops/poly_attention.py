@@ -26,7 +26,10 @@ dimension 32), forward + backward: 1.72x the paper's expression under autograd, 
 points 1.08x over this kernel without them (``benchmarks/poly_attention.py``).
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
-the power, the row sums and the normalisation run in float32.
+the power, the row sums and the normalisation run in float32. At CPU inference in float32 or bfloat16 the
+power, the row sums and the normalisation are one pass of a hand-written kernel (``ops.cpu_kernels``:
+PyTorch's operators take six passes over the N×N scores, seven in bfloat16), which writes the normalised
+weights over the scores; the matrix products stay PyTorch's.
 
 On CUDA the same function runs through PyTorch's ``flex_attention`` (a fused Triton kernel with
 O(N·block) memory in forward and backward), see :func:`poly_attention_flex`.
@@ -53,12 +56,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """P = Q Kᵀ + 1 in float32 (float64 for float64 inputs), as a fresh tensor."""
-    s = torch.matmul(q, k.transpose(-1, -2))
+def _plus_one(s: torch.Tensor) -> torch.Tensor:
+    """S + 1 in float32 (float64 for float64 scores), in place where S is already in it."""
     if s.dtype in (torch.float32, torch.float64):
         return s.add_(1.0)
     return s.float().add_(1.0)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """P = Q Kᵀ + 1 in float32 (float64 for float64 inputs), as a fresh tensor."""
+    return _plus_one(torch.matmul(q, k.transpose(-1, -2)))
 
 
 def _power_(p: torch.Tensor, power: int) -> torch.Tensor:
@@ -69,20 +76,41 @@ def _power_(p: torch.Tensor, power: int) -> torch.Tensor:
     return p.pow_(power)
 
 
+#: the kernel's few microseconds more per call than PyTorch's first operator pay back from about this size
+ROWS_KERNEL_MIN_NUMEL = 65536
+
+
+def _rows_kernel(s: torch.Tensor, power: int) -> bool:
+    """Whether ``ops.cpu_kernels``' attention-rows kernel can turn these scores into weights (CPU inference).
+    (Absolute imports in this module: ``benchmarks/poly_attention.py`` loads older versions of it from a file.)"""
+    from polynext.ops.cpu_kernels import kernel_available
+    from polynext.ops.fused import eager_cpu_inference
+    return (power in (2, 4) and s.dtype in (torch.float32, torch.bfloat16) and s.numel() >= ROWS_KERNEL_MIN_NUMEL
+            and s.is_contiguous() and eager_cpu_inference(s) and kernel_available())
+
+
 def _forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, chunk_bytes: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns O (dtype of v) and the clamped row sums r (float32, shape B×h×N×1)."""
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, chunk_bytes: int, inference: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns O (dtype of v) and the clamped row sums r (float32, shape B×h×N×1; None at ``inference``, where
+    the scores may go through the kernel of ``ops.cpu_kernels``)."""
+    from polynext.ops.cpu_kernels import poly_rows_
     n = q.shape[2]
     out = v.new_empty(q.shape[:-1] + (v.shape[-1],))
-    rowsum = torch.empty(q.shape[:-1] + (1,), dtype=_acc_dtype(q), device=q.device)
+    rowsum = None if inference else torch.empty(q.shape[:-1] + (1,), dtype=_acc_dtype(q), device=q.device)
     step = _rows_per_chunk(q, k.shape[2], chunk_bytes)
     low_precision = v.dtype in (torch.float16, torch.bfloat16)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        a = _power_(_scores(q[:, :, rows], k), power)
+        s = torch.matmul(q[:, :, rows], k.transpose(-1, -2))
+        if inference and _rows_kernel(s, power):   # the power and the normalisation in one pass, over the scores
+            a = poly_rows_(s, power, _EPS)
+            out[:, :, rows] = torch.matmul(a.to(v.dtype), v)
+            continue
+        a = _power_(_plus_one(s), power)
         r = a.sum(-1, keepdim=True).clamp_min_(_EPS)
-        rowsum[:, :, rows] = r
+        if rowsum is not None:
+            rowsum[:, :, rows] = r
         if low_precision:
             # normalise first so the product stays in range in fp16/bf16
             out[:, :, rows] = torch.matmul(a.div_(r).to(v.dtype), v)
@@ -259,7 +287,7 @@ def poly_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _PolyAttentionFunction.apply(q, k, v, power, chunk_bytes)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return _forward(q, k, v, power, chunk_bytes)[0]
+        return _forward(q, k, v, power, chunk_bytes, inference=True)[0]
 
 
 def poly_attention_reference(q, k, v, power: int = 4) -> torch.Tensor:

@@ -1,18 +1,29 @@
-/* LayerNorm over the channels of a channels-last (NHWC) tensor, one row of C values per pixel:
+/* polynext's hand-written CPU kernels, compiled on first use by polynext/ops/cpu_kernels.py
+ * (-O3 -march=native -ffp-contract=off, -fopenmp when torch's libgomp is loaded: the process already holds it,
+ * so these loops share torch's thread pool). float32 and bfloat16; bfloat16 values are computed in float32 and
+ * rounded once, to the nearest even. With AVX-512 (and AVX-512 BF16 for the rounding) the loops are written
+ * with intrinsics, masked at a row's end; elsewhere they are plain loops for the compiler's vectoriser.
  *
- *     y[r, c] = (x[r, c] - mean_r) / sqrt(var_r + eps) * w[c]  (+ b[c])  (+ res[r, c])
+ * 1. polynext_channel_norm_*: LayerNorm over the channels of a channels-last (NHWC) tensor, one row of C
+ *    values per pixel:
  *
- * y may be x itself (each row is read whole before it is written). The optional residual is the addition
- * that follows PolyConv's norm in a PolyNeXt block, done here instead of in one more pass over memory.
- * float32 and bfloat16 (statistics and arithmetic in float32, one rounding to bfloat16 at the end, to the
- * nearest even). Why by hand: PyTorch's CPU layer_norm runs a channels-last PolyNeXt's rows (72-768 values)
- * at 4-16 GB/s in bfloat16, against 30-45 GB/s for an elementwise product of the same tensor (2-core AMD EPYC
- * Zen 4, benchmarks/channel_norm.py); no maintained library has a faster one for rows this short. Each row is
- * read once from memory and kept in L1 for the two-pass statistics, then written once. Rows are split over
- * OpenMP threads: the process already holds torch's libgomp, so this library shares torch's thread pool.
- * Compiled on first use by polynext/ops/channel_norm.py (-O3 -march=native -fopenmp). With AVX-512 (and
- * AVX-512 BF16 for the rounding) the loops are written with intrinsics, masked at the row's end; elsewhere
- * they are plain loops for the compiler's vectoriser. */
+ *        y[r, c] = (x[r, c] - mean_r) / sqrt(var_r + eps) * w[c]  (+ b[c])  (+ res[r, c])
+ *
+ *    y may be x itself (each row is read whole before it is written). The optional residual is the addition
+ *    that follows PolyConv's norm in a PolyNeXt block, and the row may be the product of the two halves of a
+ *    wider row (PolyMLP's (W_a x) * (W_b x)), both done here instead of in more passes over memory. Why by
+ *    hand: PyTorch's CPU layer_norm runs a channels-last PolyNeXt's rows (72-768 values) at 4-16 GB/s in
+ *    bfloat16, against 30-45 GB/s for an elementwise product of the same tensor (2-core AMD EPYC Zen 4,
+ *    benchmarks/channel_norm.py); no maintained library has a faster one for rows this short. Each row is read
+ *    once from memory and kept in L1 for the two-pass statistics, then written once.
+ *
+ * 2. polynext_poly_rows_*: the polynomial attention's weights from its scores, one row per query:
+ *
+ *        A[r, j] = (S[r, j] + 1)^p / max(sum_j (S[r, j] + 1)^p, eps)      (p = 2 or 4)
+ *
+ *    in place or into out, and the row sums. PyTorch does this in six passes over the N x N scores at
+ *    inference (a conversion to float32, +1, two squares, the sum, the division; in bfloat16 one more
+ *    conversion back): here the row is read once into L1 and written once. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -126,6 +137,39 @@ ROW_KERNEL(row_bf16, uint16_t, get_bf16, load_bf16, store_bf16)
 ROW_KERNEL(row_prod_f32, float, prod_f32, load_f32, store_f32)
 ROW_KERNEL(row_prod_bf16, uint16_t, prod_bf16, load_bf16, store_bf16)
 
+static inline __m512 poly_pow(__m512 s, int power) {   /* (s + 1)^power, power 2 or 4 */
+    __m512 p = _mm512_add_ps(s, _mm512_set1_ps(1.f));
+    p = _mm512_mul_ps(p, p);
+    return power == 4 ? _mm512_mul_ps(p, p) : p;
+}
+
+/* One row of attention weights: the sum of (s + 1)^p (the masked tail's lanes kept at 0), then each value
+ * recomputed from L1 and divided by the sum. Returns the (clamped) sum. */
+#define POLY_ROW(NAME, T, LOAD, STORE)                                                                           \
+    static inline float NAME(const T *s, T *out, int64_t N, int power, float eps) {                             \
+        const int64_t full = N & ~(int64_t)15;                                                                  \
+        const __mmask16 kt = (__mmask16)((1u << (N - full)) - 1u);                                              \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                              \
+        int64_t c = 0;                                                                                          \
+        for (; c + 32 <= full; c += 32) {                                                                       \
+            a0 = _mm512_add_ps(a0, poly_pow(LOAD(s + c, 0xffff), power));                                      \
+            a1 = _mm512_add_ps(a1, poly_pow(LOAD(s + c + 16, 0xffff), power));                                 \
+        }                                                                                                       \
+        if (c < full) a0 = _mm512_add_ps(a0, poly_pow(LOAD(s + c, 0xffff), power));                            \
+        if (kt) a1 = _mm512_add_ps(a1, _mm512_maskz_mov_ps(kt, poly_pow(LOAD(s + full, kt), power)));          \
+        float r = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                                  \
+        if (!(r >= eps)) r = r != r ? r : eps;   /* clamp_min(eps), NaN kept */                                \
+        const __m512 rv = _mm512_set1_ps(r);                                                                    \
+        for (c = 0; c < N; c += 16) {                                                                           \
+            const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
+            STORE(out + c, k, _mm512_div_ps(poly_pow(LOAD(s + c, k), power), rv));                              \
+        }                                                                                                       \
+        return r;                                                                                               \
+    }
+
+POLY_ROW(poly_row_f32, float, load_f32, store_f32)
+POLY_ROW(poly_row_bf16, uint16_t, load_bf16, store_bf16)
+
 #define KERNEL "avx512"
 #else   /* portable loops */
 
@@ -166,10 +210,30 @@ ROW_PORTABLE(row_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
 ROW_PORTABLE(row_prod_f32, float, f32_id, f32_id, 1)
 ROW_PORTABLE(row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
 
+#define POLY_ROW_PORTABLE(NAME, T, TO_F32, FROM_F32)                                                            \
+    static inline float NAME(const T *s, T *out, int64_t N, int power, float eps) {                             \
+        float r = 0.f;                                                                                          \
+        for (int64_t c = 0; c < N; ++c) {                                                                       \
+            float p = TO_F32(s[c]) + 1.f;                                                                       \
+            p *= p;                                                                                             \
+            r += power == 4 ? p * p : p;                                                                        \
+        }                                                                                                       \
+        if (!(r >= eps)) r = r != r ? r : eps;                                                                  \
+        for (int64_t c = 0; c < N; ++c) {                                                                       \
+            float p = TO_F32(s[c]) + 1.f;                                                                       \
+            p *= p;                                                                                             \
+            out[c] = FROM_F32((power == 4 ? p * p : p) / r);                                                    \
+        }                                                                                                       \
+        return r;                                                                                               \
+    }
+
+POLY_ROW_PORTABLE(poly_row_f32, float, f32_id, f32_id)
+POLY_ROW_PORTABLE(poly_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
 #define KERNEL "portable"
 #endif
 
-const char *polynext_channel_norm_kernel(void) { return KERNEL; }
+const char *polynext_cpu_kernels_code(void) { return KERNEL; }
 
 /* y[r] = norm(row r) * w (+ b) (+ res[r]) for rows x C values. The row is x[r] (rows x C), or with
  * `product` the product of the two halves of x[r] (rows x 2C): x[r, :C] * x[r, C:]. y and res are rows x C,
@@ -205,6 +269,31 @@ int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uin
             row_prod_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps);
         else
             row_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps);
+    }
+    return 0;
+}
+
+/* out[r] = (s[r] + 1)^power / max(sum_j (s[r, j] + 1)^power, eps) for rows x N scores (power 2 or 4); out may
+ * be s; the clamped sums go to rowsum (float32, rows values) unless it is NULL. Returns 0, or 1 for another
+ * power (nothing written). */
+int polynext_poly_rows_f32(const float *s, float *out, float *rowsum, int64_t rows, int64_t N, int power,
+                           float eps, int threads) {
+    if (power != 2 && power != 4) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float sum = poly_row_f32(s + r * N, out + r * N, N, power, eps);
+        if (rowsum) rowsum[r] = sum;
+    }
+    return 0;
+}
+
+int polynext_poly_rows_bf16(const uint16_t *s, uint16_t *out, float *rowsum, int64_t rows, int64_t N, int power,
+                            float eps, int threads) {
+    if (power != 2 && power != 4) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float sum = poly_row_bf16(s + r * N, out + r * N, N, power, eps);
+        if (rowsum) rowsum[r] = sum;
     }
     return 0;
 }

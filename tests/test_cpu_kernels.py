@@ -1,6 +1,8 @@
-"""ops.channel_norm: the C kernel of the channel LayerNorm computes F.layer_norm (+ the residual), in every code
-path it has (AVX-512 with and without BF16 instructions, portable loops), and the models take it at CPU
-inference only."""
+"""ops.cpu_kernels: the hand-written CPU kernels compute what PyTorch's operators compute, in every code path
+they have (AVX-512 with and without BF16 instructions, portable loops), and the models take them at CPU
+inference only: the channel LayerNorm (ops.channel_norm: F.layer_norm, + the residual, of the product of two
+halves) and the polynomial attention's weights (ops.poly_attention)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -12,11 +14,14 @@ import torch.nn.functional as F
 
 import polynext  # noqa: F401  (registers the models)
 from polynext.ops import channel_norm as cn
+from polynext.ops import cpu_kernels as ck
 from polynext.ops.fused import fusion
 
 from conftest import subprocess_env
 
-HAS_CC = cn._compiler() is not None
+pa = importlib.import_module('polynext.ops.poly_attention')   # (polynext.ops.poly_attention is also a function)
+
+HAS_CC = ck.compiler() is not None
 needs_cc = pytest.mark.skipif(not HAS_CC, reason='no C compiler on this machine')
 AVX512 = 'avx512f' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else False
 AVX512_BF16 = AVX512 and 'avx512_bf16' in open('/proc/cpuinfo').read()
@@ -52,14 +57,14 @@ def _check(y, x, w, b, r, product=False):
 
 @needs_cc
 def test_the_kernel_is_built_and_loaded_here():
-    info = cn.kernel_info()
+    info = ck.kernel_info()
     assert info['available'] and os.path.isfile(info['path'])
     assert info['code'] == ('avx512' if AVX512 else 'portable')
     # it shares torch's OpenMP runtime: loading it maps no other one (a fresh process: other packages, such as
     # scikit-learn, bring their own under another name)
-    code = ('import torch, polynext.ops.channel_norm as cn\n'
+    code = ('import torch, polynext.ops.cpu_kernels as ck\n'
             'maps = lambda: {l.split()[-1] for l in open("/proc/self/maps") if "gomp" in l or "iomp" in l}\n'
-            'before = maps(); assert cn.kernel_available(); print(sorted(maps() - before), len(before))')
+            'before = maps(); assert ck.kernel_available(); print(sorted(maps() - before), len(before))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == '[]'
@@ -86,7 +91,7 @@ def test_kernel_equals_layer_norm(dtype, c, monkeypatch):
                 y = cn.channel_layer_norm(x, (c,), w, b, 1e-5, residual=r, product=True)
                 assert y.shape == (257, c)
                 _check(y, x, w, b, r, product=True)
-                with cn.channel_norm_kernel(False):   # PyTorch's form: the product rounded to bf16 first
+                with ck.kernels(False):   # PyTorch's form: the product rounded to bf16 first
                     y_torch = cn.channel_layer_norm(x, (c,), w, b, 1e-5, residual=r, product=True)
                 _check(y_torch.to(x.dtype) if dtype == torch.float32 else y, x, w, b, r, product=True)
 
@@ -100,8 +105,8 @@ def test_every_code_path_of_the_kernel(march, tmp_path):
         pytest.skip('this CPU has no AVX-512')
     if not AVX512 and march != 'x86-64-v2' or os.uname().machine != 'x86_64':
         pytest.skip('x86-64 variants')
-    lib = cn._load(cn._build(cn._compiler(), False, march=march, folder=tmp_path), False)
-    assert lib.polynext_channel_norm_kernel().decode() == ('portable' if march == 'x86-64-v2' else 'avx512')
+    lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    assert lib.polynext_cpu_kernels_code().decode() == ('portable' if march == 'x86-64-v2' else 'avx512')
     for dtype in (torch.float32, torch.bfloat16):
         for c, product in ((7, False), (16, True), (72, False), (129, True)):
             x, w, b, r = _case(65, c, dtype, True, True, seed=c, product=product)
@@ -125,32 +130,35 @@ def test_every_code_path_of_the_kernel(march, tmp_path):
 @needs_cc
 def test_the_library_is_built_once_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv('POLYNEXT_CACHE_DIR', str(tmp_path))
-    path = cn._build(cn._compiler(), False)
+    path = ck.build(ck.compiler(), False)
     assert path.parent == tmp_path / 'kernels' and path.is_file()
     mtime = path.stat().st_mtime_ns
-    assert cn._build(cn._compiler(), False) == path and path.stat().st_mtime_ns == mtime   # reused, not rebuilt
+    assert ck.build(ck.compiler(), False) == path and path.stat().st_mtime_ns == mtime   # reused, not rebuilt
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]   # no temporary file left
     # a compiler that fails: an error naming it, and nothing left behind
     bad = tmp_path / 'badcc'
     bad.write_text('#!/bin/sh\necho "cc: fatal error: broken" >&2\nexit 1\n')
     bad.chmod(0o755)
     with pytest.raises(RuntimeError, match='badcc failed: cc: fatal error: broken'):
-        cn._build(str(bad), False, folder=tmp_path / 'other')
+        ck.build(str(bad), False, folder=tmp_path / 'other')
     assert list((tmp_path / 'other').iterdir()) == []
 
 
 def test_without_a_compiler_it_is_pytorchs_layer_norm(monkeypatch):
-    monkeypatch.setattr(cn, '_compiler', lambda: None)
+    monkeypatch.setattr(ck, 'compiler', lambda: None)
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
-    cn._library.cache_clear()
+    ck.library.cache_clear()
     try:
         x, w, b, r = _case(64, 24, torch.float32, True, True)
         with pytest.warns(UserWarning, match='no C compiler'), torch.inference_mode():
             y = cn.channel_layer_norm(x, (24,), w, b, 1e-5, residual=r)
         assert torch.equal(y, F.layer_norm(x, (24,), w, b, 1e-5) + r)
-        assert not cn.kernel_available()
+        assert not ck.kernel_available()
+        q, k, v = (torch.randn(1, 2, 300, 8) for _ in range(3))
+        with torch.inference_mode():   # the attention's torch operators
+            assert (pa.poly_attention(q, k, v) - pa.poly_attention_reference(q, k, v)).abs().max() < 1e-5
     finally:
-        cn._library.cache_clear()
+        ck.library.cache_clear()
 
 
 def _count_runs(monkeypatch):
@@ -169,14 +177,14 @@ def _count_runs(monkeypatch):
 def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
     """Every channel LayerNorm of a CPU inference runs the kernel (PolyConv's closing norm with its residual,
     in place), logits within 2e-5 of PyTorch's norms in fp32 and within bf16's rounding in bf16; a training
-    forward, ``fusion(False)`` and ``channel_norm_kernel(False)`` do not take it."""
+    forward, ``fusion(False)`` and ``kernels(False)`` do not take it."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
     calls = _count_runs(monkeypatch)
     torch.manual_seed(0)
     model = timm.create_model(name, init_channels=16, num_classes=10, cells=(1, 1, 1, 1)).eval()
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        with cn.channel_norm_kernel(False):
+        with ck.kernels(False):
             ref = model(x)
         assert calls == []
         out = model(x)
@@ -195,7 +203,7 @@ def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
         model_bf16 = model_bf16.to(torch.bfloat16)
         out16 = model_bf16(x.bfloat16())
         assert len(calls) == 2 * n
-        with cn.channel_norm_kernel(False):
+        with ck.kernels(False):
             ref16 = model_bf16(x.bfloat16())
         rel = ((out16.float() - ref16.float()).norm() / ref16.float().norm()).item()
         assert rel < 0.05
@@ -205,13 +213,74 @@ def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
 
 
 @needs_cc
-def test_the_profiler_sees_the_kernel_as_a_norm(monkeypatch):
+def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     from polynext.perf import profile_model
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    monkeypatch.setattr(pa, 'ROWS_KERNEL_MIN_NUMEL', 0)
     torch.manual_seed(0)
-    model = timm.create_model('cpolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
     prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
     ops = {(cls, op) for cls, op, _ in prof.ops}
-    assert ('norms', 'polynext::channel_norm_') in ops
-    assert not any(op.startswith('polynext::') and cls != 'norms' for cls, op in ops)
+    assert {('norms', 'polynext::channel_norm_'), ('norms', 'polynext::channel_norm'),
+            ('attention', 'polynext::poly_rows_')} <= ops
+    assert {cls for cls, op in ops if op.startswith('polynext::')} == {'norms', 'attention'}
     assert prof.classes['norms'].bytes > 0
+
+
+def _poly_rows_reference(s, power, eps=1e-12):
+    p = (s.double() + 1) ** power
+    return p / p.sum(-1, keepdim=True).clamp_min(eps)
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_attention_rows_kernel_in_every_code_path(march, tmp_path):
+    """(S + 1)^p / row sum, p = 2 and 4, rows of every length (full vectors, the unrolled part, masked tails
+    whose lanes must not count), in place, against float64; a NaN score makes its row NaN only."""
+    if march is None:
+        lib = ck.library()
+    else:
+        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
+            pytest.skip('an x86-64 variant this CPU cannot run')
+        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        fn = lib.polynext_poly_rows_f32 if dtype == torch.float32 else lib.polynext_poly_rows_bf16
+        for n in (1, 15, 17, 49, 196):
+            for power in (2, 4):
+                s = (torch.randn(37, n, generator=gen) * 0.7).to(dtype)
+                ref = _poly_rows_reference(s, power)
+                a, rowsum = s.clone(), torch.empty(37)
+                assert fn(a.data_ptr(), a.data_ptr(), rowsum.data_ptr(), 37, n, power, 1e-12, 2) == 0
+                assert torch.allclose(rowsum.double(), ((s.double() + 1) ** power).sum(-1), rtol=1e-5)
+                if dtype == torch.float32:
+                    assert (a.double() - ref).abs().max() < 1e-6
+                else:   # float32 arithmetic, one rounding
+                    assert ((a.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-12).all()
+        assert fn(a.data_ptr(), a.data_ptr(), None, 37, n, 3, 1e-12, 2) == 1   # an odd power: refused
+        s = torch.rand(3, 20, generator=gen).to(dtype)
+        s[1, 5] = float('nan')
+        fn(s.data_ptr(), s.data_ptr(), None, 3, 20, 4, 1e-12, 2)
+        assert torch.isnan(s[1]).all() and not torch.isnan(s[[0, 2]]).any()
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_poly_attention_takes_the_kernel_at_inference_only(dtype, monkeypatch):
+    calls = []
+    real = ck._poly_rows
+    monkeypatch.setattr(ck, '_poly_rows', lambda s, p, e: calls.append(s.shape) or real(s, p, e))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(2, 3, 196, 32, generator=gen) * 0.3).to(dtype) for _ in range(3))
+    ref = pa.poly_attention_reference(q.double(), k.double(), v.double())
+    with torch.inference_mode():
+        out = pa.poly_attention(q, k, v, chunk_bytes=2 * 3 * 100 * 196 * 4)   # two chunks of query rows
+        assert calls == [(2, 3, 100, 196), (2, 3, 96, 196)]
+        with fusion(False):
+            torch_ops = pa.poly_attention(q, k, v)
+        assert len(calls) == 2
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert (out.double() - ref).abs().max() < tol and (torch_ops.double() - ref).abs().max() < tol
+    q.requires_grad_()
+    pa.poly_attention(q, k, v).sum().backward()   # training: the autograd function, not the kernel
+    assert len(calls) == 2

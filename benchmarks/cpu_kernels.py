@@ -1,4 +1,4 @@
-"""The channel LayerNorm kernel of ``polynext.ops.channel_norm`` against PyTorch's, per layer and per model.
+"""polynext's hand-written CPU kernels (``polynext.ops.cpu_kernels``) against PyTorch's operators.
 
 1. Per layer: every distinct channel LayerNorm of the models' inference at the given size and batch
    (found by running the model once with the kernel off), the input in the model's dtype, timed in one
@@ -10,14 +10,15 @@
 
    with the bytes moved (read + write) per second, and each one's largest difference from float64.
 2. Per model: inference of the whole model (``polynext bench``'s step: the model and the input in the dtype,
-   channels-last, ``inference_mode``) with the kernel on and off, interleaved, and the largest logit
-   difference between the two.
+   channels-last, ``inference_mode``) with the kernels on and off (``cpu_kernels.kernels``: the channel
+   LayerNorms, with PolyMLP's product and PolyConv's residual, and the attention's power and normalisation),
+   interleaved, and the largest logit difference between the two.
 
 Prints two tables and writes JSON; the speed ratios depend on the CPU, which the JSON names.
 
-    python benchmarks/channel_norm.py --json benchmarks/results/channel_norm_fp32.json
-    python benchmarks/channel_norm.py --dtype bf16 --json benchmarks/results/channel_norm_bf16.json
-    python benchmarks/channel_norm.py cpolynext_t --batch-size 2 --img-size 64 --runs 3   # a quick look
+    python benchmarks/cpu_kernels.py --json benchmarks/results/cpu_kernels_fp32.json
+    python benchmarks/cpu_kernels.py --dtype bf16 --json benchmarks/results/cpu_kernels_bf16.json
+    python benchmarks/cpu_kernels.py cpolynext_t --batch-size 2 --img-size 64 --runs 3   # a quick look
 
 Run it with the pinned allocator (the script re-runs itself with it, as ``polynext bench`` does).
 """
@@ -37,7 +38,7 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 def norm_shapes(model, x):
     """The distinct (NHWC shape, has bias, has residual) of the channel LayerNorms in one inference of ``model``."""
     import polynext.models.polynext as family
-    from polynext.ops.channel_norm import channel_norm_kernel
+    from polynext.ops.cpu_kernels import kernels
     seen = {}
     real = family.channel_layer_norm
 
@@ -46,7 +47,7 @@ def norm_shapes(model, x):
         return real(z, shape, weight, bias, eps, residual=residual, inplace=inplace)
     family.channel_layer_norm = record
     try:
-        with torch.inference_mode(), channel_norm_kernel(False):
+        with torch.inference_mode(), kernels(False):
             model(x)
     finally:
         family.channel_layer_norm = real
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
     import polynext  # noqa: F401  (registers the models)
     from polynext.bench import BenchSettings, environment, make_step, time_interleaved
     from polynext.checkpoint import atomic_write_json
-    from polynext.ops.channel_norm import channel_layer_norm, channel_norm_kernel, kernel_info
+    from polynext.ops.channel_norm import channel_layer_norm
+    from polynext.ops.cpu_kernels import kernel_info, kernels
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('models', nargs='*', default=['cpolynext_s', 'apolynext_s'])
@@ -74,16 +76,16 @@ def main(argv=None) -> int:
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
     if args.json and Path(args.json).is_dir():
-        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/channel_norm.json')
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/cpu_kernels.json')
     for key in ('batch_size', 'img_size', 'runs'):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     if argv is None:
         from polynext.bench import ensure_pinned_allocator
-        ensure_pinned_allocator('channel_norm.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+        ensure_pinned_allocator('cpu_kernels.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
     info = kernel_info()
     if not info['available']:
-        print('channel_norm.py: the kernel is not available here (no C compiler?), nothing to compare',
+        print('cpu_kernels.py: the kernel is not available here (no C compiler?), nothing to compare',
               file=sys.stderr)
         return 1
     dtype = DTYPES[args.dtype]
@@ -146,30 +148,33 @@ def main(argv=None) -> int:
         outputs = {}
 
         def run(enabled: bool):
-            with channel_norm_kernel(enabled):
+            with kernels(enabled):
                 step()
 
         for enabled in (False, True, False, True):   # warm-up
             run(enabled)
-        times = time_interleaved({'aten': lambda: run(False), 'polynext': lambda: run(True)}, args.runs)
-        torch.manual_seed(0)   # the logits of both paths, from the same weights on two images
+        times = time_interleaved({'torch': lambda: run(False), 'polynext': lambda: run(True)}, args.runs)
+        torch.manual_seed(0)   # the logits of both paths: the same weights, a batch of the timed size
         net = timm.create_model(name).eval().to(memory_format=torch.channels_last).to(dtype)
-        x = torch.randn(2, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size,
+                        generator=torch.Generator().manual_seed(1)).to(dtype).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             for enabled in (False, True):
-                with channel_norm_kernel(enabled):
-                    outputs[enabled] = net(x.contiguous(memory_format=torch.channels_last)).float()
+                with kernels(enabled):
+                    outputs[enabled] = net(x).float()
         diff = (outputs[True] - outputs[False]).abs().max().item()
-        a, p = (statistics.median(times[k]) for k in ('aten', 'polynext'))
-        row = dict(model=name, dtype=args.dtype, aten_img_per_s=round(args.batch_size / a, 2),
-                   polynext_img_per_s=round(args.batch_size / p, 2), speedup=round(a / p, 3),
-                   max_abs_logit_diff=diff, max_abs_logit=outputs[False].abs().max().item())
+        t, p = (statistics.median(times[k]) for k in ('torch', 'polynext'))
+        row = dict(model=name, dtype=args.dtype, torch_img_per_s=round(args.batch_size / t, 2),
+                   polynext_img_per_s=round(args.batch_size / p, 2), speedup=round(t / p, 3),
+                   max_abs_logit_diff=diff, max_abs_logit=outputs[False].abs().max().item(),
+                   argmax_agreement=(outputs[True].argmax(1) == outputs[False].argmax(1)).float().mean().item())
         models.append(row)
-        print(f"{name:12s} whole model, {args.dtype}: aten norms {row['aten_img_per_s']:6.1f} img/s, "
-              f"polynext kernel {row['polynext_img_per_s']:6.1f} img/s, x{row['speedup']:.3f}; "
-              f"max |Δ logit| {diff:.1e}", flush=True)
+        print(f"{name:12s} whole model, {args.dtype}: PyTorch's operators {row['torch_img_per_s']:6.1f} img/s, "
+              f"with the kernels {row['polynext_img_per_s']:6.1f} img/s, x{row['speedup']:.3f}; "
+              f"max |Δ logit| {diff:.1e} (largest logit {row['max_abs_logit']:.2f}), argmax agreement "
+              f"{100 * row['argmax_agreement']:.0f} %", flush=True)
 
-    out = dict(command=['python', 'benchmarks/channel_norm.py'] + list(argv if argv is not None else sys.argv[1:]),
+    out = dict(command=['python', 'benchmarks/cpu_kernels.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=environment(torch.device('cpu')), kernel=info, batch_size=args.batch_size,
                img_size=args.img_size, dtype=args.dtype, runs=args.runs, layers=layers, models=models)
     if args.json:

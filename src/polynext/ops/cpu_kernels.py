@@ -1,0 +1,181 @@
+"""polynext's hand-written CPU kernels (``csrc/cpu_kernels.c``), compiled on first use and loaded with ctypes.
+
+What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
+product and PolyConv's residual in the same pass) and ``ops.poly_attention`` (the polynomial attention's
+power and row normalisation at inference). Both replace several passes of PyTorch's CPU operators over a
+tensor that does not fit in the caches by one.
+
+The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
+OpenMP when torch's own libgomp is loaded, so that it shares torch's thread pool) into the polynext cache
+folder (``ops.cache``), one file per source, compiler, flags and CPU, written atomically; a later process
+loads it. Where there is no compiler, or it fails, there is one warning and the callers use PyTorch's
+operators. The kernels apply only at eager CPU inference (``ops.fused.eager_cpu_inference``), so
+``fusion(False)`` turns them off with the oneDNN fusions.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ['library', 'kernels', 'kernel_available', 'kernel_info', 'profiling', 'poly_rows_']
+
+_SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
+#: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
+#: the same values (channel_norm's statistics and normalisation), so that a value minus its own mean need not be 0
+_FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-ffp-contract=off', '-shared', '-fPIC')
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Turn the hand-written kernels on or off inside a ``with`` block (A/B timing and tests); off, the callers
+    run PyTorch's operators (the oneDNN fusions of ``ops.fused`` stay as they are)."""
+    global _ENABLED
+    before, _ENABLED = _ENABLED, enabled
+    try:
+        yield
+    finally:
+        _ENABLED = before
+
+
+#: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
+profiling = getattr(torch._C._autograd, '_profiler_enabled', lambda: True)
+
+
+def _torch_openmp() -> Optional[str]:
+    """The OpenMP runtime torch has loaded, if it is GNU's (``libgomp``): linking the kernel with -fopenmp
+    then resolves to that same library (by its soname), so both share one thread pool. Another runtime
+    (or none) and the kernel is built single-threaded rather than bring a second pool of spinning threads."""
+    if 'OpenMP' not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open('/proc/self/maps') as f:
+            return next((line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith('libgomp')),
+                        None)
+    except OSError:
+        return None
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and instruction flags."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            lines = [line for line in f if line.startswith(('model name', 'flags', 'Features', 'CPU part'))]
+        return ''.join(sorted(set(lines)))
+    except OSError:
+        import platform
+        return f'{platform.machine()} {platform.processor()}'
+
+
+def compiler() -> Optional[str]:
+    return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+
+
+def build(compiler: str, openmp: bool, march: str = 'native', folder: Optional[Path] = None) -> Path:
+    """Compile the kernel (once per source, compiler, flags and CPU) into ``folder`` (default: the cache
+    folder) and return the library's path; the file appears whole or not at all."""
+    from .cache import cache_dir
+    flags = [f if f != '-march=native' else f'-march={march}' for f in _FLAGS]
+    flags += ['-fopenmp'] if openmp else ['-fopenmp-simd']
+    version = subprocess.run([compiler, '--version'], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256('\n'.join([_SOURCE.read_text(), compiler, version, ' '.join(flags), _cpu_id()]).encode())
+    target = (folder or cache_dir() / 'kernels') / f'cpu_kernels-{key.hexdigest()[:16]}.so'
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError(f'{target.parent} is not writable')
+    except OSError:   # a read-only cache: built for this process only (a loaded library may be deleted)
+        target = Path(tempfile.mkdtemp(prefix='polynext-kernels-')) / target.name
+    fd, tmp = tempfile.mkstemp(prefix='.cpu_kernels-', suffix='.so', dir=target.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([compiler, *flags, '-o', tmp, str(_SOURCE), '-lm'], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f'{compiler} failed: ' + (r.stderr.strip().splitlines() or ['(no message)'])[-1])
+        os.replace(tmp, target)   # atomic: a concurrent process loads a whole file or builds its own
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(path: Path, openmp: bool) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.polynext_channel_norm_f32, lib.polynext_channel_norm_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_poly_rows_f32, lib.polynext_poly_rows_bf16):
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
+    lib.openmp = openmp
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, or None (with one warning) where it cannot be built here."""
+    cc = compiler()
+    if cc is None:
+        warnings.warn('polynext: no C compiler (cc / gcc, or $CC) found, so the CPU kernels are PyTorch\'s '
+                      'slower CPU operators; install one to enable polynext.ops.cpu_kernels')
+        return None
+    openmp = _torch_openmp() is not None
+    try:
+        return load(build(cc, openmp), openmp)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f'polynext: the CPU kernels could not be built ({err}); using PyTorch\'s operators')
+        return None
+
+
+def kernel_available() -> bool:
+    """Whether the kernels are on (:func:`kernels`) and built and loaded in this process (built on the first
+    call)."""
+    return _ENABLED and library() is not None
+
+
+def kernel_info() -> dict:
+    """Which code the kernel runs ('avx512' or 'portable'), whether it is threaded, and its file."""
+    lib = library()
+    if lib is None:
+        return dict(available=False)
+    return dict(available=True, code=lib.polynext_cpu_kernels_code().decode(), openmp=lib.openmp,
+                path=lib._name)
+
+
+def _poly_rows(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
+    lib = library()
+    fn = lib.polynext_poly_rows_f32 if s.dtype == torch.float32 else lib.polynext_poly_rows_bf16
+    n = s.shape[-1]
+    if fn(s.data_ptr(), s.data_ptr(), None, s.numel() // n, n, power, eps, torch.get_num_threads()) != 0:
+        raise RuntimeError(f'polynext::poly_rows_: power {power} is not 2 or 4')
+    return s
+
+
+# registered once, here: the operators' modules may be loaded twice (benchmarks/poly_attention.py loads a
+# previous version of ops/poly_attention.py from a file)
+_LIB = torch.library.Library('polynext', 'FRAGMENT')
+_LIB.define('poly_rows_(Tensor(a!) s, int power, float eps) -> Tensor(a!)')
+_LIB.impl('poly_rows_', _poly_rows, 'CPU')
+
+
+def poly_rows_(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
+    """The polynomial attention's weights from its scores, in place: s ← (s + 1)^power / max(row sum, eps)
+    (power 2 or 4; a contiguous float32 or bfloat16 CPU tensor, rows along the last dimension); returns s.
+    Through the dispatcher (``polynext::poly_rows_``) while the profiler runs."""
+    return torch.ops.polynext.poly_rows_(s, power, eps) if profiling() else _poly_rows(s, power, eps)
