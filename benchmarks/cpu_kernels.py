@@ -1,14 +1,16 @@
 """polynext's hand-written CPU kernels (``polynext.ops.cpu_kernels``) against PyTorch's operators.
 
-1. Per layer: every distinct channel LayerNorm of the models' inference at the given size and batch
-   (found by running the model once with the kernel off), the input in the model's dtype, timed in one
-   process, interleaved (order reversed every other round, medians):
+1. Per layer: every distinct channel LayerNorm of the models' inference at the given size and batch (found
+   by running the model once), alone, with PolyConv's residual, or of PolyMLP's product of two halves, the
+   input in the model's dtype, timed in one process, interleaved (order reversed every other round, medians):
 
-     aten       ``F.layer_norm`` on the NHWC view (PyTorch's CPU kernel)
-     inductor   the same under ``torch.compile`` (inductor's generated C++ kernel; ``--no-inductor`` skips it)
-     polynext   ``channel_layer_norm`` (the C kernel)
+     aten       PyTorch's operators: the product, ``F.layer_norm`` on the NHWC view, the addition
+     inductor   the same under ``torch.compile`` (inductor's generated C++ kernel, which fuses them itself;
+                ``--no-inductor`` skips it)
+     polynext   ``channel_layer_norm`` (the C kernel, one pass)
 
-   with the bytes moved (read + write) per second, and each one's largest difference from float64.
+   with the bytes the one pass moves (each input read once, the result written once) per second, and each
+   one's largest difference from float64.
 2. Per model: inference of the whole model (``polynext bench``'s step: the model and the input in the dtype,
    channels-last, ``inference_mode``) with the kernels on and off (``cpu_kernels.kernels``: the channel
    LayerNorms, with PolyMLP's product and PolyConv's residual, and the attention's power and normalisation),
@@ -36,21 +38,25 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
 def norm_shapes(model, x):
-    """The distinct (NHWC shape, has bias, has residual) of the channel LayerNorms in one inference of ``model``."""
+    """The distinct (NHWC shape, has bias, has residual, of a product) of the channel LayerNorms in one inference of
+    ``model`` (``x``: the NHWC input, with ``product`` 2C channels whose halves are multiplied)."""
     import polynext.models.polynext as family
+    import polynext.ops.channel_norm as cn
     from polynext.ops.cpu_kernels import kernels
     seen = {}
-    real = family.channel_layer_norm
+    real = cn.channel_layer_norm
 
-    def record(z, shape, weight, bias, eps, residual=None, inplace=False):
-        seen.setdefault((tuple(z.shape), bias is not None, residual is not None), None)
-        return real(z, shape, weight, bias, eps, residual=residual, inplace=inplace)
-    family.channel_layer_norm = record
-    try:
-        with torch.inference_mode(), kernels(False):
+    def record(z, shape, weight, bias, eps, residual=None, inplace=False, product=False):
+        seen.setdefault((tuple(z.shape), bias is not None, residual is not None, product), None)
+        return real(z, shape, weight, bias, eps, residual=residual, inplace=inplace, product=product)
+    cn.channel_layer_norm = family.channel_layer_norm = record
+    try:   # with the kernels on, so that PolyMLP takes the product path (MIN_NUMEL at 0: every layer)
+        minimum, cn.MIN_NUMEL = cn.MIN_NUMEL, 0
+        with torch.inference_mode():
             model(x)
     finally:
-        family.channel_layer_norm = real
+        cn.channel_layer_norm = family.channel_layer_norm = real
+        cn.MIN_NUMEL = minimum
     return list(seen)
 
 
@@ -95,37 +101,54 @@ def main(argv=None) -> int:
     # 1. per layer
     layers, done = [], set()
     gen = torch.Generator().manual_seed(0)
-    compiled = None if args.no_inductor else torch.compile(
-        lambda z, w, b: F.layer_norm(z, (z.shape[-1],), w, b, 1e-6), dynamic=False)
+    def torch_form(z, w, b, r):   # compiled below: inductor fuses the product, the norm and the addition itself
+        if z.shape[-1] != w.shape[0]:
+            lo, hi = z.chunk(2, dim=-1)
+            z = lo * hi
+        y = F.layer_norm(z, (z.shape[-1],), w, b, 1e-6)
+        return y if r is None else y + r
+    compiled = None if args.no_inductor else torch.compile(torch_form, dynamic=False)
+    if compiled is not None:   # one graph per layer shape: more than Dynamo's default of 8 before it runs eager
+        import torch._dynamo.config as dynamo_config
+        limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
+        setattr(dynamo_config, limit, 256)
     for name in args.models:
         model = timm.create_model(name).eval()
         x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
-        for shape, has_bias, has_res in norm_shapes(model, x0):
-            if (shape, has_bias, has_res) in done:
+        for shape, has_bias, has_res, product in norm_shapes(model, x0):
+            if (shape, has_bias, has_res, product) in done:
                 continue
-            done.add((shape, has_bias, has_res))
-            c = shape[-1]
+            done.add((shape, has_bias, has_res, product))
+            c = shape[-1] // 2 if product else shape[-1]
             z = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
             w = (torch.randn(c, generator=gen) * 0.5 + 1).to(dtype)
             b = torch.randn(c, generator=gen).to(dtype) if has_bias else None
-            r = torch.randn(shape, generator=gen).to(dtype) if has_res else None
+            r = torch.randn(shape[:-1] + (c,), generator=gen).to(dtype) if has_res else None
+
+            def plain(t):   # what PyTorch normalises: the tensor, or the product of its halves
+                if not product:
+                    return t
+                lo, hi = t.chunk(2, dim=-1)
+                return lo * hi
 
             def aten():
-                y = F.layer_norm(z, (c,), w, b, 1e-6)
+                y = F.layer_norm(plain(z), (c,), w, b, 1e-6)
                 return y if r is None else y.add_(r)
 
             def ours():
-                return channel_layer_norm(z, (c,), w, b, 1e-6, residual=r)
+                return channel_layer_norm(z, (c,), w, b, 1e-6, residual=r, product=product)
             steps = {'aten': aten, 'polynext': ours}
             if compiled is not None:
-                steps['inductor'] = (lambda: compiled(z, w, b)) if r is None else (lambda: compiled(z, w, b).add_(r))
+                steps['inductor'] = lambda: compiled(z, w, b, r)
             with torch.inference_mode():
-                ref = F.layer_norm(z.double(), (c,), w.double(), None if b is None else b.double(), 1e-6)
+                ref = F.layer_norm(plain(z.double()), (c,), w.double(), None if b is None else b.double(), 1e-6)
                 ref = ref if r is None else ref + r.double()
                 errs = {k: (fn().double() - ref).abs().max().item() for k, fn in steps.items()}
                 times = time_interleaved(steps, args.runs)
-            nbytes = z.numel() * z.element_size() * (3 if r is not None else 2)
-            row = dict(model=name, shape=list(shape), bias=has_bias, residual=has_res, dtype=args.dtype)
+            nbytes = (z.numel() + 2 * r.numel() if r is not None else z.numel() + z.numel() // (2 if product else 1)) \
+                * z.element_size()   # read once, written once (the residual read too): the least a pass moves
+            row = dict(model=name, shape=list(shape), bias=has_bias, residual=has_res, product=product,
+                       dtype=args.dtype)
             for k in steps:
                 ms = _median_ms(times[k])
                 row[f'{k}_ms'] = round(ms, 4)
@@ -134,7 +157,8 @@ def main(argv=None) -> int:
             row['speedup_vs_aten'] = round(row['aten_ms'] / row['polynext_ms'], 3)
             layers.append(row)
             cols = '  '.join(f"{k} {row[f'{k}_ms']:7.3f} ms {row[f'{k}_gb_per_s']:5.1f} GB/s" for k in steps)
-            print(f"{name:12s} {str(list(shape)):20s} {'+res' if has_res else '    '}  {cols}  "
+            kind = '+res' if has_res else 'a*b ' if product else '    '
+            print(f"{name:12s} {str(list(shape)):20s} {kind}  {cols}  "
                   f"x{row['speedup_vs_aten']:.2f}  fp64 diff ours {errs['polynext']:.1e} aten {errs['aten']:.1e}",
                   flush=True)
 

@@ -2,8 +2,10 @@
 
 For each model, in one process (rounds interleaved, order reversed every other round, medians):
 
-  eager          the model as built (channels-last inside), fusions off (``ops.fused.fusion(False)``)
-  eager fused    the default eager path: oneDNN post-op convolutions
+  eager          the model as built (channels-last inside), fusions off (``ops.fused.fusion(False)``: PyTorch's
+                 operators only)
+  eager fused    the default eager path: oneDNN post-op convolutions and the hand-written kernels of
+                 ``ops.cpu_kernels`` (channel LayerNorms, the attention's power and normalisation)
   folded         ``polynext.fold_for_inference(model)`` with the fusions (``polynext bench --fold``)
   compiled       ``torch.compile`` of the folded model (``--compile``; the compile time is reported)
 

@@ -601,7 +601,11 @@ def environment(device: torch.device) -> Dict[str, Any]:
         env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
     else:
-        env.update(device_name=_cpu_name(), cpu_count=os.cpu_count())
+        from .ops.cpu_kernels import kernel_info
+        kernels = kernel_info()   # which hand-written kernels CPU inference ran: they change its speed
+        env.update(device_name=_cpu_name(), cpu_count=os.cpu_count(),
+                   cpu_kernels=(f"{kernels['code']}{', OpenMP' if kernels['openmp'] else ', one thread'}"
+                                if kernels['available'] else 'not built: PyTorch operators'))
     return env
 
 

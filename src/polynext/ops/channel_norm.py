@@ -10,8 +10,9 @@ so in bf16 the norms took 17 % of a cpolynext_s inference step (``polynext profi
 entirely would make it 1.20x faster. The kernel (``csrc/cpu_kernels.c``) reads each row once, keeps it in L1 for the
 two-pass statistics (the variance as the mean squared deviation, as PyTorch), and writes it once; in
 bfloat16 it computes in float32 and rounds once. It can also add the residual that follows PolyConv's norm
-in the same pass, and write in place. Why by hand: no maintained library has a fast norm for rows this
-short on the CPU (inductor's generated kernel reaches 12-16 GB/s in bf16 here; ``benchmarks/channel_norm.py``
+in the same pass, and write in place, and normalise the product of the two halves of a wider row (PolyMLP's
+(W_a x) ⊙ (W_b x)), formed as it reads, so that the product is never written. Why by hand: no maintained library has a fast norm for rows this
+short on the CPU (inductor's generated kernel reaches 9-20 GB/s in bf16 here; ``benchmarks/cpu_kernels.py``
 measures all three).
 
 The kernel is one of ``ops.cpu_kernels`` (compiled on first use with the system's C compiler into the

@@ -14,7 +14,7 @@
  *    wider row (PolyMLP's (W_a x) * (W_b x)), both done here instead of in more passes over memory. Why by
  *    hand: PyTorch's CPU layer_norm runs a channels-last PolyNeXt's rows (72-768 values) at 4-16 GB/s in
  *    bfloat16, against 30-45 GB/s for an elementwise product of the same tensor (2-core AMD EPYC Zen 4,
- *    benchmarks/channel_norm.py); no maintained library has a faster one for rows this short. Each row is read
+ *    benchmarks/cpu_kernels.py); no maintained library has a faster one for rows this short. Each row is read
  *    once from memory and kept in L1 for the two-pass statistics, then written once.
  *
  * 2. polynext_poly_rows_*: the polynomial attention's weights from its scores, one row per query:
