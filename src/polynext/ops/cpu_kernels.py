@@ -14,7 +14,6 @@ operators. The kernels apply only at eager CPU inference (``ops.fused.eager_cpu_
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -24,9 +23,11 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
+
+from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_info', 'profiling', 'poly_rows_']
 
@@ -34,19 +35,9 @@ _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
 #: the same values (channel_norm's statistics and normalisation), so that a value minus its own mean need not be 0
 _FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-ffp-contract=off', '-shared', '-fPIC')
-_ENABLED = True
-
-
-@contextlib.contextmanager
-def kernels(enabled: bool) -> Iterator[None]:
-    """Turn the hand-written kernels on or off inside a ``with`` block (A/B timing and tests); off, the callers
-    run PyTorch's operators (the oneDNN fusions of ``ops.fused`` stay as they are)."""
-    global _ENABLED
-    before, _ENABLED = _ENABLED, enabled
-    try:
-        yield
-    finally:
-        _ENABLED = before
+#: the hand-written kernels on or off: ``with kernels(False): ...`` (A/B timing and tests); off, the callers run
+#: PyTorch's operators (the oneDNN fusions of ``ops.fused`` stay as they are)
+kernels = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -146,7 +137,7 @@ def library() -> Optional[ctypes.CDLL]:
 def kernel_available() -> bool:
     """Whether the kernels are on (:func:`kernels`) and built and loaded in this process (built on the first
     call)."""
-    return _ENABLED and library() is not None
+    return kernels.on and library() is not None
 
 
 def kernel_info() -> dict:

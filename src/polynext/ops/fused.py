@@ -28,20 +28,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['fusion_available', 'can_fuse', 'eager_cpu_inference', 'conv_add_', 'conv_mul', 'fusion']
+__all__ = ['fusion_available', 'can_fuse', 'eager_cpu_inference', 'conv_add_', 'conv_mul', 'fusion', 'Switch']
 
-_ENABLED = True
+class Switch:
+    """An on/off setting with a ``with``-block override: ``with switch(False): ...`` (A/B timing and tests)."""
+
+    def __init__(self, on: bool = True):
+        self.on = on
+
+    @contextlib.contextmanager
+    def __call__(self, enabled: bool):
+        before, self.on = self.on, enabled
+        try:
+            yield
+        finally:
+            self.on = before
 
 
-@contextlib.contextmanager
-def fusion(enabled: bool):
-    """Turn the fused paths on or off inside a ``with`` block (for A/B timing and tests)."""
-    global _ENABLED
-    before, _ENABLED = _ENABLED, enabled
-    try:
-        yield
-    finally:
-        _ENABLED = before
+#: the fused paths on or off: ``with fusion(False): ...`` (for A/B timing and tests)
+fusion = Switch()
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +72,7 @@ def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
     recording, not under ``torch.compile`` / ``torch.export`` / tracing / a dispatch mode, plain CPU tensors
     of one dtype."""
     exporting = getattr(torch.compiler, 'is_exporting', None)
-    if (not _ENABLED or torch.compiler.is_compiling() or (exporting is not None and exporting())
+    if (not fusion.on or torch.compiler.is_compiling() or (exporting is not None and exporting())
             or torch.jit.is_tracing() or torch.jit.is_scripting()):
         return False
     first = tensors[0]

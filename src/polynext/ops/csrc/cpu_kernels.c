@@ -241,6 +241,7 @@ const char *polynext_cpu_kernels_code(void) { return KERNEL; }
  * Returns 0, or 1 if C > MAX_C (nothing written). */
 int polynext_channel_norm_f32(const float *x, const float *w, const float *b, const float *res, float *y,
                               int64_t rows, int64_t C, float eps, int threads, int product) {
+    (void)threads;   /* (unused where built without OpenMP) */
     if (C > MAX_C) return 1;
     const int64_t stride = product ? 2 * C : C;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -256,6 +257,7 @@ int polynext_channel_norm_f32(const float *x, const float *w, const float *b, co
 
 int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uint16_t *b16, const uint16_t *res,
                                uint16_t *y, int64_t rows, int64_t C, float eps, int threads, int product) {
+    (void)threads;
     if (C > MAX_C) return 1;
     float w[MAX_C], b[MAX_C];
     for (int64_t c = 0; c < C; ++c) w[c] = bf16_to_f32(w16[c]);
@@ -276,24 +278,17 @@ int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uin
 /* out[r] = (s[r] + 1)^power / max(sum_j (s[r, j] + 1)^power, eps) for rows x N scores (power 2 or 4); out may
  * be s; the clamped sums go to rowsum (float32, rows values) unless it is NULL. Returns 0, or 1 for another
  * power (nothing written). */
-int polynext_poly_rows_f32(const float *s, float *out, float *rowsum, int64_t rows, int64_t N, int power,
-                           float eps, int threads) {
-    if (power != 2 && power != 4) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float sum = poly_row_f32(s + r * N, out + r * N, N, power, eps);
-        if (rowsum) rowsum[r] = sum;
+#define POLY_ROWS(NAME, T, ROW)                                                                                  \
+    int NAME(const T *s, T *out, float *rowsum, int64_t rows, int64_t N, int power, float eps, int threads) {    \
+        (void)threads;                                                                                          \
+        if (power != 2 && power != 4) return 1;                                                                 \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+        for (int64_t r = 0; r < rows; ++r) {                                                                    \
+            const float sum = ROW(s + r * N, out + r * N, N, power, eps);                                       \
+            if (rowsum) rowsum[r] = sum;                                                                        \
+        }                                                                                                       \
+        return 0;                                                                                               \
     }
-    return 0;
-}
 
-int polynext_poly_rows_bf16(const uint16_t *s, uint16_t *out, float *rowsum, int64_t rows, int64_t N, int power,
-                            float eps, int threads) {
-    if (power != 2 && power != 4) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float sum = poly_row_bf16(s + r * N, out + r * N, N, power, eps);
-        if (rowsum) rowsum[r] = sum;
-    }
-    return 0;
-}
+POLY_ROWS(polynext_poly_rows_f32, float, poly_row_f32)
+POLY_ROWS(polynext_poly_rows_bf16, uint16_t, poly_row_bf16)
