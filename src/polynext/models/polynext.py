@@ -639,9 +639,9 @@ class PolyConvBlock(_MixerMLPBlock):
             g = gate.reshape(-1)
             z = self.mixer(x).permute(0, 2, 3, 1)
             weight, bias = norm.weight * g, None if norm.bias is None else norm.bias * g
-            if isinstance(self.drop_path, nn.Identity):
-                # at CPU inference the norm and the addition are one pass, written into the branch's own
-                # output (ops.channel_norm); elsewhere F.layer_norm and the addition below
+            if not self.training or isinstance(self.drop_path, nn.Identity):
+                # drop path is the identity: at CPU inference the norm and the addition are one pass, written
+                # into the branch's own output (ops.channel_norm); elsewhere F.layer_norm and the addition
                 return channel_layer_norm(z, norm.normalized_shape, weight, bias, norm.eps,
                                           residual=x.permute(0, 2, 3, 1), inplace=True).permute(0, 3, 1, 2)
             z = F.layer_norm(z, norm.normalized_shape, weight, bias, norm.eps)
