@@ -45,17 +45,18 @@ profiling = getattr(torch._C._autograd, '_profiler_enabled', lambda: True)
 
 
 def _torch_openmp() -> Optional[str]:
-    """The OpenMP runtime torch has loaded, if it is GNU's (``libgomp``): linking the kernel with -fopenmp
-    then resolves to that same library (by its soname), so both share one thread pool. Another runtime
-    (or none) and the kernel is built single-threaded rather than bring a second pool of spinning threads."""
+    """The OpenMP runtime torch has loaded, if it is GNU's under its own soname (``libgomp.so.1``, or the file
+    it links to): linking the kernel with -fopenmp then resolves to that same library, so both share one
+    thread pool. (Copies renamed by their wheels, such as scikit-learn's ``libgomp-<hash>.so``, do not count.)
+    Another runtime, or none, and the kernel is built single-threaded rather than bring a second pool."""
     if 'OpenMP' not in torch.__config__.parallel_info():
         return None
     try:
         with open('/proc/self/maps') as f:
-            return next((line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith('libgomp')),
-                        None)
+            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
     except OSError:
         return None
+    return next((p for p in sorted(paths) if os.path.basename(p).startswith('libgomp.so.1')), None)
 
 
 def _cpu_id() -> str:
