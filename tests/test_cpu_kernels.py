@@ -224,10 +224,9 @@ def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
 def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     from polynext.perf import profile_model
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
-    monkeypatch.setattr(pa, 'ROWS_KERNEL_MIN_NUMEL', 0)
     torch.manual_seed(0)
     model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
-    prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
+    prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1, dtype='bf16')
     ops = {(cls, op) for cls, op, _ in prof.ops}
     assert {('norms', 'polynext::channel_norm_'), ('norms', 'polynext::channel_norm'),
             ('attention', 'polynext::poly_rows_')} <= ops
@@ -283,12 +282,14 @@ def test_poly_attention_takes_the_kernel_at_inference_only(dtype, monkeypatch):
     ref = pa.poly_attention_reference(q.double(), k.double(), v.double())
     with torch.inference_mode():
         out = pa.poly_attention(q, k, v, chunk_bytes=2 * 3 * 100 * 196 * 4)   # two chunks of query rows
-        assert calls == [(2, 3, 100, 196), (2, 3, 96, 196)]
+        # bf16 only: in fp32 PyTorch's path (normalised after A @ V) is as fast
+        assert calls == ([(2, 3, 100, 196), (2, 3, 96, 196)] if dtype == torch.bfloat16 else [])
+        n = len(calls)
         with fusion(False):
             torch_ops = pa.poly_attention(q, k, v)
-        assert len(calls) == 2
+        assert len(calls) == n
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     assert (out.double() - ref).abs().max() < tol and (torch_ops.double() - ref).abs().max() < tol
     q.requires_grad_()
     pa.poly_attention(q, k, v).sum().backward()   # training: the autograd function, not the kernel
-    assert len(calls) == 2
+    assert len(calls) == n

@@ -139,7 +139,8 @@ def cleanup_distributed() -> None:
     still holds the group from a reference cycle (a DDP wrapper's reducer, the trainer's objects), so that the
     gloo backend and its worker threads go when the group is destroyed, not during interpreter shutdown, where
     a worker thread still holding tensors aborts the process ("terminate called without an active exception":
-    pytorch/pytorch#179291; a DDP CPU test's rank died so, once in about 20 CI runs, after its work was done)."""
+    pytorch/pytorch#179291; a DDP CPU test's rank died so after its work was done, in two of this project's
+    clean-clone CI runs)."""
     if dist.is_available() and dist.is_initialized():
         import gc
         gc.collect()

@@ -5,7 +5,7 @@
 PolyNeXt normalises over channels at every block (``LayerNorm2d``: PolyConv's closing norm, PolyAttn's
 pre-norm, the norm inside PolyMLP), on channels-last tensors whose NHWC view has one row of C values per
 pixel. PyTorch's CPU ``layer_norm`` runs these short rows (72-768 values) slowly, in bfloat16 most of all:
-4-16 GB/s on a 2-core AMD EPYC (Zen 4), where an elementwise product of the same tensor runs at 30-45 GB/s,
+4-16 GB/s on a 2-core AMD EPYC (Zen 4), where an elementwise product of the same tensor ran at 30-55 GB/s,
 so in bf16 the norms took 17 % of a cpolynext_s inference step (``polynext profile``) and removing them
 entirely would make it 1.20x faster. The kernel (``csrc/cpu_kernels.c``) reads each row once, keeps it in L1 for the
 two-pass statistics (the variance as the mean squared deviation, as PyTorch), and writes it once; in
@@ -43,7 +43,8 @@ _MAX_C = 4096            # the kernel's row buffer (MAX_C in the source)
 _DTYPES = (torch.float32, torch.bfloat16)
 _PARAMS = (torch.Tensor, torch.nn.Parameter)
 #: smaller tensors stay with F.layer_norm: a call costs about 10 µs against its 4-6 µs (Python, ctypes, the
-#: thread pool's wake-up), which the faster rows pay back from about 50,000 values on a 2-core Zen 4
+#: thread pool's wake-up), which the faster rows paid back from about 50,000 values (96 channels) to 110,000
+#: (432 channels) on a 2-core Zen 4 (a throwaway timing)
 MIN_NUMEL = 65536
 
 

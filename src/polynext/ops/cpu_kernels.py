@@ -2,7 +2,7 @@
 
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
 product and PolyConv's residual in the same pass) and ``ops.poly_attention`` (the polynomial attention's
-power and row normalisation at inference). Both replace several passes of PyTorch's CPU operators over a
+power and row normalisation at bfloat16 inference). Both replace several passes of PyTorch's CPU operators over a
 tensor that does not fit in the caches by one.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,

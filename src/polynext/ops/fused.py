@@ -68,7 +68,7 @@ def _in_dispatch_mode() -> bool:
 
 def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
     """Whether these tensors are eager CPU inference, where polynext's hand-fused paths may replace the plain
-    operations (this module's oneDNN post-ops, ``ops.channel_norm``'s kernel): fusions on, no autograd
+    operations (this module's oneDNN post-ops, the kernels of ``ops.cpu_kernels``): fusions on, no autograd
     recording, not under ``torch.compile`` / ``torch.export`` / tracing / a dispatch mode, plain CPU tensors
     of one dtype."""
     exporting = getattr(torch.compiler, 'is_exporting', None)

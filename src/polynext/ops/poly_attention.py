@@ -26,10 +26,10 @@ dimension 32), forward + backward: 1.72x the paper's expression under autograd, 
 points 1.08x over this kernel without them (``benchmarks/poly_attention.py``).
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
-the power, the row sums and the normalisation run in float32. At CPU inference in float32 or bfloat16 the
-power, the row sums and the normalisation are one pass of a hand-written kernel (``ops.cpu_kernels``:
-PyTorch's operators take six passes over the N×N scores, seven in bfloat16), which writes the normalised
-weights over the scores; the matrix products stay PyTorch's.
+the power, the row sums and the normalisation run in float32. At CPU inference in bfloat16 the power, the
+row sums and the normalisation are one pass of a hand-written kernel (``ops.cpu_kernels``; PyTorch's operators
+take seven passes over the N×N scores, the conversions to float32 and back included), which writes the
+normalised weights over the scores; the matrix products stay PyTorch's.
 
 On CUDA the same function runs through PyTorch's ``flex_attention`` (a fused Triton kernel with
 O(N·block) memory in forward and backward), see :func:`poly_attention_flex`.
@@ -76,17 +76,17 @@ def _power_(p: torch.Tensor, power: int) -> torch.Tensor:
     return p.pow_(power)
 
 
-#: the kernel's few microseconds more per call than PyTorch's first operator pay back from about this size
-ROWS_KERNEL_MIN_NUMEL = 65536
-
-
 def _rows_kernel(s: torch.Tensor, power: int) -> bool:
-    """Whether ``ops.cpu_kernels``' attention-rows kernel can turn these scores into weights (CPU inference).
-    (Absolute imports in this module: ``benchmarks/poly_attention.py`` loads older versions of it from a file.)"""
+    """Whether ``ops.cpu_kernels``' attention-rows kernel turns these scores into weights: CPU inference in
+    bfloat16. (In float32 PyTorch's path normalises after ``A @ V``, on the N×d side, and ran as fast as the
+    kernel at APolyNeXt's 14x14 shapes, x0.89-0.99 in a throwaway timing; in bfloat16, where PyTorch also
+    converts the scores to float32 and back, the kernel was x1.34-1.78 faster at every size from 1,024 scores
+    up, so it has no minimum size.) Absolute imports in this module: ``benchmarks/poly_attention.py`` loads
+    older versions of it from a file."""
     from polynext.ops.cpu_kernels import kernel_available
     from polynext.ops.fused import eager_cpu_inference
-    return (power in (2, 4) and s.dtype in (torch.float32, torch.bfloat16) and s.numel() >= ROWS_KERNEL_MIN_NUMEL
-            and s.is_contiguous() and eager_cpu_inference(s) and kernel_available())
+    return (power in (2, 4) and s.dtype == torch.bfloat16 and s.is_contiguous() and eager_cpu_inference(s)
+            and kernel_available())
 
 
 def _forward(

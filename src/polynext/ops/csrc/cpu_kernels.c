@@ -13,7 +13,7 @@
  *    that follows PolyConv's norm in a PolyNeXt block, and the row may be the product of the two halves of a
  *    wider row (PolyMLP's (W_a x) * (W_b x)), both done here instead of in more passes over memory. Why by
  *    hand: PyTorch's CPU layer_norm runs a channels-last PolyNeXt's rows (72-768 values) at 4-16 GB/s in
- *    bfloat16, against 30-45 GB/s for an elementwise product of the same tensor (2-core AMD EPYC Zen 4,
+ *    bfloat16, against 30-55 GB/s for an elementwise product of the same tensor (2-core AMD EPYC Zen 4,
  *    benchmarks/cpu_kernels.py); no maintained library has a faster one for rows this short. Each row is read
  *    once from memory and kept in L1 for the two-pass statistics, then written once.
  *
@@ -21,9 +21,10 @@
  *
  *        A[r, j] = (S[r, j] + 1)^p / max(sum_j (S[r, j] + 1)^p, eps)      (p = 2 or 4)
  *
- *    in place or into out, and the row sums. PyTorch does this in six passes over the N x N scores at
- *    inference (a conversion to float32, +1, two squares, the sum, the division; in bfloat16 one more
- *    conversion back): here the row is read once into L1 and written once. */
+ *    in place or into out, and the row sums. PyTorch does this in seven passes over the N x N scores at
+ *    bfloat16 inference (a conversion to float32, +1, two squares, the sum, the division, the conversion
+ *    back): here the row is read once into L1 and written once. (In float32 PyTorch's path normalises after
+ *    A @ V and is as fast, so polynext uses this kernel in bfloat16.) */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
