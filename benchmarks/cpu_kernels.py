@@ -11,16 +11,23 @@
 
    with the bytes the one pass moves (each input read once, the result written once) per second, and each
    one's largest difference from float64.
+   With ``--mode train`` (float32): the same layers forward and backward (the gradients of the input, the weight
+   and the residual, from one fixed output gradient), ``aten`` as autograd runs PyTorch's operators against
+   polynext's kernels and their backward; no ``inductor`` column.
 2. Per model: inference of the whole model (``polynext bench``'s step: the model and the input in the dtype,
    channels-last, ``inference_mode``) with the kernels on and off (``cpu_kernels.kernels``: the channel
    LayerNorms, with PolyMLP's product and PolyConv's residual, and the attention's power and normalisation),
-   interleaved, and the largest logit difference between the two.
+   interleaved, and the largest logit difference between the two. With ``--mode train``: ``polynext bench``'s
+   training step (forward, loss, backward, AdamW; bf16 under autocast) with the kernels on and off (in training
+   the norms' forward and backward in float32, the attention's power, row sums, recomputation and dL/dS in
+   float32 and bfloat16).
 
 Prints two tables and writes JSON; the speed ratios depend on the CPU, which the JSON names.
 
     python benchmarks/cpu_kernels.py --json benchmarks/results/cpu_kernels_fp32.json
     python benchmarks/cpu_kernels.py --dtype bf16 --json benchmarks/results/cpu_kernels_bf16.json
     python benchmarks/cpu_kernels.py cpolynext_t --batch-size 2 --img-size 64 --runs 3   # a quick look
+    python benchmarks/cpu_kernels.py cpolynext_t apolynext_t --mode train --json benchmarks/results/cpu_kernels_train.json
 
 Run it with the pinned allocator (the script re-runs itself with it, as ``polynext bench`` does).
 """
@@ -60,6 +67,36 @@ def norm_shapes(model, x):
     return list(seen)
 
 
+def _train_steps(z, w, r, gen):
+    """The per-layer steps of ``--mode train``: each forward and its backward (autograd, from one fixed output
+    gradient, for the input, the weight and the residual), their largest gradient difference from float64, and
+    the bytes the backward moves at least (the gradient and the input read, the input's gradient written)."""
+    from polynext.ops.channel_norm import channel_layer_norm
+    leaves = [t.detach().requires_grad_() for t in (z, w) + ((r,) if r is not None else ())]
+    grad = torch.randn(z.shape[:-1] + (w.shape[0],), generator=gen)
+
+    def aten(x, weight, residual=None):
+        c = weight.shape[0]
+        if x.shape[-1] != c:
+            lo, hi = x.chunk(2, dim=-1)
+            x = lo * hi
+        y = F.layer_norm(x, (c,), weight, None, 1e-6)
+        return y if residual is None else y + residual
+
+    def ours(x, weight, residual=None):
+        c = weight.shape[0]
+        return channel_layer_norm(x, (c,), weight, None, 1e-6, residual=residual, product=x.shape[-1] != c)
+
+    def step(fn, tensors):
+        out = fn(*tensors)
+        return torch.autograd.grad(out, tensors, grad.to(out.dtype))
+
+    ref = step(aten, [t.detach().double().requires_grad_() for t in leaves])
+    steps = {'aten': lambda: step(aten, leaves), 'polynext': lambda: step(ours, leaves)}
+    errs = {k: max((g.double() - gr).abs().max().item() for g, gr in zip(fn(), ref)) for k, fn in steps.items()}
+    return steps, errs, (grad.numel() + 2 * z.numel()) * z.element_size()
+
+
 def _median_ms(times):
     return 1e3 * statistics.median(times)
 
@@ -77,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--dtype', choices=tuple(DTYPES), default='fp32')
+    parser.add_argument('--mode', choices=('infer', 'train'), default='infer',
+                        help='inference (default), or a training step: forward and backward')
     parser.add_argument('--runs', type=int, default=9, help='interleaved rounds (default 9)')
     parser.add_argument('--no-inductor', action='store_true', help='skip the torch.compile column (slow to build)')
     parser.add_argument('--json', default=None, metavar='PATH')
@@ -95,8 +134,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     dtype = DTYPES[args.dtype]
-    print(f"{environment(torch.device('cpu'))['device_name']}, {torch.get_num_threads()} threads, {args.dtype}; "
-          f"kernel: {info['code']}, OpenMP {info['openmp']}", flush=True)
+    train = args.mode == 'train'
+    print(f"{environment(torch.device('cpu'))['device_name']}, {torch.get_num_threads()} threads, {args.dtype}, "
+          f"{args.mode}; kernel: {info['code']}, OpenMP {info['openmp']}", flush=True)
+    if train:   # the training norms are float32 (under bf16 autocast, layer_norm runs in float32 on its own)
+        args.no_inductor = True
 
     # 1. per layer
     layers, done = [], set()
@@ -112,7 +154,7 @@ def main(argv=None) -> int:
         import torch._dynamo.config as dynamo_config
         limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
         setattr(dynamo_config, limit, 256)
-    for name in args.models:
+    for name in (args.models if not (train and dtype != torch.float32) else []):
         model = timm.create_model(name).eval()
         x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
         for shape, has_bias, has_res, product in norm_shapes(model, x0):
@@ -140,15 +182,21 @@ def main(argv=None) -> int:
             steps = {'aten': aten, 'polynext': ours}
             if compiled is not None:
                 steps['inductor'] = lambda: compiled(z, w, b, r)
-            with torch.inference_mode():
-                ref = F.layer_norm(plain(z.double()), (c,), w.double(), None if b is None else b.double(), 1e-6)
-                ref = ref if r is None else ref + r.double()
-                errs = {k: (fn().double() - ref).abs().max().item() for k, fn in steps.items()}
-                times = time_interleaved(steps, args.runs)
             nbytes = (z.numel() + 2 * r.numel() if r is not None else z.numel() + z.numel() // (2 if product else 1)) \
                 * z.element_size()   # read once, written once (the residual read too): the least a pass moves
+            if train:
+                steps, errs, extra = _train_steps(z, w, r, gen)
+                nbytes += extra
+            else:
+                with torch.inference_mode():
+                    ref = F.layer_norm(plain(z.double()), (c,), w.double(), None if b is None else b.double(), 1e-6)
+                    ref = ref if r is None else ref + r.double()
+                    errs = {k: (fn().double() - ref).abs().max().item() for k, fn in steps.items()}
+                    times = time_interleaved(steps, args.runs)
+            if train:
+                times = time_interleaved(steps, args.runs)
             row = dict(model=name, shape=list(shape), bias=has_bias, residual=has_res, product=product,
-                       dtype=args.dtype)
+                       dtype=args.dtype, mode=args.mode)
             for k in steps:
                 ms = _median_ms(times[k])
                 row[f'{k}_ms'] = round(ms, 4)
@@ -164,7 +212,7 @@ def main(argv=None) -> int:
 
     # 2. per model
     models = []
-    settings = BenchSettings(batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype, mode='infer',
+    settings = BenchSettings(batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype, mode=args.mode,
                              channels_last=True, memory=False)
     for name in args.models:
         torch.manual_seed(0)
@@ -178,6 +226,14 @@ def main(argv=None) -> int:
         for enabled in (False, True, False, True):   # warm-up
             run(enabled)
         times = time_interleaved({'torch': lambda: run(False), 'polynext': lambda: run(True)}, args.runs)
+        if train:
+            t, p = (statistics.median(times[k]) for k in ('torch', 'polynext'))
+            row = dict(model=name, dtype=args.dtype, mode='train', torch_img_per_s=round(args.batch_size / t, 2),
+                       polynext_img_per_s=round(args.batch_size / p, 2), speedup=round(t / p, 3))
+            models.append(row)
+            print(f"{name:12s} training step, {args.dtype}: PyTorch's operators {row['torch_img_per_s']:6.1f} img/s, "
+                  f"with the kernels {row['polynext_img_per_s']:6.1f} img/s, x{row['speedup']:.3f}", flush=True)
+            continue
         torch.manual_seed(0)   # the logits of both paths: the same weights, a batch of the timed size
         net = timm.create_model(name).eval().to(memory_format=torch.channels_last).to(dtype)
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size,
@@ -200,7 +256,7 @@ def main(argv=None) -> int:
 
     out = dict(command=['python', 'benchmarks/cpu_kernels.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=environment(torch.device('cpu')), kernel=info, batch_size=args.batch_size,
-               img_size=args.img_size, dtype=args.dtype, runs=args.runs, layers=layers, models=models)
+               img_size=args.img_size, dtype=args.dtype, mode=args.mode, runs=args.runs, layers=layers, models=models)
     if args.json:
         atomic_write_json(args.json, out)
         print(f'wrote {args.json}')

@@ -167,19 +167,20 @@ def _count_runs(monkeypatch):
     calls = []
     real = cn._run
 
-    def spy(x, weight, bias, residual, out, eps, lib=None, product=False):
+    def spy(x, weight, bias, residual, out, eps, lib=None, product=False, stats=None):
         calls.append((tuple(x.shape), residual is not None, out.data_ptr() == x.data_ptr(), product))
-        return real(x, weight, bias, residual, out, eps, lib, product)
+        return real(x, weight, bias, residual, out, eps, lib, product, stats)
     monkeypatch.setattr(cn, '_run', spy)
     return calls
 
 
 @needs_cc
 @pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
-def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
+def test_models_take_the_kernel_on_the_cpu(name, monkeypatch):
     """Every channel LayerNorm of a CPU inference runs the kernel (PolyConv's closing norm with its residual,
-    in place), logits within 2e-5 of PyTorch's norms in fp32 and within bf16's rounding in bf16; a training
-    forward, ``fusion(False)`` and ``kernels(False)`` do not take it."""
+    in place), logits within 2e-5 of PyTorch's norms in fp32 and within bf16's rounding in bf16; so does every
+    one of an fp32 training step (out of place: autograd keeps the input); ``fusion(False)`` and
+    ``kernels(False)`` do not take it."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
     calls = _count_runs(monkeypatch)
     torch.manual_seed(0)
@@ -211,13 +212,13 @@ def test_models_take_the_kernel_at_cpu_inference_only(name, monkeypatch):
         assert rel < 0.05
     model.train()
     model(x).sum().backward()
-    assert len(calls) == 2 * n
+    assert len(calls) == 3 * n and not any(inplace for _, _, inplace, _ in calls[2 * n:])
     # a model built with drop path (as the training recipes build it) takes every kernel at inference too
     dropped = timm.create_model(name, init_channels=16, num_classes=10, cells=(1, 1, 1, 1), drop_path_rate=0.2)
     dropped.load_state_dict(model.state_dict())
     with torch.inference_mode():
         assert (dropped.eval()(x) - ref).abs().max() < 2e-5
-    assert len(calls) == 3 * n
+    assert len(calls) == 4 * n
 
 
 @needs_cc
@@ -232,6 +233,12 @@ def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
             ('attention', 'polynext::poly_rows_')} <= ops
     assert {cls for cls, op in ops if op.startswith('polynext::')} == {'norms', 'attention'}
     assert prof.classes['norms'].bytes > 0
+    torch.manual_seed(0)
+    model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    prof = profile_model(model, mode='train', batch_size=2, img_size=64, runs=1, warmup=1)   # fp32 training
+    ops = {(cls, op) for cls, op, _ in prof.ops}
+    assert {('norms', 'polynext::channel_norm_stats'), ('norms', '_ChannelNormFunctionBackward')} <= ops
+    assert not any(op in ('aten::layer_norm', 'aten::native_layer_norm') for _, op, _ in prof.ops)
 
 
 def _poly_rows_reference(s, power, eps=1e-12):
@@ -258,16 +265,16 @@ def test_attention_rows_kernel_in_every_code_path(march, tmp_path):
                 s = (torch.randn(37, n, generator=gen) * 0.7).to(dtype)
                 ref = _poly_rows_reference(s, power)
                 a, rowsum = s.clone(), torch.empty(37)
-                assert fn(a.data_ptr(), a.data_ptr(), rowsum.data_ptr(), 37, n, power, 1e-12, 2) == 0
+                assert fn(a.data_ptr(), a.data_ptr(), rowsum.data_ptr(), 37, n, power, 1e-12, 2, 1) == 0
                 assert torch.allclose(rowsum.double(), ((s.double() + 1) ** power).sum(-1), rtol=1e-5)
                 if dtype == torch.float32:
                     assert (a.double() - ref).abs().max() < 1e-6
                 else:   # float32 arithmetic, one rounding
                     assert ((a.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-12).all()
-        assert fn(a.data_ptr(), a.data_ptr(), None, 37, n, 3, 1e-12, 2) == 1   # an odd power: refused
+        assert fn(a.data_ptr(), a.data_ptr(), None, 37, n, 3, 1e-12, 2, 1) == 1   # an odd power: refused
         s = torch.rand(3, 20, generator=gen).to(dtype)
         s[1, 5] = float('nan')
-        fn(s.data_ptr(), s.data_ptr(), None, 3, 20, 4, 1e-12, 2)
+        fn(s.data_ptr(), s.data_ptr(), None, 3, 20, 4, 1e-12, 2, 1)
         assert torch.isnan(s[1]).all() and not torch.isnan(s[[0, 2]]).any()
 
 
@@ -291,5 +298,193 @@ def test_poly_attention_takes_the_kernel_at_inference_only(dtype, monkeypatch):
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     assert (out.double() - ref).abs().max() < tol and (torch_ops.double() - ref).abs().max() < tol
     q.requires_grad_()
-    pa.poly_attention(q, k, v).sum().backward()   # training: the autograd function, not the kernel
+    pa.poly_attention(q, k, v).sum().backward()   # training: the autograd function and its own kernels
     assert len(calls) == n
+
+
+def _norm_grads(x, w, b, r, g, product):
+    """float64 autograd of the norm (of the product of the halves), plus the residual: the output and the
+    gradients of x, w, b."""
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    b = None if b is None else b.double().requires_grad_()
+    c = w.shape[0]
+    z = x[:, :c] * x[:, c:] if product else x
+    y = F.layer_norm(z, (c,), w, b, 1e-5)
+    if r is not None:
+        y = y + r.double()
+    y.backward(g.double())
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def _close(a, ref, tol=2e-5):
+    return (a.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_backward_kernel_in_every_code_path(march, tmp_path):
+    """The training forward's saved statistics (each row's mean and 1/std) and the backward (dx, and the weight's
+    and bias's gradients summed over the rows from per-thread partial sums; the product's two halves; the
+    residual's gradient is the output's) against float64 autograd of F.layer_norm, at every channel count the
+    vector loops treat differently, in this machine's code, the portable loops and AVX-512 without BF16."""
+    if march is None:
+        lib = ck.library()
+    else:
+        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
+            pytest.skip('an x86-64 variant this CPU cannot run')
+        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    for c, product, bias, residual in ((1, False, False, False), (7, False, True, True), (16, True, False, False),
+                                       (33, False, True, False), (72, True, True, False), (129, False, False, True),
+                                       (768, True, False, False)):
+        x, w, b, r = _case(301, c, torch.float32, bias, residual, seed=c, product=product)
+        g = torch.randn(301, c, generator=torch.Generator().manual_seed(c + 1))
+        y = torch.empty(301, c)
+        stats = torch.empty(301, 2)
+        cn._run(x, w, b, r, y, 1e-5, lib=lib, product=product, stats=stats)
+        z = (x[:, :c] * x[:, c:] if product else x).double()
+        assert torch.allclose(stats[:, 0].double(), z.mean(1), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(stats[:, 1].double(), (z.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5)
+        dx, dw, db = cn._channel_norm_backward(g, x, w, stats, bias, product, lib=lib)
+        y_ref, dx_ref, dw_ref, db_ref = _norm_grads(x, w, b, r, g, product)
+        assert dx.shape == x.shape and dw.shape == (c,)
+        assert _close(y, y_ref) and _close(dx, dx_ref) and _close(dw, dw_ref)
+        assert (db.numel() == 0) if not bias else _close(db, db_ref)
+    assert lib.polynext_channel_norm_backward_f32(None, None, None, None, None, None, None, 1, 5000, 1, 0) == 1
+
+
+@needs_cc
+@pytest.mark.parametrize('product', [False, True])
+def test_training_takes_the_kernels_with_autograd(product, monkeypatch):
+    """``channel_layer_norm`` with inputs that need gradients (fp32, eager, CPU) is the kernels' autograd
+    function: the gradients of x, the weight (a gated weight too: a tensor computed from a parameter), the bias
+    and the residual equal float64 autograd's; fp64, bf16, ``kernels(False)``, ``torch.func`` transforms and
+    tensors that need no gradient take PyTorch's path."""
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    calls = _count_runs(monkeypatch)
+    c = 40
+    x, w, b, r = _case(6 * 7 * 5, c, torch.float32, True, not product, product=product)
+    x = x.view(6, 7, 5, -1)
+    r = None if r is None else r.view(6, 7, 5, c)
+    g = torch.randn(6, 7, 5, c, generator=torch.Generator().manual_seed(3))
+    gate = torch.tensor(0.7, requires_grad=True)
+    xs, ws, bs = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    rs = None if r is None else r.clone().requires_grad_()
+    y = cn.channel_layer_norm(xs, (c,), ws * gate, bs, 1e-5, residual=rs, product=product)
+    assert type(y.grad_fn).__name__ == '_ChannelNormFunctionBackward' and len(calls) == 1
+    y.backward(g)
+    y_ref, dx_ref, dw_ref, db_ref = _norm_grads(x.view(-1, x.shape[-1]), w * 0.7, b, None if r is None
+                                                else r.view(-1, c), g.view(-1, c), product)
+    assert _close(y.view(-1, c), y_ref) and _close(xs.grad.view(-1, x.shape[-1]), dx_ref)
+    assert _close(ws.grad, dw_ref * 0.7) and _close(bs.grad, db_ref)
+    assert _close(gate.grad, (dw_ref * w.double()).sum())
+    if rs is not None:
+        assert torch.equal(rs.grad, g)
+    for dtype in (torch.float64, torch.bfloat16):   # PyTorch's operators
+        t = x.to(dtype).requires_grad_()
+        cn.channel_layer_norm(t, (c,), w.to(dtype), b.to(dtype), 1e-5, product=product).sum().backward()
+    with ck.kernels(False):
+        cn.channel_layer_norm(x.clone().requires_grad_(), (c,), w, b, 1e-5, product=product).sum().backward()
+    from torch.func import grad, vmap
+    batched = vmap(lambda t: cn.channel_layer_norm(t, (c,), w, b, 1e-5, product=product))(x)
+    assert grad(lambda t: cn.channel_layer_norm(t, (c,), w, b, 1e-5, product=product).square().sum())(x).shape \
+        == x.shape
+    assert _close(batched.reshape(-1, c), _norm_grads(x.view(-1, x.shape[-1]), w, b, None, g.view(-1, c), product)[0])
+    assert len(calls) == 1
+
+
+@needs_cc
+def test_model_gradients_with_the_kernels(monkeypatch):
+    """A whole fp32 training step of apolynext_t (PolyConv and PolyAttn stages, every norm through the kernels):
+    the loss and every parameter's gradient equal those with PyTorch's norms (float32 rounding)."""
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    torch.manual_seed(0)
+    model = timm.create_model('apolynext_t', init_channels=16, num_classes=10, cells=(1, 1, 1, 1))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    results = {}
+    for on in (False, True):
+        model.zero_grad()
+        with ck.kernels(on):
+            loss = model(x).square().mean()
+            loss.backward()
+        results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert abs(results[True][0] - results[False][0]) <= 1e-5 * abs(results[False][0])
+    for n, g_ref in results[False][1].items():
+        assert (results[True][1][n] - g_ref).abs().max() <= 1e-4 * max(g_ref.abs().max().item(), 1e-6), n
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_attention_training_kernels_in_every_code_path(march, tmp_path):
+    """The training forward's (S + 1)^p with the row sums, unnormalised (float32) or normalised (bfloat16), the
+    backward's recomputation (A over S, divided by the row sums where given, and (S + 1)^(p-1) in float32) and
+    dL/dS = (dL/dA + d) (S + 1)^(p-1): bit for bit PyTorch's float32 operators on the same values (the same
+    products in the same order), one rounding in bfloat16; rows of every length."""
+    if march is None:
+        lib = ck.library()
+    else:
+        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
+            pytest.skip('an x86-64 variant this CPU cannot run')
+        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    gen = torch.Generator().manual_seed(0)
+    for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
+        prep, ds_fn = getattr(lib, f'polynext_poly_prep_{suffix}'), getattr(lib, f'polynext_poly_ds_{suffix}')
+        rows_fn = getattr(lib, f'polynext_poly_rows_{suffix}')
+        for n in (1, 15, 17, 49, 196):
+            for power in (2, 4):
+                s = (torch.randn(37, n, generator=gen) * 0.7).to(dtype)
+                p = s.float() + 1
+                a_ref = (p * p) * (p * p) if power == 4 else p * p
+                p3_ref = p * (p * p) if power == 4 else p
+                r = torch.rand(37, 1, generator=gen) + 0.5
+                for rowsum in (None, r):
+                    a, p3 = s.clone(), torch.empty(37, n)
+                    assert prep(a.data_ptr(), p3.data_ptr(), None if rowsum is None else rowsum.data_ptr(), 37, n,
+                                power, 2) == 0
+                    want = a_ref if rowsum is None else a_ref / rowsum
+                    assert torch.equal(p3, p3_ref) and torch.equal(a, want.to(dtype))
+                # unnormalised powers and their row sums (the training forward in float32)
+                a, sums = s.clone(), torch.empty(37)
+                assert rows_fn(a.data_ptr(), a.data_ptr(), sums.data_ptr(), 37, n, power, 1e-12, 2, 0) == 0
+                assert torch.equal(a, a_ref.to(dtype))
+                assert torch.allclose(sums, a_ref.sum(-1), rtol=1e-6)
+                da = (torch.randn(37, n, generator=gen)).to(dtype)
+                d = torch.randn(37, generator=gen)
+                want = ((da.float() + d[:, None]) * p3_ref).to(dtype)
+                assert ds_fn(da.data_ptr(), p3_ref.contiguous().data_ptr(), d.data_ptr(), 37, n, 2) == 0
+                assert torch.equal(da, want)
+        assert prep(a.data_ptr(), p3.data_ptr(), None, 37, n, 3, 2) == 1   # an odd power: refused
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
+    """A training forward and backward of the attention (query rows in two chunks) runs the kernels once per
+    chunk each (the power with the row sums; the recomputation; dL/dS), with O and the gradients of Q, K and V as
+    accurate against float64 as PyTorch's operators (float32: within 1e-6 relative; bf16: its rounding);
+    ``kernels(False)`` does not take them."""
+    calls = []
+    for name in ('_poly_power_', '_poly_prep_', '_poly_ds_'):
+        real = getattr(ck, name)
+        monkeypatch.setattr(ck, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    gen = torch.Generator().manual_seed(0)
+    q0, k0, v0, g = ((torch.randn(2, 3, 196, 32, generator=gen) * 0.3) for _ in range(4))
+
+    def run(dt, on):
+        q, k, v = (t.to(dt).clone().requires_grad_() for t in (q0, k0, v0))
+        with ck.kernels(on):
+            if dt == torch.float64:
+                out = pa.poly_attention_reference(q, k, v)
+            else:
+                out = pa.poly_attention(q, k, v, chunk_bytes=2 * 3 * 100 * 196 * 4)
+            out.backward(g.to(dt))
+        return [t.double() for t in (out, q.grad, k.grad, v.grad)]
+
+    ref = run(torch.float64, False)
+    ours = run(dtype, True)
+    assert calls == ['_poly_power_'] * 2 + ['_poly_prep_', '_poly_ds_'] * 2
+    theirs = run(dtype, False)
+    assert len(calls) == 6
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for a, b, r in zip(ours, theirs, ref):
+        scale = r.abs().max()
+        assert (a - r).abs().max() <= tol * scale and (b - r).abs().max() <= tol * scale

@@ -176,7 +176,8 @@ _COPY_OPS = {'aten::copy_', 'aten::clone', 'aten::contiguous', 'aten::flip', 'at
 _NORM_OPS = {'aten::layer_norm', 'aten::native_layer_norm', 'aten::native_layer_norm_backward',
              'aten::group_norm', 'aten::native_group_norm', 'aten::batch_norm', 'aten::native_batch_norm',
              'aten::_native_batch_norm_legit', 'aten::_native_batch_norm_legit_no_training',
-             'polynext::channel_norm', 'polynext::channel_norm_'}
+             'polynext::channel_norm', 'polynext::channel_norm_', 'polynext::channel_norm_stats',
+             'polynext::channel_norm_backward'}
 _ELEMENTWISE_OPS = {'aten::mul', 'aten::mul_', 'aten::add', 'aten::add_', 'aten::addcmul', 'aten::addcmul_',
                     'aten::sub', 'aten::sub_', 'aten::div', 'aten::div_', 'aten::sigmoid', 'aten::sigmoid_',
                     'aten::pow', 'aten::pow_', 'aten::square', 'aten::square_', 'aten::rsqrt', 'aten::neg',
@@ -188,7 +189,7 @@ _BACKWARD = 'autograd::engine::evaluate_function: '
 _BACKWARD_NAMES = (  # custom autograd functions and generic nodes, by name
     ('PolyAttention', 'attention'), ('FlexAttention', 'attention'), ('ScaledDotProduct', 'attention'),
     ('Softmax', 'attention'), ('Bmm', 'attention'), ('HalvesProduct', 'elementwise'),
-    ('NativeLayerNorm', 'norms'), ('NativeGroupNorm', 'norms'), ('NativeBatchNorm', 'norms'),
+    ('NativeLayerNorm', 'norms'), ('ChannelNorm', 'norms'), ('NativeGroupNorm', 'norms'), ('NativeBatchNorm', 'norms'),
     ('AccumulateGrad', 'other'), ('Mm', 'other'), ('Addmm', 'other'), ('NllLoss', 'other'),
     ('LogSoftmax', 'other'), ('Mean', 'other'),
     ('Permute', 'copies and layout'), ('View', 'copies and layout'), ('Transpose', 'copies and layout'),

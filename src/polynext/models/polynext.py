@@ -81,7 +81,8 @@ class LayerNorm2d(nn.LayerNorm):
         y[:, c] = (x[:, c] - mean_c x) / sqrt(var_c x + eps) · w[c]
 
     Computed with ``F.layer_norm`` on the NHWC view, which is free for channels-last
-    tensors, and at CPU inference by ``ops.channel_norm``'s kernel (same values to rounding).
+    tensors, and on the CPU by ``ops.channel_norm``'s kernels (inference, and float32 training with
+    a backward kernel; same values to rounding).
     (The reference uses the one-pass variance E[x²]−E[x]²; the difference is rounding only,
     ≤ 4.4e-6 on the golden logits.)
     """
@@ -640,11 +641,11 @@ class PolyConvBlock(_MixerMLPBlock):
             z = self.mixer(x).permute(0, 2, 3, 1)
             weight, bias = norm.weight * g, None if norm.bias is None else norm.bias * g
             if not self.training or isinstance(self.drop_path, nn.Identity):
-                # drop path is the identity: at CPU inference the norm and the addition are one pass, written
-                # into the branch's own output (ops.channel_norm); elsewhere F.layer_norm and the addition
+                # drop path is the identity: on the CPU the norm and the addition are one pass of ops.channel_norm
+                # (at inference written into the branch's own output); elsewhere F.layer_norm and the addition
                 return channel_layer_norm(z, norm.normalized_shape, weight, bias, norm.eps,
                                           residual=x.permute(0, 2, 3, 1), inplace=True).permute(0, 3, 1, 2)
-            z = F.layer_norm(z, norm.normalized_shape, weight, bias, norm.eps)
+            z = channel_layer_norm(z, norm.normalized_shape, weight, bias, norm.eps)
             # added on the NHWC tensor itself: an in-place op on the NCHW view would cost autograd a copy
             return self.drop_path(z).add_(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return super().mix_residual(x, gate, owned)

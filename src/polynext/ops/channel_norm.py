@@ -26,6 +26,15 @@ in the tests), in bfloat16 within one rounding.
 
 It is registered as the operator ``polynext::channel_norm`` (profiler, ``torch.compile`` see an operator
 with shapes, not a foreign call).
+
+In float32 training in eager mode on the CPU (:func:`trains`) the norm is an autograd function with kernels both
+ways: the forward is the same pass and also stores each row's mean and 1/std (8 bytes a row), and the backward
+reads a row of the output's gradient and of the input into L1 and writes the input's gradient once (with the
+product of halves, the gradients of both halves), the weight's and bias's gradients summed from per-thread partial
+sums. PyTorch's path there is the product, ``layer_norm`` and the addition forward, and ``layer_norm``'s backward
+and the product's backward: five passes over the tensors for the kernels' two. Gradients equal float64 autograd's
+as closely as PyTorch's (tested); bfloat16 autocast training keeps PyTorch's path (autocast runs ``layer_norm`` in
+float32 on a bfloat16 input, which the kernel does not take).
 """
 from __future__ import annotations
 
@@ -49,13 +58,15 @@ MIN_NUMEL = 65536
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-         out: torch.Tensor, eps: float, lib: Optional[ctypes.CDLL] = None, product: bool = False) -> None:
+         out: torch.Tensor, eps: float, lib: Optional[ctypes.CDLL] = None, product: bool = False,
+         stats: Optional[torch.Tensor] = None) -> None:
     lib = lib or library()
     fn = lib.polynext_channel_norm_f32 if x.dtype == torch.float32 else lib.polynext_channel_norm_bf16
     c = out.shape[-1]
     status = fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                None if residual is None else residual.data_ptr(), out.data_ptr(), out.numel() // c, c, eps,
-                torch.get_num_threads(), int(product))
+                None if residual is None else residual.data_ptr(), out.data_ptr(),
+                None if stats is None else stats.data_ptr(), out.numel() // c, c, eps, torch.get_num_threads(),
+                int(product))
     if status != 0:
         raise RuntimeError(f'polynext::channel_norm: {c} channels is more than the kernel takes ({_MAX_C})')
 
@@ -74,12 +85,96 @@ def _channel_norm_(x, weight, bias, residual, eps):
     return x
 
 
+def _channel_norm_stats(x, weight, bias, residual, eps, product=False):
+    """The training forward: the norm and each row's (mean, 1/std) in float32, for the backward."""
+    out = x.new_empty(x.shape[:-1] + (x.shape[-1] // 2 if product else x.shape[-1],))
+    stats = x.new_empty(x.shape[:-1] + (2,), dtype=torch.float32)
+    _run(x, weight, bias, residual, out, eps, product=product, stats=stats)
+    return out, stats
+
+
+def _channel_norm_backward(grad, x, weight, stats, bias, product, lib=None):
+    """dL/dx, dL/dweight and dL/dbias (an empty tensor without ``bias``) from the output's gradient and the saved
+    statistics (``polynext_channel_norm_backward_f32``); the per-thread partial sums of the weight's gradient
+    are added here (a few hundred values each)."""
+    c = grad.shape[-1]
+    threads = torch.get_num_threads()
+    dx = torch.empty_like(x)
+    parts = x.new_zeros((2 if bias else 1, threads, c), dtype=torch.float32)
+    status = (lib or library()).polynext_channel_norm_backward_f32(
+        grad.data_ptr(), x.data_ptr(), weight.data_ptr(), stats.data_ptr(), dx.data_ptr(), parts[0].data_ptr(),
+        parts[1].data_ptr() if bias else None, grad.numel() // c, c, threads, int(product))
+    if status != 0:
+        raise RuntimeError(f'polynext::channel_norm_backward: {c} channels is more than the kernel takes ({_MAX_C})')
+    sums = parts.sum(1)
+    return dx, sums[0], sums[1] if bias else sums.new_empty(0)
+
+
 _LIB = torch.library.Library('polynext', 'FRAGMENT')
 _LIB.define('channel_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, bool product=False) '
             '-> Tensor')
 _LIB.define('channel_norm_(Tensor(a!) x, Tensor weight, Tensor? bias, Tensor? residual, float eps) -> Tensor(a!)')
+_LIB.define('channel_norm_stats(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, '
+            'bool product=False) -> (Tensor, Tensor)')
+_LIB.define('channel_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor stats, bool bias, bool product) '
+            '-> (Tensor, Tensor, Tensor)')
 _LIB.impl('channel_norm', _channel_norm, 'CPU')
 _LIB.impl('channel_norm_', _channel_norm_, 'CPU')
+_LIB.impl('channel_norm_stats', _channel_norm_stats, 'CPU')
+_LIB.impl('channel_norm_backward', _channel_norm_backward, 'CPU')
+
+
+class _ChannelNormFunction(torch.autograd.Function):
+    """The norm in training, forward and backward by the kernels: y = norm(x or its halves' product) · w (+ b)
+    (+ residual). Saves x and the rows' statistics (8 bytes a row), as PyTorch's layer_norm saves x, its mean
+    and 1/std; with ``product`` it saves the wider x instead of the product (PyTorch keeps both)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, product):
+        if profiling():
+            y, stats = torch.ops.polynext.channel_norm_stats(x, weight, bias, residual, eps, product)
+        else:
+            y, stats = _channel_norm_stats(x, weight, bias, residual, eps, product)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.bias, ctx.residual, ctx.product = bias is not None, residual is not None, product
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, stats = ctx.saved_tensors
+        grad = grad.contiguous()
+        if profiling():
+            dx, dw, db = torch.ops.polynext.channel_norm_backward(grad, x, weight, stats, ctx.bias, ctx.product)
+        else:
+            dx, dw, db = _channel_norm_backward(grad, x, weight, stats, ctx.bias, ctx.product)
+        return (dx, dw, db if ctx.bias else None, grad if ctx.residual else None, None, None)
+
+
+def trains(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+           residual: Optional[torch.Tensor], product: bool = False) -> bool:
+    """Whether the kernels compute ``channel_layer_norm`` of these arguments with autograd (float32 training in
+    eager mode on the CPU, the kernels on): the training counterpart of :func:`applies`."""
+    if weight is None or x.dtype != torch.float32 or type(x) is not torch.Tensor or not torch.is_grad_enabled():
+        return False
+    numel, c = x.numel(), x.shape[-1]
+    if product:
+        if c % 2:
+            return False
+        numel, c = numel // 2, c // 2
+    if numel < MIN_NUMEL or c > _MAX_C or not x.is_contiguous():
+        return False
+    tensors = [x, weight] + [t for t in (bias, residual) if t is not None]
+    if not any(t.requires_grad for t in tensors):
+        return False
+    for t in (weight, bias):
+        if t is not None and (t.dim() != 1 or t.shape[0] != c or not t.is_contiguous()):
+            return False
+    if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != c
+                                 or not residual.is_contiguous()):
+        return False
+    from .fused import eager_cpu
+    return eager_cpu(*(t.detach() if isinstance(t, torch.nn.Parameter) else t for t in tensors)) \
+        and kernel_available()
 
 
 def applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -124,6 +219,8 @@ def channel_layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight:
         if inplace and not product:
             return _channel_norm_(x, weight, bias, residual, eps)
         return _channel_norm(x, weight, bias, residual, eps, product)
+    if len(normalized_shape) == 1 and trains(x, weight, bias, residual, product):
+        return _ChannelNormFunction.apply(x, weight, bias, residual, eps, product)
     if product:
         a, b = x.chunk(2, dim=-1)
         x = a * b
@@ -146,6 +243,6 @@ def product_norm_nchw(m: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     (CPU inference: the product is formed as the rows are read, never written); None elsewhere, where the
     caller keeps its own form (in training, an autograd-friendly product)."""
     z = m.permute(0, 2, 3, 1)
-    if not applies(z, weight, bias, None, product=True):
+    if not (applies(z, weight, bias, None, product=True) or trains(z, weight, bias, None, product=True)):
         return None
     return channel_layer_norm(z, (z.shape[-1] // 2,), weight, bias, eps, product=True).permute(0, 3, 1, 2)

@@ -1,16 +1,17 @@
 """polynext's hand-written CPU kernels (``csrc/cpu_kernels.c``), compiled on first use and loaded with ctypes.
 
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
-product and PolyConv's residual in the same pass) and ``ops.poly_attention`` (the polynomial attention's
-power and row normalisation at bfloat16 inference). Both replace several passes of PyTorch's CPU operators over a
-tensor that does not fit in the caches by one.
+product and PolyConv's residual in the same pass; in float32 training with its backward) and
+``ops.poly_attention`` (the polynomial attention's power and row normalisation at bfloat16 inference; in training,
+float32 and bfloat16, the power with the row sums, the backward's recomputation and dL/dS). Each replaces several
+passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
 OpenMP when torch's own libgomp is loaded, so that it shares torch's thread pool) into the polynext cache
 folder (``ops.cache``), one file per source, compiler, flags and CPU, written atomically; a later process
 loads it. Where there is no compiler, or it fails, there is one warning and the callers use PyTorch's
-operators. The kernels apply only at eager CPU inference (``ops.fused.eager_cpu_inference``), so
-``fusion(False)`` turns them off with the oneDNN fusions.
+operators. The kernels apply only to eager CPU work (``ops.fused.eager_cpu``: not compiling, exporting, tracing,
+under a dispatch mode or a ``torch.func`` transform), so ``fusion(False)`` turns them off with the oneDNN fusions.
 """
 from __future__ import annotations
 
@@ -29,15 +30,17 @@ import torch
 
 from .fused import Switch
 
-__all__ = ['library', 'kernels', 'kernel_available', 'kernel_info', 'profiling', 'poly_rows_']
+__all__ = ['library', 'kernels', 'kernel_available', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
+           'poly_prep_', 'poly_ds_']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
 #: the same values (channel_norm's statistics and normalisation), so that a value minus its own mean need not be 0
 _FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-ffp-contract=off', '-shared', '-fPIC')
-#: the hand-written kernels on or off: ``with kernels(False): ...`` (A/B timing and tests); off, the callers run
+#: the hand-written kernels on or off: ``with kernels(False): ...`` (A/B timing and tests), or for a whole process
+#: ``POLYNEXT_CPU_KERNELS=0`` (A/B runs of the commands, ``polynext profile`` / ``bench``); off, the callers run
 #: PyTorch's operators (the oneDNN fusions of ``ops.fused`` stay as they are)
-kernels = Switch()
+kernels = Switch(os.environ.get('POLYNEXT_CPU_KERNELS', '1').strip() not in ('0', 'off', 'false', 'no'))
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -109,10 +112,19 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.polynext_channel_norm_f32, lib.polynext_channel_norm_bf16):
-        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
+    lib.polynext_channel_norm_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int,
+                                                       ctypes.c_int]
+    lib.polynext_channel_norm_backward_f32.restype = ctypes.c_int
     for fn in (lib.polynext_poly_rows_f32, lib.polynext_poly_rows_bf16):
-        fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_poly_prep_f32, lib.polynext_poly_prep_bf16):
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_poly_ds_f32, lib.polynext_poly_ds_bf16):
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp
@@ -150,20 +162,61 @@ def kernel_info() -> dict:
                 path=lib._name)
 
 
-def _poly_rows(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
+def _fn(name: str, t: torch.Tensor):
     lib = library()
-    fn = lib.polynext_poly_rows_f32 if s.dtype == torch.float32 else lib.polynext_poly_rows_bf16
+    return getattr(lib, f"polynext_{name}_{'f32' if t.dtype == torch.float32 else 'bf16'}")
+
+
+def _poly_rows(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
     n = s.shape[-1]
-    if fn(s.data_ptr(), s.data_ptr(), None, s.numel() // n, n, power, eps, torch.get_num_threads()) != 0:
+    if _fn('poly_rows', s)(s.data_ptr(), s.data_ptr(), None, s.numel() // n, n, power, eps, torch.get_num_threads(),
+                           1) != 0:
         raise RuntimeError(f'polynext::poly_rows_: power {power} is not 2 or 4')
     return s
+
+
+def _poly_power_(s: torch.Tensor, power: int, eps: float, normalise: bool) -> torch.Tensor:
+    """s ← (s + 1)^power (divided by its row sum with ``normalise``); returns the clamped row sums (float32, the
+    shape of s with a last dimension of 1)."""
+    n = s.shape[-1]
+    rowsum = torch.empty(s.shape[:-1] + (1,), dtype=torch.float32)
+    if _fn('poly_rows', s)(s.data_ptr(), s.data_ptr(), rowsum.data_ptr(), s.numel() // n, n, power, eps,
+                           torch.get_num_threads(), int(normalise)) != 0:
+        raise RuntimeError(f'polynext::poly_power_: power {power} is not 2 or 4')
+    return rowsum
+
+
+def _poly_prep_(s: torch.Tensor, power: int, rowsum: Optional[torch.Tensor]) -> torch.Tensor:
+    """The attention backward's recomputation: s ← (s + 1)^power (÷ ``rowsum`` where given, a float32 tensor of
+    one value per row); returns (s + 1)^(power - 1) in float32."""
+    n = s.shape[-1]
+    p3 = torch.empty(s.shape, dtype=torch.float32)
+    r = None if rowsum is None else rowsum.contiguous()
+    if _fn('poly_prep', s)(s.data_ptr(), p3.data_ptr(), None if r is None else r.data_ptr(), s.numel() // n, n,
+                           power, torch.get_num_threads()) != 0:
+        raise RuntimeError(f'polynext::poly_prep_: power {power} is not 2 or 4')
+    return p3
+
+
+def _poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """dL/dS = (dL/dA + d) ⊙ p3, written over ``da`` (d: float32, one value per row); returns ``da``."""
+    n = da.shape[-1]
+    d = d.contiguous()
+    _fn('poly_ds', da)(da.data_ptr(), p3.data_ptr(), d.data_ptr(), da.numel() // n, n, torch.get_num_threads())
+    return da
 
 
 # registered once, here: the operators' modules may be loaded twice (benchmarks/poly_attention.py loads a
 # previous version of ops/poly_attention.py from a file)
 _LIB = torch.library.Library('polynext', 'FRAGMENT')
 _LIB.define('poly_rows_(Tensor(a!) s, int power, float eps) -> Tensor(a!)')
+_LIB.define('poly_power_(Tensor(a!) s, int power, float eps, bool normalise) -> Tensor')
+_LIB.define('poly_prep_(Tensor(a!) s, int power, Tensor? rowsum) -> Tensor')
+_LIB.define('poly_ds_(Tensor(a!) da, Tensor p3, Tensor d) -> Tensor(a!)')
 _LIB.impl('poly_rows_', _poly_rows, 'CPU')
+_LIB.impl('poly_power_', _poly_power_, 'CPU')
+_LIB.impl('poly_prep_', _poly_prep_, 'CPU')
+_LIB.impl('poly_ds_', _poly_ds_, 'CPU')
 
 
 def poly_rows_(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
@@ -171,3 +224,21 @@ def poly_rows_(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
     (power 2 or 4; a contiguous float32 or bfloat16 CPU tensor, rows along the last dimension); returns s.
     Through the dispatcher (``polynext::poly_rows_``) while the profiler runs."""
     return torch.ops.polynext.poly_rows_(s, power, eps) if profiling() else _poly_rows(s, power, eps)
+
+
+def poly_power_(s: torch.Tensor, power: int, eps: float, normalise: bool) -> torch.Tensor:
+    """The attention forward of training: s ← (s + 1)^power, divided by the row sums with ``normalise``; returns
+    the row sums clamped at ``eps`` (float32). One pass (``polynext::poly_power_``)."""
+    return torch.ops.polynext.poly_power_(s, power, eps, normalise) if profiling() else \
+        _poly_power_(s, power, eps, normalise)
+
+
+def poly_prep_(s: torch.Tensor, power: int, rowsum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention backward's recomputation in one pass (``polynext::poly_prep_``): s ← (s + 1)^power (divided
+    by ``rowsum``, one float32 value per row, where given); returns (s + 1)^(power - 1) in float32."""
+    return torch.ops.polynext.poly_prep_(s, power, rowsum) if profiling() else _poly_prep_(s, power, rowsum)
+
+
+def poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """dL/dS = (dL/dA + d) ⊙ (S + 1)^(p - 1) over ``da`` in one pass (``polynext::poly_ds_``); returns ``da``."""
+    return torch.ops.polynext.poly_ds_(da, p3, d) if profiling() else _poly_ds_(da, p3, d)

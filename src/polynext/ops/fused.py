@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['fusion_available', 'can_fuse', 'eager_cpu_inference', 'conv_add_', 'conv_mul', 'fusion', 'Switch']
+__all__ = ['fusion_available', 'can_fuse', 'eager_cpu', 'eager_cpu_inference', 'conv_add_', 'conv_mul', 'fusion', 'Switch']
 
 class Switch:
     """An on/off setting with a ``with``-block override: ``with switch(False): ...`` (A/B timing and tests)."""
@@ -62,27 +62,36 @@ def fusion_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def _in_dispatch_mode() -> bool:
+    """A dispatch mode (the FLOP counter, fake tensors) or a ``torch.func`` transform (``vmap``, ``grad``: their
+    tensors are wrappers whose memory a foreign kernel cannot read)."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    return is_in_torch_dispatch_mode()
+    functorch = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
+    return is_in_torch_dispatch_mode() or functorch()
 
 
-def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors are eager CPU inference, where polynext's hand-fused paths may replace the plain
-    operations (this module's oneDNN post-ops, the kernels of ``ops.cpu_kernels``): fusions on, no autograd
-    recording, not under ``torch.compile`` / ``torch.export`` / tracing / a dispatch mode, plain CPU tensors
-    of one dtype."""
+def eager_cpu(*tensors: torch.Tensor, inference: bool = False) -> bool:
+    """Whether these tensors are eager CPU work, where polynext's hand-written paths may replace the plain
+    operations: fusions on, not under ``torch.compile`` / ``torch.export`` / tracing / a dispatch mode / a
+    ``torch.func`` transform, plain CPU tensors of one dtype; with ``inference``, also no autograd recording."""
     exporting = getattr(torch.compiler, 'is_exporting', None)
     if (not fusion.on or torch.compiler.is_compiling() or (exporting is not None and exporting())
             or torch.jit.is_tracing() or torch.jit.is_scripting()):
         return False
     first = tensors[0]
-    grad = torch.is_grad_enabled()
+    grad = inference and torch.is_grad_enabled()
     for t in tensors:
         if type(t) is not torch.Tensor or t.device.type != 'cpu' or t.dtype != first.dtype:
             return False
         if grad and t.requires_grad:
             return False
     return not _in_dispatch_mode()
+
+
+def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are eager CPU inference, where polynext's hand-fused paths may replace the plain
+    operations (this module's oneDNN post-ops, the kernels of ``ops.cpu_kernels``): :func:`eager_cpu` and no
+    autograd recording."""
+    return eager_cpu(*tensors, inference=True)
 
 
 def can_fuse(*tensors: torch.Tensor) -> bool:

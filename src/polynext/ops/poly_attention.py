@@ -29,7 +29,11 @@ All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the
 the power, the row sums and the normalisation run in float32. At CPU inference in bfloat16 the power, the
 row sums and the normalisation are one pass of a hand-written kernel (``ops.cpu_kernels``; PyTorch's operators
 take seven passes over the N×N scores, the conversions to float32 and back included), which writes the
-normalised weights over the scores; the matrix products stay PyTorch's.
+normalised weights over the scores; the matrix products stay PyTorch's. In eager CPU training (float32 and
+bfloat16) the autograd function takes three more kernels: the forward's power and row sums in one pass (PyTorch:
+four, with the conversions in bfloat16 six), the backward's recomputation of A and (S+1)^(p-1) in one (PyTorch:
+four) and dL/dS = (dL/dA + d)(S+1)^(p-1) in one (PyTorch: two, four in bfloat16); the same float32 products in the
+same order, so in float32 the values are PyTorch's up to the row sums' order of addition.
 
 On CUDA the same function runs through PyTorch's ``flex_attention`` (a fused Triton kernel with
 O(N·block) memory in forward and backward), see :func:`poly_attention_flex`.
@@ -89,12 +93,22 @@ def _rows_kernel(s: torch.Tensor, power: int) -> bool:
             and kernel_available())
 
 
+def _train_kernel(s: torch.Tensor, power: int) -> bool:
+    """Whether ``ops.cpu_kernels``' attention kernels serve the training forward and backward of these scores:
+    eager CPU work in float32 or bfloat16, where they take one pass over the N×N scores for PyTorch's four to
+    seven (forward: the power and the row sums; backward: the power, (S+1)^(p-1), and dL/dS)."""
+    from polynext.ops.cpu_kernels import kernel_available
+    from polynext.ops.fused import eager_cpu
+    return (power in (2, 4) and s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous() and eager_cpu(s)
+            and kernel_available())
+
+
 def _forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, chunk_bytes: int, inference: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns O (dtype of v) and the clamped row sums r (float32, shape B×h×N×1; None at ``inference``, where
     the scores may go through the kernel of ``ops.cpu_kernels``)."""
-    from polynext.ops.cpu_kernels import poly_rows_
+    from polynext.ops.cpu_kernels import poly_power_, poly_rows_
     n = q.shape[2]
     out = v.new_empty(q.shape[:-1] + (v.shape[-1],))
     rowsum = None if inference else torch.empty(q.shape[:-1] + (1,), dtype=_acc_dtype(q), device=q.device)
@@ -106,6 +120,14 @@ def _forward(
         if inference and _rows_kernel(s, power):   # the power and the normalisation in one pass, over the scores
             a = poly_rows_(s, power, _EPS)
             out[:, :, rows] = torch.matmul(a.to(v.dtype), v)
+            continue
+        if not inference and _train_kernel(s, power) and (s.dtype == torch.float32) != low_precision:
+            # training: the power and the row sums in one pass over the scores (normalised there in bf16)
+            rowsum[:, :, rows] = poly_power_(s, power, _EPS, normalise=low_precision)
+            if low_precision:
+                out[:, :, rows] = torch.matmul(s, v)
+            else:
+                out[:, :, rows] = torch.matmul(s, v).div_(rowsum[:, :, rows])
             continue
         a = _power_(_plus_one(s), power)
         r = a.sum(-1, keepdim=True).clamp_min_(_EPS)
@@ -137,6 +159,7 @@ class _PolyAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from polynext.ops.cpu_kernels import poly_ds_, poly_prep_
         q, k, v, out, rowsum = ctx.saved_tensors
         power, chunk_bytes = ctx.power, ctx.chunk_bytes
         dt = v.dtype
@@ -151,30 +174,40 @@ class _PolyAttentionFunction(torch.autograd.Function):
             for start in range(0, n, step):
                 rows = slice(start, min(n, start + step))
                 qc = q[:, :, rows]
-                p = _scores(qc, k)                      # P = S + 1
-                if power == 4:                          # two N×N buffers
-                    a = p * p                           # P^2
-                    p_pow = p.mul_(a)                   # P^3
-                    a.square_()                         # A = P^4
-                else:
-                    p_pow = p.pow(power - 1)
-                    a = p_pow * p
-                del p
                 r = rowsum[:, :, rows]
+                s = torch.matmul(qc, k.transpose(-1, -2))
+                kernel = _train_kernel(s, power) and (s.dtype == torch.float32) != low_precision
+                if kernel:                              # one pass: A (÷ r in bf16) over S, and P^(p-1)
+                    p_pow = poly_prep_(s, power, r if low_precision else None)
+                    a = s
+                else:
+                    p = _plus_one(s)                    # P = S + 1
+                    if power == 4:                      # two N×N buffers
+                        a = p * p                       # P^2
+                        p_pow = p.mul_(a)               # P^3
+                        a.square_()                     # A = P^4
+                    else:
+                        p_pow = p.pow(power - 1)
+                        a = p_pow * p
+                    del p
+                del s
                 g = grad_out[:, :, rows].to(acc)
                 o = out[:, :, rows].to(acc)
                 dy = g / r                              # dL/d(AV)
                 dr = (g * o).sum(-1, keepdim=True).div_(r).neg_()
                 if low_precision:                       # normalised first, to stay in range
-                    dv += torch.matmul(a.div_(r).transpose(-1, -2).to(dt), g.to(dt)).to(acc)
+                    a = a if kernel else a.div_(r).to(dt)
+                    dv += torch.matmul(a.transpose(-1, -2), g.to(dt)).to(acc)
                 else:                                   # (A/r)ᵀ g = Aᵀ (g/r): no pass over A
                     dv += torch.matmul(a.transpose(-1, -2), dy)
                 del a
                 # dL/dS = p P^(p-1) dL/dA, dL/dA = dy Vᵀ + dr; the factor p on the N×d side
-                da = torch.matmul(dy.mul_(power).to(dt), v.transpose(-1, -2)).to(acc).add_(dr.mul_(power))
-                ds = da.mul_(p_pow)
+                da = torch.matmul(dy.mul_(power).to(dt), v.transpose(-1, -2))
+                if kernel:                              # one pass, over dL/dA
+                    ds = poly_ds_(da, p_pow, dr.mul_(power))
+                else:
+                    ds = da.to(acc).add_(dr.mul_(power)).mul_(p_pow).to(dt)
                 del p_pow
-                ds = ds.to(dt)
                 dq[:, :, rows] = torch.matmul(ds, k)
                 dk += torch.matmul(ds.transpose(-1, -2), qc).to(acc)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None

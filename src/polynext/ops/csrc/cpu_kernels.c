@@ -24,10 +24,19 @@
  *    in place or into out, and the row sums. PyTorch does this in seven passes over the N x N scores at
  *    bfloat16 inference (a conversion to float32, +1, two squares, the sum, the division, the conversion
  *    back): here the row is read once into L1 and written once. (In float32 PyTorch's path normalises after
- *    A @ V and is as fast, so polynext uses this kernel in bfloat16.) */
+ *    A @ V and is as fast, so polynext uses this kernel in bfloat16.)
+ *
+ * 3. Training (ops/channel_norm.py's and ops/poly_attention.py's autograd functions): the norm's forward also
+ *    stores each row's mean and 1/std, and polynext_channel_norm_backward_f32 gives the gradients from them
+ *    (with the product of halves: the gradients of both halves); the attention's forward writes (S + 1)^p and
+ *    the row sums in one pass (polynext_poly_rows_* without normalising), and its backward recomputes A and
+ *    (S + 1)^(p-1) in one pass (polynext_poly_prep_*) and forms dL/dS in another (polynext_poly_ds_*). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_C 4096
 
@@ -95,7 +104,7 @@ static inline __m512 prod_bf16(const uint16_t *x, int64_t C, int64_t c, __mmask1
  * loaded and stored under a mask. */
 #define ROW_KERNEL(NAME, T, GET, LOAD, STORE)                                                                    \
     static inline void NAME(const T *x, const float *w, const float *b, const T *res, T *y, int64_t C,          \
-                            float eps) {                                                                        \
+                            float eps, float *st) {                                                             \
         const int64_t full = C & ~(int64_t)15;                                                                  \
         const __mmask16 kt = (__mmask16)((1u << (C - full)) - 1u);                                              \
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();                                              \
@@ -122,7 +131,12 @@ static inline __m512 prod_bf16(const uint16_t *x, int64_t C, int64_t c, __mmask1
             q1 = _mm512_fmadd_ps(d, d, q1);                                                                     \
         }                                                                                                       \
         const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1)) / (float)C;                               \
-        const __m512 rv = _mm512_set1_ps(1.f / sqrtf(var + eps));                                               \
+        const float rs = 1.f / sqrtf(var + eps);                                                                \
+        const __m512 rv = _mm512_set1_ps(rs);                                                                   \
+        if (st) {                                                                                               \
+            st[0] = _mm512_cvtss_f32(mv);                                                                       \
+            st[1] = rs;                                                                                         \
+        }                                                                                                       \
         for (c = 0; c < C; c += 16) {                                                                           \
             const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
             __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(GET(x, C, c, k), mv), rv),                     \
@@ -145,13 +159,24 @@ static inline __m512 poly_pow(__m512 s, int power) {   /* (s + 1)^power, power 2
 }
 
 /* One row of attention weights: the sum of (s + 1)^p (the masked tail's lanes kept at 0), then each value
- * recomputed from L1 and divided by the sum. Returns the (clamped) sum. */
+ * recomputed from L1 and divided by the sum; without `normalise`, (s + 1)^p written in the first pass. Returns the
+ * (clamped) sum. */
 #define POLY_ROW(NAME, T, LOAD, STORE)                                                                           \
-    static inline float NAME(const T *s, T *out, int64_t N, int power, float eps) {                             \
+    static inline float NAME(const T *s, T *out, int64_t N, int power, float eps, int normalise) {              \
         const int64_t full = N & ~(int64_t)15;                                                                  \
         const __mmask16 kt = (__mmask16)((1u << (N - full)) - 1u);                                              \
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                                              \
         int64_t c = 0;                                                                                          \
+        if (!normalise) {                                                                                       \
+            for (; c < N; c += 16) {                                                                            \
+                const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                          \
+                const __m512 p = _mm512_maskz_mov_ps(k, poly_pow(LOAD(s + c, k), power));                      \
+                STORE(out + c, k, p);                                                                           \
+                a0 = _mm512_add_ps(a0, p);                                                                      \
+            }                                                                                                   \
+            float r = _mm512_reduce_add_ps(a0);                                                                 \
+            return !(r >= eps) ? (r != r ? r : eps) : r;                                                        \
+        }                                                                                                       \
         for (; c + 32 <= full; c += 32) {                                                                       \
             a0 = _mm512_add_ps(a0, poly_pow(LOAD(s + c, 0xffff), power));                                      \
             a1 = _mm512_add_ps(a1, poly_pow(LOAD(s + c + 16, 0xffff), power));                                 \
@@ -168,8 +193,86 @@ static inline __m512 poly_pow(__m512 s, int power) {   /* (s + 1)^power, power 2
         return r;                                                                                               \
     }
 
+/* The attention backward's recomputation, one row: from the scores S, P = S + 1, A = P^p (divided by the row's
+ * sum r where given) written over S, and P^(p-1) in float32, the same products in the same order as PyTorch's
+ * path (P^2 = P P, P^3 = P P^2, P^4 = P^2 P^2). */
+#define POLY_PREP(NAME, T, LOAD, STORE)                                                                          \
+    static inline void NAME(T *s, float *p3, int64_t N, int power, const float *r) {                            \
+        const int64_t full = N & ~(int64_t)15;                                                                  \
+        const __mmask16 kt = (__mmask16)((1u << (N - full)) - 1u);                                              \
+        const __m512 rv = _mm512_set1_ps(r ? *r : 1.f);                                                         \
+        for (int64_t c = 0; c < N; c += 16) {                                                                   \
+            const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
+            const __m512 p = _mm512_add_ps(LOAD(s + c, k), _mm512_set1_ps(1.f));                                \
+            const __m512 p2 = _mm512_mul_ps(p, p);                                                              \
+            __m512 a = power == 4 ? _mm512_mul_ps(p2, p2) : p2;                                                 \
+            store_f32(p3 + c, k, power == 4 ? _mm512_mul_ps(p, p2) : p);                                        \
+            if (r) a = _mm512_div_ps(a, rv);                                                                    \
+            STORE(s + c, k, a);                                                                                 \
+        }                                                                                                       \
+    }
+
+/* dL/dS of one row, over dL/dA: (dA + d) P^(p-1), d the row's term (the row sum's gradient, times p). */
+#define POLY_DS(NAME, T, LOAD, STORE)                                                                            \
+    static inline void NAME(T *da, const float *p3, int64_t N, float d) {                                       \
+        const int64_t full = N & ~(int64_t)15;                                                                  \
+        const __mmask16 kt = (__mmask16)((1u << (N - full)) - 1u);                                              \
+        const __m512 dv = _mm512_set1_ps(d);                                                                    \
+        for (int64_t c = 0; c < N; c += 16) {                                                                   \
+            const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
+            STORE(da + c, k, _mm512_mul_ps(_mm512_add_ps(LOAD(da + c, k), dv), load_f32(p3 + c, k)));          \
+        }                                                                                                       \
+    }
+
+POLY_PREP(poly_prep_f32, float, load_f32, store_f32)
+POLY_PREP(poly_prep_bf16, uint16_t, load_bf16, store_bf16)
+POLY_DS(poly_ds_f32, float, load_f32, store_f32)
+POLY_DS(poly_ds_bf16, uint16_t, load_bf16, store_bf16)
+
 POLY_ROW(poly_row_f32, float, load_f32, store_f32)
 POLY_ROW(poly_row_bf16, uint16_t, load_bf16, store_bf16)
+
+/* One row of the norm's backward (polynext_channel_norm_backward_f32): the two sums over the row, then dx and
+ * the weight's (and bias's) partial sums; both passes read the row from L1. */
+#define BWD_ROW(NAME, PRODUCT)                                                                                   \
+    static inline void NAME(const float *g, const float *x, const float *w, const float *st, float *dx,         \
+                            float *dw, float *db, int64_t C) {                                                  \
+        const int64_t full = C & ~(int64_t)15;                                                                  \
+        const __mmask16 kt = (__mmask16)((1u << (C - full)) - 1u);                                              \
+        const __m512 mv = _mm512_set1_ps(st[0]), rv = _mm512_set1_ps(st[1]);                                   \
+        __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();                                              \
+        for (int64_t c = 0; c < C; c += 16) {   /* masked lanes: g = 0, so they add nothing */                  \
+            const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
+            const __m512 z = PRODUCT ? prod_f32(x, C, c, k) : load_f32(x + c, k);                               \
+            const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(z, mv), rv);                                         \
+            const __m512 gw = _mm512_mul_ps(load_f32(g + c, k), load_f32(w + c, k));                            \
+            s1 = _mm512_add_ps(s1, gw);                                                                         \
+            s2 = _mm512_fmadd_ps(gw, xh, s2);                                                                   \
+        }                                                                                                       \
+        const __m512 m1 = _mm512_set1_ps(_mm512_reduce_add_ps(s1) / (float)C);                                  \
+        const __m512 m2 = _mm512_set1_ps(_mm512_reduce_add_ps(s2) / (float)C);                                  \
+        for (int64_t c = 0; c < C; c += 16) {                                                                   \
+            const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
+            const __m512 a = load_f32(x + c, k);                                                                \
+            const __m512 bb = PRODUCT ? load_f32(x + C + c, k) : a;                                             \
+            const __m512 z = PRODUCT ? _mm512_mul_ps(a, bb) : a;                                                \
+            const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(z, mv), rv);                                         \
+            const __m512 gv = load_f32(g + c, k);                                                               \
+            const __m512 gw = _mm512_mul_ps(gv, load_f32(w + c, k));                                            \
+            const __m512 dz = _mm512_mul_ps(rv, _mm512_sub_ps(_mm512_sub_ps(gw, m1), _mm512_mul_ps(xh, m2)));  \
+            if (PRODUCT) {                                                                                      \
+                store_f32(dx + c, k, _mm512_mul_ps(dz, bb));                                                    \
+                store_f32(dx + C + c, k, _mm512_mul_ps(dz, a));                                                 \
+            } else {                                                                                            \
+                store_f32(dx + c, k, dz);                                                                       \
+            }                                                                                                   \
+            store_f32(dw + c, k, _mm512_add_ps(load_f32(dw + c, k), _mm512_mul_ps(gv, xh)));                   \
+            if (db) store_f32(db + c, k, _mm512_add_ps(load_f32(db + c, k), gv));                              \
+        }                                                                                                       \
+    }
+
+BWD_ROW(bwd_row_f32, 0)
+BWD_ROW(bwd_row_prod_f32, 1)
 
 #define KERNEL "avx512"
 #else   /* portable loops */
@@ -192,11 +295,15 @@ static inline void row_stats(const float *x, int64_t C, float eps, float *mean, 
 /* The row (or the product of its two halves) in float32, in buf; then the statistics and the normalised row. */
 #define ROW_PORTABLE(NAME, T, TO_F32, FROM_F32, PRODUCT)                                                         \
     static inline void NAME(const T *x, const float *w, const float *b, const T *res, T *y, int64_t C,          \
-                            float eps) {                                                                        \
+                            float eps, float *st) {                                                             \
         float buf[MAX_C];                                                                                       \
         for (int64_t c = 0; c < C; ++c) buf[c] = PRODUCT ? TO_F32(x[c]) * TO_F32(x[C + c]) : TO_F32(x[c]);     \
         float m, rs;                                                                                            \
         row_stats(buf, C, eps, &m, &rs);                                                                        \
+        if (st) {                                                                                               \
+            st[0] = m;                                                                                          \
+            st[1] = rs;                                                                                         \
+        }                                                                                                       \
         for (int64_t c = 0; c < C; ++c) {                                                                       \
             float v = (buf[c] - m) * rs * w[c];                                                                 \
             if (b) v += b[c];                                                                                   \
@@ -212,24 +319,78 @@ ROW_PORTABLE(row_prod_f32, float, f32_id, f32_id, 1)
 ROW_PORTABLE(row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
 
 #define POLY_ROW_PORTABLE(NAME, T, TO_F32, FROM_F32)                                                            \
-    static inline float NAME(const T *s, T *out, int64_t N, int power, float eps) {                             \
+    static inline float NAME(const T *s, T *out, int64_t N, int power, float eps, int normalise) {              \
         float r = 0.f;                                                                                          \
         for (int64_t c = 0; c < N; ++c) {                                                                       \
             float p = TO_F32(s[c]) + 1.f;                                                                       \
             p *= p;                                                                                             \
-            r += power == 4 ? p * p : p;                                                                        \
+            if (power == 4) p *= p;                                                                             \
+            r += p;                                                                                             \
+            if (!normalise) out[c] = FROM_F32(p);                                                               \
         }                                                                                                       \
         if (!(r >= eps)) r = r != r ? r : eps;                                                                  \
-        for (int64_t c = 0; c < N; ++c) {                                                                       \
-            float p = TO_F32(s[c]) + 1.f;                                                                       \
-            p *= p;                                                                                             \
-            out[c] = FROM_F32((power == 4 ? p * p : p) / r);                                                    \
-        }                                                                                                       \
+        if (normalise)                                                                                          \
+            for (int64_t c = 0; c < N; ++c) {                                                                   \
+                float p = TO_F32(s[c]) + 1.f;                                                                   \
+                p *= p;                                                                                         \
+                out[c] = FROM_F32((power == 4 ? p * p : p) / r);                                                \
+            }                                                                                                   \
         return r;                                                                                               \
     }
 
+#define POLY_PREP_PORTABLE(NAME, T, TO_F32, FROM_F32)                                                           \
+    static inline void NAME(T *s, float *p3, int64_t N, int power, const float *r) {                            \
+        for (int64_t c = 0; c < N; ++c) {                                                                       \
+            const float p = TO_F32(s[c]) + 1.f, p2 = p * p;                                                     \
+            float a = power == 4 ? p2 * p2 : p2;                                                                \
+            p3[c] = power == 4 ? p * p2 : p;                                                                    \
+            if (r) a /= *r;                                                                                     \
+            s[c] = FROM_F32(a);                                                                                 \
+        }                                                                                                       \
+    }
+
+#define POLY_DS_PORTABLE(NAME, T, TO_F32, FROM_F32)                                                             \
+    static inline void NAME(T *da, const float *p3, int64_t N, float d) {                                       \
+        for (int64_t c = 0; c < N; ++c) da[c] = FROM_F32((TO_F32(da[c]) + d) * p3[c]);                          \
+    }
+
+POLY_PREP_PORTABLE(poly_prep_f32, float, f32_id, f32_id)
+POLY_PREP_PORTABLE(poly_prep_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+POLY_DS_PORTABLE(poly_ds_f32, float, f32_id, f32_id)
+POLY_DS_PORTABLE(poly_ds_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
 POLY_ROW_PORTABLE(poly_row_f32, float, f32_id, f32_id)
 POLY_ROW_PORTABLE(poly_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+#define BWD_PORTABLE(NAME, PRODUCT)                                                                              \
+    static inline void NAME(const float *g, const float *x, const float *w, const float *st, float *dx,         \
+                            float *dw, float *db, int64_t C) {                                                  \
+        float xh[MAX_C];                                                                                        \
+        const float m = st[0], rs = st[1];                                                                      \
+        float s1 = 0.f, s2 = 0.f;                                                                               \
+        for (int64_t c = 0; c < C; ++c) {                                                                       \
+            xh[c] = ((PRODUCT ? x[c] * x[C + c] : x[c]) - m) * rs;                                              \
+            const float gw = g[c] * w[c];                                                                       \
+            s1 += gw;                                                                                           \
+            s2 += gw * xh[c];                                                                                   \
+        }                                                                                                       \
+        s1 /= (float)C;                                                                                         \
+        s2 /= (float)C;                                                                                         \
+        for (int64_t c = 0; c < C; ++c) {                                                                       \
+            const float dz = rs * ((g[c] * w[c] - s1) - xh[c] * s2);                                            \
+            if (PRODUCT) {                                                                                      \
+                dx[c] = dz * x[C + c];                                                                          \
+                dx[C + c] = dz * x[c];                                                                          \
+            } else {                                                                                            \
+                dx[c] = dz;                                                                                     \
+            }                                                                                                   \
+            dw[c] += g[c] * xh[c];                                                                              \
+            if (db) db[c] += g[c];                                                                              \
+        }                                                                                                       \
+    }
+
+BWD_PORTABLE(bwd_row_f32, 0)
+BWD_PORTABLE(bwd_row_prod_f32, 1)
 
 #define KERNEL "portable"
 #endif
@@ -241,23 +402,25 @@ const char *polynext_cpu_kernels_code(void) { return KERNEL; }
  * contiguous; y may be x (not with `product`). w (and b, or NULL): C values of x's dtype.
  * Returns 0, or 1 if C > MAX_C (nothing written). */
 int polynext_channel_norm_f32(const float *x, const float *w, const float *b, const float *res, float *y,
-                              int64_t rows, int64_t C, float eps, int threads, int product) {
+                              float *stats, int64_t rows, int64_t C, float eps, int threads, int product) {
     (void)threads;   /* (unused where built without OpenMP) */
     if (C > MAX_C) return 1;
     const int64_t stride = product ? 2 * C : C;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *rr = res ? res + r * C : NULL;
+        float *st = stats ? stats + 2 * r : NULL;
         if (product)
-            row_prod_f32(x + r * stride, w, b, rr, y + r * C, C, eps);
+            row_prod_f32(x + r * stride, w, b, rr, y + r * C, C, eps, st);
         else
-            row_f32(x + r * stride, w, b, rr, y + r * C, C, eps);
+            row_f32(x + r * stride, w, b, rr, y + r * C, C, eps, st);
     }
     return 0;
 }
 
 int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uint16_t *b16, const uint16_t *res,
-                               uint16_t *y, int64_t rows, int64_t C, float eps, int threads, int product) {
+                               uint16_t *y, float *stats, int64_t rows, int64_t C, float eps, int threads,
+                               int product) {
     (void)threads;
     if (C > MAX_C) return 1;
     float w[MAX_C], b[MAX_C];
@@ -268,24 +431,59 @@ int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uin
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const uint16_t *rr = res ? res + r * C : NULL;
+        float *st = stats ? stats + 2 * r : NULL;
         if (product)
-            row_prod_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps);
+            row_prod_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps, st);
         else
-            row_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps);
+            row_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps, st);
     }
     return 0;
 }
 
-/* out[r] = (s[r] + 1)^power / max(sum_j (s[r, j] + 1)^power, eps) for rows x N scores (power 2 or 4); out may
- * be s; the clamped sums go to rowsum (float32, rows values) unless it is NULL. Returns 0, or 1 for another
- * power (nothing written). */
+/* The backward of polynext_channel_norm_f32 (training), from the rows' saved mean and 1/std (stats):
+ *
+ *     x^ = (x - mean) / std,  g' = g * w,  dx = (g' - mean_c g' - x^ * mean_c(g' * x^)) / std
+ *     dw += g * x^,  db += g           (summed over the rows: one partial sum per thread, in dw_part / db_part)
+ *
+ * With `product` the row is the product z = a * b of the two halves of x (rows x 2C), and dx (rows x 2C) gets
+ * dz * b and dz * a. PyTorch's layer_norm backward plus the product's make five passes over these tensors;
+ * here a row of g and x is read once into L1 and dx written once. The residual's gradient is g itself.
+ * dw_part and db_part (threads x C, or db_part NULL) must be zero; returns 0, or 1 if C > MAX_C. */
+int polynext_channel_norm_backward_f32(const float *g, const float *x, const float *w, const float *stats,
+                                       float *dx, float *dw_part, float *db_part, int64_t rows, int64_t C,
+                                       int threads, int product) {
+    (void)threads;
+    if (C > MAX_C) return 1;
+    const int64_t stride = product ? 2 * C : C;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int64_t tid = 0, nt = 1;
+#endif
+        float *dw = dw_part + tid * C, *db = db_part ? db_part + tid * C : NULL;
+        for (int64_t r = rows * tid / nt; r < rows * (tid + 1) / nt; ++r) {
+            if (product)
+                bwd_row_prod_f32(g + r * C, x + r * stride, w, stats + 2 * r, dx + r * stride, dw, db, C);
+            else
+                bwd_row_f32(g + r * C, x + r * stride, w, stats + 2 * r, dx + r * stride, dw, db, C);
+        }
+    }
+    return 0;
+}
+
+/* out[r] = (s[r] + 1)^power / max(sum_j (s[r, j] + 1)^power, eps) for rows x N scores (power 2 or 4), or
+ * without `normalise` (s[r] + 1)^power; out may be s; the clamped sums go to rowsum (float32, rows values) unless
+ * it is NULL. Returns 0, or 1 for another power (nothing written). */
 #define POLY_ROWS(NAME, T, ROW)                                                                                  \
-    int NAME(const T *s, T *out, float *rowsum, int64_t rows, int64_t N, int power, float eps, int threads) {    \
+    int NAME(const T *s, T *out, float *rowsum, int64_t rows, int64_t N, int power, float eps, int threads,      \
+             int normalise) {                                                                                   \
         (void)threads;                                                                                          \
         if (power != 2 && power != 4) return 1;                                                                 \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
         for (int64_t r = 0; r < rows; ++r) {                                                                    \
-            const float sum = ROW(s + r * N, out + r * N, N, power, eps);                                       \
+            const float sum = ROW(s + r * N, out + r * N, N, power, eps, normalise);                            \
             if (rowsum) rowsum[r] = sum;                                                                        \
         }                                                                                                       \
         return 0;                                                                                               \
@@ -293,3 +491,31 @@ int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uin
 
 POLY_ROWS(polynext_poly_rows_f32, float, poly_row_f32)
 POLY_ROWS(polynext_poly_rows_bf16, uint16_t, poly_row_bf16)
+
+/* The polynomial attention's backward (ops/poly_attention.py), for rows x N scores S recomputed from Q and K:
+ *
+ *   polynext_poly_prep_*:  A = (S + 1)^p written over S (divided by rowsum[r] where rowsum is not NULL: the
+ *                          normalised weights that the bfloat16 path multiplies), and (S + 1)^(p-1) into p3
+ *                          (float32), in one pass where PyTorch makes four;
+ *   polynext_poly_ds_*:    dL/dS = (dL/dA + d[r]) (S + 1)^(p-1) written over dL/dA, in one pass where PyTorch
+ *                          makes two (four in bfloat16, with the conversions).
+ *
+ * The same float32 products in the same order as PyTorch's operators (bfloat16 values converted as loaded and
+ * rounded once as stored). Return 0, or 1 for a power other than 2 or 4 (nothing written). */
+#define POLY_BACKWARD(PREP, DS, T, PREP_ROW, DS_ROW)                                                             \
+    int PREP(T *s, float *p3, const float *rowsum, int64_t rows, int64_t N, int power, int threads) {            \
+        (void)threads;                                                                                          \
+        if (power != 2 && power != 4) return 1;                                                                 \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+        for (int64_t r = 0; r < rows; ++r) PREP_ROW(s + r * N, p3 + r * N, N, power, rowsum ? rowsum + r : NULL); \
+        return 0;                                                                                               \
+    }                                                                                                           \
+    int DS(T *da, const float *p3, const float *d, int64_t rows, int64_t N, int threads) {                       \
+        (void)threads;                                                                                          \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+        for (int64_t r = 0; r < rows; ++r) DS_ROW(da + r * N, p3 + r * N, N, d[r]);                            \
+        return 0;                                                                                               \
+    }
+
+POLY_BACKWARD(polynext_poly_prep_f32, polynext_poly_ds_f32, float, poly_prep_f32, poly_ds_f32)
+POLY_BACKWARD(polynext_poly_prep_bf16, polynext_poly_ds_bf16, uint16_t, poly_prep_bf16, poly_ds_bf16)
