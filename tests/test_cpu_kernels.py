@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import polynext  # noqa: F401  (registers the models)
 from polynext.ops import channel_norm as cn
 from polynext.ops import cpu_kernels as ck
+from polynext.ops import flip_product as fp
 from polynext.ops.fused import fusion
 
 from conftest import subprocess_env
@@ -394,9 +395,14 @@ def test_training_takes_the_kernels_with_autograd(product, monkeypatch):
 
 @needs_cc
 def test_model_gradients_with_the_kernels(monkeypatch):
-    """A whole fp32 training step of apolynext_t (PolyConv and PolyAttn stages, every norm through the kernels):
-    the loss and every parameter's gradient equal those with PyTorch's norms (float32 rounding)."""
+    """A whole fp32 training step of apolynext_t (PolyConv and PolyAttn stages, every norm and PolyConv product
+    through the kernels): the loss and every parameter's gradient equal those with PyTorch's operators (float32
+    rounding)."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    monkeypatch.setattr(fp, 'MIN_NUMEL', 0)
+    calls = []
+    real = fp._flip_mul
+    monkeypatch.setattr(fp, '_flip_mul', lambda a, b: calls.append(a.shape) or real(a, b))
     torch.manual_seed(0)
     model = timm.create_model('apolynext_t', init_channels=16, num_classes=10, cells=(1, 1, 1, 1))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
@@ -407,6 +413,8 @@ def test_model_gradients_with_the_kernels(monkeypatch):
             loss = model(x).square().mean()
             loss.backward()
         results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    n_conv = sum(isinstance(m, polynext.models.polynext.PolyConv) for m in model.modules())
+    assert len(calls) == n_conv > 0
     assert abs(results[True][0] - results[False][0]) <= 1e-5 * abs(results[False][0])
     for n, g_ref in results[False][1].items():
         assert (results[True][1][n] - g_ref).abs().max() <= 1e-4 * max(g_ref.abs().max().item(), 1e-6), n
@@ -488,3 +496,65 @@ def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
     for a, b, r in zip(ours, theirs, ref):
         scale = r.abs().max()
         assert (a - r).abs().max() <= tol * scale and (b - r).abs().max() <= tol * scale
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_flip_product_kernels_in_every_code_path(march, tmp_path):
+    """y = a ⊙ flip_c(b) and its backward (dL/da = g ⊙ flip_c(b), dL/db = flip_c(g ⊙ a)) on channels-last rows of
+    every length: bit for bit PyTorch's expression, float32 and bfloat16 (one product, one rounding)."""
+    if march is None:
+        lib = ck.library()
+    else:
+        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
+            pytest.skip('an x86-64 variant this CPU cannot run')
+        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    gen = torch.Generator().manual_seed(0)
+    for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
+        for c in (1, 7, 16, 33, 48, 216):
+            a, b, g = ((torch.randn(2, c, 5, 3, generator=gen) * 3).to(dtype).contiguous(
+                memory_format=torch.channels_last) for _ in range(3))
+            y, da, db = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+            assert getattr(lib, f'polynext_flip_mul_{suffix}')(a.data_ptr(), b.data_ptr(), y.data_ptr(), 30, c, 2) == 0
+            assert getattr(lib, f'polynext_flip_mul_backward_{suffix}')(
+                g.data_ptr(), a.data_ptr(), b.data_ptr(), da.data_ptr(), db.data_ptr(), 30, c, 2) == 0
+            assert torch.equal(y, a * b.flip(1))
+            assert torch.equal(da, g * b.flip(1)) and torch.equal(db, (g * a).flip(1))
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_polyconv_takes_the_flip_product(dtype, monkeypatch):
+    """PolyConv's product in training (and at inference that does not fuse) is the kernels' autograd function,
+    with values and gradients bit-identical to ``a * b.flip(1)``; the ablations' interactions, NCHW tensors,
+    float64 and ``kernels(False)`` take the expression."""
+    monkeypatch.setattr(fp, 'MIN_NUMEL', 0)
+    calls = []
+    real = fp._flip_mul
+    monkeypatch.setattr(fp, '_flip_mul', lambda a, b: calls.append(a.dtype) or real(a, b))
+    gen = torch.Generator().manual_seed(0)
+    a0, b0, g = ((torch.randn(2, 12, 6, 6, generator=gen)).to(dtype).contiguous(memory_format=torch.channels_last)
+                 for _ in range(3))
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    y = fp.flip_product(a, b)
+    assert type(y.grad_fn).__name__ == '_FlipProductFunctionBackward' and calls == [dtype]
+    y.backward(g)
+    a2, b2 = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    (a2 * b2.flip(1)).backward(g)
+    assert torch.equal(y, a0 * b0.flip(1)) and torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+    with ck.kernels(False):
+        fp.flip_product(a, b)
+    fp.flip_product(a0.contiguous(), b0.contiguous())                       # NCHW
+    fp.flip_product(a0.double(), b0.double())
+    assert len(calls) == 1
+    torch.manual_seed(0)
+    model = timm.create_model('cpolynext_t', init_channels=16, num_classes=10, cells=(1, 1, 1, 1))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        model(x).sum().backward()
+    n_conv = sum(isinstance(m, polynext.models.polynext.PolyConv) for m in model.modules())
+    assert len(calls) == 1 + n_conv and set(calls[1:]) == {dtype}
+    ablated = timm.create_model('cpolynext_t', init_channels=16, num_classes=10, cells=(1, 1, 1, 1),
+                                product_op='add')
+    ablated(x).sum().backward()
+    assert len(calls) == 1 + n_conv

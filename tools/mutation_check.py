@@ -76,7 +76,7 @@ class Mutation:
 MUTATIONS: Tuple[Mutation, ...] = (
     # ---- the architecture -----------------------------------------------------------------
     Mutation('polyconv-flip-removed', 'PolyConv: the fine branch is not channel-reversed before the product',
-             MODEL, 'fine = self.fine(u).flip(1)', 'fine = self.fine(u)'),
+             MODEL, 'y = conv_mul(u, fine.flip(1), self.coarse)', 'y = conv_mul(u, fine, self.coarse)'),
     Mutation('attn-power-2', 'PolyAttn: power 2 instead of 4 ((s·QKᵀ+1)^2)',
              MODEL, "spatial_size: Optional[Tuple[int, int]] = None, power: int = 4,",
              "spatial_size: Optional[Tuple[int, int]] = None, power: int = 2,"),

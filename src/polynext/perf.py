@@ -184,11 +184,12 @@ _ELEMENTWISE_OPS = {'aten::mul', 'aten::mul_', 'aten::add', 'aten::add_', 'aten:
                     'aten::neg_', 'aten::clamp', 'aten::clamp_', 'aten::clamp_min', 'aten::clamp_min_',
                     'aten::where', 'aten::gelu', 'aten::gelu_backward', 'aten::relu', 'aten::relu_',
                     'aten::threshold_backward', 'aten::sigmoid_backward', 'aten::exp', 'aten::lerp_',
-                    'aten::mean', 'aten::sum', 'aten::var_mean', 'aten::rand_like', 'aten::lt', 'aten::addcdiv_'}
+                    'aten::mean', 'aten::sum', 'aten::var_mean', 'aten::rand_like', 'aten::lt', 'aten::addcdiv_',
+                    'polynext::flip_mul', 'polynext::flip_mul_backward'}
 _BACKWARD = 'autograd::engine::evaluate_function: '
 _BACKWARD_NAMES = (  # custom autograd functions and generic nodes, by name
     ('PolyAttention', 'attention'), ('FlexAttention', 'attention'), ('ScaledDotProduct', 'attention'),
-    ('Softmax', 'attention'), ('Bmm', 'attention'), ('HalvesProduct', 'elementwise'),
+    ('Softmax', 'attention'), ('Bmm', 'attention'), ('HalvesProduct', 'elementwise'), ('FlipProduct', 'elementwise'),
     ('NativeLayerNorm', 'norms'), ('ChannelNorm', 'norms'), ('NativeGroupNorm', 'norms'), ('NativeBatchNorm', 'norms'),
     ('AccumulateGrad', 'other'), ('Mm', 'other'), ('Addmm', 'other'), ('NllLoss', 'other'),
     ('LogSoftmax', 'other'), ('Mean', 'other'),

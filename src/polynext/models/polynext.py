@@ -43,6 +43,7 @@ from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
 from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_norm_nchw
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
+from ..ops.flip_product import flip_product
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
 from ..ops.poly_attention import poly_attention
@@ -426,11 +427,13 @@ class PolyConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.pw_in(x)
-        fine = self.fine(u).flip(1)
-        if self.product.is_product and can_fuse(u, fine):   # inference: the product is the coarse conv's post-op
-            y = conv_mul(u, fine, self.coarse)
-        else:
-            y = self.product(depthwise_conv2d(u, self.coarse), fine)
+        fine = self.fine(u)
+        if not self.product.is_product:                     # the ablations' interactions
+            y = self.product(depthwise_conv2d(u, self.coarse), fine.flip(1))
+        elif can_fuse(u, fine):                             # CPU inference: the product is the coarse conv's post-op
+            y = conv_mul(u, fine.flip(1), self.coarse)
+        else:                                               # the reversal read in the product's pass (CPU kernel)
+            y = flip_product(depthwise_conv2d(u, self.coarse), fine)
         return self.pw_out(self.dw_out(y))
 
 

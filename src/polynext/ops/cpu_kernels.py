@@ -3,7 +3,8 @@
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
 product and PolyConv's residual in the same pass; in float32 training with its backward) and
 ``ops.poly_attention`` (the polynomial attention's power and row normalisation at bfloat16 inference; in training,
-float32 and bfloat16, the power with the row sums, the backward's recomputation and dL/dS). Each replaces several
+float32 and bfloat16, the power with the row sums, the backward's recomputation and dL/dS) and
+``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
@@ -125,6 +126,12 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     for fn in (lib.polynext_poly_ds_f32, lib.polynext_poly_ds_bf16):
         fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_flip_mul_f32, lib.polynext_flip_mul_bf16):
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_flip_mul_backward_f32, lib.polynext_flip_mul_backward_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp

@@ -30,7 +30,15 @@
  *    stores each row's mean and 1/std, and polynext_channel_norm_backward_f32 gives the gradients from them
  *    (with the product of halves: the gradients of both halves); the attention's forward writes (S + 1)^p and
  *    the row sums in one pass (polynext_poly_rows_* without normalising), and its backward recomputes A and
- *    (S + 1)^(p-1) in one pass (polynext_poly_prep_*) and forms dL/dS in another (polynext_poly_ds_*). */
+ *    (S + 1)^(p-1) in one pass (polynext_poly_prep_*) and forms dL/dS in another (polynext_poly_ds_*).
+ *
+ * 4. polynext_flip_mul_*: PolyConv's product of its coarse branch with its channel-reversed fine branch, on
+ *    channels-last rows of C values, and its backward:
+ *
+ *        y[r, c] = a[r, c] * b[r, C-1-c];   da[r, c] = g[r, c] * b[r, C-1-c],  db[r, C-1-c] = g[r, c] * a[r, c]
+ *
+ *    PyTorch writes the reversed copy of b first (and in the backward reverses the product g * a): three
+ *    passes more than these. Plain loops, which the compiler vectorises with lane permutes. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -519,3 +527,35 @@ POLY_ROWS(polynext_poly_rows_bf16, uint16_t, poly_row_bf16)
 
 POLY_BACKWARD(polynext_poly_prep_f32, polynext_poly_ds_f32, float, poly_prep_f32, poly_ds_f32)
 POLY_BACKWARD(polynext_poly_prep_bf16, polynext_poly_ds_bf16, uint16_t, poly_prep_bf16, poly_ds_bf16)
+
+/* y = a * flip(b) and its backward, per row of C (see 4. above); bfloat16 products computed in float32 and
+ * rounded once, as PyTorch's bfloat16 multiplication does. */
+#define FLIP_MUL(NAME, BWD, T, TO_F32, FROM_F32)                                                                 \
+    int NAME(const T *a, const T *b, T *y, int64_t rows, int64_t C, int threads) {                              \
+        (void)threads;                                                                                          \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+        for (int64_t r = 0; r < rows; ++r) {                                                                    \
+            const T *ar = a + r * C, *br = b + r * C + C - 1;                                                   \
+            T *yr = y + r * C;                                                                                  \
+            for (int64_t c = 0; c < C; ++c) yr[c] = FROM_F32(TO_F32(ar[c]) * TO_F32(br[-c]));                   \
+        }                                                                                                       \
+        return 0;                                                                                               \
+    }                                                                                                           \
+    int BWD(const T *g, const T *a, const T *b, T *da, T *db, int64_t rows, int64_t C, int threads) {           \
+        (void)threads;                                                                                          \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+        for (int64_t r = 0; r < rows; ++r) {                                                                    \
+            const T *gr = g + r * C, *ar = a + r * C, *br = b + r * C + C - 1;                                  \
+            T *dar = da + r * C, *dbr = db + r * C + C - 1;                                                     \
+            for (int64_t c = 0; c < C; ++c) {                                                                   \
+                const float gv = TO_F32(gr[c]);                                                                 \
+                dar[c] = FROM_F32(gv * TO_F32(br[-c]));                                                         \
+                dbr[-c] = FROM_F32(gv * TO_F32(ar[c]));                                                         \
+            }                                                                                                   \
+        }                                                                                                       \
+        return 0;                                                                                               \
+    }
+
+static inline float f32_same(float v) { return v; }
+FLIP_MUL(polynext_flip_mul_f32, polynext_flip_mul_backward_f32, float, f32_same, f32_same)
+FLIP_MUL(polynext_flip_mul_bf16, polynext_flip_mul_backward_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
