@@ -183,6 +183,7 @@ def test_models_take_the_kernel_on_the_cpu(name, monkeypatch):
     one of an fp32 training step (out of place: autograd keeps the input); ``fusion(False)`` and
     ``kernels(False)`` do not take it."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    monkeypatch.setattr(cn, 'TRAIN_PLAIN_MIN_NUMEL', 0)
     calls = _count_runs(monkeypatch)
     torch.manual_seed(0)
     model = timm.create_model(name, init_channels=16, num_classes=10, cells=(1, 1, 1, 1)).eval()
@@ -236,6 +237,7 @@ def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     assert prof.classes['norms'].bytes > 0
     torch.manual_seed(0)
     model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
+    monkeypatch.setattr(cn, 'TRAIN_PLAIN_MIN_NUMEL', 0)
     prof = profile_model(model, mode='train', batch_size=2, img_size=64, runs=1, warmup=1)   # fp32 training
     ops = {(cls, op) for cls, op, _ in prof.ops}
     assert {('norms', 'polynext::channel_norm_stats'), ('norms', '_ChannelNormFunctionBackward')} <= ops
@@ -361,6 +363,7 @@ def test_training_takes_the_kernels_with_autograd(product, monkeypatch):
     and the residual equal float64 autograd's; fp64, bf16, ``kernels(False)``, ``torch.func`` transforms and
     tensors that need no gradient take PyTorch's path."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    monkeypatch.setattr(cn, 'TRAIN_PLAIN_MIN_NUMEL', 0)
     calls = _count_runs(monkeypatch)
     c = 40
     x, w, b, r = _case(6 * 7 * 5, c, torch.float32, True, not product, product=product)
@@ -399,6 +402,7 @@ def test_model_gradients_with_the_kernels(monkeypatch):
     through the kernels): the loss and every parameter's gradient equal those with PyTorch's operators (float32
     rounding)."""
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    monkeypatch.setattr(cn, 'TRAIN_PLAIN_MIN_NUMEL', 0)
     monkeypatch.setattr(fp, 'MIN_NUMEL', 0)
     calls = []
     real = fp._flip_mul
@@ -558,3 +562,13 @@ def test_polyconv_takes_the_flip_product(dtype, monkeypatch):
                                 product_op='add')
     ablated(x).sum().backward()
     assert len(calls) == 1 + n_conv
+
+
+def test_small_plain_norms_train_with_pytorch():
+    """In training a plain norm below TRAIN_PLAIN_MIN_NUMEL keeps PyTorch's path (as fast there); the product's
+    and the residual's forms take the kernels from MIN_NUMEL."""
+    x = torch.randn(32, 14, 14, 192, requires_grad=True)
+    w = torch.ones(192, requires_grad=True)
+    assert x.numel() < cn.TRAIN_PLAIN_MIN_NUMEL and not cn.trains(x, w, None, None)
+    assert cn.trains(x, w, None, torch.randn(32, 14, 14, 192)) == (HAS_CC and ck.kernel_available())
+    assert cn.trains(x, torch.ones(96), None, None, product=True) == (HAS_CC and ck.kernel_available())

@@ -55,6 +55,11 @@ _PARAMS = (torch.Tensor, torch.nn.Parameter)
 #: thread pool's wake-up), which the faster rows paid back from about 50,000 values (96 channels) to 110,000
 #: (432 channels) on a 2-core Zen 4 (a throwaway timing)
 MIN_NUMEL = 65536
+#: in training, a plain norm (no product of halves, no residual) takes the kernels from this size: below it, where
+#: the tensors stay in the caches, PyTorch's backward is as fast (forward + backward x0.90-0.93 at 14x14x192 and
+#: 7x7x288, batch 32; x1.18 at 28x28x96, 2.4 million values; ``benchmarks/cpu_kernels.py --mode train``, 2-core
+#: Zen 4); the product's and the residual's forms save whole passes and win at every size measured
+TRAIN_PLAIN_MIN_NUMEL = 1 << 21
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
@@ -161,7 +166,8 @@ def trains(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
         if c % 2:
             return False
         numel, c = numel // 2, c // 2
-    if numel < MIN_NUMEL or c > _MAX_C or not x.is_contiguous():
+    if numel < (MIN_NUMEL if product or residual is not None else TRAIN_PLAIN_MIN_NUMEL) or c > _MAX_C \
+            or not x.is_contiguous():
         return False
     tensors = [x, weight] + [t for t in (bias, residual) if t is not None]
     if not any(t.requires_grad for t in tensors):
