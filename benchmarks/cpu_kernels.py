@@ -195,8 +195,14 @@ def main(argv=None) -> int:
                     times = time_interleaved(steps, args.runs)
             if train:
                 times = time_interleaved(steps, args.runs)
+            import polynext.ops.channel_norm as cn
+            if train:   # whether the polynext column runs the kernels (small plain norms train with PyTorch's)
+                kernel = cn.trains(z.detach().requires_grad_(), w, b, r, product)
+            else:
+                with torch.inference_mode():
+                    kernel = cn.applies(z, w, b, r, product)
             row = dict(model=name, shape=list(shape), bias=has_bias, residual=has_res, product=product,
-                       dtype=args.dtype, mode=args.mode)
+                       dtype=args.dtype, mode=args.mode, kernel=kernel)
             for k in steps:
                 ms = _median_ms(times[k])
                 row[f'{k}_ms'] = round(ms, 4)
@@ -207,7 +213,8 @@ def main(argv=None) -> int:
             cols = '  '.join(f"{k} {row[f'{k}_ms']:7.3f} ms {row[f'{k}_gb_per_s']:5.1f} GB/s" for k in steps)
             kind = '+res' if has_res else 'a*b ' if product else '    '
             print(f"{name:12s} {str(list(shape)):20s} {kind}  {cols}  "
-                  f"x{row['speedup_vs_aten']:.2f}  fp64 diff ours {errs['polynext']:.1e} aten {errs['aten']:.1e}",
+                  f"x{row['speedup_vs_aten']:.2f}  fp64 diff ours {errs['polynext']:.1e} aten {errs['aten']:.1e}"
+                  f"{'' if kernel else '  (PyTorch in both columns: below the kernel size)'}",
                   flush=True)
 
     # 2. per model

@@ -572,3 +572,25 @@ def test_small_plain_norms_train_with_pytorch():
     assert x.numel() < cn.TRAIN_PLAIN_MIN_NUMEL and not cn.trains(x, w, None, None)
     assert cn.trains(x, w, None, torch.randn(32, 14, 14, 192)) == (HAS_CC and ck.kernel_available())
     assert cn.trains(x, torch.ones(96), None, None, product=True) == (HAS_CC and ck.kernel_available())
+
+
+@needs_cc
+def test_the_kernels_benchmark_in_train_mode(tmp_path, capsys):
+    """``benchmarks/cpu_kernels.py --mode train`` at a tiny size: per-layer forward + backward rows with their float64
+    gradient differences and whether the kernel ran, a whole-step A/B, and the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        'cpu_kernels_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'cpu_kernels.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'train.json'
+    assert bench.main(['cpolynext_t', '--mode', 'train', '--batch-size', '2', '--img-size', '64', '--runs', '1',
+                       '--json', str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data['mode'] == 'train' and data['models'][0]['mode'] == 'train' and data['models'][0]['speedup'] > 0
+    assert len(data['layers']) == 12 and all(r['mode'] == 'train' for r in data['layers'])
+    assert all(r['polynext_max_abs_diff_fp64'] < 1e-3 and r['aten_max_abs_diff_fp64'] < 1e-3 for r in data['layers'])
+    assert not any(r['kernel'] for r in data['layers'])   # 2 images of 64 px: every norm under the kernel's size
+    assert 'training step, fp32' in capsys.readouterr().out
