@@ -352,6 +352,17 @@ def test_backward_kernel_in_every_code_path(march, tmp_path):
         assert dx.shape == x.shape and dw.shape == (c,)
         assert _close(y, y_ref) and _close(dx, dx_ref) and _close(dw, dw_ref)
         assert (db.numel() == 0) if not bias else _close(db, db_ref)
+        # bfloat16 rows and gradients with float32 parameters (bf16 autocast training): float32 arithmetic on the
+        # bf16 values, each result rounded once; the parameters' gradients summed in float32
+        x16, g16 = x.bfloat16(), g.bfloat16()
+        r16 = None if r is None else r.bfloat16()
+        y16 = torch.empty(301, c, dtype=torch.bfloat16)
+        cn._run(x16, w, b, r16, y16, 1e-5, lib=lib, product=product, stats=stats)
+        dx16, dw16, db16 = cn._channel_norm_backward(g16, x16, w, stats, bias, product, lib=lib)
+        y_ref, dx_ref, dw_ref, db_ref = _norm_grads(x16, w, b, r16, g16, product)
+        assert dx16.dtype == torch.bfloat16 and dw16.dtype == torch.float32
+        assert _close(y16, y_ref, 2 ** -7) and _close(dx16, dx_ref, 2 ** -7) and _close(dw16, dw_ref)
+        assert (db16.numel() == 0) if not bias else _close(db16, db_ref)
     assert lib.polynext_channel_norm_backward_f32(None, None, None, None, None, None, None, 1, 5000, 1, 0) == 1
 
 
@@ -594,3 +605,39 @@ def test_the_kernels_benchmark_in_train_mode(tmp_path, capsys):
     assert all(r['polynext_max_abs_diff_fp64'] < 1e-3 and r['aten_max_abs_diff_fp64'] < 1e-3 for r in data['layers'])
     assert not any(r['kernel'] for r in data['layers'])   # 2 images of 64 px: every norm under the kernel's size
     assert 'training step, fp32' in capsys.readouterr().out
+
+
+@needs_cc
+def test_bf16_autocast_training_takes_the_norm_kernels(monkeypatch):
+    """Under CPU bf16 autocast (``layer_norm`` in the input's dtype, the parameters float32) every norm of a training
+    step runs the kernels, bfloat16 in and out: values and gradients within bf16's rounding of float64, and the
+    weight's gradient within 1e-5 of float64's, where PyTorch's own bf16 backward is off by percents."""
+    monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
+    calls = _count_runs(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(20000, 48, generator=gen) * 2 + 0.5).bfloat16()
+    w0 = torch.randn(48, generator=gen) * 0.5 + 1
+    g = torch.randn(20000, 48, generator=gen).bfloat16()
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = cn.channel_layer_norm(x, (48,), w, None, 1e-5)
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ == '_ChannelNormFunctionBackward'
+    y.backward(g)
+    y_ref, dx_ref, dw_ref, _ = _norm_grads(x0, w0, None, None, g, False)
+    assert _close(y, y_ref, 2 ** -7) and _close(x.grad, dx_ref, 2 ** -7) and _close(w.grad, dw_ref, 1e-5)
+    with ck.kernels(False), torch.autocast('cpu', dtype=torch.bfloat16):   # PyTorch's bf16 weight gradient
+        x2, w2 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        F.layer_norm(x2, (48,), w2, None, 1e-5).backward(g)
+    assert not _close(w2.grad, dw_ref, 1e-3)
+    # a whole bf16 autocast training step of cpolynext_t: every LayerNorm through the kernels (the cells' merge
+    # norms see the float32 stream: the float32 kernels)
+    monkeypatch.setattr(cn, 'TRAIN_PLAIN_MIN_NUMEL', 0)
+    calls.clear()
+    torch.manual_seed(0)
+    model = timm.create_model('cpolynext_t', init_channels=16, num_classes=10, cells=(1, 1, 1, 1))
+    xb = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = model(xb).float().square().mean()
+    loss.backward()
+    n_norms = sum(isinstance(m, polynext.models.polynext.LayerNorm2d) for m in model.modules())
+    assert len(calls) == n_norms and all(torch.isfinite(p.grad).all() for p in model.parameters())

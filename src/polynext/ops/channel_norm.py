@@ -33,8 +33,10 @@ reads a row of the output's gradient and of the input into L1 and writes the inp
 product of halves, the gradients of both halves), the weight's and bias's gradients summed from per-thread partial
 sums. PyTorch's path there is the product, ``layer_norm`` and the addition forward, and ``layer_norm``'s backward
 and the product's backward: five passes over the tensors for the kernels' two. Gradients equal float64 autograd's
-as closely as PyTorch's (tested); bfloat16 autocast training keeps PyTorch's path (autocast runs ``layer_norm`` in
-float32 on a bfloat16 input, which the kernel does not take).
+as closely as PyTorch's (tested). In bfloat16 autocast training (CPU autocast runs ``layer_norm`` in the input's
+dtype, bfloat16, with the float32 parameters) the kernels read and write bfloat16 and compute in float32; there
+PyTorch's own backward sums the weight's gradient with an error that grows with the rows (1 % of its largest value
+at 100 rows, 21 % at 100,000, against float64; torch 2.14.1), the kernels' within 1e-5 (tested).
 """
 from __future__ import annotations
 
@@ -55,10 +57,11 @@ _PARAMS = (torch.Tensor, torch.nn.Parameter)
 #: thread pool's wake-up), which the faster rows paid back from about 50,000 values (96 channels) to 110,000
 #: (432 channels) on a 2-core Zen 4 (a throwaway timing)
 MIN_NUMEL = 65536
-#: in training, a plain norm (no product of halves, no residual) takes the kernels from this size: below it, where
-#: the tensors stay in the caches, PyTorch's backward is as fast (forward + backward x0.90-0.93 at 14x14x192 and
-#: 7x7x288, batch 32; x1.18 at 28x28x96, 2.4 million values; ``benchmarks/cpu_kernels.py --mode train``, 2-core
-#: Zen 4); the product's and the residual's forms save whole passes and win at every size measured
+#: in float32 training, a plain norm (no product of halves, no residual) takes the kernels from this size: below
+#: it, where the tensors stay in the caches, PyTorch's backward is as fast (forward + backward x0.90-0.93 at
+#: 14x14x192 and 7x7x288, batch 32; x1.18 at 28x28x96, 2.4 million values; ``benchmarks/cpu_kernels.py --mode
+#: train``, 2-core Zen 4); the product's and the residual's forms save whole passes and win at every size measured,
+#: and so do bfloat16 ones (x1.13-1.71 from 7x7x384 to 14x14x192, a throwaway timing)
 TRAIN_PLAIN_MIN_NUMEL = 1 << 21
 
 
@@ -66,7 +69,10 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], re
          out: torch.Tensor, eps: float, lib: Optional[ctypes.CDLL] = None, product: bool = False,
          stats: Optional[torch.Tensor] = None) -> None:
     lib = lib or library()
-    fn = lib.polynext_channel_norm_f32 if x.dtype == torch.float32 else lib.polynext_channel_norm_bf16
+    if x.dtype == torch.float32:
+        fn = lib.polynext_channel_norm_f32
+    else:   # bfloat16 rows, with bfloat16 parameters (a bf16 model) or float32 ones (bf16 autocast training)
+        fn = lib.polynext_channel_norm_bf16 if weight.dtype == torch.bfloat16 else lib.polynext_channel_norm_bf16_w32
     c = out.shape[-1]
     status = fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                 None if residual is None else residual.data_ptr(), out.data_ptr(),
@@ -106,12 +112,14 @@ def _channel_norm_backward(grad, x, weight, stats, bias, product, lib=None):
     threads = torch.get_num_threads()
     dx = torch.empty_like(x)
     parts = x.new_zeros((2 if bias else 1, threads, c), dtype=torch.float32)
-    status = (lib or library()).polynext_channel_norm_backward_f32(
+    lib = lib or library()
+    fn = lib.polynext_channel_norm_backward_f32 if x.dtype == torch.float32 else lib.polynext_channel_norm_backward_bf16
+    status = fn(
         grad.data_ptr(), x.data_ptr(), weight.data_ptr(), stats.data_ptr(), dx.data_ptr(), parts[0].data_ptr(),
         parts[1].data_ptr() if bias else None, grad.numel() // c, c, threads, int(product))
     if status != 0:
         raise RuntimeError(f'polynext::channel_norm_backward: {c} channels is more than the kernel takes ({_MAX_C})')
-    sums = parts.sum(1)
+    sums = parts.sum(1).to(weight.dtype)
     return dx, sums[0], sums[1] if bias else sums.new_empty(0)
 
 
@@ -147,7 +155,7 @@ class _ChannelNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, stats = ctx.saved_tensors
-        grad = grad.contiguous()
+        grad = grad.to(x.dtype).contiguous()
         if profiling():
             dx, dw, db = torch.ops.polynext.channel_norm_backward(grad, x, weight, stats, ctx.bias, ctx.product)
         else:
@@ -157,30 +165,32 @@ class _ChannelNormFunction(torch.autograd.Function):
 
 def trains(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            residual: Optional[torch.Tensor], product: bool = False) -> bool:
-    """Whether the kernels compute ``channel_layer_norm`` of these arguments with autograd (float32 training in
-    eager mode on the CPU, the kernels on): the training counterpart of :func:`applies`."""
-    if weight is None or x.dtype != torch.float32 or type(x) is not torch.Tensor or not torch.is_grad_enabled():
+    """Whether the kernels compute ``channel_layer_norm`` of these arguments with autograd (training in eager mode
+    on the CPU, the kernels on): float32 rows, or bfloat16 ones with float32 parameters (bf16 autocast training,
+    where PyTorch's ``layer_norm`` also computes in float32 and returns bfloat16); the training counterpart of
+    :func:`applies`."""
+    if weight is None or type(x) is not torch.Tensor or not torch.is_grad_enabled() or x.dtype not in _DTYPES:
         return False
     numel, c = x.numel(), x.shape[-1]
     if product:
         if c % 2:
             return False
         numel, c = numel // 2, c // 2
-    if numel < (MIN_NUMEL if product or residual is not None else TRAIN_PLAIN_MIN_NUMEL) or c > _MAX_C \
-            or not x.is_contiguous():
+    plain = not product and residual is None and x.dtype == torch.float32
+    if numel < (TRAIN_PLAIN_MIN_NUMEL if plain else MIN_NUMEL) or c > _MAX_C or not x.is_contiguous():
         return False
     tensors = [x, weight] + [t for t in (bias, residual) if t is not None]
     if not any(t.requires_grad for t in tensors):
         return False
     for t in (weight, bias):
-        if t is not None and (t.dim() != 1 or t.shape[0] != c or not t.is_contiguous()):
+        if t is not None and (t.dim() != 1 or t.shape[0] != c or not t.is_contiguous() or t.dtype != torch.float32
+                              or t.device.type != 'cpu' or type(t) not in _PARAMS):
             return False
     if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != c
                                  or not residual.is_contiguous()):
         return False
     from .fused import eager_cpu
-    return eager_cpu(*(t.detach() if isinstance(t, torch.nn.Parameter) else t for t in tensors)) \
-        and kernel_available()
+    return eager_cpu(*((x,) if residual is None else (x, residual))) and kernel_available()
 
 
 def applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -227,6 +237,9 @@ def channel_layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight:
         return _channel_norm(x, weight, bias, residual, eps, product)
     if len(normalized_shape) == 1 and trains(x, weight, bias, residual, product):
         return _ChannelNormFunction.apply(x, weight, bias, residual, eps, product)
+    if len(normalized_shape) == 1 and residual is not None and residual.dtype != x.dtype \
+            and trains(x, weight, bias, None, product):   # bf16 autocast: a bf16 norm added to the float32 stream
+        return _ChannelNormFunction.apply(x, weight, bias, None, eps, product).add_(residual)
     if product:
         a, b = x.chunk(2, dim=-1)
         x = a * b

@@ -112,12 +112,12 @@ def build(compiler: str, openmp: bool, march: str = 'native', folder: Optional[P
 def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    for fn in (lib.polynext_channel_norm_f32, lib.polynext_channel_norm_bf16):
+    for fn in (lib.polynext_channel_norm_f32, lib.polynext_channel_norm_bf16, lib.polynext_channel_norm_bf16_w32):
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
-    lib.polynext_channel_norm_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int,
-                                                       ctypes.c_int]
-    lib.polynext_channel_norm_backward_f32.restype = ctypes.c_int
+    for fn in (lib.polynext_channel_norm_backward_f32, lib.polynext_channel_norm_backward_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
     for fn in (lib.polynext_poly_rows_f32, lib.polynext_poly_rows_bf16):
         fn.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int

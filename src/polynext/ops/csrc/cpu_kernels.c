@@ -44,6 +44,11 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+static inline int64_t thread_id(void) { return omp_get_thread_num(); }
+static inline int64_t thread_count(void) { return omp_get_num_threads(); }
+#else
+static inline int64_t thread_id(void) { return 0; }
+static inline int64_t thread_count(void) { return 1; }
 #endif
 
 #define MAX_C 4096
@@ -160,6 +165,7 @@ ROW_KERNEL(row_bf16, uint16_t, get_bf16, load_bf16, store_bf16)
 ROW_KERNEL(row_prod_f32, float, prod_f32, load_f32, store_f32)
 ROW_KERNEL(row_prod_bf16, uint16_t, prod_bf16, load_bf16, store_bf16)
 
+
 static inline __m512 poly_pow(__m512 s, int power) {   /* (s + 1)^power, power 2 or 4 */
     __m512 p = _mm512_add_ps(s, _mm512_set1_ps(1.f));
     p = _mm512_mul_ps(p, p);
@@ -242,8 +248,8 @@ POLY_ROW(poly_row_bf16, uint16_t, load_bf16, store_bf16)
 
 /* One row of the norm's backward (polynext_channel_norm_backward_f32): the two sums over the row, then dx and
  * the weight's (and bias's) partial sums; both passes read the row from L1. */
-#define BWD_ROW(NAME, PRODUCT)                                                                                   \
-    static inline void NAME(const float *g, const float *x, const float *w, const float *st, float *dx,         \
+#define BWD_ROW(NAME, TX, LOADX, STOREX, PRODUCT)                                                                \
+    static inline void NAME(const TX *g, const TX *x, const float *w, const float *st, TX *dx,                  \
                             float *dw, float *db, int64_t C) {                                                  \
         const int64_t full = C & ~(int64_t)15;                                                                  \
         const __mmask16 kt = (__mmask16)((1u << (C - full)) - 1u);                                              \
@@ -251,9 +257,9 @@ POLY_ROW(poly_row_bf16, uint16_t, load_bf16, store_bf16)
         __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();                                              \
         for (int64_t c = 0; c < C; c += 16) {   /* masked lanes: g = 0, so they add nothing */                  \
             const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
-            const __m512 z = PRODUCT ? prod_f32(x, C, c, k) : load_f32(x + c, k);                               \
+            const __m512 z = PRODUCT ? _mm512_mul_ps(LOADX(x + c, k), LOADX(x + C + c, k)) : LOADX(x + c, k);   \
             const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(z, mv), rv);                                         \
-            const __m512 gw = _mm512_mul_ps(load_f32(g + c, k), load_f32(w + c, k));                            \
+            const __m512 gw = _mm512_mul_ps(LOADX(g + c, k), load_f32(w + c, k));                               \
             s1 = _mm512_add_ps(s1, gw);                                                                         \
             s2 = _mm512_fmadd_ps(gw, xh, s2);                                                                   \
         }                                                                                                       \
@@ -261,26 +267,28 @@ POLY_ROW(poly_row_bf16, uint16_t, load_bf16, store_bf16)
         const __m512 m2 = _mm512_set1_ps(_mm512_reduce_add_ps(s2) / (float)C);                                  \
         for (int64_t c = 0; c < C; c += 16) {                                                                   \
             const __mmask16 k = c < full ? (__mmask16)0xffff : kt;                                              \
-            const __m512 a = load_f32(x + c, k);                                                                \
-            const __m512 bb = PRODUCT ? load_f32(x + C + c, k) : a;                                             \
+            const __m512 a = LOADX(x + c, k);                                                                   \
+            const __m512 bb = PRODUCT ? LOADX(x + C + c, k) : a;                                                \
             const __m512 z = PRODUCT ? _mm512_mul_ps(a, bb) : a;                                                \
             const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(z, mv), rv);                                         \
-            const __m512 gv = load_f32(g + c, k);                                                               \
+            const __m512 gv = LOADX(g + c, k);                                                                  \
             const __m512 gw = _mm512_mul_ps(gv, load_f32(w + c, k));                                            \
             const __m512 dz = _mm512_mul_ps(rv, _mm512_sub_ps(_mm512_sub_ps(gw, m1), _mm512_mul_ps(xh, m2)));  \
             if (PRODUCT) {                                                                                      \
-                store_f32(dx + c, k, _mm512_mul_ps(dz, bb));                                                    \
-                store_f32(dx + C + c, k, _mm512_mul_ps(dz, a));                                                 \
+                STOREX(dx + c, k, _mm512_mul_ps(dz, bb));                                                       \
+                STOREX(dx + C + c, k, _mm512_mul_ps(dz, a));                                                    \
             } else {                                                                                            \
-                store_f32(dx + c, k, dz);                                                                       \
+                STOREX(dx + c, k, dz);                                                                          \
             }                                                                                                   \
             store_f32(dw + c, k, _mm512_add_ps(load_f32(dw + c, k), _mm512_mul_ps(gv, xh)));                   \
             if (db) store_f32(db + c, k, _mm512_add_ps(load_f32(db + c, k), gv));                              \
         }                                                                                                       \
     }
 
-BWD_ROW(bwd_row_f32, 0)
-BWD_ROW(bwd_row_prod_f32, 1)
+BWD_ROW(bwd_row_f32, float, load_f32, store_f32, 0)
+BWD_ROW(bwd_row_prod_f32, float, load_f32, store_f32, 1)
+BWD_ROW(bwd_row_bf16, uint16_t, load_bf16, store_bf16, 0)
+BWD_ROW(bwd_row_prod_bf16, uint16_t, load_bf16, store_bf16, 1)
 
 #define KERNEL "avx512"
 #else   /* portable loops */
@@ -326,6 +334,7 @@ ROW_PORTABLE(row_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
 ROW_PORTABLE(row_prod_f32, float, f32_id, f32_id, 1)
 ROW_PORTABLE(row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
 
+
 #define POLY_ROW_PORTABLE(NAME, T, TO_F32, FROM_F32)                                                            \
     static inline float NAME(const T *s, T *out, int64_t N, int power, float eps, int normalise) {              \
         float r = 0.f;                                                                                          \
@@ -370,35 +379,39 @@ POLY_DS_PORTABLE(poly_ds_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 POLY_ROW_PORTABLE(poly_row_f32, float, f32_id, f32_id)
 POLY_ROW_PORTABLE(poly_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
-#define BWD_PORTABLE(NAME, PRODUCT)                                                                              \
-    static inline void NAME(const float *g, const float *x, const float *w, const float *st, float *dx,         \
+#define BWD_PORTABLE(NAME, TX, TO_F32, FROM_F32, PRODUCT)                                                        \
+    static inline void NAME(const TX *g, const TX *x, const float *w, const float *st, TX *dx,                  \
                             float *dw, float *db, int64_t C) {                                                  \
-        float xh[MAX_C];                                                                                        \
+        float xh[MAX_C], gf[MAX_C];                                                                             \
         const float m = st[0], rs = st[1];                                                                      \
         float s1 = 0.f, s2 = 0.f;                                                                               \
         for (int64_t c = 0; c < C; ++c) {                                                                       \
-            xh[c] = ((PRODUCT ? x[c] * x[C + c] : x[c]) - m) * rs;                                              \
-            const float gw = g[c] * w[c];                                                                       \
+            xh[c] = ((PRODUCT ? TO_F32(x[c]) * TO_F32(x[C + c]) : TO_F32(x[c])) - m) * rs;                      \
+            gf[c] = TO_F32(g[c]);                                                                               \
+            const float gw = gf[c] * w[c];                                                                      \
             s1 += gw;                                                                                           \
             s2 += gw * xh[c];                                                                                   \
         }                                                                                                       \
         s1 /= (float)C;                                                                                         \
         s2 /= (float)C;                                                                                         \
         for (int64_t c = 0; c < C; ++c) {                                                                       \
-            const float dz = rs * ((g[c] * w[c] - s1) - xh[c] * s2);                                            \
-            if (PRODUCT) {                                                                                      \
-                dx[c] = dz * x[C + c];                                                                          \
-                dx[C + c] = dz * x[c];                                                                          \
+            const float dz = rs * ((gf[c] * w[c] - s1) - xh[c] * s2);                                           \
+            if (PRODUCT) {   /* (x[c] is read before dx[c] is written: dx is another buffer) */                 \
+                const float a = TO_F32(x[c]), bb = TO_F32(x[C + c]);                                            \
+                dx[c] = FROM_F32(dz * bb);                                                                      \
+                dx[C + c] = FROM_F32(dz * a);                                                                   \
             } else {                                                                                            \
-                dx[c] = dz;                                                                                     \
+                dx[c] = FROM_F32(dz);                                                                           \
             }                                                                                                   \
-            dw[c] += g[c] * xh[c];                                                                              \
-            if (db) db[c] += g[c];                                                                              \
+            dw[c] += gf[c] * xh[c];                                                                             \
+            if (db) db[c] += gf[c];                                                                             \
         }                                                                                                       \
     }
 
-BWD_PORTABLE(bwd_row_f32, 0)
-BWD_PORTABLE(bwd_row_prod_f32, 1)
+BWD_PORTABLE(bwd_row_f32, float, f32_id, f32_id, 0)
+BWD_PORTABLE(bwd_row_prod_f32, float, f32_id, f32_id, 1)
+BWD_PORTABLE(bwd_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
+BWD_PORTABLE(bwd_row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
 
 #define KERNEL "portable"
 #endif
@@ -456,27 +469,48 @@ int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uin
  * With `product` the row is the product z = a * b of the two halves of x (rows x 2C), and dx (rows x 2C) gets
  * dz * b and dz * a. PyTorch's layer_norm backward plus the product's make five passes over these tensors;
  * here a row of g and x is read once into L1 and dx written once. The residual's gradient is g itself.
- * dw_part and db_part (threads x C, or db_part NULL) must be zero; returns 0, or 1 if C > MAX_C. */
-int polynext_channel_norm_backward_f32(const float *g, const float *x, const float *w, const float *stats,
-                                       float *dx, float *dw_part, float *db_part, int64_t rows, int64_t C,
-                                       int threads, int product) {
+ * dw_part and db_part (threads x C, or db_part NULL) must be zero; returns 0, or 1 if C > MAX_C. The _bf16 form
+ * takes bfloat16 g and x and writes bfloat16 dx (bf16 autocast training: the weight and its gradient float32). */
+/* (f32: float32 g, x and dx; bf16: bfloat16 ones, as in bf16 autocast training, the weight float32) */
+#define NORM_BACKWARD(NAME, TX, ROW, ROW_PROD)                                                                   \
+    int NAME(const TX *g, const TX *x, const float *w, const float *stats, TX *dx, float *dw_part,            \
+             float *db_part, int64_t rows, int64_t C, int threads, int product) {                               \
+        (void)threads;                                                                                          \
+        if (C > MAX_C) return 1;                                                                                \
+        const int64_t stride = product ? 2 * C : C;                                                             \
+        _Pragma("omp parallel num_threads(threads)")                                                            \
+        {                                                                                                       \
+            const int64_t tid = thread_id(), nt = thread_count();                                               \
+            float *dw = dw_part + tid * C, *db = db_part ? db_part + tid * C : NULL;                            \
+            for (int64_t r = rows * tid / nt; r < rows * (tid + 1) / nt; ++r) {                                 \
+                if (product)                                                                                    \
+                    ROW_PROD(g + r * C, x + r * stride, w, stats + 2 * r, dx + r * stride, dw, db, C);          \
+                else                                                                                            \
+                    ROW(g + r * C, x + r * stride, w, stats + 2 * r, dx + r * stride, dw, db, C);               \
+            }                                                                                                   \
+        }                                                                                                       \
+        return 0;                                                                                               \
+    }
+
+NORM_BACKWARD(polynext_channel_norm_backward_f32, float, bwd_row_f32, bwd_row_prod_f32)
+NORM_BACKWARD(polynext_channel_norm_backward_bf16, uint16_t, bwd_row_bf16, bwd_row_prod_bf16)
+
+/* The bfloat16 forward with float32 weight and bias, as in bf16 autocast training (CPU autocast runs layer_norm in
+ * the input's dtype with the parameters in float32: bfloat16 in and out, computed in float32). */
+int polynext_channel_norm_bf16_w32(const uint16_t *x, const float *w, const float *b, const uint16_t *res,
+                                   uint16_t *y, float *stats, int64_t rows, int64_t C, float eps, int threads,
+                                   int product) {
     (void)threads;
     if (C > MAX_C) return 1;
     const int64_t stride = product ? 2 * C : C;
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int64_t tid = 0, nt = 1;
-#endif
-        float *dw = dw_part + tid * C, *db = db_part ? db_part + tid * C : NULL;
-        for (int64_t r = rows * tid / nt; r < rows * (tid + 1) / nt; ++r) {
-            if (product)
-                bwd_row_prod_f32(g + r * C, x + r * stride, w, stats + 2 * r, dx + r * stride, dw, db, C);
-            else
-                bwd_row_f32(g + r * C, x + r * stride, w, stats + 2 * r, dx + r * stride, dw, db, C);
-        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *rr = res ? res + r * C : NULL;
+        float *st = stats ? stats + 2 * r : NULL;
+        if (product)
+            row_prod_bf16(x + r * stride, w, b, rr, y + r * C, C, eps, st);
+        else
+            row_bf16(x + r * stride, w, b, rr, y + r * C, C, eps, st);
     }
     return 0;
 }
