@@ -11,7 +11,8 @@
 
    with the bytes the one pass moves (each input read once, the result written once) per second, and each
    one's largest difference from float64.
-   With ``--mode train`` (float32): the same layers forward and backward (the gradients of the input, the weight
+   With ``--mode train``: the same layers forward and backward (``--dtype bf16``: bf16 rows under CPU autocast,
+   the parameters float32, as a bf16 training step runs them) (the gradients of the input, the weight
    and the residual, from one fixed output gradient), ``aten`` as autograd runs PyTorch's operators against
    polynext's kernels and their backward; no ``inductor`` column.
 2. Per model: inference of the whole model (``polynext bench``'s step: the model and the input in the dtype,
@@ -19,8 +20,8 @@
    LayerNorms, with PolyMLP's product and PolyConv's residual, and the attention's power and normalisation),
    interleaved, and the largest logit difference between the two. With ``--mode train``: ``polynext bench``'s
    training step (forward, loss, backward, AdamW; bf16 under autocast) with the kernels on and off (in training
-   the norms' forward and backward in float32, the attention's power, row sums, recomputation and dL/dS in
-   float32 and bfloat16).
+   the norms' forward and backward, the attention's power, row sums, recomputation and dL/dS, and PolyConv's
+   flip product, in float32 and bfloat16).
 
 Prints two tables and writes JSON; the speed ratios depend on the CPU, which the JSON names.
 
@@ -87,8 +88,9 @@ def _train_steps(z, w, r, gen):
         c = weight.shape[0]
         return channel_layer_norm(x, (c,), weight, None, 1e-6, residual=residual, product=x.shape[-1] != c)
 
-    def step(fn, tensors):
-        out = fn(*tensors)
+    def step(fn, tensors):   # bf16 rows as in bf16 autocast training: the parameters float32
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=tensors[0].dtype == torch.bfloat16):
+            out = fn(*tensors)
         return torch.autograd.grad(out, tensors, grad.to(out.dtype))
 
     ref = step(aten, [t.detach().double().requires_grad_() for t in leaves])
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     train = args.mode == 'train'
     print(f"{environment(torch.device('cpu'))['device_name']}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"{args.mode}; kernel: {info['code']}, OpenMP {info['openmp']}", flush=True)
-    if train:   # the training norms are float32 (under bf16 autocast, layer_norm runs in float32 on its own)
+    if train:   # no inductor column (its training graphs take minutes to build)
         args.no_inductor = True
 
     # 1. per layer
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
         import torch._dynamo.config as dynamo_config
         limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') else 'cache_size_limit'
         setattr(dynamo_config, limit, 256)
-    for name in (args.models if not (train and dtype != torch.float32) else []):
+    for name in args.models:
         model = timm.create_model(name).eval()
         x0 = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
         for shape, has_bias, has_res, product in norm_shapes(model, x0):
@@ -163,8 +165,9 @@ def main(argv=None) -> int:
             done.add((shape, has_bias, has_res, product))
             c = shape[-1] // 2 if product else shape[-1]
             z = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
-            w = (torch.randn(c, generator=gen) * 0.5 + 1).to(dtype)
-            b = torch.randn(c, generator=gen).to(dtype) if has_bias else None
+            pdtype = torch.float32 if train else dtype   # training: float32 parameters (bf16: under autocast)
+            w = (torch.randn(c, generator=gen) * 0.5 + 1).to(pdtype)
+            b = torch.randn(c, generator=gen).to(pdtype) if has_bias else None
             r = torch.randn(shape[:-1] + (c,), generator=gen).to(dtype) if has_res else None
 
             def plain(t):   # what PyTorch normalises: the tensor, or the product of its halves
