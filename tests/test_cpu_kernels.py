@@ -244,6 +244,16 @@ def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     assert not any(op in ('aten::layer_norm', 'aten::native_layer_norm') for _, op, _ in prof.ops)
 
 
+def _library_for(march, folder):
+    """This process's library (``march`` None), or the kernels built for another x86-64 variant into ``folder``
+    (the portable loops: x86-64-v2; AVX-512 without BF16 instructions: skylake-avx512), single-threaded."""
+    if march is None:
+        return ck.library()
+    if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
+        pytest.skip('an x86-64 variant this CPU cannot run')
+    return ck.load(ck.build(ck.compiler(), False, march=march, folder=folder), False)
+
+
 def _poly_rows_reference(s, power, eps=1e-12):
     p = (s.double() + 1) ** power
     return p / p.sum(-1, keepdim=True).clamp_min(eps)
@@ -254,12 +264,7 @@ def _poly_rows_reference(s, power, eps=1e-12):
 def test_attention_rows_kernel_in_every_code_path(march, tmp_path):
     """(S + 1)^p / row sum, p = 2 and 4, rows of every length (full vectors, the unrolled part, masked tails
     whose lanes must not count), in place, against float64; a NaN score makes its row NaN only."""
-    if march is None:
-        lib = ck.library()
-    else:
-        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
-            pytest.skip('an x86-64 variant this CPU cannot run')
-        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    lib = _library_for(march, tmp_path)
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         fn = lib.polynext_poly_rows_f32 if dtype == torch.float32 else lib.polynext_poly_rows_bf16
@@ -330,12 +335,7 @@ def test_backward_kernel_in_every_code_path(march, tmp_path):
     and bias's gradients summed over the rows from per-thread partial sums; the product's two halves; the
     residual's gradient is the output's) against float64 autograd of F.layer_norm, at every channel count the
     vector loops treat differently, in this machine's code, the portable loops and AVX-512 without BF16."""
-    if march is None:
-        lib = ck.library()
-    else:
-        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
-            pytest.skip('an x86-64 variant this CPU cannot run')
-        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    lib = _library_for(march, tmp_path)
     for c, product, bias, residual in ((1, False, False, False), (7, False, True, True), (16, True, False, False),
                                        (33, False, True, False), (72, True, True, False), (129, False, False, True),
                                        (768, True, False, False)):
@@ -442,12 +442,7 @@ def test_attention_training_kernels_in_every_code_path(march, tmp_path):
     backward's recomputation (A over S, divided by the row sums where given, and (S + 1)^(p-1) in float32) and
     dL/dS = (dL/dA + d) (S + 1)^(p-1): bit for bit PyTorch's float32 operators on the same values (the same
     products in the same order), one rounding in bfloat16; rows of every length."""
-    if march is None:
-        lib = ck.library()
-    else:
-        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
-            pytest.skip('an x86-64 variant this CPU cannot run')
-        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    lib = _library_for(march, tmp_path)
     gen = torch.Generator().manual_seed(0)
     for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
         prep, ds_fn = getattr(lib, f'polynext_poly_prep_{suffix}'), getattr(lib, f'polynext_poly_ds_{suffix}')
@@ -518,12 +513,7 @@ def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
 def test_flip_product_kernels_in_every_code_path(march, tmp_path):
     """y = a ⊙ flip_c(b) and its backward (dL/da = g ⊙ flip_c(b), dL/db = flip_c(g ⊙ a)) on channels-last rows of
     every length: bit for bit PyTorch's expression, float32 and bfloat16 (one product, one rounding)."""
-    if march is None:
-        lib = ck.library()
-    else:
-        if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
-            pytest.skip('an x86-64 variant this CPU cannot run')
-        lib = ck.load(ck.build(ck.compiler(), False, march=march, folder=tmp_path), False)
+    lib = _library_for(march, tmp_path)
     gen = torch.Generator().manual_seed(0)
     for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
         for c in (1, 7, 16, 33, 48, 216):

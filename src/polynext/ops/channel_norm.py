@@ -163,6 +163,17 @@ class _ChannelNormFunction(torch.autograd.Function):
         return (dx, dw, db if ctx.bias else None, grad if ctx.residual else None, None, None)
 
 
+def _row_width(x: torch.Tensor, product: bool, minimum: int) -> Optional[int]:
+    """The kernel's row width C for ``x`` (half its last dimension with ``product``), or None where the kernel does
+    not take it: an odd width to halve, fewer than ``minimum`` values out, more than the kernel's C, not contiguous."""
+    numel, c = x.numel(), x.shape[-1]
+    if product:
+        if c % 2:
+            return None
+        numel, c = numel // 2, c // 2
+    return c if numel >= minimum and c <= _MAX_C and x.is_contiguous() else None
+
+
 def trains(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            residual: Optional[torch.Tensor], product: bool = False) -> bool:
     """Whether the kernels compute ``channel_layer_norm`` of these arguments with autograd (training in eager mode
@@ -171,13 +182,9 @@ def trains(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
     :func:`applies`."""
     if weight is None or type(x) is not torch.Tensor or not torch.is_grad_enabled() or x.dtype not in _DTYPES:
         return False
-    numel, c = x.numel(), x.shape[-1]
-    if product:
-        if c % 2:
-            return False
-        numel, c = numel // 2, c // 2
     plain = not product and residual is None and x.dtype == torch.float32
-    if numel < (TRAIN_PLAIN_MIN_NUMEL if plain else MIN_NUMEL) or c > _MAX_C or not x.is_contiguous():
+    c = _row_width(x, product, TRAIN_PLAIN_MIN_NUMEL if plain else MIN_NUMEL)
+    if c is None:
         return False
     tensors = [x, weight] + [t for t in (bias, residual) if t is not None]
     if not any(t.requires_grad for t in tensors):
@@ -200,12 +207,8 @@ def applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     values stay with it."""
     if weight is None or x.dtype not in _DTYPES or type(x) is not torch.Tensor:
         return False
-    numel, c = x.numel(), x.shape[-1]
-    if product:
-        if c % 2:
-            return False
-        numel, c = numel // 2, c // 2
-    if numel < MIN_NUMEL or c > _MAX_C or not x.is_contiguous():
+    c = _row_width(x, product, MIN_NUMEL)
+    if c is None:
         return False
     grad = torch.is_grad_enabled()
     for t in (weight, bias):   # parameters, or a plain tensor such as a gated weight

@@ -420,45 +420,42 @@ const char *polynext_cpu_kernels_code(void) { return KERNEL; }
 
 /* y[r] = norm(row r) * w (+ b) (+ res[r]) for rows x C values. The row is x[r] (rows x C), or with
  * `product` the product of the two halves of x[r] (rows x 2C): x[r, :C] * x[r, C:]. y and res are rows x C,
- * contiguous; y may be x (not with `product`). w (and b, or NULL): C values of x's dtype.
+ * contiguous; y may be x (not with `product`). w (and b, or NULL): C float32 values (bfloat16 ones for
+ * polynext_channel_norm_bf16). stats (or NULL): each row's mean and 1/std, for the backward.
  * Returns 0, or 1 if C > MAX_C (nothing written). */
-int polynext_channel_norm_f32(const float *x, const float *w, const float *b, const float *res, float *y,
-                              float *stats, int64_t rows, int64_t C, float eps, int threads, int product) {
-    (void)threads;   /* (unused where built without OpenMP) */
-    if (C > MAX_C) return 1;
-    const int64_t stride = product ? 2 * C : C;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *rr = res ? res + r * C : NULL;
-        float *st = stats ? stats + 2 * r : NULL;
-        if (product)
-            row_prod_f32(x + r * stride, w, b, rr, y + r * C, C, eps, st);
-        else
-            row_f32(x + r * stride, w, b, rr, y + r * C, C, eps, st);
+#define NORM_FORWARD(NAME, T, ROW, ROW_PROD)                                                                     \
+    int NAME(const T *x, const float *w, const float *b, const T *res, T *y, float *stats, int64_t rows,         \
+             int64_t C, float eps, int threads, int product) {                                                  \
+        (void)threads;   /* (unused where built without OpenMP) */                                              \
+        if (C > MAX_C) return 1;                                                                                \
+        const int64_t stride = product ? 2 * C : C;                                                             \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+        for (int64_t r = 0; r < rows; ++r) {                                                                    \
+            const T *rr = res ? res + r * C : NULL;                                                             \
+            float *st = stats ? stats + 2 * r : NULL;                                                           \
+            if (product)                                                                                        \
+                ROW_PROD(x + r * stride, w, b, rr, y + r * C, C, eps, st);                                      \
+            else                                                                                                \
+                ROW(x + r * stride, w, b, rr, y + r * C, C, eps, st);                                           \
+        }                                                                                                       \
+        return 0;                                                                                               \
     }
-    return 0;
-}
 
+NORM_FORWARD(polynext_channel_norm_f32, float, row_f32, row_prod_f32)
+/* bfloat16 rows with float32 weight and bias, as in bf16 autocast training (CPU autocast runs layer_norm in the
+ * input's dtype with the parameters in float32: bfloat16 in and out, computed in float32) */
+NORM_FORWARD(polynext_channel_norm_bf16_w32, uint16_t, row_bf16, row_prod_bf16)
+
+/* bfloat16 rows and parameters (a bf16 model's inference): the parameters converted to float32 once */
 int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uint16_t *b16, const uint16_t *res,
                                uint16_t *y, float *stats, int64_t rows, int64_t C, float eps, int threads,
                                int product) {
-    (void)threads;
     if (C > MAX_C) return 1;
     float w[MAX_C], b[MAX_C];
     for (int64_t c = 0; c < C; ++c) w[c] = bf16_to_f32(w16[c]);
     if (b16)
         for (int64_t c = 0; c < C; ++c) b[c] = bf16_to_f32(b16[c]);
-    const int64_t stride = product ? 2 * C : C;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *rr = res ? res + r * C : NULL;
-        float *st = stats ? stats + 2 * r : NULL;
-        if (product)
-            row_prod_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps, st);
-        else
-            row_bf16(x + r * stride, w, b16 ? b : NULL, rr, y + r * C, C, eps, st);
-    }
-    return 0;
+    return polynext_channel_norm_bf16_w32(x, w, b16 ? b : NULL, res, y, stats, rows, C, eps, threads, product);
 }
 
 /* The backward of polynext_channel_norm_f32 (training), from the rows' saved mean and 1/std (stats):
@@ -494,26 +491,6 @@ int polynext_channel_norm_bf16(const uint16_t *x, const uint16_t *w16, const uin
 
 NORM_BACKWARD(polynext_channel_norm_backward_f32, float, bwd_row_f32, bwd_row_prod_f32)
 NORM_BACKWARD(polynext_channel_norm_backward_bf16, uint16_t, bwd_row_bf16, bwd_row_prod_bf16)
-
-/* The bfloat16 forward with float32 weight and bias, as in bf16 autocast training (CPU autocast runs layer_norm in
- * the input's dtype with the parameters in float32: bfloat16 in and out, computed in float32). */
-int polynext_channel_norm_bf16_w32(const uint16_t *x, const float *w, const float *b, const uint16_t *res,
-                                   uint16_t *y, float *stats, int64_t rows, int64_t C, float eps, int threads,
-                                   int product) {
-    (void)threads;
-    if (C > MAX_C) return 1;
-    const int64_t stride = product ? 2 * C : C;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *rr = res ? res + r * C : NULL;
-        float *st = stats ? stats + 2 * r : NULL;
-        if (product)
-            row_prod_bf16(x + r * stride, w, b, rr, y + r * C, C, eps, st);
-        else
-            row_bf16(x + r * stride, w, b, rr, y + r * C, C, eps, st);
-    }
-    return 0;
-}
 
 /* out[r] = (s[r] + 1)^power / max(sum_j (s[r, j] + 1)^power, eps) for rows x N scores (power 2 or 4), or
  * without `normalise` (s[r] + 1)^power; out may be s; the clamped sums go to rowsum (float32, rows values) unless
