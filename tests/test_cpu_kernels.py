@@ -1,7 +1,8 @@
 """ops.cpu_kernels: the hand-written CPU kernels compute what PyTorch's operators compute, in every code path
-they have (AVX-512 with and without BF16 instructions, portable loops), and the models take them at CPU
-inference only: the channel LayerNorm (ops.channel_norm: F.layer_norm, + the residual, of the product of two
-halves) and the polynomial attention's weights (ops.poly_attention)."""
+they have (AVX-512 with and without BF16 instructions, portable loops), and the models take them where they apply:
+the channel LayerNorm (ops.channel_norm: F.layer_norm, + the residual, of the product of two halves; at inference,
+and in fp32 and bf16-autocast training with its backward), the polynomial attention's weights (ops.poly_attention:
+bf16 inference; fp32 and bf16 training, forward and backward) and PolyConv's flip product (ops.flip_product)."""
 import importlib
 import os
 import subprocess
