@@ -27,8 +27,8 @@ in the tests), in bfloat16 within one rounding.
 It is registered as the operator ``polynext::channel_norm`` (profiler, ``torch.compile`` see an operator
 with shapes, not a foreign call).
 
-In float32 training in eager mode on the CPU (:func:`trains`) the norm is an autograd function with kernels both
-ways: the forward is the same pass and also stores each row's mean and 1/std (8 bytes a row), and the backward
+In training in eager mode on the CPU (:func:`trains`: float32, and bfloat16 under autocast) the norm is an
+autograd function with kernels both ways: the forward is the same pass and also stores each row's mean and 1/std (8 bytes a row), and the backward
 reads a row of the output's gradient and of the input into L1 and writes the input's gradient once (with the
 product of halves, the gradients of both halves), the weight's and bias's gradients summed from per-thread partial
 sums. PyTorch's path there is the product, ``layer_norm`` and the addition forward, and ``layer_norm``'s backward
@@ -106,8 +106,8 @@ def _channel_norm_stats(x, weight, bias, residual, eps, product=False):
 
 def _channel_norm_backward(grad, x, weight, stats, bias, product, lib=None):
     """dL/dx, dL/dweight and dL/dbias (an empty tensor without ``bias``) from the output's gradient and the saved
-    statistics (``polynext_channel_norm_backward_f32``); the per-thread partial sums of the weight's gradient
-    are added here (a few hundred values each)."""
+    statistics (``polynext_channel_norm_backward_{f32,bf16}``: x, the gradient and dL/dx in x's dtype); the
+    per-thread partial sums of the weight's gradient (float32) are added here (a few hundred values each)."""
     c = grad.shape[-1]
     threads = torch.get_num_threads()
     dx = torch.empty_like(x)
