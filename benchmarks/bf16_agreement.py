@@ -70,8 +70,7 @@ def digits_row(checkpoint: str | None):
 
 def main(argv=None) -> int:
     import polynext  # noqa: F401  (registers the models)
-    from polynext.bench import environment
-    from polynext.checkpoint import atomic_write_json
+    from polynext.bench import environment, write_report
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--digits-checkpoint', default=None, metavar='PATH',
                         help='a digits demo checkpoint (default: train the demo first)')
@@ -89,9 +88,7 @@ def main(argv=None) -> int:
         print(f"{r['set']:34s} {r['model']:16s} {r['images']:6d} {ml:>10s} {r['max_abs_logit_diff']:12.3g} "
               f"{r['argmax_agreement']:11.2f}%")
     out = dict(environment=environment(torch.device('cpu')), rows=rows)
-    if args.json:
-        atomic_write_json(args.json, out)
-        print(f'wrote {args.json}')
+    write_report(args.json, out)
     return 0
 
 

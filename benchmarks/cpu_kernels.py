@@ -11,10 +11,12 @@
 
    with the bytes the one pass moves (each input read once, the result written once) per second, and each
    one's largest difference from float64.
-   With ``--mode train``: the same layers forward and backward (``--dtype bf16``: bf16 rows under CPU autocast,
-   the parameters float32, as a bf16 training step runs them) (the gradients of the input, the weight
-   and the residual, from one fixed output gradient), ``aten`` as autograd runs PyTorch's operators against
-   polynext's kernels and their backward; no ``inductor`` column.
+   With ``--mode train``: the same layers forward and backward (the gradients of the input, the weight and the
+   residual, from one fixed output gradient; ``--dtype bf16``: bf16 rows under CPU autocast with float32
+   parameters, as a bf16 training step runs them), ``aten`` as autograd runs PyTorch's operators against
+   polynext's kernels and their backward, with each one's weight-gradient error against float64; no
+   ``inductor`` column. Then every distinct PolyConv flip product a ⊙ flip_c(b) (``ops.flip_product``) forward
+   and backward against ``a * b.flip(1)``, and whether the two give the same bits.
 2. Per model: inference of the whole model (``polynext bench``'s step: the model and the input in the dtype,
    channels-last, ``inference_mode``) with the kernels on and off (``cpu_kernels.kernels``: the channel
    LayerNorms, with PolyMLP's product and PolyConv's residual, and the attention's power and normalisation),
@@ -70,8 +72,9 @@ def norm_shapes(model, x):
 
 def _train_steps(z, w, r, gen):
     """The per-layer steps of ``--mode train``: each forward and its backward (autograd, from one fixed output
-    gradient, for the input, the weight and the residual), their largest gradient difference from float64, and
-    the bytes the backward moves at least (the gradient and the input read, the input's gradient written)."""
+    gradient, for the input, the weight and the residual), their largest gradient difference from float64, the
+    weight gradient's largest difference from float64 relative to its largest value, and the bytes the backward
+    moves at least (the gradient and the input read, the input's gradient written)."""
     from polynext.ops.channel_norm import channel_layer_norm
     leaves = [t.detach().requires_grad_() for t in (z, w) + ((r,) if r is not None else ())]
     grad = torch.randn(z.shape[:-1] + (w.shape[0],), generator=gen)
@@ -95,8 +98,56 @@ def _train_steps(z, w, r, gen):
 
     ref = step(aten, [t.detach().double().requires_grad_() for t in leaves])
     steps = {'aten': lambda: step(aten, leaves), 'polynext': lambda: step(ours, leaves)}
-    errs = {k: max((g.double() - gr).abs().max().item() for g, gr in zip(fn(), ref)) for k, fn in steps.items()}
-    return steps, errs, (grad.numel() + 2 * z.numel()) * z.element_size()
+    grads = {k: fn() for k, fn in steps.items()}
+    errs = {k: max((g.double() - gr).abs().max().item() for g, gr in zip(gs, ref)) for k, gs in grads.items()}
+    weight_errs = {k: ((gs[1].double() - ref[1]).abs().max() / ref[1].abs().max()).item() for k, gs in grads.items()}
+    return steps, errs, weight_errs, (grad.numel() + 2 * z.numel()) * z.element_size()
+
+
+def _flip_rows(name, model, args, dtype, gen, done):
+    """Per-layer rows for PolyConv's flip product a ⊙ flip_c(b) (``ops.flip_product``) at the model's shapes, forward
+    and backward against ``a * b.flip(1)`` under autograd, with the bytes the two passes move at least (three
+    tensors forward, five backward) and whether the two give the same bits."""
+    import polynext.models.polynext as family
+    from polynext.bench import time_interleaved
+    from polynext.ops import flip_product as fp
+    from polynext.ops.fused import fusion
+    shapes, real = {}, family.flip_product
+    family.flip_product = lambda a, b: shapes.setdefault(tuple(a.shape), None) or real(a, b)
+    try:   # without the oneDNN fusions PolyConv takes its training form, which calls flip_product
+        with torch.inference_mode(), fusion(False):
+            model(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen))
+    finally:
+        family.flip_product = real
+    rows = []
+    for shape in shapes:
+        if ('flip', shape) in done:
+            continue
+        done.add(('flip', shape))
+        a, b, g = (torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+                   for _ in range(3))
+        a.requires_grad_(), b.requires_grad_()
+
+        def run(fn):
+            y = fn(a, b)
+            return (y,) + torch.autograd.grad(y, (a, b), g)
+        steps = {'aten': lambda: run(lambda x, z: x * z.flip(1)), 'polynext': lambda: run(fp.flip_product)}
+        same = all(torch.equal(p, q) for p, q in zip(steps['aten'](), steps['polynext']()))
+        times = time_interleaved(steps, args.runs)
+        nbytes = 8 * a.numel() * a.element_size()
+        row = dict(op='flip_product', model=name, shape=list(shape), dtype=args.dtype, mode=args.mode,
+                   kernel=fp._applies(a, b), bit_identical=same)
+        for k in steps:
+            ms = _median_ms(times[k])
+            row[f'{k}_ms'] = round(ms, 4)
+            row[f'{k}_gb_per_s'] = round(nbytes / ms / 1e6, 2)
+        row['speedup_vs_aten'] = round(row['aten_ms'] / row['polynext_ms'], 3)
+        print(f"{name:12s} {str(list(shape)):20s} flip  aten {row['aten_ms']:7.3f} ms {row['aten_gb_per_s']:5.1f} GB/s  "
+              f"polynext {row['polynext_ms']:7.3f} ms {row['polynext_gb_per_s']:5.1f} GB/s  x{row['speedup_vs_aten']:.2f}"
+              f"  bit-identical {same}" + ('' if row['kernel'] else '  (PyTorch in both columns: below the kernel size)'),
+              flush=True)
+        rows.append(row)
+    return rows
 
 
 def _median_ms(times):
@@ -106,8 +157,8 @@ def _median_ms(times):
 def main(argv=None) -> int:
     import timm
     import polynext  # noqa: F401  (registers the models)
-    from polynext.bench import BenchSettings, environment, make_step, time_interleaved
-    from polynext.checkpoint import atomic_write_json
+    from polynext.bench import BenchSettings, environment, make_step, time_interleaved, write_report
+    import polynext.ops.channel_norm as cn
     from polynext.ops.channel_norm import channel_layer_norm
     from polynext.ops.cpu_kernels import kernel_info, kernels
 
@@ -187,25 +238,22 @@ def main(argv=None) -> int:
                 steps['inductor'] = lambda: compiled(z, w, b, r)
             nbytes = (z.numel() + 2 * r.numel() if r is not None else z.numel() + z.numel() // (2 if product else 1)) \
                 * z.element_size()   # read once, written once (the residual read too): the least a pass moves
-            if train:
-                steps, errs, extra = _train_steps(z, w, r, gen)
+            weight_errs = {}
+            if train:   # (the polynext column runs the kernels where cn.trains says so: small plain fp32 norms not)
+                steps, errs, weight_errs, extra = _train_steps(z, w, r, gen)
                 nbytes += extra
+                kernel = cn.trains(z.detach().requires_grad_(), w, b, r, product)
+                times = time_interleaved(steps, args.runs)
             else:
                 with torch.inference_mode():
                     ref = F.layer_norm(plain(z.double()), (c,), w.double(), None if b is None else b.double(), 1e-6)
                     ref = ref if r is None else ref + r.double()
                     errs = {k: (fn().double() - ref).abs().max().item() for k, fn in steps.items()}
                     times = time_interleaved(steps, args.runs)
-            if train:
-                times = time_interleaved(steps, args.runs)
-            import polynext.ops.channel_norm as cn
-            if train:   # whether the polynext column runs the kernels (small plain norms train with PyTorch's)
-                kernel = cn.trains(z.detach().requires_grad_(), w, b, r, product)
-            else:
-                with torch.inference_mode():
                     kernel = cn.applies(z, w, b, r, product)
-            row = dict(model=name, shape=list(shape), bias=has_bias, residual=has_res, product=product,
+            row = dict(op='norm', model=name, shape=list(shape), bias=has_bias, residual=has_res, product=product,
                        dtype=args.dtype, mode=args.mode, kernel=kernel)
+            row.update({f'{k}_weight_grad_rel_err': v for k, v in weight_errs.items()})
             for k in steps:
                 ms = _median_ms(times[k])
                 row[f'{k}_ms'] = round(ms, 4)
@@ -217,8 +265,14 @@ def main(argv=None) -> int:
             kind = '+res' if has_res else 'a*b ' if product else '    '
             print(f"{name:12s} {str(list(shape)):20s} {kind}  {cols}  "
                   f"x{row['speedup_vs_aten']:.2f}  fp64 diff ours {errs['polynext']:.1e} aten {errs['aten']:.1e}"
-                  f"{'' if kernel else '  (PyTorch in both columns: below the kernel size)'}",
+                  + (f"  weight grad rel. err. ours {weight_errs['polynext']:.1e} aten {weight_errs['aten']:.1e}"
+                     if weight_errs else '')
+                  + ('' if kernel else '  (PyTorch in both columns: below the kernel size)'),
                   flush=True)
+
+    if train:   # PolyConv's flip product: training is where it runs (at inference the oneDNN fusion does the product)
+        for name in args.models:
+            layers += _flip_rows(name, timm.create_model(name).eval(), args, dtype, gen, done)
 
     # 2. per model
     models = []
@@ -267,9 +321,7 @@ def main(argv=None) -> int:
     out = dict(command=['python', 'benchmarks/cpu_kernels.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=environment(torch.device('cpu')), kernel=info, batch_size=args.batch_size,
                img_size=args.img_size, dtype=args.dtype, mode=args.mode, runs=args.runs, layers=layers, models=models)
-    if args.json:
-        atomic_write_json(args.json, out)
-        print(f'wrote {args.json}')
+    write_report(args.json, out)
     return 0
 
 

@@ -72,8 +72,7 @@ def _step(fn, x, conv, g, dtype=None):
 
 def main(argv=None) -> int:
     from polynext.ops.depthwise import depthwise_conv2d
-    from polynext.bench import environment
-    from polynext.checkpoint import atomic_write_json
+    from polynext.bench import environment, write_report
     import timm
     import polynext  # noqa: F401  (registers the models)
 
@@ -133,9 +132,7 @@ def main(argv=None) -> int:
     out = dict(command=['python', 'benchmarks/depthwise_backward.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=environment(torch.device('cpu')), batch_size=args.batch_size, img_size=args.img_size,
                init_channels=args.init_channels, dtype=args.dtype, rows=rows)
-    if args.json:
-        atomic_write_json(args.json, out)
-        print(f'wrote {args.json}')
+    write_report(args.json, out)
     return 0
 
 

@@ -102,8 +102,7 @@ def main(argv=None) -> int:
             parser.error(f'{name} runs no polynomial attention kernel (no PolyAttn, or a fully polynomial / '
                          'windowed / softmax one); pass an APolyNeXt model such as apolynext_t')
 
-    from polynext.bench import allocator_status, environment
-    from polynext.checkpoint import atomic_write_json
+    from polynext.bench import allocator_status, environment, write_report
     from polynext.ops.poly_attention import poly_attention, poly_attention_reference
 
     kernels = {'expression': poly_attention_reference}
@@ -153,9 +152,7 @@ def main(argv=None) -> int:
     out = dict(command=['python', 'benchmarks/poly_attention.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
                dtype=args.dtype, baseline=str(args.baseline) if args.baseline else None, rows=rows)
-    if args.json:
-        atomic_write_json(args.json, out)
-        print(f'wrote {args.json}')
+    write_report(args.json, out)
     return 0
 
 

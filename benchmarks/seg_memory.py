@@ -107,9 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, size=args.size, batch=args.batch,
                       threads=args.threads, grad_checkpointing=args.grad_checkpointing, environment=machine, rows=rows,
                       saved_bytes=saved)
-        from polynext.checkpoint import atomic_write_json
-        atomic_write_json(args.json, result)
-        print(f'wrote {args.json}')
+        from polynext.bench import write_report
+        write_report(args.json, result)
     return 0
 
 

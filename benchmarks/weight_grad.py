@@ -123,8 +123,7 @@ def main(argv=None) -> int:
 
     import timm
     import polynext  # noqa: F401  (registers the models)
-    from polynext.bench import BenchSettings, allocator_status, environment, make_step, time_interleaved
-    from polynext.checkpoint import atomic_write_json
+    from polynext.bench import BenchSettings, allocator_status, environment, make_step, time_interleaved, write_report
     from polynext.ops import pointwise
 
     env = environment(torch.device('cpu'))
@@ -178,9 +177,7 @@ def main(argv=None) -> int:
     out = dict(command=['python', 'benchmarks/weight_grad.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
                rows=rows)
-    if args.json:
-        atomic_write_json(args.json, out)
-        print(f'wrote {args.json}')
+    write_report(args.json, out)
     return 0
 
 

@@ -592,9 +592,13 @@ def test_the_kernels_benchmark_in_train_mode(tmp_path, capsys):
                        '--json', str(out)]) == 0
     data = json.loads(out.read_text())
     assert data['mode'] == 'train' and data['models'][0]['mode'] == 'train' and data['models'][0]['speedup'] > 0
-    assert len(data['layers']) == 12 and all(r['mode'] == 'train' for r in data['layers'])
-    assert all(r['polynext_max_abs_diff_fp64'] < 1e-3 and r['aten_max_abs_diff_fp64'] < 1e-3 for r in data['layers'])
-    assert not any(r['kernel'] for r in data['layers'])   # 2 images of 64 px: every norm under the kernel's size
+    norms = [r for r in data['layers'] if r['op'] == 'norm']
+    flips = [r for r in data['layers'] if r['op'] == 'flip_product']
+    assert len(norms) == 12 and len(flips) == 4 and all(r['mode'] == 'train' for r in data['layers'])
+    assert all(r['polynext_max_abs_diff_fp64'] < 1e-3 and r['aten_max_abs_diff_fp64'] < 1e-3 for r in norms)
+    assert all(r['polynext_weight_grad_rel_err'] < 1e-5 for r in norms)
+    assert all(r['bit_identical'] for r in flips)
+    assert not any(r['kernel'] for r in data['layers'])   # 2 images of 64 px: every layer under the kernels' size
     assert 'training step, fp32' in capsys.readouterr().out
 
 

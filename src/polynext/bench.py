@@ -54,7 +54,7 @@ from .errors import ConfigError
 __all__ = [
     'PINNED_TUNABLES', 'BenchSettings', 'ModelSpec', 'ModelResult', 'BenchReport', 'run_bench',
     'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'prepare_device',
-    'make_step',
+    'make_step', 'write_report',
     'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_oom_error',
     'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env', 'expand_variants',
     'RUNTIMES',
@@ -114,6 +114,14 @@ def pinned_allocator_env(env: Optional[Dict[str, str]] = None) -> Optional[Dict[
     env['GLIBC_TUNABLES'] = f'{current}:{ours}' if current else ours
     env[_REEXEC_GUARD] = '1'
     return env
+
+
+def write_report(path: Optional[str], obj: Any) -> None:
+    """A benchmark script's JSON: written atomically where ``path`` is given, and the line that says so."""
+    if path:
+        from .checkpoint import atomic_write_json
+        atomic_write_json(path, obj)
+        print(f'wrote {path}')
 
 
 def ensure_pinned_allocator(prog: str = 'polynext', announce: Callable[[str], None] = None) -> None:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_kernels import kernel_available, library, profiling
+from .fused import eager_cpu, eager_cpu_inference
 
 __all__ = ['channel_layer_norm', 'channel_norm_nchw', 'product_norm_nchw', 'applies']
 
@@ -196,7 +197,6 @@ def trains(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
     if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != c
                                  or not residual.is_contiguous()):
         return False
-    from .fused import eager_cpu
     return eager_cpu(*((x,) if residual is None else (x, residual))) and kernel_available()
 
 
@@ -218,7 +218,6 @@ def applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != c
                                  or not residual.is_contiguous()):
         return False
-    from .fused import eager_cpu_inference
     return eager_cpu_inference(*((x,) if residual is None else (x, residual))) and kernel_available()
 
 

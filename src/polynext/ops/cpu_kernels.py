@@ -31,7 +31,7 @@ import torch
 
 from .fused import Switch
 
-__all__ = ['library', 'kernels', 'kernel_available', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
+__all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
@@ -169,14 +169,14 @@ def kernel_info() -> dict:
                 path=lib._name)
 
 
-def _fn(name: str, t: torch.Tensor):
-    lib = library()
-    return getattr(lib, f"polynext_{name}_{'f32' if t.dtype == torch.float32 else 'bf16'}")
+def kernel_fn(name: str, t: torch.Tensor, lib: Optional[ctypes.CDLL] = None):
+    """The library's ``polynext_<name>_f32`` or ``_bf16`` entry point for ``t``'s dtype."""
+    return getattr(lib or library(), f"polynext_{name}_{'f32' if t.dtype == torch.float32 else 'bf16'}")
 
 
 def _poly_rows(s: torch.Tensor, power: int, eps: float) -> torch.Tensor:
     n = s.shape[-1]
-    if _fn('poly_rows', s)(s.data_ptr(), s.data_ptr(), None, s.numel() // n, n, power, eps, torch.get_num_threads(),
+    if kernel_fn('poly_rows', s)(s.data_ptr(), s.data_ptr(), None, s.numel() // n, n, power, eps, torch.get_num_threads(),
                            1) != 0:
         raise RuntimeError(f'polynext::poly_rows_: power {power} is not 2 or 4')
     return s
@@ -187,7 +187,7 @@ def _poly_power_(s: torch.Tensor, power: int, eps: float, normalise: bool) -> to
     shape of s with a last dimension of 1)."""
     n = s.shape[-1]
     rowsum = torch.empty(s.shape[:-1] + (1,), dtype=torch.float32)
-    if _fn('poly_rows', s)(s.data_ptr(), s.data_ptr(), rowsum.data_ptr(), s.numel() // n, n, power, eps,
+    if kernel_fn('poly_rows', s)(s.data_ptr(), s.data_ptr(), rowsum.data_ptr(), s.numel() // n, n, power, eps,
                            torch.get_num_threads(), int(normalise)) != 0:
         raise RuntimeError(f'polynext::poly_power_: power {power} is not 2 or 4')
     return rowsum
@@ -199,7 +199,7 @@ def _poly_prep_(s: torch.Tensor, power: int, rowsum: Optional[torch.Tensor]) -> 
     n = s.shape[-1]
     p3 = torch.empty(s.shape, dtype=torch.float32)
     r = None if rowsum is None else rowsum.contiguous()
-    if _fn('poly_prep', s)(s.data_ptr(), p3.data_ptr(), None if r is None else r.data_ptr(), s.numel() // n, n,
+    if kernel_fn('poly_prep', s)(s.data_ptr(), p3.data_ptr(), None if r is None else r.data_ptr(), s.numel() // n, n,
                            power, torch.get_num_threads()) != 0:
         raise RuntimeError(f'polynext::poly_prep_: power {power} is not 2 or 4')
     return p3
@@ -209,7 +209,7 @@ def _poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tens
     """dL/dS = (dL/dA + d) ⊙ p3, written over ``da`` (d: float32, one value per row); returns ``da``."""
     n = da.shape[-1]
     d = d.contiguous()
-    _fn('poly_ds', da)(da.data_ptr(), p3.data_ptr(), d.data_ptr(), da.numel() // n, n, torch.get_num_threads())
+    kernel_fn('poly_ds', da)(da.data_ptr(), p3.data_ptr(), d.data_ptr(), da.numel() // n, n, torch.get_num_threads())
     return da
 
 

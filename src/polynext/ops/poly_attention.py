@@ -80,27 +80,28 @@ def _power_(p: torch.Tensor, power: int) -> torch.Tensor:
     return p.pow_(power)
 
 
-def _rows_kernel(s: torch.Tensor, power: int) -> bool:
-    """Whether ``ops.cpu_kernels``' attention-rows kernel turns these scores into weights: CPU inference in
-    bfloat16. (In float32 PyTorch's path normalises after ``A @ V``, on the N×d side, and ran as fast as the
-    kernel at APolyNeXt's 14x14 shapes, x0.89-0.99 in a throwaway timing; in bfloat16, where PyTorch also
-    converts the scores to float32 and back, the kernel was x1.34-1.78 faster at every size from 1,024 scores
-    up, so it has no minimum size.) Absolute imports in this module: ``benchmarks/poly_attention.py`` loads
-    older versions of it from a file."""
-    from polynext.ops.cpu_kernels import kernel_available
-    from polynext.ops.fused import eager_cpu_inference
-    return (power in (2, 4) and s.dtype == torch.bfloat16 and s.is_contiguous() and eager_cpu_inference(s)
-            and kernel_available())
+def _kernel(s: torch.Tensor, power: int, inference: bool, low_precision: bool = True) -> bool:
+    """Whether ``ops.cpu_kernels``' attention kernels serve these scores (eager CPU work, the kernels on, power 2
+    or 4, contiguous scores):
 
+    * ``inference``: the weights in one pass, in bfloat16 only. (In float32 PyTorch's path normalises after
+      ``A @ V``, on the N×d side, and ran as fast as the kernel at APolyNeXt's 14x14 shapes, x0.89-0.99 in a
+      throwaway timing; in bfloat16, where PyTorch also converts the scores to float32 and back, the kernel was
+      x1.34-1.78 faster at every size from 1,024 scores up, so it has no minimum size.)
+    * training (the autograd function): the forward's power and row sums, the backward's recomputation and
+      dL/dS, in float32 scores with float32 values or bfloat16 scores with ``low_precision`` (bf16) values,
+      each one pass where PyTorch makes four to seven.
 
-def _train_kernel(s: torch.Tensor, power: int) -> bool:
-    """Whether ``ops.cpu_kernels``' attention kernels serve the training forward and backward of these scores:
-    eager CPU work in float32 or bfloat16, where they take one pass over the N×N scores for PyTorch's four to
-    seven (forward: the power and the row sums; backward: the power, (S+1)^(p-1), and dL/dS)."""
+    Absolute imports in this module: ``benchmarks/poly_attention.py`` loads older versions of it from a file."""
     from polynext.ops.cpu_kernels import kernel_available
     from polynext.ops.fused import eager_cpu
-    return (power in (2, 4) and s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous() and eager_cpu(s)
-            and kernel_available())
+    if power not in (2, 4) or not s.is_contiguous():
+        return False
+    if inference:
+        dtype_ok = s.dtype == torch.bfloat16
+    else:
+        dtype_ok = (s.dtype, low_precision) in ((torch.float32, False), (torch.bfloat16, True))
+    return dtype_ok and eager_cpu(s, inference=inference) and kernel_available()
 
 
 def _forward(
@@ -117,11 +118,11 @@ def _forward(
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         s = torch.matmul(q[:, :, rows], k.transpose(-1, -2))
-        if inference and _rows_kernel(s, power):   # the power and the normalisation in one pass, over the scores
+        if inference and _kernel(s, power, inference=True):   # the power and the normalisation in one pass, over the scores
             a = poly_rows_(s, power, _EPS)
             out[:, :, rows] = torch.matmul(a.to(v.dtype), v)
             continue
-        if not inference and _train_kernel(s, power) and (s.dtype == torch.float32) != low_precision:
+        if not inference and _kernel(s, power, inference=False, low_precision=low_precision):
             # training: the power and the row sums in one pass over the scores (normalised there in bf16)
             rowsum[:, :, rows] = poly_power_(s, power, _EPS, normalise=low_precision)
             if low_precision:
@@ -176,7 +177,7 @@ class _PolyAttentionFunction(torch.autograd.Function):
                 qc = q[:, :, rows]
                 r = rowsum[:, :, rows]
                 s = torch.matmul(qc, k.transpose(-1, -2))
-                kernel = _train_kernel(s, power) and (s.dtype == torch.float32) != low_precision
+                kernel = _kernel(s, power, inference=False, low_precision=low_precision)
                 if kernel:                              # one pass: A (÷ r in bf16) over S, and P^(p-1)
                     p_pow = poly_prep_(s, power, r if low_precision else None)
                     a = s
