@@ -77,7 +77,7 @@ def _train_steps(z, w, r, gen):
     moves at least (the gradient and the input read, the input's gradient written)."""
     from polynext.ops.channel_norm import channel_layer_norm
     leaves = [t.detach().requires_grad_() for t in (z, w) + ((r,) if r is not None else ())]
-    grad = torch.randn(z.shape[:-1] + (w.shape[0],), generator=gen)
+    grad = torch.randn(z.shape[:-1] + (w.shape[0],), generator=gen).to(z.dtype)   # (the float64 reference: the same values)
 
     def aten(x, weight, residual=None):
         c = weight.shape[0]

@@ -35,8 +35,9 @@ sums. PyTorch's path there is the product, ``layer_norm`` and the addition forwa
 and the product's backward: five passes over the tensors for the kernels' two. Gradients equal float64 autograd's
 as closely as PyTorch's (tested). In bfloat16 autocast training (CPU autocast runs ``layer_norm`` in the input's
 dtype, bfloat16, with the float32 parameters) the kernels read and write bfloat16 and compute in float32; there
-PyTorch's own backward sums the weight's gradient with an error that grows with the rows (1 % of its largest value
-at 100 rows, 21 % at 100,000, against float64; torch 2.14.1), the kernels' within 1e-5 (tested).
+PyTorch's own backward gets the weight's gradient wrong by 3-25 % of its largest value at cpolynext_t's norm shapes
+(more with more rows; against float64 on the same bf16 values; torch 2.14.1), the kernels' within 6e-6
+(``benchmarks/cpu_kernels.py --mode train --dtype bf16``; tested).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ MIN_NUMEL = 65536
 #: it, where the tensors stay in the caches, PyTorch's backward is as fast (forward + backward x0.90-0.93 at
 #: 14x14x192 and 7x7x288, batch 32; x1.18 at 28x28x96, 2.4 million values; ``benchmarks/cpu_kernels.py --mode
 #: train``, 2-core Zen 4); the product's and the residual's forms save whole passes and win at every size measured,
-#: and so do bfloat16 ones (x1.13-1.71 from 7x7x384 to 14x14x192, a throwaway timing)
+#: and so do bfloat16 ones (x1.17-2.28, the same benchmark with ``--dtype bf16``)
 TRAIN_PLAIN_MIN_NUMEL = 1 << 21
 
 

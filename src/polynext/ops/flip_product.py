@@ -6,8 +6,10 @@
 
 PyTorch writes ``b.flip(1)`` first and multiplies (three passes over the activation and two writes where one
 pass reads two tensors and writes one), and its backward multiplies twice and reverses one product (five tensors
-written where two are needed); in a CPolyNeXt-T training step on a 2-core AMD EPYC (Zen 4) the flips, the
-products and their backwards took about 5 % of the time (``polynext profile``). The kernels of
+written where two are needed); in a CPolyNeXt-T training step on a 2-core AMD EPYC (Zen 4) the products'
+backward alone at the 56x56 and 28x28 maps took 48 ms of 2.5 s (``polynext profile``,
+``benchmarks/results/profile_t_train_kernels_0_zen4.json``). Forward + backward, the kernels ran x1.16-1.54 faster
+in float32 and x1.57-1.83 in bfloat16 at cpolynext_t's shapes (``benchmarks/cpu_kernels.py --mode train``). The kernels of
 ``ops.cpu_kernels`` (``polynext_flip_mul_*``) read a row of each operand once, in reverse where the flip asks,
 and write each result once.
 
