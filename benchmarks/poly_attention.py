@@ -1,4 +1,5 @@
-"""PolyAttn's kernel, forward + backward, at a model's attention shapes: polynext against the paper's expression.
+"""PolyAttn's kernel, forward + backward (or the inference forward), at a model's attention shapes: polynext
+against the paper's expression.
 
 For every distinct attention shape of the model at the given batch and input size (PolyAttn calls
 ``ops.poly_attention.poly_attention``), in one process, interleaved (order reversed every other round,
@@ -10,7 +11,8 @@ medians), heads passed as the strided views of a channels-last activation, as th
               ``polynext/ops/poly_attention.py``, e.g. an earlier commit's, to measure a change
   polynext    ``poly_attention`` (chunked, recomputing backward)
 
-in fp32 or bf16 (``--dtype``; bf16 as the model runs it cast to bf16 or under autocast); the float64
+in fp32 or bf16 (``--dtype``; bf16 as the model runs it cast to bf16 or under autocast), forward + backward or
+(``--mode infer``) the forward under ``inference_mode``, as a deployed model runs it; the float64
 agreement of polynext's output and gradients with the expression's, and with ``--baseline`` whether the two
 versions give bit-identical outputs and gradients. Prints a table and writes JSON. Speed ratios depend on
 the CPU: the JSON names it.
@@ -19,6 +21,7 @@ the CPU: the JSON names it.
     git show edb6769:src/polynext/ops/poly_attention.py > /tmp/poly_attention_edb6769.py
     python benchmarks/poly_attention.py --baseline /tmp/poly_attention_edb6769.py --runs 15
     python benchmarks/poly_attention.py apolynext_t apolynext_s --dtype bf16 --baseline FILE
+    python benchmarks/poly_attention.py apolynext_s --mode infer --batch-size 2 --img-size 512 --baseline FILE
 """
 from __future__ import annotations
 
@@ -64,6 +67,11 @@ def _step(fn, q, k, v, grad):
     return (out.detach(),) + torch.autograd.grad(out, (q, k, v), grad)
 
 
+def _infer(fn, q, k, v, grad):
+    with torch.inference_mode():
+        return (fn(q, k, v),)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('models', nargs='*', default=['apolynext_t'])
@@ -73,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument('--baseline', type=Path, default=None, metavar='FILE',
                         help='another version of polynext/ops/poly_attention.py to time alongside')
     parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
+    parser.add_argument('--mode', choices=('train', 'infer'), default='train',
+                        help='train: forward + backward (default); infer: the forward under inference_mode')
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
     if args.json and Path(args.json).is_dir():
@@ -114,26 +124,28 @@ def main(argv=None) -> int:
     kernels['polynext'] = poly_attention
     env = environment(torch.device('cpu'))
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
-          f"batch {args.batch_size}, {args.img_size} px, forward + backward ms (median of {args.runs})", flush=True)
+          f"batch {args.batch_size}, {args.img_size} px, "
+          f"{'forward + backward' if args.mode == 'train' else 'inference forward'} ms (median of {args.runs})", flush=True)
+    step = _step if args.mode == 'train' else _infer
     rows = []
     for name in args.models:
         for shape in shapes[name]:
             small = (2,) + shape[1:]
             q64, k64, v64 = _heads(small, torch.float64, 1)
             g64 = torch.randn(small, dtype=torch.float64)
-            want = _step(poly_attention_reference, q64, k64, v64, g64)
+            want = step(poly_attention_reference, q64, k64, v64, g64)
             err = max(((a - b).abs().max() / b.abs().max()).item()
-                      for a, b in zip(_step(poly_attention, q64, k64, v64, g64), want))
+                      for a, b in zip(step(poly_attention, q64, k64, v64, g64), want))
             q, k, v = _heads(shape, dtype, 0)
             g = torch.randn(shape).to(dtype)
             times = {key: [] for key in kernels}
             order = list(kernels)
             for fn in kernels.values():
-                _step(fn, q, k, v, g)                   # warm-up
+                step(fn, q, k, v, g)                    # warm-up
             for r in range(args.runs):
                 for key in (order if r % 2 == 0 else order[::-1]):
                     t = time.perf_counter()
-                    _step(kernels[key], q, k, v, g)
+                    step(kernels[key], q, k, v, g)
                     times[key].append(time.perf_counter() - t)
             ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
             row = dict(model=name, shape=list(shape), **{f'{key}_ms': round(t, 2) for key, t in ms.items()},
@@ -142,7 +154,7 @@ def main(argv=None) -> int:
             if 'baseline' in ms:
                 row['speedup_vs_baseline'] = round(ms['baseline'] / ms['polynext'], 3)
                 row['identical_to_baseline'] = all(torch.equal(a, b) for a, b in zip(
-                    _step(kernels['baseline'], q, k, v, g), _step(poly_attention, q, k, v, g)))
+                    step(kernels['baseline'], q, k, v, g), step(poly_attention, q, k, v, g)))
             rows.append(row)
             cols = '  '.join(f'{key} {t:8.1f}' for key, t in ms.items())
             extra = (f"  x{row['speedup_vs_baseline']:.3f} baseline"
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
                   f'  fp64 rel diff {err:.1e}', flush=True)
     out = dict(command=['python', 'benchmarks/poly_attention.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
-               dtype=args.dtype, baseline=str(args.baseline) if args.baseline else None, rows=rows)
+               dtype=args.dtype, mode=args.mode, baseline=str(args.baseline) if args.baseline else None, rows=rows)
     write_report(args.json, out)
     return 0
 

@@ -486,6 +486,11 @@ def test_poly_attention_script_toy(tmp_path):
     assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--dtype', 'bf16',
                         '--json', str(out)]) == 0
     assert json.loads(out.read_text())['dtype'] == 'bf16'
+    assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--mode', 'infer',
+                        '--baseline', str(baseline), '--json', str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data['mode'] == 'infer' and all(r['max_rel_diff_fp64'] < 1e-12 and r['identical_to_baseline']
+                                           for r in data['rows'])
 
 
 def test_table11_quick_script(tmp_path):

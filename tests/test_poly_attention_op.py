@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from polynext.ops.poly_attention import _PolyAttentionFunction, poly_attention, poly_attention_reference
+from polynext.ops.poly_attention import _PolyAttentionFunction, _tiles, poly_attention, poly_attention_reference
 
 
 def _qkv(dtype=torch.float64, b=2, h=3, n=11, m=11, d=4, seed=0):
@@ -60,6 +60,20 @@ def test_bfloat16_close_to_float32():
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_tiles():
+    """The tiles the kernel works through (heads of the flattened batch·heads, query rows)."""
+    q = torch.empty(2, 3, 10, 4)                # 6 heads, 10 queries; 10 keys: 400 bytes of float32 scores a head
+    rows = slice(0, 10)
+    # float32: whole heads, as many as fit (the chunk below the cache-sized tile)
+    assert list(_tiles(q, 10, 1000)) == [(slice(0, 2), rows), (slice(2, 4), rows), (slice(4, 6), rows)]
+    assert list(_tiles(q, 10, 2 ** 26)) == [(slice(0, 6), rows)]
+    # a head larger than the tile: blocks of rows across all heads
+    assert list(_tiles(q, 10, 300)) == [(slice(0, 6), slice(r, r + 1)) for r in range(10)]
+    # bfloat16: blocks of rows across all heads
+    assert list(_tiles(q.bfloat16(), 10, 1000)) == [
+        (slice(0, 6), slice(0, 4)), (slice(0, 6), slice(4, 8)), (slice(0, 6), slice(8, 10))]
+
+
 def test_odd_power_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match='even'):
@@ -80,7 +94,8 @@ def test_strided_heads_match_reference_fp64():
     grad = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
     ref = poly_attention_reference(q, k, v)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-    for chunk_bytes in (2 ** 26, b * h * n * 4 * 5):     # one chunk; five rows per chunk
+    # one tile; two heads per tile; five rows of every head per tile
+    for chunk_bytes in (2 ** 26, 2 * n * n * 4, b * h * n * 4 * 5):
         out = poly_attention(q, k, v, chunk_bytes=chunk_bytes)
         # nothing N×N is kept for the backward: q, k, v (made contiguous), out, row sums
         assert [t.shape[-1] for t in out.grad_fn.saved_tensors] == [d, d, d, d, 1]

@@ -83,7 +83,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('attn-kernel-square-once', 'attention kernel: the 4th power computed as a square',
              ATTN_OP, 'return p.square_().square_()', 'return p.square_()', KERNEL_TESTS),
     Mutation('attn-kernel-no-normalise', 'attention kernel: rows not l1-normalised (fp32 path)',
-             ATTN_OP, 'out[:, :, rows] = torch.matmul(a, v).div_(r)', 'out[:, :, rows] = torch.matmul(a, v)',
+             ATTN_OP, 'o3[heads, rows] = torch.matmul(a, vt).div_(r)', 'o3[heads, rows] = torch.matmul(a, vt)',
              KERNEL_TESTS),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),

@@ -11,15 +11,20 @@ backward pass; at segmentation resolution (4096 tokens) that is 0.8–1.3 GiB pe
 This implementation
   * normalises after ``A @ V`` (one pass over A fewer, exact in real arithmetic),
   * raises to the 4th power by squaring twice in place,
-  * processes query rows in chunks so that at most ``chunk_bytes`` of scores exist at once,
+  * works through cache-sized tiles (:func:`_tiles`): in float32 as many whole heads as have 4 MiB of scores
+    together, so that each tile's N×N buffers are read back from the last-level cache, not memory; larger heads,
+    and bfloat16, in blocks of query rows across all heads, so that at most ``chunk_bytes`` of scores exist at
+    once. On a 2-core AMD EPYC (Zen 4), fp32, batch 32, at the 196-token shapes of APolyNeXt-T / S: forward +
+    backward x1.07-1.08, the inference forward x1.11-1.39 (x1.67 at APolyNeXt-S's 1,024 tokens of a 512 px
+    image), bit-identical (``benchmarks/poly_attention.py --baseline``),
   * saves only Q, K, V, O and the row sums for backward and recomputes the scores chunk by chunk
     there (keeping P = Q Kᵀ + 1 of the forward saved one matrix product, 2-12 % of this kernel's time,
     for 7.9 % more peak training memory in APolyNeXt-T and 9.1 % in APolyNeXt-S: measured, see the
     README, and not kept),
   * multiplies in backward on the N×d side where it can (Aᵀ (g/r) instead of (A/r)ᵀ g, the power
     into dL/dO): two passes over the N×N scores fewer,
-  * makes Q, K, V contiguous once (the heads of a channels-last activation are strided views, which
-    every matrix product would copy again).
+  * makes Q, K, V contiguous once, in training and at inference (the heads of a channels-last activation are
+    strided views, which every matrix product would copy again).
 
 On a 2-core AMD EPYC (Zen 3), APolyNeXt-T's stage-3 shape (batch 32, 3 heads, 196 tokens, head
 dimension 32), forward + backward: 1.72x the paper's expression under autograd, and the last two
@@ -40,20 +45,43 @@ O(N·block) memory in forward and backward), see :func:`poly_attention_flex`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 __all__ = ["poly_attention", "poly_attention_reference", "poly_attention_flex", "flex_available"]
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: float32 scores of one tile (:func:`_tiles`)
+CACHE_TILE_BYTES = 4 * 2**20
 _EPS = 1e-12  # F.normalize's default clamp of the row norm
 
 
-def _rows_per_chunk(q: torch.Tensor, num_keys: int, chunk_bytes: int) -> int:
-    batch_heads = q.shape[0] * q.shape[1]
-    per_row = batch_heads * num_keys * 4  # float32 scores
-    return max(1, min(q.shape[2], chunk_bytes // max(per_row, 1)))
+def _tiles(q: torch.Tensor, num_keys: int, chunk_bytes: int) -> Iterator[Tuple[slice, slice]]:
+    """The tiles (heads, query rows) of the (batch·heads) × N queries of ``q`` (B, heads, N, d) that the kernel
+    works through, each with at most ``chunk_bytes`` of float32 scores.
+
+    In float32 and float64, where one head's scores fit in :data:`CACHE_TILE_BYTES`, a tile is as many whole
+    heads as fit there, so that its N×N buffers (the scores, and in backward (S+1)^(p-1) and dL/dA) are still in
+    the last-level cache when the next operator reads them. Otherwise (larger heads; bfloat16, where the scores
+    are half the bytes and oneDNN's bf16 matrix products cost more a call) a tile is a block of query rows
+    across all heads (one head at a time in blocks of rows was slower at 4,096 tokens in a throwaway timing)."""
+    batch_heads, num_queries = q.shape[0] * q.shape[1], q.shape[2]
+    per_head = num_queries * num_keys * 4
+    cache = min(chunk_bytes, CACHE_TILE_BYTES) if q.dtype in (torch.float32, torch.float64) else 0
+    if per_head <= cache:
+        step = cache // per_head
+        for start in range(0, batch_heads, step):
+            yield slice(start, min(batch_heads, start + step)), slice(0, num_queries)
+        return
+    rows = max(1, min(num_queries, chunk_bytes // (batch_heads * num_keys * 4)))
+    for start in range(0, num_queries, rows):
+        yield slice(0, batch_heads), slice(start, min(num_queries, start + rows))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) as (B·heads, N, d); a copy only where the heads are strided views."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -108,37 +136,39 @@ def _forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, chunk_bytes: int, inference: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns O (dtype of v) and the clamped row sums r (float32, shape B×h×N×1; None at ``inference``, where
-    the scores may go through the kernel of ``ops.cpu_kernels``)."""
+    the scores may go through the kernel of ``ops.cpu_kernels``), tile by tile (:func:`_tiles`)."""
     from polynext.ops.cpu_kernels import poly_power_, poly_rows_
     n = q.shape[2]
+    q3, k3, v3 = _flat(q), _flat(k), _flat(v)
     out = v.new_empty(q.shape[:-1] + (v.shape[-1],))
+    o3 = out.view(-1, n, v.shape[-1])
     rowsum = None if inference else torch.empty(q.shape[:-1] + (1,), dtype=_acc_dtype(q), device=q.device)
-    step = _rows_per_chunk(q, k.shape[2], chunk_bytes)
+    r3 = None if inference else rowsum.view(-1, n, 1)
     low_precision = v.dtype in (torch.float16, torch.bfloat16)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        s = torch.matmul(q[:, :, rows], k.transpose(-1, -2))
+    for heads, rows in _tiles(q, k.shape[2], chunk_bytes):
+        s = torch.matmul(q3[heads, rows], k3[heads].transpose(-1, -2))
+        vt = v3[heads]
         if inference and _kernel(s, power, inference=True):   # the power and the normalisation in one pass, over the scores
             a = poly_rows_(s, power, _EPS)
-            out[:, :, rows] = torch.matmul(a.to(v.dtype), v)
+            o3[heads, rows] = torch.matmul(a.to(v.dtype), vt)
             continue
         if not inference and _kernel(s, power, inference=False, low_precision=low_precision):
             # training: the power and the row sums in one pass over the scores (normalised there in bf16)
-            rowsum[:, :, rows] = poly_power_(s, power, _EPS, normalise=low_precision)
+            r3[heads, rows] = poly_power_(s, power, _EPS, normalise=low_precision)
             if low_precision:
-                out[:, :, rows] = torch.matmul(s, v)
+                o3[heads, rows] = torch.matmul(s, vt)
             else:
-                out[:, :, rows] = torch.matmul(s, v).div_(rowsum[:, :, rows])
+                o3[heads, rows] = torch.matmul(s, vt).div_(r3[heads, rows])
             continue
         a = _power_(_plus_one(s), power)
         r = a.sum(-1, keepdim=True).clamp_min_(_EPS)
-        if rowsum is not None:
-            rowsum[:, :, rows] = r
+        if r3 is not None:
+            r3[heads, rows] = r
         if low_precision:
             # normalise first so the product stays in range in fp16/bf16
-            out[:, :, rows] = torch.matmul(a.div_(r).to(v.dtype), v)
+            o3[heads, rows] = torch.matmul(a.div_(r).to(v.dtype), vt)
         else:
-            out[:, :, rows] = torch.matmul(a, v).div_(r)
+            o3[heads, rows] = torch.matmul(a, vt).div_(r)
     return out, rowsum
 
 
@@ -166,17 +196,17 @@ class _PolyAttentionFunction(torch.autograd.Function):
         dt = v.dtype
         low_precision = dt in (torch.float16, torch.bfloat16)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            dq = torch.empty_like(q)
-            acc = _acc_dtype(q)
-            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
             n = q.shape[2]
-            step = _rows_per_chunk(q, k.shape[2], chunk_bytes)
-            for start in range(0, n, step):
-                rows = slice(start, min(n, start + step))
-                qc = q[:, :, rows]
-                r = rowsum[:, :, rows]
-                s = torch.matmul(qc, k.transpose(-1, -2))
+            q3, k3, v3, o3, g3 = _flat(q), _flat(k), _flat(v), _flat(out), _flat(grad_out)
+            r3 = rowsum.view(-1, n, 1)
+            acc = _acc_dtype(q)
+            dq = torch.empty_like(q3)
+            dk = torch.zeros(k3.shape, dtype=acc, device=k.device)
+            dv = torch.zeros(v3.shape, dtype=acc, device=v.device)
+            for heads, rows in _tiles(q, k.shape[2], chunk_bytes):
+                qc = q3[heads, rows]
+                r = r3[heads, rows]
+                s = torch.matmul(qc, k3[heads].transpose(-1, -2))
                 kernel = _kernel(s, power, inference=False, low_precision=low_precision)
                 if kernel:                              # one pass: A (÷ r in bf16) over S, and P^(p-1)
                     p_pow = poly_prep_(s, power, r if low_precision else None)
@@ -192,26 +222,26 @@ class _PolyAttentionFunction(torch.autograd.Function):
                         a = p_pow * p
                     del p
                 del s
-                g = grad_out[:, :, rows].to(acc)
-                o = out[:, :, rows].to(acc)
+                g = g3[heads, rows].to(acc)
+                o = o3[heads, rows].to(acc)
                 dy = g / r                              # dL/d(AV)
                 dr = (g * o).sum(-1, keepdim=True).div_(r).neg_()
                 if low_precision:                       # normalised first, to stay in range
                     a = a if kernel else a.div_(r).to(dt)
-                    dv += torch.matmul(a.transpose(-1, -2), g.to(dt)).to(acc)
+                    dv[heads] += torch.matmul(a.transpose(-1, -2), g.to(dt)).to(acc)
                 else:                                   # (A/r)ᵀ g = Aᵀ (g/r): no pass over A
-                    dv += torch.matmul(a.transpose(-1, -2), dy)
+                    dv[heads] += torch.matmul(a.transpose(-1, -2), dy)
                 del a
                 # dL/dS = p P^(p-1) dL/dA, dL/dA = dy Vᵀ + dr; the factor p on the N×d side
-                da = torch.matmul(dy.mul_(power).to(dt), v.transpose(-1, -2))
+                da = torch.matmul(dy.mul_(power).to(dt), v3[heads].transpose(-1, -2))
                 if kernel:                              # one pass, over dL/dA
                     ds = poly_ds_(da, p_pow, dr.mul_(power))
                 else:
                     ds = da.to(acc).add_(dr.mul_(power)).mul_(p_pow).to(dt)
                 del p_pow
-                dq[:, :, rows] = torch.matmul(ds, k)
-                dk += torch.matmul(ds.transpose(-1, -2), qc).to(acc)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+                dq[heads, rows] = torch.matmul(ds, k3[heads])
+                dk[heads] += torch.matmul(ds.transpose(-1, -2), qc).to(acc)
+        return dq.view(q.shape), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape), None, None
 
 
 def _is_exporting() -> bool:
