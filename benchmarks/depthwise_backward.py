@@ -7,9 +7,11 @@ batch, in one process, interleaved (order reversed every other round, medians):
 
   autograd   ``nn.Conv2d.forward`` and ``torch.autograd.grad`` (PyTorch's CPU backward, under autocast
              in PyTorch's dtype for it)
-  polynext   ``depthwise_conv2d(x, conv)`` (phase split on maps of 14x14 and larger, 5x5 kernels cut into
-             3- and 1-wide columns; crop of the taps that only meet padding and a per-tap weight gradient
-             on smaller channels-last maps), or the strided layer's own forward (float32 inside autocast)
+  no kernel  ``depthwise_conv2d(x, conv)`` with ``ops.cpu_kernels`` off (phase split on maps of 14x14 and
+             larger, 5x5 kernels cut into 3- and 1-wide columns; crop of the taps that only meet padding and a
+             per-tap weight gradient on smaller channels-last maps), or the strided layer's own forward
+             (float32 inside autocast)
+  polynext   the same with the kernels on: the weight gradient by ``polynext_dw_wgrad`` where it is built
 
 forward + backward of the one layer, channels-last, in fp32 or under bf16 autocast (``--dtype bf16``, the
 CPU training path with ``amp: bf16``); and the float64 agreement of both gradients. Prints a table and
@@ -63,11 +65,13 @@ def _special_layers(model: nn.Module, x: torch.Tensor):
     return [(conv, key[0], fn) for key, (conv, fn) in seen.items()]
 
 
-def _step(fn, x, conv, g, dtype=None):
-    x = x.detach().requires_grad_()
-    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        y = fn(x, conv)
-    return torch.autograd.grad(y, (x, conv.weight), g.to(y.dtype))
+def _step(fn, x, conv, g, dtype=None, kernels: bool = True):
+    from polynext.ops.cpu_kernels import kernels as switch
+    with switch(kernels):
+        x = x.detach().requires_grad_()
+        with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y = fn(x, conv)
+        return torch.autograd.grad(y, (x, conv.weight), g.to(y.dtype))
 
 
 def main(argv=None) -> int:
@@ -113,22 +117,23 @@ def main(argv=None) -> int:
             g64 = torch.randn(2, *out_shape[1:], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
             err = max((a - b).abs().max().item() for a, b in zip(_step(ours, x64, c64, g64),
                                                                   _step(autograd, x64, c64, g64)))
-            times = {'autograd': [], 'polynext': []}
-            fns = [('autograd', autograd), ('polynext', ours)]
-            for fn_name, fn in fns:
-                _step(fn, x, conv, g, autocast)         # warm-up
+            times = {'autograd': [], 'no kernel': [], 'polynext': []}
+            fns = [('autograd', autograd, True), ('no kernel', ours, False), ('polynext', ours, True)]
+            for fn_name, fn, on in fns:
+                _step(fn, x, conv, g, autocast, on)     # warm-up
             for r in range(args.runs):
-                for fn_name, fn in (fns if r % 2 == 0 else fns[::-1]):
+                for fn_name, fn, on in (fns if r % 2 == 0 else fns[::-1]):
                     t = time.perf_counter()
-                    _step(fn, x, conv, g, autocast)
+                    _step(fn, x, conv, g, autocast, on)
                     times[fn_name].append(time.perf_counter() - t)
-            a, p = statistics.median(times['autograd']) * 1e3, statistics.median(times['polynext']) * 1e3
+            a, n, p = (statistics.median(times[key]) * 1e3 for key in ('autograd', 'no kernel', 'polynext'))
             rows.append(dict(model=name, shape=list(shape), kernel=conv.kernel_size[0], dilation=conv.dilation[0],
                              stride=conv.stride[0], dtype=args.dtype,
-                             autograd_ms=round(a, 3), polynext_ms=round(p, 3), speedup=round(a / p, 2),
-                             max_abs_diff_fp64=err))
+                             autograd_ms=round(a, 3), no_kernel_ms=round(n, 3), polynext_ms=round(p, 3),
+                             speedup=round(a / p, 2), speedup_vs_no_kernel=round(n / p, 2), max_abs_diff_fp64=err))
             print(f'{name:12s} {str(list(shape)):20s} k{conv.kernel_size[0]} d{conv.dilation[0]} s{conv.stride[0]}  '
-                  f'autograd {a:8.2f} ms  polynext {p:8.2f} ms  x{a / p:5.2f}  fp64 diff {err:.1e}', flush=True)
+                  f'autograd {a:8.2f} ms  no kernel {n:8.2f} ms  polynext {p:8.2f} ms  x{a / p:5.2f}  '
+                  f'x{n / p:5.2f} no kernel  fp64 diff {err:.1e}', flush=True)
     out = dict(command=['python', 'benchmarks/depthwise_backward.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=environment(torch.device('cpu')), batch_size=args.batch_size, img_size=args.img_size,
                init_channels=args.init_channels, dtype=args.dtype, rows=rows)

@@ -566,6 +566,69 @@ def test_polyconv_takes_the_flip_product(dtype, monkeypatch):
     assert len(calls) == 1 + n_conv
 
 
+def _dw_weight_grad_fp64(x, g, k, d):
+    """The depthwise weight gradient by autograd in float64: (C, 1, k, k)."""
+    w = torch.zeros(x.shape[1], 1, k, k, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x.double(), w, padding=d * (k - 1) // 2, dilation=d, groups=x.shape[1])
+    return torch.autograd.grad(y, w, g.double())[0]
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_depthwise_weight_grad_kernel_in_every_code_path(march, tmp_path):
+    """polynext_dw_wgrad against float64 autograd: 3x3, 5x5 (the registers' paths) and 7x7 (tap by tap), dilation
+    1 to 3, maps where taps only meet padding (2x2, 3x20), channel counts with a partial block of 16, float32 and
+    bfloat16 (exact in float32: the sums are float32 either way); an even kernel refused."""
+    lib = _library_for(march, tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    for k, d, (h, w), c in [(3, 1, (7, 7), 16), (3, 2, (16, 16), 72), (5, 2, (14, 14), 24), (5, 1, (14, 14), 40),
+                            (5, 2, (2, 2), 16), (5, 2, (3, 20), 7), (7, 2, (9, 11), 6), (3, 3, (20, 19), 33),
+                            (1, 1, (5, 5), 3)]:
+        for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
+            x, g = ((torch.randn(3, c, h, w, generator=gen)).to(dtype).contiguous(memory_format=torch.channels_last)
+                    for _ in range(2))
+            part = torch.zeros(2, k, k, c)
+            assert getattr(lib, f'polynext_dw_wgrad_{suffix}')(x.data_ptr(), g.data_ptr(), part.data_ptr(),
+                                                                3, h, w, c, k, d, 2) == 0
+            got = part.sum(0).permute(2, 0, 1).unsqueeze(1).double()
+            want = _dw_weight_grad_fp64(x, g, k, d)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (k, d, h, w, c, dtype)
+    assert lib.polynext_dw_wgrad_f32(x.data_ptr(), g.data_ptr(), part.data_ptr(), 3, h, w, c, 4, 1, 2) == 1
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_depthwise_backward_takes_the_weight_grad_kernel(dtype, monkeypatch):
+    """depthwise_conv2d's backward takes the kernel for channels-last maps in float32 and under bf16 autocast (the
+    dilated coarse branch of PolyConv, PolyAttn's 5x5 Q / K), with the weight gradient of float64 autograd; NCHW
+    maps and ``kernels(False)`` take the phase split and the column cut."""
+    from polynext.ops import depthwise as dw
+    calls = []
+    real = dw._kernel_weight_grad
+    monkeypatch.setattr(dw, '_kernel_weight_grad', lambda x, g, k, d: (lambda r: r is not None and calls.append(
+        (k, d, x.dtype)) or r)(real(x, g, k, d)))
+    gen = torch.Generator().manual_seed(0)
+    for k, d, hw in [(5, 2, 14), (3, 2, 16), (5, 1, 7), (5, 2, 4)]:
+        conv = torch.nn.Conv2d(24, 24, k, padding=d * (k - 1) // 2, dilation=d, groups=24, bias=False)
+        x = torch.randn(2, 24, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(2, 24, hw, hw, generator=gen)
+        x_used = x.to(dtype)   # what the function saves: the autocast dtype
+        want = _dw_weight_grad_fp64(x_used, g.to(dtype), k, d).float()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = dw.depthwise_conv2d(x, conv)
+        gw, = torch.autograd.grad(y, conv.weight, g.to(y.dtype))
+        assert calls[-1] == (k, d, dtype) and gw.dtype == torch.float32
+        assert (gw - want).abs().max() <= 1e-5 * want.abs().max()
+        n = len(calls)
+        with ck.kernels(False):
+            gw_off, = torch.autograd.grad(dw.depthwise_conv2d(x.to(dtype), conv.to(dtype)), conv.weight, g.to(dtype))
+        conv.float()
+        torch.autograd.grad(dw.depthwise_conv2d(x.contiguous(), conv), conv.weight, g)   # NCHW
+        assert len(calls) == n
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (gw_off.float() - want).abs().max() <= tol * want.abs().max()
+
+
 def test_small_plain_norms_train_with_pytorch():
     """In training a plain norm below TRAIN_PLAIN_MIN_NUMEL keeps PyTorch's path (as fast there); the product's
     and the residual's forms take the kernels from MIN_NUMEL."""

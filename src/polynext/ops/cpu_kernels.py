@@ -5,7 +5,8 @@ product and PolyConv's residual in the same pass; in float32 training with its b
 ``ops.poly_attention`` (the polynomial attention's power and row normalisation at bfloat16 inference; in training,
 float32 and bfloat16, the power with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
-passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one.
+passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
+weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
 OpenMP when torch's own libgomp is loaded, so that it shares torch's thread pool) into the polynext cache
@@ -132,6 +133,9 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     for fn in (lib.polynext_flip_mul_backward_f32, lib.polynext_flip_mul_backward_bf16):
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_dw_wgrad_f32, lib.polynext_dw_wgrad_bf16):
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp

@@ -34,6 +34,15 @@ Q and K convolutions; one phase), whose backward PyTorch also sends to oneDNN's 
 backward on a Zen 4, batch 32, 160 channels at 14x14, 6.1 → 4.8 ms in fp32 and 12.2 → 3.2 ms under bf16
 autocast (``benchmarks/depthwise_backward.py apolynext_s [--dtype bf16]``).
 
+Where ``ops.cpu_kernels`` is built (a C compiler on the machine) and the maps are channels-last float32 or
+bfloat16, the weight gradient of every routed layer comes instead from its ``polynext_dw_wgrad`` kernel: each
+block of 16 channels of an image copied once into a zero-padded buffer, every tap's sum in a register, float32
+sums (also under bf16 autocast, where oneDNN's sums were bfloat16). Dead taps then need no crop: they only meet
+the buffer's zeros. Forward + backward of the routed layers against the phase split and column cut, on a
+2-core AMD EPYC (Zen 4), batch 32, the CPolyNeXt-T and APolyNeXt-T / S shapes: x1.37-2.49 in fp32 and
+x1.33-2.86 under bf16 autocast (``benchmarks/depthwise_backward.py``, its "no kernel" column). The undilated
+3x3 layers stay with oneDNN's fast kernel, which the kernel did not beat (x0.88-1.02 in a throwaway timing).
+
 All are exact in real arithmetic (float64 agreement ~1e-11 in the tests); the phase split is 4-6x
 faster than autograd's backward at the PolyNeXt shapes of 14x14 and larger, the crop and the
 per-tap gradient 2-30x on smaller maps (``benchmarks/depthwise_backward.py``). The function is used for stride-1,
@@ -42,9 +51,14 @@ same-padded, dilated depthwise convolutions on the CPU when a gradient is needed
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .cpu_kernels import kernel_available, kernel_fn
+from .fused import eager_cpu
 
 __all__ = ['depthwise_conv2d', 'DepthwiseConv2dFunction', 'StridedDepthwiseConv2d']
 
@@ -90,7 +104,10 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
                                   groups=channels).to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:
                 acc = torch.promote_types(ctx.dtypes[1], torch.float32)
-                if cut_h == cut_w == 0 and k > 3 and (height * width >= _MIN_PIXELS or d == 1):
+                grad_w = _kernel_weight_grad(x, grad, k, d)
+                if grad_w is not None:
+                    pass
+                elif cut_h == cut_w == 0 and k > 3 and (height * width >= _MIN_PIXELS or d == 1):
                     grad_w = _wide_phase_weight_grad(x, grad, k, d).to(acc)
                 elif cut_h == cut_w == 0 and height * width >= _MIN_PIXELS:
                     c = (k - 1) // 2
@@ -113,6 +130,24 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
                 if grad_w.stride() != weight.stride():   # the weight's own layout (a channels-last model's is
                     grad_w = torch.empty_like(weight, dtype=grad_w.dtype).copy_(grad_w)   # not standard): DDP's
         return grad_x, grad_w, None                                                      # buckets follow it
+
+
+def _kernel_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, d: int) -> Optional[torch.Tensor]:
+    """The weight gradient (C, 1, k, k) in float32 by ``ops.cpu_kernels``' ``polynext_dw_wgrad`` (each block of
+    16 channels of an image copied once into a zero-padded buffer, every tap's sum in a register), or None where
+    it does not apply: no compiled kernel, not eager CPU work, x not channels-last, a dtype other than float32 and
+    bfloat16, k even or above 7. Dead taps need no crop there: they only meet the buffer's zeros."""
+    if not (k % 2 == 1 and k <= 7 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu(x, grad) and kernel_available()):
+        return None
+    g = grad.contiguous(memory_format=torch.channels_last)
+    n, channels, height, width = x.shape
+    threads = torch.get_num_threads()
+    part = torch.zeros(threads, k, k, channels)
+    if kernel_fn('dw_wgrad', x)(x.data_ptr(), g.data_ptr(), part.data_ptr(), n, height, width, channels, k, d,
+                                threads) != 0:
+        raise MemoryError('polynext_dw_wgrad: a padded channel block could not be allocated')
+    return part.sum(0).permute(2, 0, 1).unsqueeze(1)
 
 
 def _phase_stack(t: torch.Tensor, d: int, pad: int, slack: int) -> torch.Tensor:

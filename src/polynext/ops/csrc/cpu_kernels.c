@@ -38,9 +38,18 @@
  *        y[r, c] = a[r, c] * b[r, C-1-c];   da[r, c] = g[r, c] * b[r, C-1-c],  db[r, C-1-c] = g[r, c] * a[r, c]
  *
  *    PyTorch writes the reversed copy of b first (and in the backward reverses the product g * a): three
- *    passes more than these. Plain loops, which the compiler vectorises with lane permutes. */
+ *    passes more than these. Plain loops, which the compiler vectorises with lane permutes.
+ *
+ * 5. polynext_dw_wgrad_*: the weight gradient of a depthwise k x k convolution (stride 1, same padding, dilation
+ *    d) of channels-last maps, for ops/depthwise.py's backward. PyTorch's CPU backward sends every depthwise
+ *    weight gradient but the undilated 3x3 one to oneDNN's generic grouped kernel, 5-10x slower than the
+ *    forward; polynext's phase split and column cut (ops/depthwise.py) bring the dilated and 5x5 ones back to
+ *    oneDNN's fast 3-wide kernel at the cost of copies. Here each block of 16 channels of an image is copied
+ *    once into a zero-padded buffer in L1 / L2 and every tap's sum is a register: one load and one FMA per tap
+ *    and pixel. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -290,6 +299,62 @@ BWD_ROW(bwd_row_prod_f32, float, load_f32, store_f32, 1)
 BWD_ROW(bwd_row_bf16, uint16_t, load_bf16, store_bf16, 0)
 BWD_ROW(bwd_row_prod_bf16, uint16_t, load_bf16, store_bf16, 1)
 
+/* One item of polynext_dw_wgrad_* (5. above): image x (H x W x C, channels-last), output gradient g (the same),
+ * 16 channels from c0 (the last block masked by km). The block of x is copied into pad, zero-padded by p on every
+ * side, as (H + 2p) x (W + 2p) vectors; then every output pixel's gradient meets each tap's input vector with
+ * no bounds to check, and the k x k accumulators stay in registers (k = 3 and 5: 9 and 25 of the 32). */
+#define DW_TAPS(K, D, T, LOAD)                                                                                   \
+    do {                                                                                                        \
+        __m512 acc[K * K];                                                                                      \
+        _Pragma("GCC unroll 25")                                                                                \
+        for (int t = 0; t < K * K; ++t) acc[t] = _mm512_setzero_ps();                                           \
+        for (int64_t h = 0; h < H; ++h) {                                                                       \
+            const T *gr = g + h * W * C + c0;                                                                   \
+            const float *row[K];                                                                                \
+            _Pragma("GCC unroll 5")                                                                             \
+            for (int i = 0; i < K; ++i) row[i] = pad + (h + (int64_t)i * D) * Wp * 16;                          \
+            for (int64_t w = 0; w < W; ++w) {                                                                   \
+                const __m512 gv = LOAD(gr + w * C, km);                                                         \
+                _Pragma("GCC unroll 5")                                                                         \
+                for (int i = 0; i < K; ++i)                                                                     \
+                    _Pragma("GCC unroll 5")                                                                     \
+                    for (int j = 0; j < K; ++j)                                                                 \
+                        acc[i * K + j] = _mm512_fmadd_ps(gv, _mm512_loadu_ps(row[i] + (w + j * D) * 16), acc[i * K + j]); \
+            }                                                                                                   \
+        }                                                                                                       \
+        _Pragma("GCC unroll 25")                                                                                \
+        for (int t = 0; t < K * K; ++t)                                                                         \
+            _mm512_mask_storeu_ps(out + t * C + c0, km, _mm512_add_ps(_mm512_maskz_loadu_ps(km, out + t * C + c0), acc[t])); \
+    } while (0)
+
+#define DW_ITEM(NAME, T, LOAD)                                                                                  \
+    static void NAME(const T *x, const T *g, float *pad, float *out, int64_t H, int64_t W, int64_t C, int64_t c0, \
+                     int64_t nc, int k, int d) {                                                                \
+        const int64_t p = (int64_t)d * (k - 1) / 2, Wp = W + 2 * p;                                             \
+        const __mmask16 km = (__mmask16)((1u << nc) - 1u);                                                      \
+        memset(pad, 0, (size_t)(H + 2 * p) * Wp * 16 * sizeof(float));                                         \
+        for (int64_t h = 0; h < H; ++h)                                                                         \
+            for (int64_t w = 0; w < W; ++w)                                                                     \
+                _mm512_storeu_ps(pad + ((h + p) * Wp + w + p) * 16, LOAD(x + (h * W + w) * C + c0, km));        \
+        if (k == 3 && d == 1) { DW_TAPS(3, 1, T, LOAD); return; }                                                 \
+        if (k == 3 && d == 2) { DW_TAPS(3, 2, T, LOAD); return; }                                                 \
+        if (k == 5 && d == 1) { DW_TAPS(5, 1, T, LOAD); return; }                                                 \
+        if (k == 5 && d == 2) { DW_TAPS(5, 2, T, LOAD); return; }                                                 \
+        for (int i = 0; i < k; ++i)              /* other sizes: one tap at a time over the map */              \
+            for (int j = 0; j < k; ++j) {                                                                       \
+                __m512 acc = _mm512_setzero_ps();                                                               \
+                for (int64_t h = 0; h < H; ++h)                                                                 \
+                    for (int64_t w = 0; w < W; ++w)                                                             \
+                        acc = _mm512_fmadd_ps(LOAD(g + (h * W + w) * C + c0, km),                               \
+                                              _mm512_loadu_ps(pad + ((h + (int64_t)i * d) * Wp + w + j * d) * 16), acc); \
+                float *o = out + (i * k + j) * C + c0;                                                          \
+                _mm512_mask_storeu_ps(o, km, _mm512_add_ps(_mm512_maskz_loadu_ps(km, o), acc));                 \
+            }                                                                                                   \
+    }
+
+DW_ITEM(dw_item_f32, float, load_f32)
+DW_ITEM(dw_item_bf16, uint16_t, load_bf16)
+
 #define KERNEL "avx512"
 #else   /* portable loops */
 
@@ -412,6 +477,34 @@ BWD_PORTABLE(bwd_row_f32, float, f32_id, f32_id, 0)
 BWD_PORTABLE(bwd_row_prod_f32, float, f32_id, f32_id, 1)
 BWD_PORTABLE(bwd_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
 BWD_PORTABLE(bwd_row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
+
+#define DW_ITEM(NAME, T, TO_F32)                                                                                \
+    static void NAME(const T *x, const T *g, float *pad, float *out, int64_t H, int64_t W, int64_t C, int64_t c0, \
+                     int64_t nc, int k, int d) {                                                                \
+        const int64_t p = (int64_t)d * (k - 1) / 2, Wp = W + 2 * p;                                             \
+        float acc[49 * 16], gv[16];                                                                             \
+        memset(pad, 0, (size_t)(H + 2 * p) * Wp * 16 * sizeof(float));                                         \
+        memset(acc, 0, sizeof(acc));                                                                            \
+        for (int64_t h = 0; h < H; ++h)                                                                         \
+            for (int64_t w = 0; w < W; ++w)                                                                     \
+                for (int64_t c = 0; c < nc; ++c)                                                                \
+                    pad[((h + p) * Wp + w + p) * 16 + c] = TO_F32(x[(h * W + w) * C + c0 + c]);                 \
+        for (int64_t h = 0; h < H; ++h)                                                                         \
+            for (int64_t w = 0; w < W; ++w) {                                                                   \
+                for (int64_t c = 0; c < 16; ++c) gv[c] = c < nc ? TO_F32(g[(h * W + w) * C + c0 + c]) : 0.f;   \
+                for (int i = 0; i < k; ++i)                                                                     \
+                    for (int j = 0; j < k; ++j) {                                                               \
+                        const float *xr = pad + ((h + (int64_t)i * d) * Wp + w + j * d) * 16;                   \
+                        float *a = acc + (i * k + j) * 16;                                                      \
+                        for (int c = 0; c < 16; ++c) a[c] += gv[c] * xr[c];                                     \
+                    }                                                                                           \
+            }                                                                                                   \
+        for (int t = 0; t < k * k; ++t)                                                                         \
+            for (int64_t c = 0; c < nc; ++c) out[t * C + c0 + c] += acc[t * 16 + c];                            \
+    }
+
+DW_ITEM(dw_item_f32, float, f32_id)
+DW_ITEM(dw_item_bf16, uint16_t, bf16_to_f32)
 
 #define KERNEL "portable"
 #endif
@@ -570,3 +663,43 @@ POLY_BACKWARD(polynext_poly_prep_bf16, polynext_poly_ds_bf16, uint16_t, poly_pre
 static inline float f32_same(float v) { return v; }
 FLIP_MUL(polynext_flip_mul_f32, polynext_flip_mul_backward_f32, float, f32_same, f32_same)
 FLIP_MUL(polynext_flip_mul_bf16, polynext_flip_mul_backward_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* The weight gradient of a same-padded (p = d (k - 1) / 2), stride-1 depthwise k x k convolution with dilation d
+ * (see 5. above), for N channels-last images x and output gradients g (N x H x W x C each, float32, or bfloat16
+ * as bf16 autocast saves them):
+ *
+ *     dw[i, j, c] = sum over n, h, w of g[n, h, w, c] * x[n, h + d i - p, w + d j - p, c]   (zero outside the map)
+ *
+ * Work items are (image, block of 16 channels), split evenly over the threads; each thread adds its items into
+ * its own k x k x C float32 partial sum, part + tid * k * k * C (part: threads x k x k x C, zeroed by the caller,
+ * which adds the threads' sums). Returns 0; 1 for an even k or k > 7; 2 if a thread's padded block could not be
+ * allocated (then part is incomplete). */
+#define DW_WGRAD(NAME, T, ITEM)                                                                                  \
+    int NAME(const T *x, const T *g, float *part, int64_t N, int64_t H, int64_t W, int64_t C, int k, int d,     \
+             int threads) {                                                                                     \
+        (void)threads;                                                                                          \
+        if (k % 2 == 0 || k > 7) return 1;                                                                      \
+        const int64_t p = (int64_t)d * (k - 1) / 2, blocks = (C + 15) / 16, items = N * blocks;                 \
+        const size_t pad_bytes = (size_t)(H + 2 * p) * (W + 2 * p) * 16 * sizeof(float);                        \
+        int failed = 0;                                                                                         \
+        _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                        \
+        {                                                                                                       \
+            const int64_t tid = thread_id(), nt = thread_count();                                               \
+            float *pad = (float *)malloc(pad_bytes);                                                            \
+            if (!pad) {                                                                                         \
+                failed = 1;                                                                                     \
+            } else {                                                                                            \
+                float *out = part + tid * k * k * C;                                                            \
+                for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {                        \
+                    const int64_t n = it / blocks, c0 = (it % blocks) * 16;                                     \
+                    ITEM(x + n * H * W * C, g + n * H * W * C, pad, out, H, W, C, c0,                           \
+                         C - c0 < 16 ? C - c0 : 16, k, d);                                                      \
+                }                                                                                               \
+                free(pad);                                                                                      \
+            }                                                                                                   \
+        }                                                                                                       \
+        return failed ? 2 : 0;                                                                                  \
+    }
+
+DW_WGRAD(polynext_dw_wgrad_f32, float, dw_item_f32)
+DW_WGRAD(polynext_dw_wgrad_bf16, uint16_t, dw_item_bf16)
