@@ -35,13 +35,15 @@ backward on a Zen 4, batch 32, 160 channels at 14x14, 6.1 → 4.8 ms in fp32 and
 autocast (``benchmarks/depthwise_backward.py apolynext_s [--dtype bf16]``).
 
 Where ``ops.cpu_kernels`` is built (a C compiler on the machine) and the maps are channels-last float32 or
-bfloat16, the weight gradient of every routed layer comes instead from its ``polynext_dw_wgrad`` kernel: each
-block of 16 channels of an image copied once into a zero-padded buffer, every tap's sum in a register, float32
-sums (also under bf16 autocast, where oneDNN's sums were bfloat16). Dead taps then need no crop: they only meet
-the buffer's zeros. Forward + backward of the routed layers against the phase split and column cut, on a
-2-core AMD EPYC (Zen 4), batch 32, the CPolyNeXt-T and APolyNeXt-T / S shapes: x1.37-2.49 in fp32 and
-x1.33-2.86 under bf16 autocast (``benchmarks/depthwise_backward.py``, its "no kernel" column). The undilated
-3x3 layers stay with oneDNN's fast kernel, which the kernel did not beat (x0.88-1.02 in a throwaway timing).
+bfloat16, the weight gradient of every routed layer comes instead from its ``polynext_dw_wgrad`` kernel: an
+image's input and output gradient copied in one pass into planes of 16 channels (the input's zero-padded),
+then every tap's sum in a register, float32 sums (also under bf16 autocast, where oneDNN's sums were
+bfloat16). Dead taps then need no crop: they only meet the padding's zeros. Forward + backward of the routed
+layers against the phase split and column cut, on a 2-core AMD EPYC (Zen 4), batch 32, the CPolyNeXt-T and
+APolyNeXt-T / S shapes: x1.51-2.75 in fp32 and x1.63-3.08 under bf16 autocast
+(``benchmarks/depthwise_backward.py``, its "no kernel" column). The undilated 3x3 layers stay with oneDNN's fast
+kernel, which the kernel beat at some shapes and not at others (x0.8-1.8, weight gradient alone, in a
+throwaway timing).
 
 All are exact in real arithmetic (float64 agreement ~1e-11 in the tests); the phase split is 4-6x
 faster than autograd's backward at the PolyNeXt shapes of 14x14 and larger, the crop and the

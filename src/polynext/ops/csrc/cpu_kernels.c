@@ -44,9 +44,9 @@
  *    d) of channels-last maps, for ops/depthwise.py's backward. PyTorch's CPU backward sends every depthwise
  *    weight gradient but the undilated 3x3 one to oneDNN's generic grouped kernel, 5-10x slower than the
  *    forward; polynext's phase split and column cut (ops/depthwise.py) bring the dilated and 5x5 ones back to
- *    oneDNN's fast 3-wide kernel at the cost of copies. Here each block of 16 channels of an image is copied
- *    once into a zero-padded buffer in L1 / L2 and every tap's sum is a register: one load and one FMA per tap
- *    and pixel. */
+ *    oneDNN's fast 3-wide kernel at the cost of copies. Here an image's input and output gradient are copied in
+ *    one pass into planes of 16 channels (the input's zero-padded), and every tap's sum is a register: one
+ *    load and one FMA per tap and pixel, from L2. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -299,22 +299,24 @@ BWD_ROW(bwd_row_prod_f32, float, load_f32, store_f32, 1)
 BWD_ROW(bwd_row_bf16, uint16_t, load_bf16, store_bf16, 0)
 BWD_ROW(bwd_row_prod_bf16, uint16_t, load_bf16, store_bf16, 1)
 
-/* One item of polynext_dw_wgrad_* (5. above): image x (H x W x C, channels-last), output gradient g (the same),
- * 16 channels from c0 (the last block masked by km). The block of x is copied into pad, zero-padded by p on every
- * side, as (H + 2p) x (W + 2p) vectors; then every output pixel's gradient meets each tap's input vector with
- * no bounds to check, and the k x k accumulators stay in registers (k = 3 and 5: 9 and 25 of the 32). */
-#define DW_TAPS(K, D, T, LOAD)                                                                                   \
+/* One item of polynext_dw_wgrad_* (5. above): channel blocks b0..b1-1 (16 channels each, the last one masked) of
+ * image x (H x W x C, channels-last) and its output gradient g. One pass over the image's pixels copies each block
+ * into its own plane: x's into pad, zero-padded by p on every side ((H + 2p) x (W + 2p) vectors), g's into gp
+ * (H x W vectors); then, block by block from L2, every output pixel's gradient meets each tap's input vector with
+ * no bounds to check, and the k x k sums stay in registers (k = 3 and 5, dilation 1 and 2: 9 and 25 of the 32
+ * registers, the taps' offsets constants). */
+#define DW_TAPS(K, D)                                                                                           \
     do {                                                                                                        \
         __m512 acc[K * K];                                                                                      \
         _Pragma("GCC unroll 25")                                                                                \
         for (int t = 0; t < K * K; ++t) acc[t] = _mm512_setzero_ps();                                           \
         for (int64_t h = 0; h < H; ++h) {                                                                       \
-            const T *gr = g + h * W * C + c0;                                                                   \
+            const float *gr = gq + h * W * 16;                                                                  \
             const float *row[K];                                                                                \
             _Pragma("GCC unroll 5")                                                                             \
-            for (int i = 0; i < K; ++i) row[i] = pad + (h + (int64_t)i * D) * Wp * 16;                          \
+            for (int i = 0; i < K; ++i) row[i] = xq + (h + (int64_t)i * D) * Wp * 16;                           \
             for (int64_t w = 0; w < W; ++w) {                                                                   \
-                const __m512 gv = LOAD(gr + w * C, km);                                                         \
+                const __m512 gv = _mm512_loadu_ps(gr + w * 16);                                                 \
                 _Pragma("GCC unroll 5")                                                                         \
                 for (int i = 0; i < K; ++i)                                                                     \
                     _Pragma("GCC unroll 5")                                                                     \
@@ -327,29 +329,56 @@ BWD_ROW(bwd_row_prod_bf16, uint16_t, load_bf16, store_bf16, 1)
             _mm512_mask_storeu_ps(out + t * C + c0, km, _mm512_add_ps(_mm512_maskz_loadu_ps(km, out + t * C + c0), acc[t])); \
     } while (0)
 
+static inline __mmask16 block_mask(int64_t C, int64_t c0) {
+    return C - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (C - c0)) - 1u);
+}
+
 #define DW_ITEM(NAME, T, LOAD)                                                                                  \
-    static void NAME(const T *x, const T *g, float *pad, float *out, int64_t H, int64_t W, int64_t C, int64_t c0, \
-                     int64_t nc, int k, int d) {                                                                \
-        const int64_t p = (int64_t)d * (k - 1) / 2, Wp = W + 2 * p;                                             \
-        const __mmask16 km = (__mmask16)((1u << nc) - 1u);                                                      \
-        memset(pad, 0, (size_t)(H + 2 * p) * Wp * 16 * sizeof(float));                                         \
-        for (int64_t h = 0; h < H; ++h)                                                                         \
-            for (int64_t w = 0; w < W; ++w)                                                                     \
-                _mm512_storeu_ps(pad + ((h + p) * Wp + w + p) * 16, LOAD(x + (h * W + w) * C + c0, km));        \
-        if (k == 3 && d == 1) { DW_TAPS(3, 1, T, LOAD); return; }                                                 \
-        if (k == 3 && d == 2) { DW_TAPS(3, 2, T, LOAD); return; }                                                 \
-        if (k == 5 && d == 1) { DW_TAPS(5, 1, T, LOAD); return; }                                                 \
-        if (k == 5 && d == 2) { DW_TAPS(5, 2, T, LOAD); return; }                                                 \
-        for (int i = 0; i < k; ++i)              /* other sizes: one tap at a time over the map */              \
-            for (int j = 0; j < k; ++j) {                                                                       \
-                __m512 acc = _mm512_setzero_ps();                                                               \
-                for (int64_t h = 0; h < H; ++h)                                                                 \
-                    for (int64_t w = 0; w < W; ++w)                                                             \
-                        acc = _mm512_fmadd_ps(LOAD(g + (h * W + w) * C + c0, km),                               \
-                                              _mm512_loadu_ps(pad + ((h + (int64_t)i * d) * Wp + w + j * d) * 16), acc); \
-                float *o = out + (i * k + j) * C + c0;                                                          \
-                _mm512_mask_storeu_ps(o, km, _mm512_add_ps(_mm512_maskz_loadu_ps(km, o), acc));                 \
+    static void NAME(const T *x, const T *g, float *pad, float *gp, float *out, int64_t H, int64_t W, int64_t C, \
+                     int64_t b0, int64_t b1, int k, int d) {                                                    \
+        const int64_t p = (int64_t)d * (k - 1) / 2, Wp = W + 2 * p, plane = (H + 2 * p) * Wp * 16, gplane = H * W * 16; \
+        const __m512 zero = _mm512_setzero_ps();                                                                \
+        for (int64_t b = 0; b < b1 - b0; ++b) {        /* the planes' borders */                               \
+            float *xq = pad + b * plane;                                                                        \
+            for (int64_t q = 0; q < p * Wp; ++q) {                                                              \
+                _mm512_storeu_ps(xq + q * 16, zero);                                                            \
+                _mm512_storeu_ps(xq + ((H + p) * Wp + q) * 16, zero);                                           \
             }                                                                                                   \
+            for (int64_t h = 0; h < H; ++h)                                                                     \
+                for (int64_t w = 0; w < p; ++w) {                                                               \
+                    _mm512_storeu_ps(xq + ((h + p) * Wp + w) * 16, zero);                                       \
+                    _mm512_storeu_ps(xq + ((h + p) * Wp + W + p + w) * 16, zero);                               \
+                }                                                                                               \
+        }                                                                                                       \
+        for (int64_t h = 0; h < H; ++h)                /* one pass over the image's pixels */                  \
+            for (int64_t w = 0; w < W; ++w) {                                                                   \
+                const T *xr = x + (h * W + w) * C, *gr = g + (h * W + w) * C;                                   \
+                for (int64_t b = b0; b < b1; ++b) {                                                             \
+                    const __mmask16 km = block_mask(C, 16 * b);                                                 \
+                    _mm512_storeu_ps(pad + (b - b0) * plane + ((h + p) * Wp + w + p) * 16, LOAD(xr + 16 * b, km)); \
+                    _mm512_storeu_ps(gp + (b - b0) * gplane + (h * W + w) * 16, LOAD(gr + 16 * b, km));         \
+                }                                                                                               \
+            }                                                                                                   \
+        for (int64_t b = b0; b < b1; ++b) {                                                                     \
+            const float *xq = pad + (b - b0) * plane, *gq = gp + (b - b0) * gplane;                             \
+            const int64_t c0 = 16 * b;                                                                          \
+            const __mmask16 km = block_mask(C, c0);                                                             \
+            if (k == 3 && d == 1) DW_TAPS(3, 1);                                                                \
+            else if (k == 3 && d == 2) DW_TAPS(3, 2);                                                           \
+            else if (k == 5 && d == 1) DW_TAPS(5, 1);                                                           \
+            else if (k == 5 && d == 2) DW_TAPS(5, 2);                                                           \
+            else                                       /* other sizes: one tap at a time over the map */       \
+                for (int i = 0; i < k; ++i)                                                                     \
+                    for (int j = 0; j < k; ++j) {                                                               \
+                        __m512 acc = _mm512_setzero_ps();                                                       \
+                        for (int64_t h = 0; h < H; ++h)                                                         \
+                            for (int64_t w = 0; w < W; ++w)                                                     \
+                                acc = _mm512_fmadd_ps(_mm512_loadu_ps(gq + (h * W + w) * 16),                   \
+                                                      _mm512_loadu_ps(xq + ((h + (int64_t)i * d) * Wp + w + j * d) * 16), acc); \
+                        float *o = out + (i * k + j) * C + c0;                                                  \
+                        _mm512_mask_storeu_ps(o, km, _mm512_add_ps(_mm512_maskz_loadu_ps(km, o), acc));         \
+                    }                                                                                           \
+        }                                                                                                       \
     }
 
 DW_ITEM(dw_item_f32, float, load_f32)
@@ -479,28 +508,36 @@ BWD_PORTABLE(bwd_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
 BWD_PORTABLE(bwd_row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
 
 #define DW_ITEM(NAME, T, TO_F32)                                                                                \
-    static void NAME(const T *x, const T *g, float *pad, float *out, int64_t H, int64_t W, int64_t C, int64_t c0, \
-                     int64_t nc, int k, int d) {                                                                \
-        const int64_t p = (int64_t)d * (k - 1) / 2, Wp = W + 2 * p;                                             \
-        float acc[49 * 16], gv[16];                                                                             \
-        memset(pad, 0, (size_t)(H + 2 * p) * Wp * 16 * sizeof(float));                                         \
-        memset(acc, 0, sizeof(acc));                                                                            \
+    static void NAME(const T *x, const T *g, float *pad, float *gp, float *out, int64_t H, int64_t W, int64_t C, \
+                     int64_t b0, int64_t b1, int k, int d) {                                                    \
+        const int64_t p = (int64_t)d * (k - 1) / 2, Wp = W + 2 * p, plane = (H + 2 * p) * Wp * 16, gplane = H * W * 16; \
+        memset(pad, 0, (size_t)(b1 - b0) * plane * sizeof(float));                                             \
+        memset(gp, 0, (size_t)(b1 - b0) * gplane * sizeof(float));                                             \
         for (int64_t h = 0; h < H; ++h)                                                                         \
             for (int64_t w = 0; w < W; ++w)                                                                     \
-                for (int64_t c = 0; c < nc; ++c)                                                                \
-                    pad[((h + p) * Wp + w + p) * 16 + c] = TO_F32(x[(h * W + w) * C + c0 + c]);                 \
-        for (int64_t h = 0; h < H; ++h)                                                                         \
-            for (int64_t w = 0; w < W; ++w) {                                                                   \
-                for (int64_t c = 0; c < 16; ++c) gv[c] = c < nc ? TO_F32(g[(h * W + w) * C + c0 + c]) : 0.f;   \
-                for (int i = 0; i < k; ++i)                                                                     \
-                    for (int j = 0; j < k; ++j) {                                                               \
-                        const float *xr = pad + ((h + (int64_t)i * d) * Wp + w + j * d) * 16;                   \
-                        float *a = acc + (i * k + j) * 16;                                                      \
-                        for (int c = 0; c < 16; ++c) a[c] += gv[c] * xr[c];                                     \
-                    }                                                                                           \
-            }                                                                                                   \
-        for (int t = 0; t < k * k; ++t)                                                                         \
-            for (int64_t c = 0; c < nc; ++c) out[t * C + c0 + c] += acc[t * 16 + c];                            \
+                for (int64_t c = 16 * b0; c < C && c < 16 * b1; ++c) {                                          \
+                    const int64_t b = c / 16 - b0, l = c % 16;                                                  \
+                    pad[b * plane + ((h + p) * Wp + w + p) * 16 + l] = TO_F32(x[(h * W + w) * C + c]);          \
+                    gp[b * gplane + (h * W + w) * 16 + l] = TO_F32(g[(h * W + w) * C + c]);                     \
+                }                                                                                               \
+        for (int64_t b = 0; b < b1 - b0; ++b) {                                                                 \
+            const float *xq = pad + b * plane, *gq = gp + b * gplane;                                           \
+            const int64_t c0 = 16 * (b0 + b), nc = C - c0 < 16 ? C - c0 : 16;                                  \
+            float acc[49 * 16];                                                                                 \
+            memset(acc, 0, sizeof(acc));                                                                        \
+            for (int64_t h = 0; h < H; ++h)                                                                     \
+                for (int64_t w = 0; w < W; ++w) {                                                               \
+                    const float *gv = gq + (h * W + w) * 16;                                                    \
+                    for (int i = 0; i < k; ++i)                                                                 \
+                        for (int j = 0; j < k; ++j) {                                                           \
+                            const float *xr = xq + ((h + (int64_t)i * d) * Wp + w + j * d) * 16;                \
+                            float *a = acc + (i * k + j) * 16;                                                  \
+                            for (int c = 0; c < 16; ++c) a[c] += gv[c] * xr[c];                                 \
+                        }                                                                                       \
+                }                                                                                               \
+            for (int t = 0; t < k * k; ++t)                                                                     \
+                for (int64_t c = 0; c < nc; ++c) out[t * C + c0 + c] += acc[t * 16 + c];                        \
+        }                                                                                                       \
     }
 
 DW_ITEM(dw_item_f32, float, f32_id)
@@ -670,32 +707,38 @@ FLIP_MUL(polynext_flip_mul_bf16, polynext_flip_mul_backward_bf16, uint16_t, bf16
  *
  *     dw[i, j, c] = sum over n, h, w of g[n, h, w, c] * x[n, h + d i - p, w + d j - p, c]   (zero outside the map)
  *
- * Work items are (image, block of 16 channels), split evenly over the threads; each thread adds its items into
- * its own k x k x C float32 partial sum, part + tid * k * k * C (part: threads x k x k x C, zeroed by the caller,
- * which adds the threads' sums). Returns 0; 1 for an even k or k > 7; 2 if a thread's padded block could not be
- * allocated (then part is incomplete). */
+ * Work items are an image's channel blocks (all of them, or with fewer than four images a thread a share, so that
+ * every thread has work), split evenly over the threads; each thread adds its items into its own k x k x C float32
+ * partial sum, part + tid * k * k * C (part: threads x k x k x C, zeroed by the caller, which adds the threads'
+ * sums). Returns 0; 1 for an even k or k > 7; 2 if a thread's buffers could not be allocated (then part is
+ * incomplete). */
 #define DW_WGRAD(NAME, T, ITEM)                                                                                  \
     int NAME(const T *x, const T *g, float *part, int64_t N, int64_t H, int64_t W, int64_t C, int k, int d,     \
              int threads) {                                                                                     \
         (void)threads;                                                                                          \
         if (k % 2 == 0 || k > 7) return 1;                                                                      \
-        const int64_t p = (int64_t)d * (k - 1) / 2, blocks = (C + 15) / 16, items = N * blocks;                 \
-        const size_t pad_bytes = (size_t)(H + 2 * p) * (W + 2 * p) * 16 * sizeof(float);                        \
+        const int64_t p = (int64_t)d * (k - 1) / 2, blocks = (C + 15) / 16;                                     \
+        int64_t groups = (4 * (int64_t)threads + N - 1) / N;                                                    \
+        groups = groups < 1 ? 1 : groups > blocks ? blocks : groups;                                            \
+        const int64_t per = (blocks + groups - 1) / groups, items = N * groups;                                 \
+        const size_t pad_floats = (size_t)per * (H + 2 * p) * (W + 2 * p) * 16;                                 \
+        const size_t buf_bytes = (pad_floats + (size_t)per * H * W * 16) * sizeof(float);                       \
         int failed = 0;                                                                                         \
         _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                        \
         {                                                                                                       \
             const int64_t tid = thread_id(), nt = thread_count();                                               \
-            float *pad = (float *)malloc(pad_bytes);                                                            \
-            if (!pad) {                                                                                         \
+            float *buf = (float *)malloc(buf_bytes);                                                            \
+            if (!buf) {                                                                                         \
                 failed = 1;                                                                                     \
             } else {                                                                                            \
                 float *out = part + tid * k * k * C;                                                            \
                 for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {                        \
-                    const int64_t n = it / blocks, c0 = (it % blocks) * 16;                                     \
-                    ITEM(x + n * H * W * C, g + n * H * W * C, pad, out, H, W, C, c0,                           \
-                         C - c0 < 16 ? C - c0 : 16, k, d);                                                      \
+                    const int64_t n = it / groups, b0 = (it % groups) * per;                                    \
+                    const int64_t b1 = b0 + per < blocks ? b0 + per : blocks;                                   \
+                    if (b0 < b1)                                                                                \
+                        ITEM(x + n * H * W * C, g + n * H * W * C, buf, buf + pad_floats, out, H, W, C, b0, b1, k, d); \
                 }                                                                                               \
-                free(pad);                                                                                      \
+                free(buf);                                                                                      \
             }                                                                                                   \
         }                                                                                                       \
         return failed ? 2 : 0;                                                                                  \
