@@ -85,6 +85,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('attn-kernel-no-normalise', 'attention kernel: rows not l1-normalised (fp32 path)',
              ATTN_OP, 'o3[heads, rows] = torch.matmul(a, vt).div_(r)', 'o3[heads, rows] = torch.matmul(a, vt)',
              KERNEL_TESTS),
+    Mutation('dw-wgrad-taps-transposed', 'depthwise weight-gradient kernel: the k x k taps summed into the '
+             'transposed tap (i, j) <- (j, i)', 'src/polynext/ops/depthwise.py',
+             'return part.sum(0).permute(2, 0, 1).unsqueeze(1)', 'return part.sum(0).permute(2, 1, 0).unsqueeze(1)',
+             ('tests/test_cpu_kernels.py::test_depthwise_backward_takes_the_weight_grad_kernel',)),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
     Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',
