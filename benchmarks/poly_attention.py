@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     env = environment(torch.device('cpu'))
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
           f"batch {args.batch_size}, {args.img_size} px, "
-          f"{'forward + backward' if args.mode == 'train' else 'inference forward'} ms (median of {args.runs})", flush=True)
+          f"{'forward + backward' if args.mode == 'train' else 'inference forward'} ms (median of {args.runs})",
+          flush=True)
     step = _step if args.mode == 'train' else _infer
     rows = []
     for name in args.models:

@@ -605,8 +605,13 @@ def test_depthwise_backward_takes_the_weight_grad_kernel(dtype, monkeypatch):
     from polynext.ops import depthwise as dw
     calls = []
     real = dw._kernel_weight_grad
-    monkeypatch.setattr(dw, '_kernel_weight_grad', lambda x, g, k, d: (lambda r: r is not None and calls.append(
-        (k, d, x.dtype)) or r)(real(x, g, k, d)))
+
+    def counted(x, g, k, d):   # records each call the kernel served
+        r = real(x, g, k, d)
+        if r is not None:
+            calls.append((k, d, x.dtype))
+        return r
+    monkeypatch.setattr(dw, '_kernel_weight_grad', counted)
     gen = torch.Generator().manual_seed(0)
     for k, d, hw in [(5, 2, 14), (3, 2, 16), (5, 1, 7), (5, 2, 4)]:
         conv = torch.nn.Conv2d(24, 24, k, padding=d * (k - 1) // 2, dilation=d, groups=24, bias=False)

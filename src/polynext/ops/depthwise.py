@@ -106,28 +106,27 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
                                   groups=channels).to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:
                 acc = torch.promote_types(ctx.dtypes[1], torch.float32)
-                grad_w = _kernel_weight_grad(x, grad, k, d)
-                if grad_w is not None:
-                    pass
-                elif cut_h == cut_w == 0 and k > 3 and (height * width >= _MIN_PIXELS or d == 1):
-                    grad_w = _wide_phase_weight_grad(x, grad, k, d).to(acc)
-                elif cut_h == cut_w == 0 and height * width >= _MIN_PIXELS:
-                    c = (k - 1) // 2
-                    for a in range(d):
-                        for b in range(d):
-                            xp = x[:, :, a::d, b::d].contiguous(memory_format=fmt)
-                            gp = grad[:, :, a::d, b::d].contiguous(memory_format=fmt)
-                            part = torch.ops.aten.convolution_backward(
-                                gp, xp, weight, None, [1, 1], [c, c], [1, 1], False, [0, 0], channels,
-                                [False, True, False])[1].to(acc)
-                            grad_w = part if grad_w is None else grad_w.add_(part)
-                elif fmt == torch.channels_last:
-                    grad_w = F.pad(_tap_weight_grad(x, grad, kh, kw, d).to(acc), (cut_w, cut_w, cut_h, cut_h))
-                else:
-                    grad_w = torch.ops.aten.convolution_backward(
-                        grad, x, live, None, [1, 1], pad, dil, False, [0, 0], channels,
-                        [False, True, False])[1].to(acc)
-                    grad_w = F.pad(grad_w, (cut_w, cut_w, cut_h, cut_h))
+                grad_w = _kernel_weight_grad(x, grad, k, d)   # the C kernel where it is built (module docstring)
+                if grad_w is None:   # PyTorch's kernels: the column cut, the phase split, the tap-by-tap gradient
+                    if cut_h == cut_w == 0 and k > 3 and (height * width >= _MIN_PIXELS or d == 1):
+                        grad_w = _wide_phase_weight_grad(x, grad, k, d).to(acc)
+                    elif cut_h == cut_w == 0 and height * width >= _MIN_PIXELS:
+                        c = (k - 1) // 2
+                        for a in range(d):
+                            for b in range(d):
+                                xp = x[:, :, a::d, b::d].contiguous(memory_format=fmt)
+                                gp = grad[:, :, a::d, b::d].contiguous(memory_format=fmt)
+                                part = torch.ops.aten.convolution_backward(
+                                    gp, xp, weight, None, [1, 1], [c, c], [1, 1], False, [0, 0], channels,
+                                    [False, True, False])[1].to(acc)
+                                grad_w = part if grad_w is None else grad_w.add_(part)
+                    elif fmt == torch.channels_last:
+                        grad_w = F.pad(_tap_weight_grad(x, grad, kh, kw, d).to(acc), (cut_w, cut_w, cut_h, cut_h))
+                    else:
+                        grad_w = torch.ops.aten.convolution_backward(
+                            grad, x, live, None, [1, 1], pad, dil, False, [0, 0], channels,
+                            [False, True, False])[1].to(acc)
+                        grad_w = F.pad(grad_w, (cut_w, cut_w, cut_h, cut_h))
                 grad_w = grad_w.to(ctx.dtypes[1])
                 if grad_w.stride() != weight.stride():   # the weight's own layout (a channels-last model's is
                     grad_w = torch.empty_like(weight, dtype=grad_w.dtype).copy_(grad_w)   # not standard): DDP's
@@ -135,10 +134,10 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
 
 
 def _kernel_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, d: int) -> Optional[torch.Tensor]:
-    """The weight gradient (C, 1, k, k) in float32 by ``ops.cpu_kernels``' ``polynext_dw_wgrad`` (each block of
-    16 channels of an image copied once into a zero-padded buffer, every tap's sum in a register), or None where
-    it does not apply: no compiled kernel, not eager CPU work, x not channels-last, a dtype other than float32 and
-    bfloat16, k even or above 7. Dead taps need no crop there: they only meet the buffer's zeros."""
+    """The weight gradient (C, 1, k, k) in float32 by ``ops.cpu_kernels``' ``polynext_dw_wgrad`` (an image's
+    input and output gradient packed into planes of 16 channels, every tap's sum in a register), or None where it
+    does not apply: no compiled kernel, not eager CPU work, x not channels-last, a dtype other than float32 and
+    bfloat16, k even or above 7. Dead taps need no crop there: they only meet the padding's zeros."""
     if not (k % 2 == 1 and k <= 7 and x.dtype in (torch.float32, torch.bfloat16)
             and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu(x, grad) and kernel_available()):
         return None
@@ -148,7 +147,8 @@ def _kernel_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, d: int) -> 
     part = torch.zeros(threads, k, k, channels)
     if kernel_fn('dw_wgrad', x)(x.data_ptr(), g.data_ptr(), part.data_ptr(), n, height, width, channels, k, d,
                                 threads) != 0:
-        raise MemoryError('polynext_dw_wgrad: a padded channel block could not be allocated')
+        raise MemoryError(f'polynext_dw_wgrad: out of memory for one image\'s {height}x{width}x{channels} planes per '
+                          'thread; free memory, or run with POLYNEXT_CPU_KERNELS=0 (PyTorch\'s path, no such buffers)')
     return part.sum(0).permute(2, 0, 1).unsqueeze(1)
 
 
