@@ -1,15 +1,17 @@
 """The depthwise backward of ``polynext.ops.depthwise`` against autograd's, at a model's shapes.
 
 For every distinct depthwise convolution of the model that polynext treats specially in training
-(PolyConv's dilated coarse branch and PolyAttn's undilated 5x5 Q / K convolutions, which
-``depthwise_conv2d`` routes; the stage boundaries' ``StridedDepthwiseConv2d``) at the given input size and
+(PolyConv's dilated coarse branch, PolyAttn's undilated 5x5 Q / K convolutions, and PolyConv's undilated 3x3
+ones from 64 channels at 56x56, which ``depthwise_conv2d`` routes; the stage boundaries'
+``StridedDepthwiseConv2d``) at the given input size and
 batch, in one process, interleaved (order reversed every other round, medians):
 
   autograd   ``nn.Conv2d.forward`` and ``torch.autograd.grad`` (PyTorch's CPU backward, under autocast
              in PyTorch's dtype for it)
   no kernel  ``depthwise_conv2d(x, conv)`` with ``ops.cpu_kernels`` off (phase split on maps of 14x14 and
              larger, 5x5 kernels cut into 3- and 1-wide columns; crop of the taps that only meet padding and a
-             per-tap weight gradient on smaller channels-last maps), or the strided layer's own forward
+             per-tap weight gradient on smaller channels-last maps; undilated 3x3 layers: autograd's, as
+             ``depthwise_conv2d`` routes them only for the kernel), or the strided layer's own forward
              (float32 inside autocast)
   polynext   the same with the kernels on: the weight gradient by ``polynext_dw_wgrad`` where it is built
 
@@ -38,15 +40,16 @@ import torch.nn as nn
 def _special_layers(model: nn.Module, x: torch.Tensor):
     """(conv, input shape, polynext's function) of each distinct depthwise conv that polynext treats specially
     in training, in a forward of ``x`` (fusions off, so that every call goes through ``depthwise_conv2d``):
-    those ``depthwise_conv2d`` routes (dilated, or wider than 3) and the ``StridedDepthwiseConv2d`` layers."""
+    those ``depthwise_conv2d`` routes (dilated, wider than 3, or 3x3 on maps of ``_MIN_NUMEL_3X3`` values) and the
+    ``StridedDepthwiseConv2d`` layers."""
     import polynext.models.polynext as family
-    from polynext.ops.depthwise import StridedDepthwiseConv2d
+    from polynext.ops.depthwise import _MIN_NUMEL_3X3, StridedDepthwiseConv2d
     from polynext.ops.fused import fusion
     seen = {}
     real = family.depthwise_conv2d
 
     def record(inp, conv):
-        if conv.dilation[0] > 1 or conv.kernel_size[0] > 3:
+        if conv.dilation[0] > 1 or conv.kernel_size[0] > 3 or inp[0].numel() >= _MIN_NUMEL_3X3:
             seen.setdefault((tuple(inp.shape), conv.kernel_size, conv.dilation, 1), (conv, real))
         return real(inp, conv)
 

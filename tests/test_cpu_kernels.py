@@ -634,6 +634,41 @@ def test_depthwise_backward_takes_the_weight_grad_kernel(dtype, monkeypatch):
         assert (gw_off.float() - want).abs().max() <= tol * want.abs().max()
 
 
+@needs_cc
+def test_large_undilated_3x3_depthwise_takes_the_weight_grad_kernel(monkeypatch):
+    """PolyConv's undilated 3x3 convolutions take the function, for the weight-gradient kernel, from 64 channels at
+    56x56 an image (channels-last, the kernels on): same output bits as the plain convolution, gradients of float64
+    autograd; smaller maps, NCHW maps and ``kernels(False)`` keep PyTorch's own backward."""
+    from polynext.ops import depthwise as dw
+    calls = []
+    real = dw._kernel_weight_grad
+    monkeypatch.setattr(dw, '_kernel_weight_grad', lambda *a: calls.append(a[2:]) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+
+    def run(channels, hw, channels_last=True):
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        x = torch.randn(1, channels, *hw, generator=gen)
+        x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+        g = torch.randn(1, channels, *hw, generator=gen)
+        y = dw.depthwise_conv2d(x, conv)
+        assert torch.equal(y, conv(x))
+        gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+        x64, w64 = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+        gx64, gw64 = torch.autograd.grad(F.conv2d(x64, w64, padding=1, groups=channels), (x64, w64), g.double())
+        assert (gx - gx64).abs().max() <= 1e-5 * gx64.abs().max()
+        assert (gw - gw64).abs().max() <= 1e-5 * gw64.abs().max()
+        return type(y.grad_fn).__name__
+
+    assert run(64, (56, 56)) == 'DepthwiseConv2dFunctionBackward' and calls == [(3, 1)]
+    assert run(72, (40, 70)) == 'DepthwiseConv2dFunctionBackward' and calls == [(3, 1)] * 2
+    assert run(48, (56, 56)) == 'ConvolutionBackward0'
+    assert run(96, (28, 28)) == 'ConvolutionBackward0'
+    assert run(64, (56, 56), channels_last=False) == 'ConvolutionBackward0'
+    with ck.kernels(False):
+        assert run(64, (56, 56)) == 'ConvolutionBackward0'
+    assert len(calls) == 2
+
+
 def test_small_plain_norms_train_with_pytorch():
     """In training a plain norm below TRAIN_PLAIN_MIN_NUMEL keeps PyTorch's path (as fast there); the product's
     and the residual's forms take the kernels from MIN_NUMEL."""

@@ -427,14 +427,14 @@ class PolyConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.pw_in(x)
-        fine = self.fine(u)
+        fine = depthwise_conv2d(u, self.fine)
         if not self.product.is_product:                     # the ablations' interactions
             y = self.product(depthwise_conv2d(u, self.coarse), fine.flip(1))
         elif can_fuse(u, fine):                             # CPU inference: the product is the coarse conv's post-op
             y = conv_mul(u, fine.flip(1), self.coarse)
         else:                                               # the reversal read in the product's pass (CPU kernel)
             y = flip_product(depthwise_conv2d(u, self.coarse), fine)
-        return self.pw_out(self.dw_out(y))
+        return self.pw_out(depthwise_conv2d(y, self.dw_out))
 
 
 class PolyAttn(nn.Module):

@@ -41,15 +41,16 @@ then every tap's sum in a register, float32 sums (also under bf16 autocast, wher
 bfloat16). Dead taps then need no crop: they only meet the padding's zeros. Forward + backward of the routed
 layers against the phase split and column cut, on a 2-core AMD EPYC (Zen 4), batch 32, the CPolyNeXt-T and
 APolyNeXt-T / S shapes: x1.51-2.75 in fp32 and x1.63-3.08 under bf16 autocast
-(``benchmarks/depthwise_backward.py``, its "no kernel" column). The undilated 3x3 layers stay with oneDNN's fast
-kernel, which the kernel beat at some shapes and not at others (x0.8-1.8, weight gradient alone, in a
-throwaway timing).
+(``benchmarks/depthwise_backward.py``, its "no kernel" column). Undilated 3x3 layers take the function only for
+this kernel, from 64 channels at 56x56 an image (``_MIN_NUMEL_3X3``: the S models' stage-0 PolyConv), where
+oneDNN's weight gradient slows to half its rate; smaller ones stay with oneDNN's fast kernel.
 
 All are exact in real arithmetic (float64 agreement ~1e-11 in the tests); the phase split is 4-6x
 faster than autograd's backward at the PolyNeXt shapes of 14x14 and larger, the crop and the
 per-tap gradient 2-30x on smaller maps (``benchmarks/depthwise_backward.py``). The function is used for stride-1,
-same-padded, dilated depthwise convolutions on the CPU when a gradient is needed; everything else
-(inference, CUDA, undilated convolutions) calls ``F.conv2d`` directly.
+same-padded depthwise convolutions on the CPU when a gradient is needed that are dilated, wider than 3, or 3x3
+layers the weight-gradient kernel serves (above); everything else (inference, CUDA, other undilated convolutions)
+calls ``F.conv2d`` directly.
 """
 from __future__ import annotations
 
@@ -66,6 +67,13 @@ __all__ = ['depthwise_conv2d', 'DepthwiseConv2dFunction', 'StridedDepthwiseConv2
 
 #: below this many output pixels per image the phase split costs more than it saves (7x7 and 8x8 maps)
 _MIN_PIXELS = 14 * 14
+#: undilated 3x3 layers take the function, for its weight-gradient kernel, on channels-last maps of at least this many
+#: values an image (from 64 channels at 56x56: the S models' stage 0, 72 channels). Forward + backward against
+#: autograd's (oneDNN), 2-core Zen 4, batch 32 (``benchmarks/depthwise_backward.py``, the autograd column): 72 channels
+#: at 56x56 x1.28-1.34 in fp32 and x1.35 under bf16 autocast; in a throwaway timing of the backward alone oneDNN's
+#: weight gradient took 6.8 ms there against 3.3 ms at 64 channels and the kernel 3.5 ms. Below it oneDNN's fast
+#: kernel stays: 48 channels at 56x56 and 96 at 28x28 ran x0.85-0.93 in fp32, 144 at 28x28 x1.07 (within the noise).
+_MIN_NUMEL_3X3 = 64 * 56 * 56
 
 
 class DepthwiseConv2dFunction(torch.autograd.Function):
@@ -232,21 +240,30 @@ def _dead_taps(k: int, d: int, size: int) -> int:
     return sum(1 for i in range(half) if d * (half - i) >= size)
 
 
+def _kernel_serves_3x3(x: torch.Tensor) -> bool:
+    """Whether an undilated 3x3 layer on ``x`` takes the function: the weight-gradient kernel applies (channels-last
+    float32 / bfloat16 maps, eager CPU work, the kernels built and on) and an image has ``_MIN_NUMEL_3X3`` values."""
+    return (x.shape[-3] * x.shape[-2] * x.shape[-1] >= _MIN_NUMEL_3X3 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu(x) and kernel_available())
+
+
 def depthwise_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a depthwise ``nn.Conv2d``; the fast-backward function where it applies.
 
     It applies on the CPU, with autograd recording, for a bias-free, stride-1, square-kernel depthwise
     convolution with "same" padding that is dilated (the phase split on maps of at least 14x14, the crop
     of dead taps and a per-tap weight gradient on smaller channels-last maps) or wider than 3 (PolyAttn's
-    5x5 Q / K convolutions: the column cut at every map size; undilated 3x3 ones already take oneDNN's
-    fast kernel)."""
+    5x5 Q / K convolutions: the column cut at every map size). Undilated 3x3 ones (PolyConv's fine and output
+    convolutions) take it only for the weight-gradient kernel, on maps of at least 64 channels at 56x56
+    (``_MIN_NUMEL_3X3``); elsewhere oneDNN's fast kernel serves them."""
     k = conv.kernel_size[0]
     d = conv.dilation[0]
-    if ((d > 1 or k > 3) and x.device.type == 'cpu' and torch.is_grad_enabled()
+    if (x.device.type == 'cpu' and torch.is_grad_enabled()
             and (x.requires_grad or conv.weight.requires_grad) and conv.bias is None
             and conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)
             and conv.kernel_size == (k, k) and conv.dilation == (d, d) and conv.padding == (d * (k - 1) // 2,) * 2
             and conv.padding_mode == 'zeros'
+            and (d > 1 or k > 3 or (k == 3 and _kernel_serves_3x3(x)))
             and (d == 1 or x.shape[-1] * x.shape[-2] >= _MIN_PIXELS
                  or x.is_contiguous(memory_format=torch.channels_last) or _dead_taps(k, d, min(x.shape[-2:])) > 0)):
         return DepthwiseConv2dFunction.apply(x, conv.weight, d)
