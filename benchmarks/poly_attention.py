@@ -13,15 +13,22 @@ medians), heads passed as the strided views of a channels-last activation, as th
 
 in fp32 or bf16 (``--dtype``; bf16 as the model runs it cast to bf16 or under autocast), forward + backward or
 (``--mode infer``) the forward under ``inference_mode``, as a deployed model runs it; the float64
-agreement of polynext's output and gradients with the expression's, and with ``--baseline`` whether the two
-versions give bit-identical outputs and gradients. Prints a table and writes JSON. Speed ratios depend on
-the CPU: the JSON names it.
+agreement of polynext's output and gradients with the expression's (in float64, and in the timed dtype against
+the float64 expression on the same values: ``--dtype fp32`` runs the fused float32 kernel of ``ops.cpu_kernels``
+where it is built), and with ``--baseline`` whether the two versions give bit-identical outputs and gradients.
+
+With ``--whole-model``, then each model's whole step (``polynext bench``'s: inference, or with ``--mode train``
+forward, loss, backward and AdamW; ``--dtype``) with the fused float32 attention kernel on and off
+(``ops.cpu_kernels.fused_attention_available``), interleaved, and the largest logit difference at inference.
+
+Prints a table (two) and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/poly_attention.py --json benchmarks/results/poly_attention.json
     git show edb6769:src/polynext/ops/poly_attention.py > /tmp/poly_attention_edb6769.py
     python benchmarks/poly_attention.py --baseline /tmp/poly_attention_edb6769.py --runs 15
     python benchmarks/poly_attention.py apolynext_t apolynext_s --dtype bf16 --baseline FILE
     python benchmarks/poly_attention.py apolynext_s --mode infer --batch-size 2 --img-size 512 --baseline FILE
+    python benchmarks/poly_attention.py apolynext_t apolynext_s --mode infer --whole-model --runs 11
 """
 from __future__ import annotations
 
@@ -72,6 +79,55 @@ def _infer(fn, q, k, v, grad):
         return (fn(q, k, v),)
 
 
+def _whole_model(args) -> list:
+    """Each model's ``polynext bench`` step with the fused float32 attention kernel on and off, interleaved."""
+    import timm
+    from polynext.bench import BenchSettings, make_step, time_interleaved
+    from polynext.ops import cpu_kernels
+    available = cpu_kernels.fused_attention_available
+
+    def fused(on: bool):
+        def step():
+            cpu_kernels.fused_attention_available = available if on else (lambda *a: False)
+            try:
+                run()
+            finally:
+                cpu_kernels.fused_attention_available = available
+        return step
+
+    print(f"whole model, {'inference' if args.mode == 'infer' else 'training step'}, img/s (median of {args.runs}):",
+          flush=True)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+        settings = BenchSettings(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+                                 channels_last=True)
+        run = make_step(model, settings, torch.device('cpu'))
+        steps = {'pytorch': fused(False), 'fused': fused(True)}
+        for fn in steps.values():
+            fn()
+        times = time_interleaved(steps, args.runs)
+        rate = {k: args.batch_size / statistics.median(t) for k, t in times.items()}
+        row = dict(model=name, pytorch_img_s=round(rate['pytorch'], 2), fused_img_s=round(rate['fused'], 2),
+                   speedup=round(rate['fused'] / rate['pytorch'], 3))
+        if args.mode == 'infer':
+            x = torch.randn(2, 3, args.img_size, args.img_size).to(next(model.parameters()).dtype)
+            with torch.inference_mode():
+                on = model(x.contiguous(memory_format=torch.channels_last))
+                cpu_kernels.fused_attention_available = lambda *a: False
+                try:
+                    off = model(x.contiguous(memory_format=torch.channels_last))
+                finally:
+                    cpu_kernels.fused_attention_available = available
+            row['max_abs_logit_diff'] = (on.float() - off.float()).abs().max().item()
+        rows.append(row)
+        diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
+        print(f"{name:12s} PyTorch's attention {rate['pytorch']:7.2f}  fused {rate['fused']:7.2f}  "
+              f"x{row['speedup']:.3f}{diff}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('models', nargs='*', default=['apolynext_t'])
@@ -83,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
     parser.add_argument('--mode', choices=('train', 'infer'), default='train',
                         help='train: forward + backward (default); infer: the forward under inference_mode')
+    parser.add_argument('--whole-model', action='store_true',
+                        help="then each model's whole step with the fused float32 attention kernel on and off")
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
     if args.json and Path(args.json).is_dir():
@@ -137,6 +195,11 @@ def main(argv=None) -> int:
             want = step(poly_attention_reference, q64, k64, v64, g64)
             err = max(((a - b).abs().max() / b.abs().max()).item()
                       for a, b in zip(step(poly_attention, q64, k64, v64, g64), want))
+            # the timed dtype's code path (the fused kernel in float32) against float64 on the same values
+            qd, kd, vd, gd = (t.to(dtype) for t in (q64, k64, v64, g64))
+            want_d = step(poly_attention_reference, *(t.double() for t in (qd, kd, vd, gd)))
+            err_d = max(((a.double() - b).abs().max() / b.abs().max()).item()
+                        for a, b in zip(step(poly_attention, qd, kd, vd, gd), want_d))
             q, k, v = _heads(shape, dtype, 0)
             g = torch.randn(shape).to(dtype)
             times = {key: [] for key in kernels}
@@ -151,7 +214,7 @@ def main(argv=None) -> int:
             ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
             row = dict(model=name, shape=list(shape), **{f'{key}_ms': round(t, 2) for key, t in ms.items()},
                        speedup_vs_expression=round(ms['expression'] / ms['polynext'], 2),
-                       max_rel_diff_fp64=err)
+                       max_rel_diff_fp64=err, max_rel_diff_dtype=err_d)
             if 'baseline' in ms:
                 row['speedup_vs_baseline'] = round(ms['baseline'] / ms['polynext'], 3)
                 row['identical_to_baseline'] = all(torch.equal(a, b) for a, b in zip(
@@ -161,10 +224,12 @@ def main(argv=None) -> int:
             extra = (f"  x{row['speedup_vs_baseline']:.3f} baseline"
                      f"{' (bit-identical)' if row['identical_to_baseline'] else ' (differs)'}") if 'baseline' in ms else ''
             print(f'{name:12s} {str(list(shape)):18s} {cols}  x{row["speedup_vs_expression"]:.2f} expression{extra}'
-                  f'  fp64 rel diff {err:.1e}', flush=True)
+                  f'  rel diff fp64 {err:.1e}, {args.dtype} {err_d:.1e}', flush=True)
+    models = _whole_model(args) if args.whole_model else None
     out = dict(command=['python', 'benchmarks/poly_attention.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
-               dtype=args.dtype, mode=args.mode, baseline=str(args.baseline) if args.baseline else None, rows=rows)
+               dtype=args.dtype, mode=args.mode, baseline=str(args.baseline) if args.baseline else None, rows=rows,
+               whole_model=models)
     write_report(args.json, out)
     return 0
 

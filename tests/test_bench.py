@@ -491,6 +491,13 @@ def test_poly_attention_script_toy(tmp_path):
     data = json.loads(out.read_text())
     assert data['mode'] == 'infer' and all(r['max_rel_diff_fp64'] < 1e-12 and r['identical_to_baseline']
                                            for r in data['rows'])
+    assert all(r['max_rel_diff_dtype'] < 1e-5 for r in data['rows']) and data['whole_model'] is None
+    # the whole model with the fused float32 attention on and off: the same logits to float32 rounding
+    assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--mode', 'infer',
+                        '--whole-model', '--json', str(out)]) == 0
+    (row,) = json.loads(out.read_text())['whole_model']
+    assert row['model'] == 'apolynext_t' and row['fused_img_s'] > 0 and row['pytorch_img_s'] > 0
+    assert row['max_abs_logit_diff'] < 1e-5
 
 
 def test_table11_quick_script(tmp_path):

@@ -311,6 +311,88 @@ def test_poly_attention_takes_the_kernel_at_inference_only(dtype, monkeypatch):
     assert len(calls) == n
 
 
+def _fused_reference(q, k, v, power, eps=1e-12):
+    p = (q.double() @ k.double().transpose(-1, -2) + 1) ** power
+    r = p.sum(-1, keepdim=True).clamp_min(eps)
+    return (p @ v.double()) / r, r
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
+    """polynext_poly_attention_f32 against float64: head dimensions 16 and 32, powers 2 and 4, key counts that
+    fill whole 32-key blocks, end on a 16-key block or on a masked tail whose lanes must weigh nothing, query counts
+    that leave a partial 8-row block and a partial 64-query item, fewer queries than keys; a row whose scores are all
+    exactly -1 (its sum clamped to eps: output 0) and a NaN query (its row NaN only). The portable build refuses
+    it (returns 1, writes nothing): PyTorch's path serves it there."""
+    lib = _library_for(march, tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    fused = bool(lib.polynext_poly_attention_fused())
+    assert fused == (AVX512 if march is None else march != 'x86-64-v2')
+    for heads, n, m, d in [(3, 196, 196, 32), (2, 49, 49, 32), (2, 70, 37, 16), (1, 1, 1, 32), (2, 5, 300, 32),
+                           (1, 130, 48, 16), (1, 9, 17, 32)]:
+        for power in (2, 4):
+            q, k = (torch.randn(heads, x, d, generator=gen) * 0.25 for x in (n, m))
+            v = torch.randn(heads, m, d, generator=gen)
+            o, r = torch.full_like(q, 7.0), torch.full((heads, n, 1), 7.0)
+            status = lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+                                                     r.data_ptr(), heads, n, m, d, power, 1e-12, 2)
+            if not fused:
+                assert status == 1 and (o == 7).all() and (r == 7).all()
+                continue
+            assert status == 0
+            ref, ref_r = _fused_reference(q, k, v, power)
+            assert (o.double() - ref).abs().max() <= 2e-6 * ref.abs().max(), (heads, n, m, d, power)
+            assert torch.allclose(r.double(), ref_r, rtol=1e-5)
+    if not fused:
+        return
+    q, k, v = torch.randn(2, 20, 32, generator=gen), torch.randn(2, 40, 32, generator=gen), torch.randn(2, 40, 32)
+    q[0, 4] = 0.0
+    q[0, 4, 0] = 1.0
+    k[0, :, 0] = -1.0             # row 4 of head 0: every score exactly -1, every weight 0
+    q[1, 11, 3] = float('nan')
+    o, r = torch.empty_like(q), torch.empty(2, 20, 1)
+    assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), r.data_ptr(),
+                                           2, 20, 40, 32, 4, 1e-12, 2) == 0
+    assert (o[0, 4] == 0).all() and r[0, 4].item() == pytest.approx(1e-12)
+    assert torch.isnan(o[1, 11]).all() and not torch.isnan(o[1, :11]).any() and not torch.isnan(o[0]).any()
+    assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None,
+                                           2, 20, 40, 24, 4, 1e-12, 2) == 1   # head dimension 24: refused
+    assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None,
+                                           2, 20, 40, 32, 3, 1e-12, 2) == 1   # power 3: refused
+
+
+@needs_cc
+def test_poly_attention_takes_the_fused_kernel_in_float32(monkeypatch):
+    """In float32 (inference and the training forward) the attention is the fused kernel where it is built (AVX-512),
+    the values and gradients those of float64; bfloat16, fusions off and kernels off keep PyTorch's path."""
+    calls = []
+    real = ck._poly_attention_fused
+    monkeypatch.setattr(ck, '_poly_attention_fused', lambda q, *a: calls.append(tuple(q.shape)) or real(q, *a))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(2, 3, 49, 32, generator=gen) * 0.3) for _ in range(3))
+    expected = [(6, 49, 32)] if bool(ck.library().polynext_poly_attention_fused()) else []
+    ref = pa.poly_attention_reference(q.double(), k.double(), v.double())
+    with torch.inference_mode():
+        out = pa.poly_attention(q, k, v)
+        assert calls == expected
+        with fusion(False):
+            pa.poly_attention(q, k, v)
+        with ck.kernels(False):
+            pa.poly_attention(q, k, v)
+        pa.poly_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert calls == expected
+    assert (out.double() - ref).abs().max() < 1e-6
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    g = torch.randn(2, 3, 49, 32, generator=gen)
+    grads = torch.autograd.grad(pa.poly_attention(qg, kg, vg), (qg, kg, vg), g)
+    assert calls == expected * 2
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(pa.poly_attention_reference(q64, k64, v64), (q64, k64, v64), g.double())
+    for a, b in zip(grads, want):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def _norm_grads(x, w, b, r, g, product):
     """float64 autograd of the norm (of the product of the halves), plus the residual: the output and the
     gradients of x, w, b."""
@@ -478,7 +560,7 @@ def test_attention_training_kernels_in_every_code_path(march, tmp_path):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
     """A training forward and backward of the attention (query rows in two chunks) runs the kernels once per
-    chunk each (the power with the row sums; the recomputation; dL/dS), with O and the gradients of Q, K and V as
+    chunk each (the power with the row sums, unless float32 takes the fused forward; the recomputation; dL/dS), with O and the gradients of Q, K and V as
     accurate against float64 as PyTorch's operators (float32: within 1e-6 relative; bf16: its rounding);
     ``kernels(False)`` does not take them."""
     calls = []
@@ -500,9 +582,11 @@ def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
 
     ref = run(torch.float64, False)
     ours = run(dtype, True)
-    assert calls == ['_poly_power_'] * 2 + ['_poly_prep_', '_poly_ds_'] * 2
+    # float32 with AVX-512: the forward is the fused kernel (test_poly_attention_takes_the_fused_kernel_in_float32)
+    fused = dtype == torch.float32 and bool(ck.library().polynext_poly_attention_fused())
+    assert calls == ([] if fused else ['_poly_power_'] * 2) + ['_poly_prep_', '_poly_ds_'] * 2
     theirs = run(dtype, False)
-    assert len(calls) == 6
+    assert len(calls) == (4 if fused else 6)
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     for a, b, r in zip(ours, theirs, ref):
         scale = r.abs().max()

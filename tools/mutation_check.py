@@ -89,6 +89,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'transposed tap (i, j) <- (j, i)', 'src/polynext/ops/depthwise.py',
              'return part.sum(0).permute(2, 0, 1).unsqueeze(1)', 'return part.sum(0).permute(2, 1, 0).unsqueeze(1)',
              ('tests/test_cpu_kernels.py::test_depthwise_backward_takes_the_weight_grad_kernel',)),
+    Mutation('attn-fused-tail-unmasked', 'fused attention kernel (C): the zero-padded keys past the last one '
+             'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : 0;',
+             'const __mmask16 m0 = 0xffff, m1 = two ? 0xffff : 0;',
+             ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',)),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
     Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',

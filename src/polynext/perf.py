@@ -287,6 +287,9 @@ def conv_op_class(ev) -> str:
 
 def _matmul_macs(ev) -> float:
     shapes = ev.input_shapes or []
+    if ev.name == 'polynext::poly_attention_fused' and len(shapes) >= 2 and len(shapes[0]) == 3:
+        (heads, queries, dim), keys = shapes[0], shapes[1][1]
+        return 2.0 * heads * queries * keys * dim    # Q Kᵀ and A V in one kernel (ops.cpu_kernels)
     if ev.name in ('aten::bmm', 'aten::mm', 'aten::matmul', 'aten::baddbmm', 'aten::addmm'):
         mats = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) >= 2]
         if ev.name in ('aten::baddbmm', 'aten::addmm'):

@@ -2,8 +2,9 @@
 
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
 product and PolyConv's residual in the same pass; in float32 training with its backward) and
-``ops.poly_attention`` (the polynomial attention's power and row normalisation at bfloat16 inference; in training,
-float32 and bfloat16, the power with the row sums, the backward's recomputation and dL/dS) and
+``ops.poly_attention`` (in float32 with AVX-512 the whole attention forward in one kernel, the N x N scores kept in
+the caches; the power and row normalisation at bfloat16 inference; in training, float32 and bfloat16, the power
+with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel.
@@ -26,14 +27,14 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
-           'poly_prep_', 'poly_ds_']
+           'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'fused_attention_available']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -137,6 +138,10 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     for fn in (lib.polynext_dw_wgrad_f32, lib.polynext_dw_wgrad_bf16):
         fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
+    lib.polynext_poly_attention_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int,
+                                                ctypes.c_float, ctypes.c_int]
+    lib.polynext_poly_attention_f32.restype = ctypes.c_int
+    lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp
     return lib
@@ -217,6 +222,33 @@ def _poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tens
     return da
 
 
+def fused_attention_available(q: torch.Tensor, v: torch.Tensor, power: int) -> bool:
+    """Whether :func:`poly_attention_fused` serves these heads: the kernels on and built with AVX-512 (the fused
+    kernel's blocks are register tiles; elsewhere PyTorch's path), float32, head dimension 16 or 32 for Q, K and
+    V, power 2 or 4."""
+    if not (power in (2, 4) and q.dtype == v.dtype == torch.float32 and q.shape[-1] == v.shape[-1] in (16, 32)):
+        return False
+    return kernel_available() and bool(library().polynext_poly_attention_fused())
+
+
+def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int,
+                          eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    bh, n, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    rowsum = torch.empty(bh, n, 1, dtype=torch.float32)
+    status = library().polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                                   rowsum.data_ptr(), bh, n, k.shape[1], d, power, eps,
+                                                   torch.get_num_threads())
+    if status == 2:
+        raise MemoryError(f'polynext::poly_attention_fused: out of memory for a thread\'s {k.shape[1]}-key buffers; free '
+                          'memory, or run with POLYNEXT_CPU_KERNELS=0 (PyTorch\'s path)')
+    if status != 0:
+        raise RuntimeError(f'polynext::poly_attention_fused: head dimension {d} or power {power} is not served here '
+                           '(check fused_attention_available first)')
+    return out, rowsum
+
+
 # registered once, here: the operators' modules may be loaded twice (benchmarks/poly_attention.py loads a
 # previous version of ops/poly_attention.py from a file)
 _LIB = torch.library.Library('polynext', 'FRAGMENT')
@@ -224,6 +256,8 @@ _LIB.define('poly_rows_(Tensor(a!) s, int power, float eps) -> Tensor(a!)')
 _LIB.define('poly_power_(Tensor(a!) s, int power, float eps, bool normalise) -> Tensor')
 _LIB.define('poly_prep_(Tensor(a!) s, int power, Tensor? rowsum) -> Tensor')
 _LIB.define('poly_ds_(Tensor(a!) da, Tensor p3, Tensor d) -> Tensor(a!)')
+_LIB.define('poly_attention_fused(Tensor q, Tensor k, Tensor v, int power, float eps) -> (Tensor, Tensor)')
+_LIB.impl('poly_attention_fused', _poly_attention_fused, 'CPU')
 _LIB.impl('poly_rows_', _poly_rows, 'CPU')
 _LIB.impl('poly_power_', _poly_power_, 'CPU')
 _LIB.impl('poly_prep_', _poly_prep_, 'CPU')
@@ -253,3 +287,13 @@ def poly_prep_(s: torch.Tensor, power: int, rowsum: Optional[torch.Tensor] = Non
 def poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """dL/dS = (dL/dA + d) ⊙ (S + 1)^(p - 1) over ``da`` in one pass (``polynext::poly_ds_``); returns ``da``."""
     return torch.ops.polynext.poly_ds_(da, p3, d) if profiling() else _poly_ds_(da, p3, d)
+
+
+def poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int,
+                         eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The whole polynomial attention in one kernel (``polynext::poly_attention_fused``, float32, AVX-512): for
+    (heads, N, d) queries and (heads, M, d) keys and values, O = (A / max(rowsum(A), eps)) V with A = (Q Kᵀ + 1)^power;
+    returns O and the clamped row sums (float32, heads x N x 1). The N x M scores never leave the caches. Check
+    :func:`fused_attention_available` first."""
+    return torch.ops.polynext.poly_attention_fused(q, k, v, power, eps) if profiling() else \
+        _poly_attention_fused(q, k, v, power, eps)

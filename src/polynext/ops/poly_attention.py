@@ -30,6 +30,14 @@ On a 2-core AMD EPYC (Zen 3), APolyNeXt-T's stage-3 shape (batch 32, 3 heads, 19
 dimension 32), forward + backward: 1.72x the paper's expression under autograd, and the last two
 points 1.08x over this kernel without them (``benchmarks/poly_attention.py``).
 
+In float32 on a CPU with AVX-512 (eager work, the kernels on: ``ops.cpu_kernels``, 6.) the whole forward, at
+inference and in training, is one hand-written kernel instead: eight query rows at a time, their scores against 32
+keys at a time in registers, raised to the power and summed as they leave them, kept for the eight rows in L1 / L2
+and multiplied with V there, so no N×N tensor is written. On a 2-core AMD EPYC (Zen 4), batch 32, against the
+tiles below: the inference forward x1.41-1.85 at APolyNeXt-T / S's shapes, forward + backward x1.12-1.17
+(``benchmarks/poly_attention.py [--mode infer] --baseline``); within 6e-7 of float64 there (tested within 2e-6 of
+the largest output). The backward below is unchanged.
+
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
 the power, the row sums and the normalisation run in float32. At CPU inference in bfloat16 the power, the
 row sums and the normalisation are one pass of a hand-written kernel (``ops.cpu_kernels``; PyTorch's operators
@@ -137,9 +145,14 @@ def _forward(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns O (dtype of v) and the clamped row sums r (float32, shape B×h×N×1; None at ``inference``, where
     the scores may go through the kernel of ``ops.cpu_kernels``), tile by tile (:func:`_tiles`)."""
-    from polynext.ops.cpu_kernels import poly_power_, poly_rows_
+    from polynext.ops.cpu_kernels import fused_attention_available, poly_attention_fused, poly_power_, poly_rows_
+    from polynext.ops.fused import eager_cpu
     n = q.shape[2]
     q3, k3, v3 = _flat(q), _flat(k), _flat(v)
+    if eager_cpu(q3, k3, v3, inference=inference) and fused_attention_available(q, v, power):   # (not compiling)
+        # float32: the whole attention in one kernel, the scores never leave the caches (ops.cpu_kernels, 6.)
+        o3, r3 = poly_attention_fused(q3, k3, v3, power, _EPS)
+        return o3.view(q.shape[:-1] + (v.shape[-1],)), None if inference else r3.view(q.shape[:-1] + (1,))
     out = v.new_empty(q.shape[:-1] + (v.shape[-1],))
     o3 = out.view(-1, n, v.shape[-1])
     rowsum = None if inference else torch.empty(q.shape[:-1] + (1,), dtype=_acc_dtype(q), device=q.device)

@@ -46,7 +46,18 @@
  *    forward; polynext's phase split and column cut (ops/depthwise.py) bring the dilated and 5x5 ones back to
  *    oneDNN's fast 3-wide kernel at the cost of copies. Here an image's input and output gradient are copied in
  *    one pass into planes of 16 channels (the input's zero-padded), and every tap's sum is a register: one
- *    load and one FMA per tap and pixel, from L2. */
+ *    load and one FMA per tap and pixel, from L2.
+ *
+ * 6. polynext_poly_attention_f32: the whole polynomial attention of PolyAttn at float32 CPU inference,
+ *
+ *        O = (A / rowsum(A)) V,  A = (Q K^T + 1)^p,
+ *
+ *    eight query rows at a time: their scores against 32 keys at a time in registers (K transposed once per
+ *    head), raised to the power and summed as they leave the registers, kept for the eight rows in L1 / L2
+ *    (8 x M floats), then multiplied with V and divided by the sums. PyTorch's path writes the N x N scores of a
+ *    tile of heads, passes over them three times more (+1, two squares) and once for the sums, and reads them for
+ *    A V: at APolyNeXt's 196-token shapes its products ran at about a third of the machine's matrix-product rate,
+ *    the whole op here at about two thirds (2-core Zen 4). AVX-512 only: the blocks are register tiles. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -384,6 +395,93 @@ static inline __mmask16 block_mask(int64_t C, int64_t c0) {
 DW_ITEM(dw_item_f32, float, load_f32)
 DW_ITEM(dw_item_bf16, uint16_t, load_bf16)
 
+/* The fused attention (6. above), rows i0 .. i0 + nr - 1 (nr <= ATTN_ROWS) of one head, head dimension 16 * DV:
+ * the rows of Q copied to qb (zero rows past nr), the scores of ATTN_ROWS rows against 32 keys at a time in 16
+ * registers (K transposed in kt, M keys padded with zero columns to Mp, their weights masked to 0), (s + 1)^p
+ * stored in ab (ATTN_ROWS x Mp floats, L1 / L2) and summed per lane; then A V, one row of V (DV registers) against
+ * ATTN_ROWS broadcast weights, summed in blocks of ATTN_SUM keys (a two-level sum, so that long rows lose no more
+ * than PyTorch's blocked products); then O = A V / max(row sum, eps). */
+#define ATTN_ROWS 8
+#define ATTN_SUM 256
+#define ATTN_BLOCK(NAME, DV)                                                                                     \
+    static void NAME(const float *q, const float *kt, const float *v, float *o, float *rowsum, int64_t i0,      \
+                     int64_t nr, int64_t M, int64_t Mp, int power, float eps, float *qb, float *ab) {           \
+        const int64_t D = 16 * DV;                                                                              \
+        memset(qb, 0, sizeof(float) * ATTN_ROWS * D);                                                           \
+        memcpy(qb, q + i0 * D, sizeof(float) * nr * D);                                                         \
+        __m512 sum[ATTN_ROWS];                                                                                  \
+        for (int r = 0; r < ATTN_ROWS; ++r) sum[r] = _mm512_setzero_ps();                                      \
+        for (int64_t j = 0; j < Mp; j += 32) {                                                                  \
+            const int two = j + 32 <= Mp;                                                                       \
+            __m512 a0[ATTN_ROWS], a1[ATTN_ROWS];                                                                \
+            for (int r = 0; r < ATTN_ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();                           \
+            if (two)                                                                                            \
+                for (int64_t d = 0; d < D; ++d) {                                                               \
+                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j), k1 = _mm512_loadu_ps(kt + d * Mp + j + 16); \
+                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
+                        const __m512 qv = _mm512_set1_ps(qb[r * D + d]);                                        \
+                        a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);                                                 \
+                        a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);                                                 \
+                    }                                                                                           \
+                }                                                                                               \
+            else                                                                                                \
+                for (int64_t d = 0; d < D; ++d) {                                                               \
+                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j);                                         \
+                    for (int r = 0; r < ATTN_ROWS; ++r)                                                         \
+                        a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r * D + d]), k0, a0[r]);                      \
+                }                                                                                               \
+            const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : 0;                        \
+            for (int r = 0; r < ATTN_ROWS; ++r) {                                                               \
+                const __m512 p0 = _mm512_maskz_mov_ps(m0, poly_pow(a0[r], power));                             \
+                _mm512_storeu_ps(ab + r * Mp + j, p0);                                                          \
+                sum[r] = _mm512_add_ps(sum[r], p0);                                                             \
+                if (two) {                                                                                      \
+                    const __m512 p1 = _mm512_maskz_mov_ps(m1, poly_pow(a1[r], power));                         \
+                    _mm512_storeu_ps(ab + r * Mp + j + 16, p1);                                                 \
+                    sum[r] = _mm512_add_ps(sum[r], p1);                                                         \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        __m512 tot[ATTN_ROWS][DV];                                                                              \
+        for (int r = 0; r < ATTN_ROWS; ++r)                                                                     \
+            for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_setzero_ps();                                      \
+        for (int64_t j0 = 0; j0 < M; j0 += ATTN_SUM) {                                                          \
+            const int64_t j1 = j0 + ATTN_SUM < M ? j0 + ATTN_SUM : M;                                           \
+            __m512 acc[ATTN_ROWS][DV];                                                                          \
+            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
+                for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_setzero_ps();                                  \
+            for (int64_t j = j0; j < j1; ++j) {                                                                 \
+                __m512 vv[DV];                                                                                  \
+                for (int e = 0; e < DV; ++e) vv[e] = _mm512_loadu_ps(v + j * D + 16 * e);                       \
+                for (int r = 0; r < ATTN_ROWS; ++r) {                                                           \
+                    const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                            \
+                    for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_fmadd_ps(w, vv[e], acc[r][e]);               \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
+                for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_add_ps(tot[r][e], acc[r][e]);                  \
+        }                                                                                                       \
+        for (int64_t r = 0; r < nr; ++r) {                                                                      \
+            float t = _mm512_reduce_add_ps(sum[r]);                                                             \
+            if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */                            \
+            if (rowsum) rowsum[i0 + r] = t;                                                                     \
+            const __m512 tv = _mm512_set1_ps(t);                                                                \
+            for (int e = 0; e < DV; ++e) _mm512_storeu_ps(o + (i0 + r) * D + 16 * e, _mm512_div_ps(tot[r][e], tv)); \
+        }                                                                                                       \
+    }
+
+ATTN_BLOCK(attn_block_16, 1)
+ATTN_BLOCK(attn_block_32, 2)
+
+static int attn_block(const float *q, const float *kt, const float *v, float *o, float *rowsum, int64_t i0, int64_t nr,
+                      int64_t M, int64_t Mp, int64_t D, int power, float eps, float *qb, float *ab) {
+    if (D == 32) attn_block_32(q, kt, v, o, rowsum, i0, nr, M, Mp, power, eps, qb, ab);
+    else if (D == 16) attn_block_16(q, kt, v, o, rowsum, i0, nr, M, Mp, power, eps, qb, ab);
+    else return 1;
+    return 0;
+}
+#define ATTN_FUSED 1
+
 #define KERNEL "avx512"
 #else   /* portable loops */
 
@@ -542,6 +640,15 @@ BWD_PORTABLE(bwd_row_prod_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 1)
 
 DW_ITEM(dw_item_f32, float, f32_id)
 DW_ITEM(dw_item_bf16, uint16_t, bf16_to_f32)
+
+#define ATTN_ROWS 8
+#define ATTN_FUSED 0   /* the fused attention needs AVX-512 (its blocks are register tiles); PyTorch's path elsewhere */
+static int attn_block(const float *q, const float *kt, const float *v, float *o, float *rowsum, int64_t i0, int64_t nr,
+                      int64_t M, int64_t Mp, int64_t D, int power, float eps, float *qb, float *ab) {
+    (void)q; (void)kt; (void)v; (void)o; (void)rowsum; (void)i0; (void)nr; (void)M; (void)Mp; (void)D; (void)power;
+    (void)eps; (void)qb; (void)ab;
+    return 1;
+}
 
 #define KERNEL "portable"
 #endif
@@ -746,3 +853,51 @@ FLIP_MUL(polynext_flip_mul_bf16, polynext_flip_mul_backward_bf16, uint16_t, bf16
 
 DW_WGRAD(polynext_dw_wgrad_f32, float, dw_item_f32)
 DW_WGRAD(polynext_dw_wgrad_bf16, uint16_t, dw_item_bf16)
+
+/* The polynomial attention at CPU inference, float32, fused (see 6. above): for BH heads of N queries and M keys
+ * of head dimension D (q: BH x N x D, k and v: BH x M x D, o: BH x N x D, contiguous),
+ *
+ *     o[h, i] = sum_j (q[h, i] . k[h, j] + 1)^p v[h, j] / max(sum_j (q[h, i] . k[h, j] + 1)^p, eps)
+ *
+ * and the clamped row sums into rowsum (BH x N floats) unless it is NULL. Work items are (head, block of 64
+ * queries), split evenly over the threads; a thread transposes a head's K once for its items of that head.
+ * Returns 0; 1 where the kernel does not serve the call (D not 16 or 32, p not 2 or 4, a build without AVX-512:
+ * nothing written); 2 if a thread's buffers could not be allocated (o incomplete). */
+int polynext_poly_attention_f32(const float *q, const float *k, const float *v, float *o, float *rowsum, int64_t BH,
+                                int64_t N, int64_t M, int64_t D, int power, float eps, int threads) {
+    (void)threads;
+    if (!ATTN_FUSED || (D != 16 && D != 32) || (power != 2 && power != 4)) return 1;
+    const int64_t Mp = (M + 15) & ~(int64_t)15, block = 64, chunks = (N + block - 1) / block, items = BH * chunks;
+    const size_t floats = (size_t)(D * Mp + ATTN_ROWS * D + ATTN_ROWS * Mp);
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
+    {
+        const int64_t tid = thread_id(), nt = thread_count();
+        float *buf = (float *)malloc(floats * sizeof(float));
+        if (!buf) {
+            failed = 1;
+        } else {
+            float *kt = buf, *qb = buf + D * Mp, *ab = qb + ATTN_ROWS * D;
+            int64_t head = -1;
+            for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {
+                const int64_t h = it / chunks, r0 = (it % chunks) * block, r1 = r0 + block < N ? r0 + block : N;
+                if (h != head) {   /* K of this head, transposed (D x Mp, zero columns past M) */
+                    const float *kh = k + h * M * D;
+                    for (int64_t d = 0; d < D; ++d) {
+                        for (int64_t j = 0; j < M; ++j) kt[d * Mp + j] = kh[j * D + d];
+                        for (int64_t j = M; j < Mp; ++j) kt[d * Mp + j] = 0.f;
+                    }
+                    head = h;
+                }
+                for (int64_t i0 = r0; i0 < r1; i0 += ATTN_ROWS)
+                    attn_block(q + h * N * D, kt, v + h * M * D, o + h * N * D, rowsum ? rowsum + h * N : NULL, i0,
+                               r1 - i0 < ATTN_ROWS ? r1 - i0 : ATTN_ROWS, M, Mp, D, power, eps, qb, ab);
+            }
+            free(buf);
+        }
+    }
+    return failed ? 2 : 0;
+}
+
+/* 1 where polynext_poly_attention_f32 is built (AVX-512), else 0. */
+int polynext_poly_attention_fused(void) { return ATTN_FUSED; }
