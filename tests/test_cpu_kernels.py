@@ -363,12 +363,51 @@ def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
 
 
 @needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_fused_attention_backward_kernel_in_every_code_path(march, tmp_path):
+    """polynext_poly_attention_backward_f32 from the forward kernel's output and row sums: dQ, dK and dV against
+    float64 autograd of the paper's expression, at the forward test's shapes (masked key tails, partial row blocks,
+    fewer queries than keys, several heads a thread); the portable build refuses it (returns 1, writes nothing)."""
+    lib = _library_for(march, tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    fused = bool(lib.polynext_poly_attention_fused())
+    for heads, n, m, d in [(3, 196, 196, 32), (2, 49, 49, 32), (2, 70, 37, 16), (1, 1, 1, 32), (2, 5, 300, 32),
+                           (1, 9, 17, 32), (5, 16, 16, 16)]:
+        for power in (2, 4):
+            q, k = (torch.randn(heads, x, d, generator=gen) * 0.25 for x in (n, m))
+            v, g = torch.randn(heads, m, d, generator=gen), torch.randn(heads, n, d, generator=gen)
+            o, r = torch.empty_like(q), torch.empty(heads, n, 1)
+            grads = [torch.full_like(t, 7.0) for t in (q, k, v)]
+            status = lib.polynext_poly_attention_backward_f32(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), g.data_ptr(), r.data_ptr(),
+                *(t.data_ptr() for t in grads), heads, n, m, d, power, 2)
+            if not fused:
+                assert status == 1 and all((t == 7).all() for t in grads)
+                continue
+            assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+                                                   r.data_ptr(), heads, n, m, d, power, 1e-12, 2) == 0
+            assert lib.polynext_poly_attention_backward_f32(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), g.data_ptr(), r.data_ptr(),
+                *(t.data_ptr() for t in grads), heads, n, m, d, power, 2) == 0
+            leaves = [t.double().requires_grad_() for t in (q, k, v)]
+            want = torch.autograd.grad(_fused_reference(*leaves, power)[0], leaves, g.double())
+            for got, ref in zip(grads, want):   # (one key: dQ is 0 in real arithmetic, float32's cancellation not)
+                assert (got.double() - ref).abs().max() <= 5e-6 * max(1.0, ref.abs().max()), (heads, n, m, d, power)
+    if fused:
+        z = torch.zeros(1, 4, 24)
+        assert lib.polynext_poly_attention_backward_f32(*(z.data_ptr() for _ in range(9)), 1, 4, 4, 24, 4, 2) == 1
+
+
+@needs_cc
 def test_poly_attention_takes_the_fused_kernel_in_float32(monkeypatch):
-    """In float32 (inference and the training forward) the attention is the fused kernel where it is built (AVX-512),
-    the values and gradients those of float64; bfloat16, fusions off and kernels off keep PyTorch's path."""
+    """In float32 (inference, and in training forward and backward) the attention is the fused kernels where they are
+    built (AVX-512), the values and gradients those of float64; bfloat16, fusions off and kernels off keep PyTorch's
+    path."""
     calls = []
-    real = ck._poly_attention_fused
+    real, real_bwd = ck._poly_attention_fused, ck._poly_attention_backward_fused
     monkeypatch.setattr(ck, '_poly_attention_fused', lambda q, *a: calls.append(tuple(q.shape)) or real(q, *a))
+    monkeypatch.setattr(ck, '_poly_attention_backward_fused',
+                        lambda q, *a: calls.append(('backward',) + tuple(q.shape)) or real_bwd(q, *a))
     gen = torch.Generator().manual_seed(0)
     q, k, v = ((torch.randn(2, 3, 49, 32, generator=gen) * 0.3) for _ in range(3))
     expected = [(6, 49, 32)] if bool(ck.library().polynext_poly_attention_fused()) else []
@@ -386,7 +425,7 @@ def test_poly_attention_takes_the_fused_kernel_in_float32(monkeypatch):
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     g = torch.randn(2, 3, 49, 32, generator=gen)
     grads = torch.autograd.grad(pa.poly_attention(qg, kg, vg), (qg, kg, vg), g)
-    assert calls == expected * 2
+    assert calls == expected * 2 + [('backward',) + c for c in expected]
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(pa.poly_attention_reference(q64, k64, v64), (q64, k64, v64), g.double())
     for a, b in zip(grads, want):
@@ -560,7 +599,7 @@ def test_attention_training_kernels_in_every_code_path(march, tmp_path):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
     """A training forward and backward of the attention (query rows in two chunks) runs the kernels once per
-    chunk each (the power with the row sums, unless float32 takes the fused forward; the recomputation; dL/dS), with O and the gradients of Q, K and V as
+    chunk each (the power with the row sums; the recomputation; dL/dS) unless float32 takes the fused kernels, with O and the gradients of Q, K and V as
     accurate against float64 as PyTorch's operators (float32: within 1e-6 relative; bf16: its rounding);
     ``kernels(False)`` does not take them."""
     calls = []
@@ -584,9 +623,9 @@ def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
     ours = run(dtype, True)
     # float32 with AVX-512: the forward is the fused kernel (test_poly_attention_takes_the_fused_kernel_in_float32)
     fused = dtype == torch.float32 and bool(ck.library().polynext_poly_attention_fused())
-    assert calls == ([] if fused else ['_poly_power_'] * 2) + ['_poly_prep_', '_poly_ds_'] * 2
+    assert calls == ([] if fused else ['_poly_power_'] * 2 + ['_poly_prep_', '_poly_ds_'] * 2)
     theirs = run(dtype, False)
-    assert len(calls) == (4 if fused else 6)
+    assert len(calls) == (0 if fused else 6)
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     for a, b, r in zip(ours, theirs, ref):
         scale = r.abs().max()

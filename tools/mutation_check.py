@@ -94,6 +94,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : 0;',
              'const __mmask16 m0 = 0xffff, m1 = two ? 0xffff : 0;',
              ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',)),
+    Mutation('attn-fused-backward-no-rowsum-term', 'fused attention backward (C): the row sum\'s gradient '
+             '(-p (g . o) / r) left out of dL/dS', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;', 'dterm[r] = 0.f * _mm512_reduce_add_ps(go);',
+             ('tests/test_cpu_kernels.py::test_fused_attention_backward_kernel_in_every_code_path',)),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
     Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',

@@ -285,11 +285,16 @@ def conv_op_class(ev) -> str:
     return _conv_class_and_macs(ev)[0]
 
 
+#: the products in one call of ops.cpu_kernels' fused attention operators (each Q·K-sized)
+_FUSED_ATTENTION = {'polynext::poly_attention_fused': 2.0, 'polynext::poly_attention_backward_fused': 5.0}
+
+
 def _matmul_macs(ev) -> float:
     shapes = ev.input_shapes or []
-    if ev.name == 'polynext::poly_attention_fused' and len(shapes) >= 2 and len(shapes[0]) == 3:
+    if ev.name in _FUSED_ATTENTION and len(shapes) >= 2 and len(shapes[0]) == 3:
         (heads, queries, dim), keys = shapes[0], shapes[1][1]
-        return 2.0 * heads * queries * keys * dim    # Q Kᵀ and A V in one kernel (ops.cpu_kernels)
+        # ops.cpu_kernels' fused attention: Q Kᵀ and A V; its backward the recomputed scores and four gradients
+        return _FUSED_ATTENTION[ev.name] * heads * queries * keys * dim
     if ev.name in ('aten::bmm', 'aten::mm', 'aten::matmul', 'aten::baddbmm', 'aten::addmm'):
         mats = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) >= 2]
         if ev.name in ('aten::baddbmm', 'aten::addmm'):
@@ -370,7 +375,7 @@ class _Sorter:
             name = child.name
             if name in _CONV_OPS or name == 'aten::convolution_backward':
                 macs += _conv_class_and_macs(child)[1]
-            elif name in _LINEAR_OPS:
+            elif name in _LINEAR_OPS or name in _FUSED_ATTENTION:
                 macs += _matmul_macs(child) or self.leaf_work(child)[0]
             elif name.startswith('aten::') or name in _NORM_OPS:
                 nbytes += _operand_bytes(child)

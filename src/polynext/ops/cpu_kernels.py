@@ -2,8 +2,8 @@
 
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
 product and PolyConv's residual in the same pass; in float32 training with its backward) and
-``ops.poly_attention`` (in float32 with AVX-512 the whole attention forward in one kernel, the N x N scores kept in
-the caches; the power and row normalisation at bfloat16 inference; in training, float32 and bfloat16, the power
+``ops.poly_attention`` (in float32 with AVX-512 the whole attention forward in one kernel and its training backward
+in another, the N x N scores kept in the caches; the power and row normalisation at bfloat16 inference; in training, float32 and bfloat16, the power
 with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
@@ -34,7 +34,8 @@ import torch
 from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
-           'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'fused_attention_available']
+           'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
+           'fused_attention_available']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -141,6 +142,9 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib.polynext_poly_attention_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int,
                                                 ctypes.c_float, ctypes.c_int]
     lib.polynext_poly_attention_f32.restype = ctypes.c_int
+    lib.polynext_poly_attention_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
+                                                         i64, ctypes.c_int, ctypes.c_int]
+    lib.polynext_poly_attention_backward_f32.restype = ctypes.c_int
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp
@@ -249,6 +253,24 @@ def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pow
     return out, rowsum
 
 
+def _poly_attention_backward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                   grad: torch.Tensor, rowsum: torch.Tensor,
+                                   power: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bh, n, d = q.shape
+    q, k, v, out, grad, rowsum = (t.contiguous() for t in (q, k, v, out, grad, rowsum))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    status = library().polynext_poly_attention_backward_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(), rowsum.data_ptr(), dq.data_ptr(),
+        dk.data_ptr(), dv.data_ptr(), bh, n, k.shape[1], d, power, torch.get_num_threads())
+    if status == 2:
+        raise MemoryError(f'polynext::poly_attention_backward_fused: out of memory for a thread\'s {k.shape[1]}-key '
+                          'buffers; free memory, or run with POLYNEXT_CPU_KERNELS=0 (PyTorch\'s path)')
+    if status != 0:
+        raise RuntimeError(f'polynext::poly_attention_backward_fused: head dimension {d} or power {power} is not '
+                           'served here (check fused_attention_available first)')
+    return dq, dk, dv
+
+
 # registered once, here: the operators' modules may be loaded twice (benchmarks/poly_attention.py loads a
 # previous version of ops/poly_attention.py from a file)
 _LIB = torch.library.Library('polynext', 'FRAGMENT')
@@ -258,6 +280,9 @@ _LIB.define('poly_prep_(Tensor(a!) s, int power, Tensor? rowsum) -> Tensor')
 _LIB.define('poly_ds_(Tensor(a!) da, Tensor p3, Tensor d) -> Tensor(a!)')
 _LIB.define('poly_attention_fused(Tensor q, Tensor k, Tensor v, int power, float eps) -> (Tensor, Tensor)')
 _LIB.impl('poly_attention_fused', _poly_attention_fused, 'CPU')
+_LIB.define('poly_attention_backward_fused(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad, Tensor rowsum, '
+            'int power) -> (Tensor, Tensor, Tensor)')
+_LIB.impl('poly_attention_backward_fused', _poly_attention_backward_fused, 'CPU')
 _LIB.impl('poly_rows_', _poly_rows, 'CPU')
 _LIB.impl('poly_power_', _poly_power_, 'CPU')
 _LIB.impl('poly_prep_', _poly_prep_, 'CPU')
@@ -297,3 +322,15 @@ def poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, powe
     :func:`fused_attention_available` first."""
     return torch.ops.polynext.poly_attention_fused(q, k, v, power, eps) if profiling() else \
         _poly_attention_fused(q, k, v, power, eps)
+
+
+def poly_attention_backward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                  grad: torch.Tensor, rowsum: torch.Tensor,
+                                  power: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`poly_attention_fused` in one kernel (``polynext::poly_attention_backward_fused``):
+    from the (heads, N, d) queries, (heads, M, d) keys and values, the forward's output and clamped row sums (heads x
+    N x 1) and the output's gradient, the gradients of Q, K and V. The scores are recomputed; no N x M tensor is
+    written. Check :func:`fused_attention_available` first."""
+    if profiling():
+        return torch.ops.polynext.poly_attention_backward_fused(q, k, v, out, grad, rowsum, power)
+    return _poly_attention_backward_fused(q, k, v, out, grad, rowsum, power)

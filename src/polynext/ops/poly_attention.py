@@ -36,7 +36,10 @@ keys at a time in registers, raised to the power and summed as they leave them, 
 and multiplied with V there, so no N×N tensor is written. On a 2-core AMD EPYC (Zen 4), batch 32, against the
 tiles below: the inference forward x1.41-1.85 at APolyNeXt-T / S's shapes, forward + backward x1.12-1.17
 (``benchmarks/poly_attention.py [--mode infer] --baseline``); within 6e-7 of float64 there (tested within 2e-6 of
-the largest output). The backward below is unchanged.
+the largest output). The training backward there is a second kernel (``ops.cpu_kernels``, 7.): a thread owns whole
+heads, recomputes eight rows' scores and forms the five products from A and (S + 1)^(p-1) kept in L1 / L2; forward +
+backward x1.67-2.10 against the tiles below, about three quarters of the matrix-product peak at 196 tokens. The
+tiled path below serves everything else (bf16, float64, other head dimensions, CPUs without AVX-512).
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
 the power, the row sums and the normalisation run in float32. At CPU inference in bfloat16 the power, the
@@ -203,7 +206,8 @@ class _PolyAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from polynext.ops.cpu_kernels import poly_ds_, poly_prep_
+        from polynext.ops.cpu_kernels import fused_attention_available, poly_attention_backward_fused, poly_ds_, poly_prep_
+        from polynext.ops.fused import eager_cpu
         q, k, v, out, rowsum = ctx.saved_tensors
         power, chunk_bytes = ctx.power, ctx.chunk_bytes
         dt = v.dtype
@@ -212,6 +216,10 @@ class _PolyAttentionFunction(torch.autograd.Function):
             n = q.shape[2]
             q3, k3, v3, o3, g3 = _flat(q), _flat(k), _flat(v), _flat(out), _flat(grad_out)
             r3 = rowsum.view(-1, n, 1)
+            if eager_cpu(q3, k3, v3, o3, g3) and fused_attention_available(q, v, power):
+                # float32: the five products from the recomputed scores in one kernel (ops.cpu_kernels, 7.)
+                dq, dk, dv = poly_attention_backward_fused(q3, k3, v3, o3, g3, r3, power)
+                return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None
             acc = _acc_dtype(q)
             dq = torch.empty_like(q3)
             dk = torch.zeros(k3.shape, dtype=acc, device=k.device)

@@ -57,7 +57,11 @@
  *    (8 x M floats), then multiplied with V and divided by the sums. PyTorch's path writes the N x N scores of a
  *    tile of heads, passes over them three times more (+1, two squares) and once for the sums, and reads them for
  *    A V: at APolyNeXt's 196-token shapes its products ran at about a third of the machine's matrix-product rate,
- *    the whole op here at about two thirds (2-core Zen 4). AVX-512 only: the blocks are register tiles. */
+ *    the whole op here at about two thirds (2-core Zen 4). AVX-512 only: the blocks are register tiles.
+ *
+ * 7. polynext_poly_attention_backward_f32: its backward in training, the same blocks: the scores recomputed, A and
+ *    P^(p-1) kept for eight query rows in L1 / L2, and the five products (the scores, dV += A^T dY, dA = dY V^T,
+ *    dQ = dS K, dK += dS^T Q) from there, where PyTorch's path writes a tile's N x N buffers and reads them back. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -480,6 +484,156 @@ static int attn_block(const float *q, const float *kt, const float *v, float *o,
     else return 1;
     return 0;
 }
+/* The fused attention's backward (7. above), rows i0 .. i0 + nr - 1 of one head: the scores recomputed as in
+ * ATTN_BLOCK, A = P^p into ab and P^(p-1) into pb (zero past the last key); dv += A^T dy (dy = g / r, eight rows in
+ * registers, one row of dv at a time); dA = (p dy) V^T against 32 keys at a time (V transposed in vt), dS =
+ * (dA + d) P^(p-1) written over ab (d = -p (g . o) / r per row); dq = dS K for the eight rows (two-level sums as
+ * in ATTN_BLOCK); dk += dS^T q, one row of dk at a time. */
+#define ATTN_BWD_BLOCK(NAME, DV)                                                                                 \
+    static void NAME(const float *q, const float *kt, const float *k, const float *vt, const float *o,         \
+                     const float *g, const float *rowsum, float *dq, float *dk, float *dv, int64_t i0, int64_t nr, \
+                     int64_t M, int64_t Mp, int power, float *qb, float *yb, float *ab, float *pb) {            \
+        const int64_t D = 16 * DV;                                                                              \
+        const __m512 one = _mm512_set1_ps(1.f);                                                                 \
+        float dterm[ATTN_ROWS];                                                                                 \
+        memset(qb, 0, sizeof(float) * ATTN_ROWS * D);                                                           \
+        memset(yb, 0, sizeof(float) * ATTN_ROWS * D);                                                           \
+        memcpy(qb, q + i0 * D, sizeof(float) * nr * D);                                                         \
+        for (int r = 0; r < ATTN_ROWS; ++r) dterm[r] = 0.f;                                                     \
+        for (int64_t r = 0; r < nr; ++r) {                                                                      \
+            const float inv = 1.f / rowsum[i0 + r];                                                             \
+            __m512 go = _mm512_setzero_ps();                                                                    \
+            for (int e = 0; e < DV; ++e) {                                                                      \
+                const __m512 gv = _mm512_loadu_ps(g + (i0 + r) * D + 16 * e);                                   \
+                go = _mm512_fmadd_ps(gv, _mm512_loadu_ps(o + (i0 + r) * D + 16 * e), go);                       \
+                _mm512_storeu_ps(yb + r * D + 16 * e, _mm512_mul_ps(gv, _mm512_set1_ps(inv)));                 \
+            }                                                                                                   \
+            dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;                                          \
+        }                                                                                                       \
+        for (int64_t j = 0; j < Mp; j += 32) {          /* A and P^(p-1) */                                    \
+            const int two = j + 32 <= Mp;                                                                       \
+            __m512 a0[ATTN_ROWS], a1[ATTN_ROWS];                                                                \
+            for (int r = 0; r < ATTN_ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();                           \
+            if (two)                                                                                            \
+                for (int64_t d = 0; d < D; ++d) {                                                               \
+                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j), k1 = _mm512_loadu_ps(kt + d * Mp + j + 16); \
+                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
+                        const __m512 qv = _mm512_set1_ps(qb[r * D + d]);                                        \
+                        a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);                                                 \
+                        a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);                                                 \
+                    }                                                                                           \
+                }                                                                                               \
+            else                                                                                                \
+                for (int64_t d = 0; d < D; ++d) {                                                               \
+                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j);                                         \
+                    for (int r = 0; r < ATTN_ROWS; ++r)                                                         \
+                        a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r * D + d]), k0, a0[r]);                      \
+                }                                                                                               \
+            const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;             \
+            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
+                for (int h = 0; h < 1 + two; ++h) {                                                             \
+                    const __m512 p = _mm512_add_ps(h ? a1[r] : a0[r], one), p2 = _mm512_mul_ps(p, p);          \
+                    const __mmask16 m = h ? m1 : m0;                                                            \
+                    _mm512_storeu_ps(ab + r * Mp + j + 16 * h,                                                  \
+                                     _mm512_maskz_mov_ps(m, power == 4 ? _mm512_mul_ps(p2, p2) : p2));          \
+                    _mm512_storeu_ps(pb + r * Mp + j + 16 * h,                                                  \
+                                     _mm512_maskz_mov_ps(m, power == 4 ? _mm512_mul_ps(p, p2) : p));            \
+                }                                                                                               \
+        }                                                                                                       \
+        {                                               /* dv += A^T dy */                                      \
+            __m512 y[ATTN_ROWS][DV];                                                                            \
+            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
+                for (int e = 0; e < DV; ++e) y[r][e] = _mm512_loadu_ps(yb + r * D + 16 * e);                   \
+            for (int64_t j = 0; j < M; ++j) {                                                                   \
+                __m512 acc[DV];                                                                                 \
+                for (int e = 0; e < DV; ++e) acc[e] = _mm512_setzero_ps();                                      \
+                for (int r = 0; r < ATTN_ROWS; ++r) {                                                           \
+                    const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                            \
+                    for (int e = 0; e < DV; ++e) acc[e] = _mm512_fmadd_ps(w, y[r][e], acc[e]);                  \
+                }                                                                                               \
+                for (int e = 0; e < DV; ++e)                                                                    \
+                    _mm512_storeu_ps(dv + j * D + 16 * e, _mm512_add_ps(_mm512_loadu_ps(dv + j * D + 16 * e), acc[e])); \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int64_t j = 0; j < Mp; j += 32) {          /* dS = (p dy V^T + d) P^(p-1), over ab */             \
+            const int two = j + 32 <= Mp;                                                                       \
+            __m512 a0[ATTN_ROWS], a1[ATTN_ROWS];                                                                \
+            for (int r = 0; r < ATTN_ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();                           \
+            if (two)                                                                                            \
+                for (int64_t d = 0; d < D; ++d) {                                                               \
+                    const __m512 v0 = _mm512_loadu_ps(vt + d * Mp + j), v1 = _mm512_loadu_ps(vt + d * Mp + j + 16); \
+                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
+                        const __m512 yv = _mm512_set1_ps(yb[r * D + d]);                                        \
+                        a0[r] = _mm512_fmadd_ps(yv, v0, a0[r]);                                                 \
+                        a1[r] = _mm512_fmadd_ps(yv, v1, a1[r]);                                                 \
+                    }                                                                                           \
+                }                                                                                               \
+            else                                                                                                \
+                for (int64_t d = 0; d < D; ++d) {                                                               \
+                    const __m512 v0 = _mm512_loadu_ps(vt + d * Mp + j);                                         \
+                    for (int r = 0; r < ATTN_ROWS; ++r)                                                         \
+                        a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(yb[r * D + d]), v0, a0[r]);                      \
+                }                                                                                               \
+            const __m512 pw = _mm512_set1_ps((float)power);                                                     \
+            for (int r = 0; r < ATTN_ROWS; ++r) {                                                               \
+                const __m512 dr = _mm512_set1_ps(dterm[r]);                                                     \
+                for (int h = 0; h < 1 + two; ++h) {                                                             \
+                    const __m512 da = _mm512_fmadd_ps(h ? a1[r] : a0[r], pw, dr);                               \
+                    float *at = ab + r * Mp + j + 16 * h;                                                       \
+                    _mm512_storeu_ps(at, _mm512_mul_ps(da, _mm512_loadu_ps(pb + r * Mp + j + 16 * h)));        \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        {                                               /* dq = dS K */                                         \
+            __m512 tot[ATTN_ROWS][DV];                                                                          \
+            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
+                for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_setzero_ps();                                  \
+            for (int64_t j0 = 0; j0 < M; j0 += ATTN_SUM) {                                                      \
+                const int64_t j1 = j0 + ATTN_SUM < M ? j0 + ATTN_SUM : M;                                       \
+                __m512 acc[ATTN_ROWS][DV];                                                                      \
+                for (int r = 0; r < ATTN_ROWS; ++r)                                                             \
+                    for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_setzero_ps();                              \
+                for (int64_t j = j0; j < j1; ++j) {                                                             \
+                    __m512 kv[DV];                                                                              \
+                    for (int e = 0; e < DV; ++e) kv[e] = _mm512_loadu_ps(k + j * D + 16 * e);                   \
+                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
+                        const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                        \
+                        for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_fmadd_ps(w, kv[e], acc[r][e]);           \
+                    }                                                                                           \
+                }                                                                                               \
+                for (int r = 0; r < ATTN_ROWS; ++r)                                                             \
+                    for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_add_ps(tot[r][e], acc[r][e]);              \
+            }                                                                                                   \
+            for (int64_t r = 0; r < nr; ++r)                                                                    \
+                for (int e = 0; e < DV; ++e) _mm512_storeu_ps(dq + (i0 + r) * D + 16 * e, tot[r][e]);          \
+        }                                                                                                       \
+        {                                               /* dk += dS^T q */                                      \
+            __m512 x[ATTN_ROWS][DV];                                                                            \
+            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
+                for (int e = 0; e < DV; ++e) x[r][e] = _mm512_loadu_ps(qb + r * D + 16 * e);                   \
+            for (int64_t j = 0; j < M; ++j) {                                                                   \
+                __m512 acc[DV];                                                                                 \
+                for (int e = 0; e < DV; ++e) acc[e] = _mm512_setzero_ps();                                      \
+                for (int r = 0; r < ATTN_ROWS; ++r) {                                                           \
+                    const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                            \
+                    for (int e = 0; e < DV; ++e) acc[e] = _mm512_fmadd_ps(w, x[r][e], acc[e]);                  \
+                }                                                                                               \
+                for (int e = 0; e < DV; ++e)                                                                    \
+                    _mm512_storeu_ps(dk + j * D + 16 * e, _mm512_add_ps(_mm512_loadu_ps(dk + j * D + 16 * e), acc[e])); \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+ATTN_BWD_BLOCK(attn_bwd_block_16, 1)
+ATTN_BWD_BLOCK(attn_bwd_block_32, 2)
+
+static void attn_bwd_block(const float *q, const float *kt, const float *k, const float *vt, const float *o,
+                           const float *g, const float *rowsum, float *dq, float *dk, float *dv, int64_t i0,
+                           int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, float *qb, float *yb, float *ab,
+                           float *pb) {
+    if (D == 32) attn_bwd_block_32(q, kt, k, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, power, qb, yb, ab, pb);
+    else attn_bwd_block_16(q, kt, k, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, power, qb, yb, ab, pb);
+}
 #define ATTN_FUSED 1
 
 #define KERNEL "avx512"
@@ -643,6 +797,13 @@ DW_ITEM(dw_item_bf16, uint16_t, bf16_to_f32)
 
 #define ATTN_ROWS 8
 #define ATTN_FUSED 0   /* the fused attention needs AVX-512 (its blocks are register tiles); PyTorch's path elsewhere */
+static void attn_bwd_block(const float *q, const float *kt, const float *k, const float *vt, const float *o,
+                           const float *g, const float *rowsum, float *dq, float *dk, float *dv, int64_t i0,
+                           int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, float *qb, float *yb, float *ab,
+                           float *pb) {
+    (void)q; (void)kt; (void)k; (void)vt; (void)o; (void)g; (void)rowsum; (void)dq; (void)dk; (void)dv; (void)i0;
+    (void)nr; (void)M; (void)Mp; (void)D; (void)power; (void)qb; (void)yb; (void)ab; (void)pb;
+}
 static int attn_block(const float *q, const float *kt, const float *v, float *o, float *rowsum, int64_t i0, int64_t nr,
                       int64_t M, int64_t Mp, int64_t D, int power, float eps, float *qb, float *ab) {
     (void)q; (void)kt; (void)v; (void)o; (void)rowsum; (void)i0; (void)nr; (void)M; (void)Mp; (void)D; (void)power;
@@ -892,6 +1053,51 @@ int polynext_poly_attention_f32(const float *q, const float *k, const float *v, 
                 for (int64_t i0 = r0; i0 < r1; i0 += ATTN_ROWS)
                     attn_block(q + h * N * D, kt, v + h * M * D, o + h * N * D, rowsum ? rowsum + h * N : NULL, i0,
                                r1 - i0 < ATTN_ROWS ? r1 - i0 : ATTN_ROWS, M, Mp, D, power, eps, qb, ab);
+            }
+            free(buf);
+        }
+    }
+    return failed ? 2 : 0;
+}
+
+/* The backward of polynext_poly_attention_f32 (see 7. above): from q (BH x N x D), k, v (BH x M x D), the forward's
+ * output o and row sums (BH x N), and the output's gradient g (BH x N x D), all float32 and contiguous, dq (BH x N x D),
+ * dk and dv (BH x M x D). A thread owns whole heads (dk and dv are sums over all of a head's queries): it transposes
+ * the head's K and V once, zeroes its dk and dv, and goes through its queries eight at a time. Returns 0; 1 where the
+ * kernel does not serve the call (as polynext_poly_attention_f32; nothing written); 2 if a thread's buffers could not
+ * be allocated (the gradients incomplete). */
+int polynext_poly_attention_backward_f32(const float *q, const float *k, const float *v, const float *o, const float *g,
+                                         const float *rowsum, float *dq, float *dk, float *dv, int64_t BH, int64_t N,
+                                         int64_t M, int64_t D, int power, int threads) {
+    (void)threads;
+    if (!ATTN_FUSED || (D != 16 && D != 32) || (power != 2 && power != 4)) return 1;
+    const int64_t Mp = (M + 15) & ~(int64_t)15;
+    const size_t floats = (size_t)(2 * D * Mp + 2 * ATTN_ROWS * D + 2 * ATTN_ROWS * Mp);
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
+    {
+        const int64_t tid = thread_id(), nt = thread_count();
+        float *buf = (float *)malloc(floats * sizeof(float));
+        if (!buf) {
+            failed = 1;
+        } else {
+            float *kt = buf, *vt = kt + D * Mp, *qb = vt + D * Mp, *yb = qb + ATTN_ROWS * D, *ab = yb + ATTN_ROWS * D;
+            float *pb = ab + ATTN_ROWS * Mp;
+            for (int64_t h = BH * tid / nt; h < BH * (tid + 1) / nt; ++h) {
+                const float *kh = k + h * M * D, *vh = v + h * M * D;
+                for (int64_t d = 0; d < D; ++d) {
+                    for (int64_t j = 0; j < M; ++j) {
+                        kt[d * Mp + j] = kh[j * D + d];
+                        vt[d * Mp + j] = vh[j * D + d];
+                    }
+                    for (int64_t j = M; j < Mp; ++j) kt[d * Mp + j] = vt[d * Mp + j] = 0.f;
+                }
+                memset(dk + h * M * D, 0, sizeof(float) * M * D);
+                memset(dv + h * M * D, 0, sizeof(float) * M * D);
+                for (int64_t i0 = 0; i0 < N; i0 += ATTN_ROWS)
+                    attn_bwd_block(q + h * N * D, kt, kh, vt, o + h * N * D, g + h * N * D, rowsum + h * N,
+                                   dq + h * N * D, dk + h * M * D, dv + h * M * D, i0,
+                                   N - i0 < ATTN_ROWS ? N - i0 : ATTN_ROWS, M, Mp, D, power, qb, yb, ab, pb);
             }
             free(buf);
         }
