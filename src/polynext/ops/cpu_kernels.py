@@ -235,6 +235,16 @@ def fused_attention_available(q: torch.Tensor, v: torch.Tensor, power: int) -> b
     return kernel_available() and bool(library().polynext_poly_attention_fused())
 
 
+def _check_fused(name: str, status: int, keys: int, dim: int, power: int) -> None:
+    """The fused attention kernels' status as an error: 2 out of memory, 1 a call they do not serve."""
+    if status == 2:
+        raise MemoryError(f"polynext::{name}: out of memory for a thread's {keys}-key buffers; free memory, or run "
+                          "with POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
+    if status != 0:
+        raise RuntimeError(f'polynext::{name}: head dimension {dim} or power {power} is not served here (check '
+                           'fused_attention_available first)')
+
+
 def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int,
                           eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     bh, n, d = q.shape
@@ -244,12 +254,7 @@ def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pow
     status = library().polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                                    rowsum.data_ptr(), bh, n, k.shape[1], d, power, eps,
                                                    torch.get_num_threads())
-    if status == 2:
-        raise MemoryError(f'polynext::poly_attention_fused: out of memory for a thread\'s {k.shape[1]}-key buffers; free '
-                          'memory, or run with POLYNEXT_CPU_KERNELS=0 (PyTorch\'s path)')
-    if status != 0:
-        raise RuntimeError(f'polynext::poly_attention_fused: head dimension {d} or power {power} is not served here '
-                           '(check fused_attention_available first)')
+    _check_fused('poly_attention_fused', status, k.shape[1], d, power)
     return out, rowsum
 
 
@@ -262,12 +267,7 @@ def _poly_attention_backward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     status = library().polynext_poly_attention_backward_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(), rowsum.data_ptr(), dq.data_ptr(),
         dk.data_ptr(), dv.data_ptr(), bh, n, k.shape[1], d, power, torch.get_num_threads())
-    if status == 2:
-        raise MemoryError(f'polynext::poly_attention_backward_fused: out of memory for a thread\'s {k.shape[1]}-key '
-                          'buffers; free memory, or run with POLYNEXT_CPU_KERNELS=0 (PyTorch\'s path)')
-    if status != 0:
-        raise RuntimeError(f'polynext::poly_attention_backward_fused: head dimension {d} or power {power} is not '
-                           'served here (check fused_attention_available first)')
+    _check_fused('poly_attention_backward_fused', status, k.shape[1], d, power)
     return dq, dk, dv
 
 

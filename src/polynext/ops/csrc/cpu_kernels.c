@@ -399,240 +399,178 @@ static inline __mmask16 block_mask(int64_t C, int64_t c0) {
 DW_ITEM(dw_item_f32, float, load_f32)
 DW_ITEM(dw_item_bf16, uint16_t, load_bf16)
 
-/* The fused attention (6. above), rows i0 .. i0 + nr - 1 (nr <= ATTN_ROWS) of one head, head dimension 16 * DV:
- * the rows of Q copied to qb (zero rows past nr), the scores of ATTN_ROWS rows against 32 keys at a time in 16
- * registers (K transposed in kt, M keys padded with zero columns to Mp, their weights masked to 0), (s + 1)^p
- * stored in ab (ATTN_ROWS x Mp floats, L1 / L2) and summed per lane; then A V, one row of V (DV registers) against
- * ATTN_ROWS broadcast weights, summed in blocks of ATTN_SUM keys (a two-level sum, so that long rows lose no more
- * than PyTorch's blocked products); then O = A V / max(row sum, eps). */
+/* The fused attention (6. and 7. above) works on ATTN_ROWS query rows of one head at a time, head dimension D = 16 or
+ * 32; the helpers below are its three loop nests, inlined into each block function with D a constant (so that the
+ * accumulators stay in registers). M keys are padded with zero columns to Mp in the transposed copies kt / vt, and
+ * a block's weights (ATTN_ROWS x Mp floats, ab) stay in L1 / L2. */
 #define ATTN_ROWS 8
 #define ATTN_SUM 256
-#define ATTN_BLOCK(NAME, DV)                                                                                     \
-    static void NAME(const float *q, const float *kt, const float *v, float *o, float *rowsum, int64_t i0,      \
-                     int64_t nr, int64_t M, int64_t Mp, int power, float eps, float *qb, float *ab) {           \
-        const int64_t D = 16 * DV;                                                                              \
-        memset(qb, 0, sizeof(float) * ATTN_ROWS * D);                                                           \
-        memcpy(qb, q + i0 * D, sizeof(float) * nr * D);                                                         \
-        __m512 sum[ATTN_ROWS];                                                                                  \
-        for (int r = 0; r < ATTN_ROWS; ++r) sum[r] = _mm512_setzero_ps();                                      \
-        for (int64_t j = 0; j < Mp; j += 32) {                                                                  \
-            const int two = j + 32 <= Mp;                                                                       \
-            __m512 a0[ATTN_ROWS], a1[ATTN_ROWS];                                                                \
-            for (int r = 0; r < ATTN_ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();                           \
-            if (two)                                                                                            \
-                for (int64_t d = 0; d < D; ++d) {                                                               \
-                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j), k1 = _mm512_loadu_ps(kt + d * Mp + j + 16); \
-                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
-                        const __m512 qv = _mm512_set1_ps(qb[r * D + d]);                                        \
-                        a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);                                                 \
-                        a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);                                                 \
-                    }                                                                                           \
-                }                                                                                               \
-            else                                                                                                \
-                for (int64_t d = 0; d < D; ++d) {                                                               \
-                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j);                                         \
-                    for (int r = 0; r < ATTN_ROWS; ++r)                                                         \
-                        a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r * D + d]), k0, a0[r]);                      \
-                }                                                                                               \
-            const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : 0;                        \
-            for (int r = 0; r < ATTN_ROWS; ++r) {                                                               \
-                const __m512 p0 = _mm512_maskz_mov_ps(m0, poly_pow(a0[r], power));                             \
-                _mm512_storeu_ps(ab + r * Mp + j, p0);                                                          \
-                sum[r] = _mm512_add_ps(sum[r], p0);                                                             \
-                if (two) {                                                                                      \
-                    const __m512 p1 = _mm512_maskz_mov_ps(m1, poly_pow(a1[r], power));                         \
-                    _mm512_storeu_ps(ab + r * Mp + j + 16, p1);                                                 \
-                    sum[r] = _mm512_add_ps(sum[r], p1);                                                         \
-                }                                                                                               \
-            }                                                                                                   \
-        }                                                                                                       \
-        __m512 tot[ATTN_ROWS][DV];                                                                              \
-        for (int r = 0; r < ATTN_ROWS; ++r)                                                                     \
-            for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_setzero_ps();                                      \
-        for (int64_t j0 = 0; j0 < M; j0 += ATTN_SUM) {                                                          \
-            const int64_t j1 = j0 + ATTN_SUM < M ? j0 + ATTN_SUM : M;                                           \
-            __m512 acc[ATTN_ROWS][DV];                                                                          \
-            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
-                for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_setzero_ps();                                  \
-            for (int64_t j = j0; j < j1; ++j) {                                                                 \
-                __m512 vv[DV];                                                                                  \
-                for (int e = 0; e < DV; ++e) vv[e] = _mm512_loadu_ps(v + j * D + 16 * e);                       \
-                for (int r = 0; r < ATTN_ROWS; ++r) {                                                           \
-                    const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                            \
-                    for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_fmadd_ps(w, vv[e], acc[r][e]);               \
-                }                                                                                               \
-            }                                                                                                   \
-            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
-                for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_add_ps(tot[r][e], acc[r][e]);                  \
-        }                                                                                                       \
-        for (int64_t r = 0; r < nr; ++r) {                                                                      \
-            float t = _mm512_reduce_add_ps(sum[r]);                                                             \
-            if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */                            \
-            if (rowsum) rowsum[i0 + r] = t;                                                                     \
-            const __m512 tv = _mm512_set1_ps(t);                                                                \
-            for (int e = 0; e < DV; ++e) _mm512_storeu_ps(o + (i0 + r) * D + 16 * e, _mm512_div_ps(tot[r][e], tv)); \
-        }                                                                                                       \
+#define ATTN_INLINE static inline __attribute__((always_inline))
+
+/* a[r] (and b[r] where `two`) = the rows xb[r] (ATTN_ROWS x D) against the columns j .. j + 15 (j + 16 .. j + 31)
+ * of the transposed t (D x Mp): the scores Q K^T of 32 keys, or dY V^T. */
+ATTN_INLINE void attn_dots(const float *xb, const float *t, int64_t j, int64_t Mp, int64_t D, int two, __m512 *a,
+                           __m512 *b) {
+    for (int r = 0; r < ATTN_ROWS; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    if (two)
+        for (int64_t d = 0; d < D; ++d) {
+            const __m512 t0 = _mm512_loadu_ps(t + d * Mp + j), t1 = _mm512_loadu_ps(t + d * Mp + j + 16);
+            for (int r = 0; r < ATTN_ROWS; ++r) {
+                const __m512 x = _mm512_set1_ps(xb[r * D + d]);
+                a[r] = _mm512_fmadd_ps(x, t0, a[r]);
+                b[r] = _mm512_fmadd_ps(x, t1, b[r]);
+            }
+        }
+    else
+        for (int64_t d = 0; d < D; ++d) {
+            const __m512 t0 = _mm512_loadu_ps(t + d * Mp + j);
+            for (int r = 0; r < ATTN_ROWS; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(xb[r * D + d]), t0, a[r]);
+        }
+}
+
+/* tot[r * DV + e] = sum_j ab[r, j] x[j, 16 e .. 16 e + 15] over the M rows of x (M x D): A V, or dS K; summed in
+ * blocks of ATTN_SUM keys (a two-level sum, so that long rows lose no more than PyTorch's blocked products). */
+ATTN_INLINE void attn_weigh(const float *ab, int64_t Mp, const float *x, int64_t M, int64_t D, __m512 *tot) {
+    const int DV = (int)(D / 16);
+    for (int i = 0; i < ATTN_ROWS * DV; ++i) tot[i] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < M; j0 += ATTN_SUM) {
+        const int64_t j1 = j0 + ATTN_SUM < M ? j0 + ATTN_SUM : M;
+        __m512 acc[ATTN_ROWS * 2];
+        for (int i = 0; i < ATTN_ROWS * DV; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t j = j0; j < j1; ++j) {
+            __m512 xv[2];
+            for (int e = 0; e < DV; ++e) xv[e] = _mm512_loadu_ps(x + j * D + 16 * e);
+            for (int r = 0; r < ATTN_ROWS; ++r) {
+                const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);
+                for (int e = 0; e < DV; ++e) acc[r * DV + e] = _mm512_fmadd_ps(w, xv[e], acc[r * DV + e]);
+            }
+        }
+        for (int i = 0; i < ATTN_ROWS * DV; ++i) tot[i] = _mm512_add_ps(tot[i], acc[i]);
     }
+}
 
-ATTN_BLOCK(attn_block_16, 1)
-ATTN_BLOCK(attn_block_32, 2)
+/* out[j] += sum_r ab[r, j] xb[r] for the M rows of out (M x D): dV += A^T dY, or dK += dS^T Q; the rows xb
+ * (ATTN_ROWS x D) in registers, one row of out at a time. */
+ATTN_INLINE void attn_scatter(const float *ab, int64_t Mp, const float *xb, float *out, int64_t M, int64_t D) {
+    const int DV = (int)(D / 16);
+    __m512 x[ATTN_ROWS * 2];
+    for (int r = 0; r < ATTN_ROWS; ++r)
+        for (int e = 0; e < DV; ++e) x[r * DV + e] = _mm512_loadu_ps(xb + r * D + 16 * e);
+    for (int64_t j = 0; j < M; ++j) {
+        __m512 acc[2];
+        for (int e = 0; e < DV; ++e) acc[e] = _mm512_setzero_ps();
+        for (int r = 0; r < ATTN_ROWS; ++r) {
+            const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);
+            for (int e = 0; e < DV; ++e) acc[e] = _mm512_fmadd_ps(w, x[r * DV + e], acc[e]);
+        }
+        for (int e = 0; e < DV; ++e)
+            _mm512_storeu_ps(out + j * D + 16 * e, _mm512_add_ps(_mm512_loadu_ps(out + j * D + 16 * e), acc[e]));
+    }
+}
 
+/* Forward, rows i0 .. i0 + nr - 1 (nr <= ATTN_ROWS): the rows of Q copied to qb (zero rows past nr); per 32 keys
+ * the scores, (s + 1)^p (zero past the last key) into ab and summed per lane; then O = A V / max(row sum, eps). */
+ATTN_INLINE void attn_forward_rows(const float *q, const float *kt, const float *v, float *o, float *rowsum,
+                                   int64_t i0, int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, float eps,
+                                   float *qb, float *ab) {
+    const int DV = (int)(D / 16);
+    memset(qb, 0, sizeof(float) * ATTN_ROWS * D);
+    memcpy(qb, q + i0 * D, sizeof(float) * nr * D);
+    __m512 sum[ATTN_ROWS], a0[ATTN_ROWS], a1[ATTN_ROWS], tot[ATTN_ROWS * 2];
+    for (int r = 0; r < ATTN_ROWS; ++r) sum[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < Mp; j += 32) {
+        const int two = j + 32 <= Mp;
+        attn_dots(qb, kt, j, Mp, D, two, a0, a1);
+        const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : 0;
+        for (int r = 0; r < ATTN_ROWS; ++r) {
+            const __m512 p0 = _mm512_maskz_mov_ps(m0, poly_pow(a0[r], power));
+            _mm512_storeu_ps(ab + r * Mp + j, p0);
+            sum[r] = _mm512_add_ps(sum[r], p0);
+            if (two) {
+                const __m512 p1 = _mm512_maskz_mov_ps(m1, poly_pow(a1[r], power));
+                _mm512_storeu_ps(ab + r * Mp + j + 16, p1);
+                sum[r] = _mm512_add_ps(sum[r], p1);
+            }
+        }
+    }
+    attn_weigh(ab, Mp, v, M, D, tot);
+    for (int64_t r = 0; r < nr; ++r) {
+        float t = _mm512_reduce_add_ps(sum[r]);
+        if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */
+        if (rowsum) rowsum[i0 + r] = t;
+        const __m512 tv = _mm512_set1_ps(t);
+        for (int e = 0; e < DV; ++e) _mm512_storeu_ps(o + (i0 + r) * D + 16 * e, _mm512_div_ps(tot[r * DV + e], tv));
+    }
+}
+
+/* Backward, the same rows: dy = g / r into yb and d = -p (g . o) / r per row; the scores recomputed, A = P^p into ab
+ * and P^(p-1) into pb (zero past the last key); dv += A^T dy; dS = (p dy V^T + d) P^(p-1) over ab; dq = dS K;
+ * dk += dS^T q. */
+ATTN_INLINE void attn_backward_rows(const float *q, const float *kt, const float *k, const float *vt, const float *o,
+                                    const float *g, const float *rowsum, float *dq, float *dk, float *dv, int64_t i0,
+                                    int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, float *qb, float *yb,
+                                    float *ab, float *pb) {
+    const int DV = (int)(D / 16);
+    const __m512 one = _mm512_set1_ps(1.f), pw = _mm512_set1_ps((float)power);
+    float dterm[ATTN_ROWS] = {0.f};
+    __m512 a0[ATTN_ROWS], a1[ATTN_ROWS], tot[ATTN_ROWS * 2];
+    memset(qb, 0, sizeof(float) * ATTN_ROWS * D);
+    memset(yb, 0, sizeof(float) * ATTN_ROWS * D);
+    memcpy(qb, q + i0 * D, sizeof(float) * nr * D);
+    for (int64_t r = 0; r < nr; ++r) {
+        const float inv = 1.f / rowsum[i0 + r];
+        __m512 go = _mm512_setzero_ps();
+        for (int e = 0; e < DV; ++e) {
+            const __m512 gv = _mm512_loadu_ps(g + (i0 + r) * D + 16 * e);
+            go = _mm512_fmadd_ps(gv, _mm512_loadu_ps(o + (i0 + r) * D + 16 * e), go);
+            _mm512_storeu_ps(yb + r * D + 16 * e, _mm512_mul_ps(gv, _mm512_set1_ps(inv)));
+        }
+        dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;
+    }
+    for (int64_t j = 0; j < Mp; j += 32) {
+        const int two = j + 32 <= Mp;
+        attn_dots(qb, kt, j, Mp, D, two, a0, a1);
+        const __mmask16 m[2] = {block_mask(M, j), two ? block_mask(M, j + 16) : (__mmask16)0};
+        for (int r = 0; r < ATTN_ROWS; ++r)
+            for (int h = 0; h < 1 + two; ++h) {
+                const __m512 p = _mm512_add_ps(h ? a1[r] : a0[r], one), p2 = _mm512_mul_ps(p, p);
+                const __m512 a = power == 4 ? _mm512_mul_ps(p2, p2) : p2, p3 = power == 4 ? _mm512_mul_ps(p, p2) : p;
+                _mm512_storeu_ps(ab + r * Mp + j + 16 * h, _mm512_maskz_mov_ps(m[h], a));
+                _mm512_storeu_ps(pb + r * Mp + j + 16 * h, _mm512_maskz_mov_ps(m[h], p3));
+            }
+    }
+    attn_scatter(ab, Mp, yb, dv, M, D);
+    for (int64_t j = 0; j < Mp; j += 32) {
+        const int two = j + 32 <= Mp;
+        attn_dots(yb, vt, j, Mp, D, two, a0, a1);
+        for (int r = 0; r < ATTN_ROWS; ++r)
+            for (int h = 0; h < 1 + two; ++h) {
+                const __m512 da = _mm512_fmadd_ps(h ? a1[r] : a0[r], pw, _mm512_set1_ps(dterm[r]));
+                float *at = ab + r * Mp + j + 16 * h;
+                _mm512_storeu_ps(at, _mm512_mul_ps(da, _mm512_loadu_ps(pb + r * Mp + j + 16 * h)));
+            }
+    }
+    attn_weigh(ab, Mp, k, M, D, tot);
+    for (int64_t r = 0; r < nr; ++r)
+        for (int e = 0; e < DV; ++e) _mm512_storeu_ps(dq + (i0 + r) * D + 16 * e, tot[r * DV + e]);
+    attn_scatter(ab, Mp, qb, dk, M, D);
+}
+
+/* the blocks, with D a constant in each branch */
 static int attn_block(const float *q, const float *kt, const float *v, float *o, float *rowsum, int64_t i0, int64_t nr,
                       int64_t M, int64_t Mp, int64_t D, int power, float eps, float *qb, float *ab) {
-    if (D == 32) attn_block_32(q, kt, v, o, rowsum, i0, nr, M, Mp, power, eps, qb, ab);
-    else if (D == 16) attn_block_16(q, kt, v, o, rowsum, i0, nr, M, Mp, power, eps, qb, ab);
+    if (D == 32) attn_forward_rows(q, kt, v, o, rowsum, i0, nr, M, Mp, 32, power, eps, qb, ab);
+    else if (D == 16) attn_forward_rows(q, kt, v, o, rowsum, i0, nr, M, Mp, 16, power, eps, qb, ab);
     else return 1;
     return 0;
 }
-/* The fused attention's backward (7. above), rows i0 .. i0 + nr - 1 of one head: the scores recomputed as in
- * ATTN_BLOCK, A = P^p into ab and P^(p-1) into pb (zero past the last key); dv += A^T dy (dy = g / r, eight rows in
- * registers, one row of dv at a time); dA = (p dy) V^T against 32 keys at a time (V transposed in vt), dS =
- * (dA + d) P^(p-1) written over ab (d = -p (g . o) / r per row); dq = dS K for the eight rows (two-level sums as
- * in ATTN_BLOCK); dk += dS^T q, one row of dk at a time. */
-#define ATTN_BWD_BLOCK(NAME, DV)                                                                                 \
-    static void NAME(const float *q, const float *kt, const float *k, const float *vt, const float *o,         \
-                     const float *g, const float *rowsum, float *dq, float *dk, float *dv, int64_t i0, int64_t nr, \
-                     int64_t M, int64_t Mp, int power, float *qb, float *yb, float *ab, float *pb) {            \
-        const int64_t D = 16 * DV;                                                                              \
-        const __m512 one = _mm512_set1_ps(1.f);                                                                 \
-        float dterm[ATTN_ROWS];                                                                                 \
-        memset(qb, 0, sizeof(float) * ATTN_ROWS * D);                                                           \
-        memset(yb, 0, sizeof(float) * ATTN_ROWS * D);                                                           \
-        memcpy(qb, q + i0 * D, sizeof(float) * nr * D);                                                         \
-        for (int r = 0; r < ATTN_ROWS; ++r) dterm[r] = 0.f;                                                     \
-        for (int64_t r = 0; r < nr; ++r) {                                                                      \
-            const float inv = 1.f / rowsum[i0 + r];                                                             \
-            __m512 go = _mm512_setzero_ps();                                                                    \
-            for (int e = 0; e < DV; ++e) {                                                                      \
-                const __m512 gv = _mm512_loadu_ps(g + (i0 + r) * D + 16 * e);                                   \
-                go = _mm512_fmadd_ps(gv, _mm512_loadu_ps(o + (i0 + r) * D + 16 * e), go);                       \
-                _mm512_storeu_ps(yb + r * D + 16 * e, _mm512_mul_ps(gv, _mm512_set1_ps(inv)));                 \
-            }                                                                                                   \
-            dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;                                          \
-        }                                                                                                       \
-        for (int64_t j = 0; j < Mp; j += 32) {          /* A and P^(p-1) */                                    \
-            const int two = j + 32 <= Mp;                                                                       \
-            __m512 a0[ATTN_ROWS], a1[ATTN_ROWS];                                                                \
-            for (int r = 0; r < ATTN_ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();                           \
-            if (two)                                                                                            \
-                for (int64_t d = 0; d < D; ++d) {                                                               \
-                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j), k1 = _mm512_loadu_ps(kt + d * Mp + j + 16); \
-                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
-                        const __m512 qv = _mm512_set1_ps(qb[r * D + d]);                                        \
-                        a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);                                                 \
-                        a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);                                                 \
-                    }                                                                                           \
-                }                                                                                               \
-            else                                                                                                \
-                for (int64_t d = 0; d < D; ++d) {                                                               \
-                    const __m512 k0 = _mm512_loadu_ps(kt + d * Mp + j);                                         \
-                    for (int r = 0; r < ATTN_ROWS; ++r)                                                         \
-                        a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r * D + d]), k0, a0[r]);                      \
-                }                                                                                               \
-            const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;             \
-            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
-                for (int h = 0; h < 1 + two; ++h) {                                                             \
-                    const __m512 p = _mm512_add_ps(h ? a1[r] : a0[r], one), p2 = _mm512_mul_ps(p, p);          \
-                    const __mmask16 m = h ? m1 : m0;                                                            \
-                    _mm512_storeu_ps(ab + r * Mp + j + 16 * h,                                                  \
-                                     _mm512_maskz_mov_ps(m, power == 4 ? _mm512_mul_ps(p2, p2) : p2));          \
-                    _mm512_storeu_ps(pb + r * Mp + j + 16 * h,                                                  \
-                                     _mm512_maskz_mov_ps(m, power == 4 ? _mm512_mul_ps(p, p2) : p));            \
-                }                                                                                               \
-        }                                                                                                       \
-        {                                               /* dv += A^T dy */                                      \
-            __m512 y[ATTN_ROWS][DV];                                                                            \
-            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
-                for (int e = 0; e < DV; ++e) y[r][e] = _mm512_loadu_ps(yb + r * D + 16 * e);                   \
-            for (int64_t j = 0; j < M; ++j) {                                                                   \
-                __m512 acc[DV];                                                                                 \
-                for (int e = 0; e < DV; ++e) acc[e] = _mm512_setzero_ps();                                      \
-                for (int r = 0; r < ATTN_ROWS; ++r) {                                                           \
-                    const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                            \
-                    for (int e = 0; e < DV; ++e) acc[e] = _mm512_fmadd_ps(w, y[r][e], acc[e]);                  \
-                }                                                                                               \
-                for (int e = 0; e < DV; ++e)                                                                    \
-                    _mm512_storeu_ps(dv + j * D + 16 * e, _mm512_add_ps(_mm512_loadu_ps(dv + j * D + 16 * e), acc[e])); \
-            }                                                                                                   \
-        }                                                                                                       \
-        for (int64_t j = 0; j < Mp; j += 32) {          /* dS = (p dy V^T + d) P^(p-1), over ab */             \
-            const int two = j + 32 <= Mp;                                                                       \
-            __m512 a0[ATTN_ROWS], a1[ATTN_ROWS];                                                                \
-            for (int r = 0; r < ATTN_ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();                           \
-            if (two)                                                                                            \
-                for (int64_t d = 0; d < D; ++d) {                                                               \
-                    const __m512 v0 = _mm512_loadu_ps(vt + d * Mp + j), v1 = _mm512_loadu_ps(vt + d * Mp + j + 16); \
-                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
-                        const __m512 yv = _mm512_set1_ps(yb[r * D + d]);                                        \
-                        a0[r] = _mm512_fmadd_ps(yv, v0, a0[r]);                                                 \
-                        a1[r] = _mm512_fmadd_ps(yv, v1, a1[r]);                                                 \
-                    }                                                                                           \
-                }                                                                                               \
-            else                                                                                                \
-                for (int64_t d = 0; d < D; ++d) {                                                               \
-                    const __m512 v0 = _mm512_loadu_ps(vt + d * Mp + j);                                         \
-                    for (int r = 0; r < ATTN_ROWS; ++r)                                                         \
-                        a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(yb[r * D + d]), v0, a0[r]);                      \
-                }                                                                                               \
-            const __m512 pw = _mm512_set1_ps((float)power);                                                     \
-            for (int r = 0; r < ATTN_ROWS; ++r) {                                                               \
-                const __m512 dr = _mm512_set1_ps(dterm[r]);                                                     \
-                for (int h = 0; h < 1 + two; ++h) {                                                             \
-                    const __m512 da = _mm512_fmadd_ps(h ? a1[r] : a0[r], pw, dr);                               \
-                    float *at = ab + r * Mp + j + 16 * h;                                                       \
-                    _mm512_storeu_ps(at, _mm512_mul_ps(da, _mm512_loadu_ps(pb + r * Mp + j + 16 * h)));        \
-                }                                                                                               \
-            }                                                                                                   \
-        }                                                                                                       \
-        {                                               /* dq = dS K */                                         \
-            __m512 tot[ATTN_ROWS][DV];                                                                          \
-            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
-                for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_setzero_ps();                                  \
-            for (int64_t j0 = 0; j0 < M; j0 += ATTN_SUM) {                                                      \
-                const int64_t j1 = j0 + ATTN_SUM < M ? j0 + ATTN_SUM : M;                                       \
-                __m512 acc[ATTN_ROWS][DV];                                                                      \
-                for (int r = 0; r < ATTN_ROWS; ++r)                                                             \
-                    for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_setzero_ps();                              \
-                for (int64_t j = j0; j < j1; ++j) {                                                             \
-                    __m512 kv[DV];                                                                              \
-                    for (int e = 0; e < DV; ++e) kv[e] = _mm512_loadu_ps(k + j * D + 16 * e);                   \
-                    for (int r = 0; r < ATTN_ROWS; ++r) {                                                       \
-                        const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                        \
-                        for (int e = 0; e < DV; ++e) acc[r][e] = _mm512_fmadd_ps(w, kv[e], acc[r][e]);           \
-                    }                                                                                           \
-                }                                                                                               \
-                for (int r = 0; r < ATTN_ROWS; ++r)                                                             \
-                    for (int e = 0; e < DV; ++e) tot[r][e] = _mm512_add_ps(tot[r][e], acc[r][e]);              \
-            }                                                                                                   \
-            for (int64_t r = 0; r < nr; ++r)                                                                    \
-                for (int e = 0; e < DV; ++e) _mm512_storeu_ps(dq + (i0 + r) * D + 16 * e, tot[r][e]);          \
-        }                                                                                                       \
-        {                                               /* dk += dS^T q */                                      \
-            __m512 x[ATTN_ROWS][DV];                                                                            \
-            for (int r = 0; r < ATTN_ROWS; ++r)                                                                 \
-                for (int e = 0; e < DV; ++e) x[r][e] = _mm512_loadu_ps(qb + r * D + 16 * e);                   \
-            for (int64_t j = 0; j < M; ++j) {                                                                   \
-                __m512 acc[DV];                                                                                 \
-                for (int e = 0; e < DV; ++e) acc[e] = _mm512_setzero_ps();                                      \
-                for (int r = 0; r < ATTN_ROWS; ++r) {                                                           \
-                    const __m512 w = _mm512_set1_ps(ab[r * Mp + j]);                                            \
-                    for (int e = 0; e < DV; ++e) acc[e] = _mm512_fmadd_ps(w, x[r][e], acc[e]);                  \
-                }                                                                                               \
-                for (int e = 0; e < DV; ++e)                                                                    \
-                    _mm512_storeu_ps(dk + j * D + 16 * e, _mm512_add_ps(_mm512_loadu_ps(dk + j * D + 16 * e), acc[e])); \
-            }                                                                                                   \
-        }                                                                                                       \
-    }
-
-ATTN_BWD_BLOCK(attn_bwd_block_16, 1)
-ATTN_BWD_BLOCK(attn_bwd_block_32, 2)
 
 static void attn_bwd_block(const float *q, const float *kt, const float *k, const float *vt, const float *o,
                            const float *g, const float *rowsum, float *dq, float *dk, float *dv, int64_t i0,
                            int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, float *qb, float *yb, float *ab,
                            float *pb) {
-    if (D == 32) attn_bwd_block_32(q, kt, k, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, power, qb, yb, ab, pb);
-    else attn_bwd_block_16(q, kt, k, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, power, qb, yb, ab, pb);
+    if (D == 32) attn_backward_rows(q, kt, k, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, 32, power, qb, yb, ab, pb);
+    else attn_backward_rows(q, kt, k, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, 16, power, qb, yb, ab, pb);
 }
 #define ATTN_FUSED 1
 
@@ -1024,37 +962,42 @@ DW_WGRAD(polynext_dw_wgrad_bf16, uint16_t, dw_item_bf16)
  * queries), split evenly over the threads; a thread transposes a head's K once for its items of that head.
  * Returns 0; 1 where the kernel does not serve the call (D not 16 or 32, p not 2 or 4, a build without AVX-512:
  * nothing written); 2 if a thread's buffers could not be allocated (o incomplete). */
+static int attn_refused(int64_t D, int power) {
+    return !ATTN_FUSED || (D != 16 && D != 32) || (power != 2 && power != 4);
+}
+
+/* x (M x D) transposed into t (D x Mp), zero columns past M */
+static void attn_transpose(const float *x, float *t, int64_t M, int64_t Mp, int64_t D) {
+    for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = 0; j < M; ++j) t[d * Mp + j] = x[j * D + d];
+        for (int64_t j = M; j < Mp; ++j) t[d * Mp + j] = 0.f;
+    }
+}
+
 int polynext_poly_attention_f32(const float *q, const float *k, const float *v, float *o, float *rowsum, int64_t BH,
                                 int64_t N, int64_t M, int64_t D, int power, float eps, int threads) {
     (void)threads;
-    if (!ATTN_FUSED || (D != 16 && D != 32) || (power != 2 && power != 4)) return 1;
+    if (attn_refused(D, power)) return 1;
     const int64_t Mp = (M + 15) & ~(int64_t)15, block = 64, chunks = (N + block - 1) / block, items = BH * chunks;
-    const size_t floats = (size_t)(D * Mp + ATTN_ROWS * D + ATTN_ROWS * Mp);
     int failed = 0;
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
     {
         const int64_t tid = thread_id(), nt = thread_count();
-        float *buf = (float *)malloc(floats * sizeof(float));
-        if (!buf) {
+        float *kt = (float *)malloc(sizeof(float) * (size_t)(D * Mp + ATTN_ROWS * D + ATTN_ROWS * Mp));
+        if (!kt) {
             failed = 1;
         } else {
-            float *kt = buf, *qb = buf + D * Mp, *ab = qb + ATTN_ROWS * D;
+            float *qb = kt + D * Mp, *ab = qb + ATTN_ROWS * D;
             int64_t head = -1;
             for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {
                 const int64_t h = it / chunks, r0 = (it % chunks) * block, r1 = r0 + block < N ? r0 + block : N;
-                if (h != head) {   /* K of this head, transposed (D x Mp, zero columns past M) */
-                    const float *kh = k + h * M * D;
-                    for (int64_t d = 0; d < D; ++d) {
-                        for (int64_t j = 0; j < M; ++j) kt[d * Mp + j] = kh[j * D + d];
-                        for (int64_t j = M; j < Mp; ++j) kt[d * Mp + j] = 0.f;
-                    }
-                    head = h;
-                }
+                if (h != head) attn_transpose(k + h * M * D, kt, M, Mp, D);
+                head = h;
                 for (int64_t i0 = r0; i0 < r1; i0 += ATTN_ROWS)
                     attn_block(q + h * N * D, kt, v + h * M * D, o + h * N * D, rowsum ? rowsum + h * N : NULL, i0,
                                r1 - i0 < ATTN_ROWS ? r1 - i0 : ATTN_ROWS, M, Mp, D, power, eps, qb, ab);
             }
-            free(buf);
+            free(kt);
         }
     }
     return failed ? 2 : 0;
@@ -1070,28 +1013,22 @@ int polynext_poly_attention_backward_f32(const float *q, const float *k, const f
                                          const float *rowsum, float *dq, float *dk, float *dv, int64_t BH, int64_t N,
                                          int64_t M, int64_t D, int power, int threads) {
     (void)threads;
-    if (!ATTN_FUSED || (D != 16 && D != 32) || (power != 2 && power != 4)) return 1;
+    if (attn_refused(D, power)) return 1;
     const int64_t Mp = (M + 15) & ~(int64_t)15;
-    const size_t floats = (size_t)(2 * D * Mp + 2 * ATTN_ROWS * D + 2 * ATTN_ROWS * Mp);
     int failed = 0;
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
     {
         const int64_t tid = thread_id(), nt = thread_count();
-        float *buf = (float *)malloc(floats * sizeof(float));
-        if (!buf) {
+        float *kt = (float *)malloc(sizeof(float) * (size_t)(2 * D * Mp + 2 * ATTN_ROWS * D + 2 * ATTN_ROWS * Mp));
+        if (!kt) {
             failed = 1;
         } else {
-            float *kt = buf, *vt = kt + D * Mp, *qb = vt + D * Mp, *yb = qb + ATTN_ROWS * D, *ab = yb + ATTN_ROWS * D;
+            float *vt = kt + D * Mp, *qb = vt + D * Mp, *yb = qb + ATTN_ROWS * D, *ab = yb + ATTN_ROWS * D;
             float *pb = ab + ATTN_ROWS * Mp;
             for (int64_t h = BH * tid / nt; h < BH * (tid + 1) / nt; ++h) {
-                const float *kh = k + h * M * D, *vh = v + h * M * D;
-                for (int64_t d = 0; d < D; ++d) {
-                    for (int64_t j = 0; j < M; ++j) {
-                        kt[d * Mp + j] = kh[j * D + d];
-                        vt[d * Mp + j] = vh[j * D + d];
-                    }
-                    for (int64_t j = M; j < Mp; ++j) kt[d * Mp + j] = vt[d * Mp + j] = 0.f;
-                }
+                const float *kh = k + h * M * D;
+                attn_transpose(kh, kt, M, Mp, D);
+                attn_transpose(v + h * M * D, vt, M, Mp, D);
                 memset(dk + h * M * D, 0, sizeof(float) * M * D);
                 memset(dv + h * M * D, 0, sizeof(float) * M * D);
                 for (int64_t i0 = 0; i0 < N; i0 += ATTN_ROWS)
@@ -1099,7 +1036,7 @@ int polynext_poly_attention_backward_f32(const float *q, const float *k, const f
                                    dq + h * N * D, dk + h * M * D, dv + h * M * D, i0,
                                    N - i0 < ATTN_ROWS ? N - i0 : ATTN_ROWS, M, Mp, D, power, qb, yb, ab, pb);
             }
-            free(buf);
+            free(kt);
         }
     }
     return failed ? 2 : 0;
