@@ -151,6 +151,9 @@ def main(argv=None) -> int:
                      f'git show COMMIT:src/polynext/ops/poly_attention.py > FILE')
     if args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
+    if args.whole_model and args.dtype != 'fp32':
+        parser.error('--whole-model times the fused float32 attention kernel on and off; run it with --dtype fp32 '
+                     '(in bf16 the two columns would run the same code)')
     import timm
     import polynext  # noqa: F401  (registers the models)
     from polynext.errors import ConfigError

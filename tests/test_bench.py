@@ -445,6 +445,7 @@ def test_weight_grad_script_toy(tmp_path):
     ('poly_attention', ['cpolynext_t', '--img-size', '32'], 'cpolynext_t runs no polynomial attention kernel'),
     ('poly_attention', ['--baseline', '{tmp}/missing.py'], 'is not a file; write one with git show'),
     ('poly_attention', ['--runs', '0'], '--runs must be at least 1, got 0'),
+    ('poly_attention', ['--whole-model', '--dtype', 'bf16'], '--whole-model times the fused float32 attention'),
     ('poly_attention', ['--json', '{tmp}'], 'is a folder; give a file path'),
 ])
 def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path, capsys):

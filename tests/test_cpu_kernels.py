@@ -328,6 +328,7 @@ def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
     lib = _library_for(march, tmp_path)
     gen = torch.Generator().manual_seed(0)
     fused = bool(lib.polynext_poly_attention_fused())
+    assert lib.attention_fused == fused   # (read once at load)
     assert fused == (AVX512 if march is None else march != 'x86-64-v2')
     for heads, n, m, d in [(3, 196, 196, 32), (2, 49, 49, 32), (2, 70, 37, 16), (1, 1, 1, 32), (2, 5, 300, 32),
                            (1, 130, 48, 16), (1, 9, 17, 32)]:

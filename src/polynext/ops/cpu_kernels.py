@@ -2,9 +2,9 @@
 
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
 product and PolyConv's residual in the same pass; in float32 training with its backward) and
-``ops.poly_attention`` (in float32 with AVX-512 the whole attention forward in one kernel and its training backward
-in another, the N x N scores kept in the caches; the power and row normalisation at bfloat16 inference; in training, float32 and bfloat16, the power
-with the row sums, the backward's recomputation and dL/dS) and
+``ops.poly_attention`` (in float32 with AVX-512 the whole attention forward in one kernel and its training
+backward in another, the N x N scores kept in the caches; elsewhere the power and row normalisation at bfloat16
+inference and, in training, the power with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel.
@@ -148,6 +148,7 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp
+    lib.attention_fused = bool(lib.polynext_poly_attention_fused())   # built with AVX-512: read once, not per call
     return lib
 
 
@@ -232,7 +233,7 @@ def fused_attention_available(q: torch.Tensor, v: torch.Tensor, power: int) -> b
     V, power 2 or 4."""
     if not (power in (2, 4) and q.dtype == v.dtype == torch.float32 and q.shape[-1] == v.shape[-1] in (16, 32)):
         return False
-    return kernel_available() and bool(library().polynext_poly_attention_fused())
+    return kernel_available() and library().attention_fused
 
 
 def _check_fused(name: str, status: int, keys: int, dim: int, power: int) -> None:
@@ -317,9 +318,9 @@ def poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tenso
 def poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int,
                          eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The whole polynomial attention in one kernel (``polynext::poly_attention_fused``, float32, AVX-512): for
-    (heads, N, d) queries and (heads, M, d) keys and values, O = (A / max(rowsum(A), eps)) V with A = (Q Kᵀ + 1)^power;
-    returns O and the clamped row sums (float32, heads x N x 1). The N x M scores never leave the caches. Check
-    :func:`fused_attention_available` first."""
+    (heads, N, d) queries and (heads, M, d) keys and values, O = (A / max(rowsum(A), eps)) V with
+    A = (Q Kᵀ + 1)^power; returns O and the clamped row sums (float32, heads x N x 1). The N x M scores never
+    leave the caches. Check :func:`fused_attention_available` first."""
     return torch.ops.polynext.poly_attention_fused(q, k, v, power, eps) if profiling() else \
         _poly_attention_fused(q, k, v, power, eps)
 

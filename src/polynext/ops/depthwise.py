@@ -72,7 +72,8 @@ _MIN_PIXELS = 14 * 14
 #: autograd's (oneDNN), 2-core Zen 4, batch 32 (``benchmarks/depthwise_backward.py``, the autograd column): 72 channels
 #: at 56x56 x1.28-1.34 in fp32 and x1.35 under bf16 autocast; in a throwaway timing of the backward alone oneDNN's
 #: weight gradient took 6.8 ms there against 3.3 ms at 64 channels and the kernel 3.5 ms. Below it oneDNN's fast
-#: kernel stays: 48 channels at 56x56 and 96 at 28x28 ran x0.85-0.93 in fp32, 144 at 28x28 x1.07 (within the noise).
+#: kernel stays: 48 channels at 56x56 ran x0.87-0.93 and 96 at 28x28 x0.85-1.08 in fp32, 144 at 28x28 x1.07 (two
+#: throwaway runs with every 3x3 layer from 28x28 routed).
 _MIN_NUMEL_3X3 = 64 * 56 * 56
 
 
@@ -141,13 +142,19 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         return grad_x, grad_w, None                                                      # buckets follow it
 
 
+def _kernel_applies(*maps: torch.Tensor) -> bool:
+    """Whether ``polynext_dw_wgrad`` can take these maps: channels-last float32 / bfloat16, eager CPU work, the
+    kernels built and on."""
+    return (maps[0].dtype in (torch.float32, torch.bfloat16)
+            and maps[0].is_contiguous(memory_format=torch.channels_last) and eager_cpu(*maps) and kernel_available())
+
+
 def _kernel_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, d: int) -> Optional[torch.Tensor]:
     """The weight gradient (C, 1, k, k) in float32 by ``ops.cpu_kernels``' ``polynext_dw_wgrad`` (an image's
     input and output gradient packed into planes of 16 channels, every tap's sum in a register), or None where it
     does not apply: no compiled kernel, not eager CPU work, x not channels-last, a dtype other than float32 and
     bfloat16, k even or above 7. Dead taps need no crop there: they only meet the padding's zeros."""
-    if not (k % 2 == 1 and k <= 7 and x.dtype in (torch.float32, torch.bfloat16)
-            and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu(x, grad) and kernel_available()):
+    if not (k % 2 == 1 and k <= 7 and _kernel_applies(x, grad)):
         return None
     g = grad.contiguous(memory_format=torch.channels_last)
     n, channels, height, width = x.shape
@@ -241,10 +248,9 @@ def _dead_taps(k: int, d: int, size: int) -> int:
 
 
 def _kernel_serves_3x3(x: torch.Tensor) -> bool:
-    """Whether an undilated 3x3 layer on ``x`` takes the function: the weight-gradient kernel applies (channels-last
-    float32 / bfloat16 maps, eager CPU work, the kernels built and on) and an image has ``_MIN_NUMEL_3X3`` values."""
-    return (x.shape[-3] * x.shape[-2] * x.shape[-1] >= _MIN_NUMEL_3X3 and x.dtype in (torch.float32, torch.bfloat16)
-            and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu(x) and kernel_available())
+    """Whether an undilated 3x3 layer on ``x`` takes the function: the weight-gradient kernel applies
+    (:func:`_kernel_applies`) and an image has ``_MIN_NUMEL_3X3`` values."""
+    return x.shape[-3] * x.shape[-2] * x.shape[-1] >= _MIN_NUMEL_3X3 and _kernel_applies(x)
 
 
 def depthwise_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

@@ -206,7 +206,8 @@ class _PolyAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from polynext.ops.cpu_kernels import fused_attention_available, poly_attention_backward_fused, poly_ds_, poly_prep_
+        from polynext.ops.cpu_kernels import (fused_attention_available, poly_attention_backward_fused, poly_ds_,
+                                              poly_prep_)
         from polynext.ops.fused import eager_cpu
         q, k, v, out, rowsum = ctx.saved_tensors
         power, chunk_bytes = ctx.power, ctx.chunk_bytes
@@ -360,7 +361,9 @@ def poly_attention(
     ``q`` must already carry the per-head scale. ``power`` must be even (the row sum is
     then the l1 norm). On CUDA: :func:`poly_attention_flex` (fused, forward and backward).
     Elsewhere: the recomputing autograd function when a gradient is needed, and the same
-    chunked in-place kernel without autograd bookkeeping otherwise.
+    chunked in-place kernel without autograd bookkeeping otherwise. In float32 on a CPU with
+    AVX-512 both are the fused kernels of ``ops.cpu_kernels`` (eight query rows of weights a
+    thread at a time), which need less than any ``chunk_bytes``; it caps the other paths.
     """
     if power % 2:
         raise ValueError(f"poly_attention needs an even power (got {power}); odd powers make A signed")
