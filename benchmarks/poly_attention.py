@@ -9,7 +9,10 @@ medians), heads passed as the strided views of a channels-last activation, as th
               authors' code
   baseline    (with ``--baseline FILE``) ``poly_attention`` of another version of
               ``polynext/ops/poly_attention.py``, e.g. an earlier commit's, to measure a change
-  polynext    ``poly_attention`` (chunked, recomputing backward)
+  unfused     (where ``ops.cpu_kernels`` builds the fused attention kernel for ``--dtype`` on this CPU: float32 on
+              AVX-512, bf16 on AVX-512 BF16) ``poly_attention`` with that kernel off
+              (``ops.cpu_kernels.fused_attention``): PyTorch's products through cache tiles
+  polynext    ``poly_attention`` (the fused kernel where it is built; elsewhere chunked, recomputing backward)
 
 in fp32 or bf16 (``--dtype``; bf16 as the model runs it cast to bf16 or under autocast), forward + backward or
 (``--mode infer``) the forward under ``inference_mode``, as a deployed model runs it; the float64
@@ -18,8 +21,8 @@ the float64 expression on the same values: ``--dtype fp32`` runs the fused float
 where it is built), and with ``--baseline`` whether the two versions give bit-identical outputs and gradients.
 
 With ``--whole-model``, then each model's whole step (``polynext bench``'s: inference, or with ``--mode train``
-forward, loss, backward and AdamW; ``--dtype``) with the fused float32 attention kernel on and off
-(``ops.cpu_kernels.fused_attention_available``), interleaved, and the largest logit difference at inference.
+forward, loss, backward and AdamW; ``--dtype``) with the fused attention kernel on and off
+(``ops.cpu_kernels.fused_attention``), interleaved, and the largest logit difference at inference.
 
 Prints a table (two) and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
@@ -29,6 +32,7 @@ Prints a table (two) and writes JSON. Speed ratios depend on the CPU: the JSON n
     python benchmarks/poly_attention.py apolynext_t apolynext_s --dtype bf16 --baseline FILE
     python benchmarks/poly_attention.py apolynext_s --mode infer --batch-size 2 --img-size 512 --baseline FILE
     python benchmarks/poly_attention.py apolynext_t apolynext_s --mode infer --whole-model --runs 11
+    python benchmarks/poly_attention.py apolynext_t apolynext_s --dtype bf16 --whole-model --runs 11
 """
 from __future__ import annotations
 
@@ -80,19 +84,15 @@ def _infer(fn, q, k, v, grad):
 
 
 def _whole_model(args) -> list:
-    """Each model's ``polynext bench`` step with the fused float32 attention kernel on and off, interleaved."""
+    """Each model's ``polynext bench`` step with the fused attention kernel on and off, interleaved."""
     import timm
     from polynext.bench import BenchSettings, make_step, time_interleaved
     from polynext.ops import cpu_kernels
-    available = cpu_kernels.fused_attention_available
 
     def fused(on: bool):
         def step():
-            cpu_kernels.fused_attention_available = available if on else (lambda *a: False)
-            try:
+            with cpu_kernels.fused_attention(on):
                 run()
-            finally:
-                cpu_kernels.fused_attention_available = available
         return step
 
     print(f"whole model, {'inference' if args.mode == 'infer' else 'training step'}, img/s (median of {args.runs}):",
@@ -115,11 +115,8 @@ def _whole_model(args) -> list:
             x = torch.randn(2, 3, args.img_size, args.img_size).to(next(model.parameters()).dtype)
             with torch.inference_mode():
                 on = model(x.contiguous(memory_format=torch.channels_last))
-                cpu_kernels.fused_attention_available = lambda *a: False
-                try:
+                with cpu_kernels.fused_attention(False):
                     off = model(x.contiguous(memory_format=torch.channels_last))
-                finally:
-                    cpu_kernels.fused_attention_available = available
             row['max_abs_logit_diff'] = (on.float() - off.float()).abs().max().item()
         rows.append(row)
         diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
@@ -140,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument('--mode', choices=('train', 'infer'), default='train',
                         help='train: forward + backward (default); infer: the forward under inference_mode')
     parser.add_argument('--whole-model', action='store_true',
-                        help="then each model's whole step with the fused float32 attention kernel on and off")
+                        help="then each model's whole step with the fused attention kernel on and off")
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
     if args.json and Path(args.json).is_dir():
@@ -151,9 +148,12 @@ def main(argv=None) -> int:
                      f'git show COMMIT:src/polynext/ops/poly_attention.py > FILE')
     if args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
-    if args.whole_model and args.dtype != 'fp32':
-        parser.error('--whole-model times the fused float32 attention kernel on and off; run it with --dtype fp32 '
-                     '(in bf16 the two columns would run the same code)')
+    from polynext.ops import cpu_kernels
+    fused_built = cpu_kernels.kernel_available() and dtype in cpu_kernels.library().attention_fused
+    if args.whole_model and not fused_built:
+        needs = 'AVX-512 BF16' if dtype == torch.bfloat16 else 'AVX-512'
+        parser.error(f'--whole-model times the fused attention kernel on and off, which is not built here for '
+                     f'{args.dtype} (it needs {needs} and the kernels on); drop --whole-model, or run it on such a CPU')
     import timm
     import polynext  # noqa: F401  (registers the models)
     from polynext.errors import ConfigError
@@ -182,6 +182,11 @@ def main(argv=None) -> int:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         kernels['baseline'] = module.poly_attention
+    if fused_built:
+        def unfused(*a, **kw):
+            with cpu_kernels.fused_attention(False):
+                return poly_attention(*a, **kw)
+        kernels['unfused'] = unfused
     kernels['polynext'] = poly_attention
     env = environment(torch.device('cpu'))
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
@@ -218,13 +223,16 @@ def main(argv=None) -> int:
             row = dict(model=name, shape=list(shape), **{f'{key}_ms': round(t, 2) for key, t in ms.items()},
                        speedup_vs_expression=round(ms['expression'] / ms['polynext'], 2),
                        max_rel_diff_fp64=err, max_rel_diff_dtype=err_d)
+            if 'unfused' in ms:
+                row['speedup_vs_unfused'] = round(ms['unfused'] / ms['polynext'], 3)
             if 'baseline' in ms:
                 row['speedup_vs_baseline'] = round(ms['baseline'] / ms['polynext'], 3)
                 row['identical_to_baseline'] = all(torch.equal(a, b) for a, b in zip(
                     step(kernels['baseline'], q, k, v, g), step(poly_attention, q, k, v, g)))
             rows.append(row)
             cols = '  '.join(f'{key} {t:8.1f}' for key, t in ms.items())
-            extra = (f"  x{row['speedup_vs_baseline']:.3f} baseline"
+            extra = f"  x{row['speedup_vs_unfused']:.3f} unfused" if 'unfused' in ms else ''
+            extra += (f"  x{row['speedup_vs_baseline']:.3f} baseline"
                      f"{' (bit-identical)' if row['identical_to_baseline'] else ' (differs)'}") if 'baseline' in ms else ''
             print(f'{name:12s} {str(list(shape)):18s} {cols}  x{row["speedup_vs_expression"]:.2f} expression{extra}'
                   f'  rel diff fp64 {err:.1e}, {args.dtype} {err_d:.1e}', flush=True)

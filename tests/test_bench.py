@@ -445,7 +445,6 @@ def test_weight_grad_script_toy(tmp_path):
     ('poly_attention', ['cpolynext_t', '--img-size', '32'], 'cpolynext_t runs no polynomial attention kernel'),
     ('poly_attention', ['--baseline', '{tmp}/missing.py'], 'is not a file; write one with git show'),
     ('poly_attention', ['--runs', '0'], '--runs must be at least 1, got 0'),
-    ('poly_attention', ['--whole-model', '--dtype', 'bf16'], '--whole-model times the fused float32 attention'),
     ('poly_attention', ['--json', '{tmp}'], 'is a folder; give a file path'),
 ])
 def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path, capsys):
@@ -455,6 +454,21 @@ def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path,
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
     assert len(errors) == 1 and message in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_poly_attention_whole_model_refused_where_the_fused_kernel_is_not_built(tmp_path, capsys, monkeypatch):
+    """``--whole-model`` times the fused attention on and off: on a CPU that does not build it for ``--dtype``
+    (bf16 without AVX-512 BF16, here pretended) one line says so, before anything runs or is written."""
+    from polynext.ops import cpu_kernels
+    if cpu_kernels.library() is None:
+        pytest.skip('no C compiler: the kernels are not built')
+    monkeypatch.setattr(cpu_kernels.library(), 'attention_fused', frozenset([torch.float32]))
+    with pytest.raises(SystemExit) as exit_info:
+        _load_script('poly_attention').main(['--whole-model', '--dtype', 'bf16', '--json', str(tmp_path / 'x.json')])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and 'not built here for bf16 (it needs AVX-512 BF16' in errors[0]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -499,6 +513,16 @@ def test_poly_attention_script_toy(tmp_path):
     (row,) = json.loads(out.read_text())['whole_model']
     assert row['model'] == 'apolynext_t' and row['fused_img_s'] > 0 and row['pytorch_img_s'] > 0
     assert row['max_abs_logit_diff'] < 1e-5
+    from polynext.ops import cpu_kernels
+    if cpu_kernels.kernel_available() and torch.bfloat16 in cpu_kernels.library().attention_fused:
+        # bf16 (AVX-512 BF16): the unfused column per shape, and the whole model on and off to bf16's rounding
+        assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--mode', 'infer',
+                            '--dtype', 'bf16', '--whole-model', '--json', str(out)]) == 0
+        data = json.loads(out.read_text())
+        assert all(r['unfused_ms'] > 0 and r['speedup_vs_unfused'] > 0 and r['max_rel_diff_dtype'] < 1e-2
+                   for r in data['rows'])
+        (row,) = data['whole_model']
+        assert row['fused_img_s'] > 0 and 0 < row['max_abs_logit_diff'] < 0.1
 
 
 def test_table11_quick_script(tmp_path):

@@ -232,8 +232,10 @@ def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))
     prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1, dtype='bf16')
     ops = {(cls, op) for cls, op, _ in prof.ops}
-    assert {('norms', 'polynext::channel_norm_'), ('norms', 'polynext::channel_norm'),
-            ('attention', 'polynext::poly_rows_')} <= ops
+    # bf16 attention: the fused kernel where it is built (AVX-512 BF16), else the weights kernel of the tiled path
+    attention = 'polynext::poly_attention_fused' if torch.bfloat16 in ck.library().attention_fused else \
+        'polynext::poly_rows_'
+    assert {('norms', 'polynext::channel_norm_'), ('norms', 'polynext::channel_norm'), ('attention', attention)} <= ops
     assert {cls for cls, op in ops if op.startswith('polynext::')} == {'norms', 'attention'}
     assert prof.classes['norms'].bytes > 0
     torch.manual_seed(0)
@@ -290,6 +292,9 @@ def test_attention_rows_kernel_in_every_code_path(march, tmp_path):
 @needs_cc
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_poly_attention_takes_the_kernel_at_inference_only(dtype, monkeypatch):
+    """The tiled path (the fused kernels off, as on a CPU without AVX-512 BF16) takes the weights kernel at bf16
+    inference only."""
+    monkeypatch.setattr(ck.fused_attention, 'on', False)
     calls = []
     real = ck._poly_rows
     monkeypatch.setattr(ck, '_poly_rows', lambda s, p, e: calls.append(s.shape) or real(s, p, e))
@@ -328,7 +333,7 @@ def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
     lib = _library_for(march, tmp_path)
     gen = torch.Generator().manual_seed(0)
     fused = bool(lib.polynext_poly_attention_fused())
-    assert lib.attention_fused == fused   # (read once at load)
+    assert (torch.float32 in lib.attention_fused) == fused   # (read once at load)
     assert fused == (AVX512 if march is None else march != 'x86-64-v2')
     for heads, n, m, d in [(3, 196, 196, 32), (2, 49, 49, 32), (2, 70, 37, 16), (1, 1, 1, 32), (2, 5, 300, 32),
                            (1, 130, 48, 16), (1, 9, 17, 32)]:
@@ -400,18 +405,80 @@ def test_fused_attention_backward_kernel_in_every_code_path(march, tmp_path):
 
 
 @needs_cc
-def test_poly_attention_takes_the_fused_kernel_in_float32(monkeypatch):
-    """In float32 (inference, and in training forward and backward) the attention is the fused kernels where they are
-    built (AVX-512), the values and gradients those of float64; bfloat16, fusions off and kernels off keep PyTorch's
-    path."""
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_fused_bf16_attention_kernels_in_every_code_path(march, tmp_path):
+    """polynext_poly_attention_bf16 and its backward (AVX-512 BF16 pair dot products) against float64 on the same
+    bf16 values, at the float32 tests' shapes (masked key tails, odd key counts whose last pair is half padding,
+    partial row blocks and row pairs, fewer queries than keys, D 16 and 32, p 2 and 4): O within bf16's rounding of
+    the largest output (PyTorch's bf16 path: the same), the row sums (float32) within 1e-5, the gradients within
+    bf16's rounding; a row whose scores are all exactly -1 gives 0, a NaN query its own row NaN only. Builds
+    without AVX-512 BF16 (x86-64-v2, skylake-avx512) refuse both calls and write nothing."""
+    lib = _library_for(march, tmp_path)
+    gen = torch.Generator().manual_seed(2)
+    built = bool(lib.polynext_poly_attention_fused_bf16())
+    assert (torch.bfloat16 in lib.attention_fused) == built
+    assert built == (AVX512_BF16 if march is None else False)
+    for heads, n, m, d in [(3, 196, 196, 32), (2, 49, 49, 32), (2, 70, 37, 16), (1, 1, 1, 32), (2, 5, 300, 32),
+                           (1, 130, 48, 16), (1, 9, 17, 32), (5, 16, 16, 16)]:
+        for power in (2, 4):
+            q, k = (torch.randn(heads, x, d, generator=gen).mul(0.25).bfloat16() for x in (n, m))
+            v, g = (torch.randn(heads, x, d, generator=gen).bfloat16() for x in (m, n))
+            o, r = torch.full_like(q, 7.0), torch.full((heads, n, 1), 7.0)
+            grads = [torch.full_like(t, 7.0) for t in (q, k, v)]
+            status = lib.polynext_poly_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+                                                      r.data_ptr(), heads, n, m, d, power, 1e-12, 2)
+            status_bwd = lib.polynext_poly_attention_backward_bf16(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), g.data_ptr(), r.data_ptr(),
+                *(t.data_ptr() for t in grads), heads, n, m, d, power, 2)
+            if not built:
+                assert status == status_bwd == 1 and (o == 7).all() and (r == 7).all()
+                assert all((t == 7).all() for t in grads)
+                continue
+            assert status == status_bwd == 0
+            ref, ref_r = _fused_reference(q, k, v, power)
+            assert (o.double() - ref).abs().max() <= 8e-3 * ref.abs().max(), (heads, n, m, d, power)
+            assert torch.allclose(r.double(), ref_r, rtol=1e-5)
+            leaves = [t.double().requires_grad_() for t in (q, k, v)]
+            want = torch.autograd.grad(_fused_reference(*leaves, power)[0], leaves, g.double())
+            for got, w in zip(grads, want):   # (one key: dQ, dK are 0 in real arithmetic; O rounded to bf16 is not V)
+                bound = 1.2e-2 * w.abs().max() if m > 1 else 2e-2
+                assert (got.double() - w).abs().max() <= bound, (heads, n, m, d, power)
+    if not built:
+        return
+    q, k = torch.randn(2, 20, 32, generator=gen), torch.randn(2, 40, 32, generator=gen)
+    v = torch.randn(2, 40, 32, generator=gen).bfloat16()
+    q[0, 4] = 0.0
+    q[0, 4, 0] = 1.0
+    k[0, :, 0] = -1.0             # row 4 of head 0: every score exactly -1, every weight 0
+    q[1, 11, 3] = float('nan')
+    q, k = q.bfloat16(), k.bfloat16()
+    o, r = torch.empty_like(q), torch.empty(2, 20, 1)
+    assert lib.polynext_poly_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), r.data_ptr(),
+                                            2, 20, 40, 32, 4, 1e-12, 2) == 0
+    assert (o[0, 4] == 0).all() and r[0, 4].item() == pytest.approx(1e-12)
+    assert torch.isnan(o[1, 11]).all() and not torch.isnan(o[1, :11]).any() and not torch.isnan(o[0]).any()
+    assert lib.polynext_poly_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None,
+                                            2, 20, 40, 24, 4, 1e-12, 2) == 1   # head dimension 24: refused
+    z = torch.zeros(1, 4, 32, dtype=torch.bfloat16)
+    assert lib.polynext_poly_attention_backward_bf16(*(z.data_ptr() for _ in range(9)), 1, 4, 4, 32, 3, 2) == 1
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_poly_attention_takes_the_fused_kernel(dtype, monkeypatch):
+    """In float32 (AVX-512) and bfloat16 (AVX-512 BF16), at inference and in training forward and backward, the
+    attention is the fused kernels where they are built, the values and gradients those of float64 to the dtype's
+    rounding; fusions off, kernels off and the fused attention off keep PyTorch's path, mixed dtypes and odd powers
+    are refused."""
     calls = []
     real, real_bwd = ck._poly_attention_fused, ck._poly_attention_backward_fused
     monkeypatch.setattr(ck, '_poly_attention_fused', lambda q, *a: calls.append(tuple(q.shape)) or real(q, *a))
     monkeypatch.setattr(ck, '_poly_attention_backward_fused',
                         lambda q, *a: calls.append(('backward',) + tuple(q.shape)) or real_bwd(q, *a))
     gen = torch.Generator().manual_seed(0)
-    q, k, v = ((torch.randn(2, 3, 49, 32, generator=gen) * 0.3) for _ in range(3))
-    expected = [(6, 49, 32)] if bool(ck.library().polynext_poly_attention_fused()) else []
+    q, k, v = ((torch.randn(2, 3, 49, 32, generator=gen) * 0.3).to(dtype) for _ in range(3))
+    expected = [(6, 49, 32)] if dtype in ck.library().attention_fused else []
+    assert (dtype in ck.library().attention_fused) == (AVX512_BF16 if dtype == torch.bfloat16 else AVX512)
     ref = pa.poly_attention_reference(q.double(), k.double(), v.double())
     with torch.inference_mode():
         out = pa.poly_attention(q, k, v)
@@ -420,17 +487,21 @@ def test_poly_attention_takes_the_fused_kernel_in_float32(monkeypatch):
             pa.poly_attention(q, k, v)
         with ck.kernels(False):
             pa.poly_attention(q, k, v)
-        pa.poly_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        with ck.fused_attention(False):
+            pa.poly_attention(q, k, v)
         assert calls == expected
-    assert (out.double() - ref).abs().max() < 1e-6
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    assert not ck.fused_attention_available(q, v, 4, k=k.to(other)) and not ck.fused_attention_available(q, v, 3, k=k)
+    tol, gtol = (1e-6, 1e-5) if dtype == torch.float32 else (8e-3, 1.2e-2)
+    assert (out.double() - ref).abs().max() < tol * ref.abs().max()
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    g = torch.randn(2, 3, 49, 32, generator=gen)
+    g = torch.randn(2, 3, 49, 32, generator=gen).to(dtype)
     grads = torch.autograd.grad(pa.poly_attention(qg, kg, vg), (qg, kg, vg), g)
     assert calls == expected * 2 + [('backward',) + c for c in expected]
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(pa.poly_attention_reference(q64, k64, v64), (q64, k64, v64), g.double())
     for a, b in zip(grads, want):
-        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+        assert (a.double() - b).abs().max() <= gtol * b.abs().max()
 
 
 def _norm_grads(x, w, b, r, g, product):
@@ -600,9 +671,11 @@ def test_attention_training_kernels_in_every_code_path(march, tmp_path):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
     """A training forward and backward of the attention (query rows in two chunks) runs the kernels once per
-    chunk each (the power with the row sums; the recomputation; dL/dS) unless float32 takes the fused kernels, with O and the gradients of Q, K and V as
+    chunk each (the power with the row sums; the recomputation; dL/dS) with the fused kernels off (as on a CPU without
+    them; test_poly_attention_takes_the_fused_kernel for those), with O and the gradients of Q, K and V as
     accurate against float64 as PyTorch's operators (float32: within 1e-6 relative; bf16: its rounding);
     ``kernels(False)`` does not take them."""
+    monkeypatch.setattr(ck.fused_attention, 'on', False)   # the tiled path, as on CPUs without the fused kernels
     calls = []
     for name in ('_poly_power_', '_poly_prep_', '_poly_ds_'):
         real = getattr(ck, name)
@@ -622,11 +695,9 @@ def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
 
     ref = run(torch.float64, False)
     ours = run(dtype, True)
-    # float32 with AVX-512: the forward is the fused kernel (test_poly_attention_takes_the_fused_kernel_in_float32)
-    fused = dtype == torch.float32 and bool(ck.library().polynext_poly_attention_fused())
-    assert calls == ([] if fused else ['_poly_power_'] * 2 + ['_poly_prep_', '_poly_ds_'] * 2)
+    assert calls == ['_poly_power_'] * 2 + ['_poly_prep_', '_poly_ds_'] * 2
     theirs = run(dtype, False)
-    assert len(calls) == (0 if fused else 6)
+    assert len(calls) == 6
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     for a, b, r in zip(ours, theirs, ref):
         scale = r.abs().max()

@@ -98,6 +98,19 @@ MUTATIONS: Tuple[Mutation, ...] = (
              '(-p (g . o) / r) left out of dL/dS', 'src/polynext/ops/csrc/cpu_kernels.c',
              'dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;', 'dterm[r] = 0.f * _mm512_reduce_add_ps(go);',
              ('tests/test_cpu_kernels.py::test_fused_attention_backward_kernel_in_every_code_path',)),
+    Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
+             'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',
+             'const __mmask16 m0 = 0xffff, m1 = two ? 0xffff : (__mmask16)0;',
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+    Mutation('attn-bf16-backward-no-rowsum-term', 'fused bf16 attention backward (C): the row sum\'s gradient '
+             'left out of dL/dS', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'dterm[r] = -(float)power * inv * _mm512_reduce_add_ps(go);', 'dterm[r] = 0.f * _mm512_reduce_add_ps(go);',
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+    Mutation('attn-bf16-row-pairs-swapped', 'fused bf16 attention backward (C): the two query rows of a pair '
+             'swapped in dV += Aᵀ dY and dK += dSᵀ Q', 'src/polynext/ops/csrc/cpu_kernels.c',
+             '_mm512_cvtne2ps_pbh(a[2 * r + 1], a[2 * r]);', '_mm512_cvtne2ps_pbh(a[2 * r], a[2 * r + 1]);',
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
     Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',

@@ -2,8 +2,9 @@
 
 What they are and why each is written by hand: ``ops.channel_norm`` (the channel LayerNorm, with PolyMLP's
 product and PolyConv's residual in the same pass; in float32 training with its backward) and
-``ops.poly_attention`` (in float32 with AVX-512 the whole attention forward in one kernel and its training
-backward in another, the N x N scores kept in the caches; elsewhere the power and row normalisation at bfloat16
+``ops.poly_attention`` (in float32 with AVX-512, and in bfloat16 with AVX-512 BF16, the whole attention forward
+in one kernel and its training backward in another, the N x N scores kept in the caches; elsewhere the power and row
+normalisation at bfloat16
 inference and, in training, the power with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
@@ -35,7 +36,7 @@ from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
-           'fused_attention_available']
+           'fused_attention_available', 'fused_attention']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -45,6 +46,10 @@ _FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-ffp-contract=off', '-shar
 #: ``POLYNEXT_CPU_KERNELS=0`` (A/B runs of the commands, ``polynext profile`` / ``bench``); off, the callers run
 #: PyTorch's operators (the oneDNN fusions of ``ops.fused`` stay as they are)
 kernels = Switch(os.environ.get('POLYNEXT_CPU_KERNELS', '1').strip() not in ('0', 'off', 'false', 'no'))
+
+#: the fused attention kernels (6.-8. of the C source) on or off, the other kernels as they are:
+#: ``with fused_attention(False): ...`` (A/B timing: ``benchmarks/poly_attention.py``)
+fused_attention = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -139,16 +144,19 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     for fn in (lib.polynext_dw_wgrad_f32, lib.polynext_dw_wgrad_bf16):
         fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
-    lib.polynext_poly_attention_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int,
-                                                ctypes.c_float, ctypes.c_int]
-    lib.polynext_poly_attention_f32.restype = ctypes.c_int
-    lib.polynext_poly_attention_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
-                                                         i64, ctypes.c_int, ctypes.c_int]
-    lib.polynext_poly_attention_backward_f32.restype = ctypes.c_int
+    for fn in (lib.polynext_poly_attention_f32, lib.polynext_poly_attention_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    for fn in (lib.polynext_poly_attention_backward_f32, lib.polynext_poly_attention_backward_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
+    lib.polynext_poly_attention_fused_bf16.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
     lib.openmp = openmp
-    lib.attention_fused = bool(lib.polynext_poly_attention_fused())   # built with AVX-512: read once, not per call
+    # the dtypes the fused attention is built for (AVX-512; bf16: AVX-512 BF16), read once, not per call
+    lib.attention_fused = frozenset([torch.float32] * bool(lib.polynext_poly_attention_fused()) +
+                                    [torch.bfloat16] * bool(lib.polynext_poly_attention_fused_bf16()))
     return lib
 
 
@@ -227,13 +235,16 @@ def _poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tens
     return da
 
 
-def fused_attention_available(q: torch.Tensor, v: torch.Tensor, power: int) -> bool:
-    """Whether :func:`poly_attention_fused` serves these heads: the kernels on and built with AVX-512 (the fused
-    kernel's blocks are register tiles; elsewhere PyTorch's path), float32, head dimension 16 or 32 for Q, K and
-    V, power 2 or 4."""
-    if not (power in (2, 4) and q.dtype == v.dtype == torch.float32 and q.shape[-1] == v.shape[-1] in (16, 32)):
+def fused_attention_available(q: torch.Tensor, v: torch.Tensor, power: int, k: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`poly_attention_fused` serves these heads: the kernels on and built for their dtype (float32:
+    AVX-512, the kernel's blocks are register tiles; bfloat16: AVX-512 BF16, its products are pair dot products;
+    elsewhere PyTorch's path), Q, V (and K where given) of one dtype, head dimension 16 or 32, power 2 or 4. (K is a
+    keyword: earlier versions of ``ops/poly_attention.py``, which ``benchmarks/poly_attention.py --baseline`` loads,
+    call it without.)"""
+    if not (power in (2, 4) and q.dtype == v.dtype == (q.dtype if k is None else k.dtype)
+            and q.shape[-1] == v.shape[-1] in (16, 32)):
         return False
-    return kernel_available() and library().attention_fused
+    return fused_attention.on and kernel_available() and q.dtype in library().attention_fused
 
 
 def _check_fused(name: str, status: int, keys: int, dim: int, power: int) -> None:
@@ -252,9 +263,10 @@ def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pow
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     rowsum = torch.empty(bh, n, 1, dtype=torch.float32)
-    status = library().polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                                   rowsum.data_ptr(), bh, n, k.shape[1], d, power, eps,
-                                                   torch.get_num_threads())
+    lib = library()
+    fn = lib.polynext_poly_attention_bf16 if q.dtype == torch.bfloat16 else lib.polynext_poly_attention_f32
+    status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), rowsum.data_ptr(), bh, n, k.shape[1], d,
+                power, eps, torch.get_num_threads())
     _check_fused('poly_attention_fused', status, k.shape[1], d, power)
     return out, rowsum
 
@@ -263,11 +275,16 @@ def _poly_attention_backward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    grad: torch.Tensor, rowsum: torch.Tensor,
                                    power: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bh, n, d = q.shape
+    if not (q.dtype == k.dtype == v.dtype == out.dtype == grad.dtype and rowsum.dtype == torch.float32):
+        raise TypeError('polynext::poly_attention_backward_fused: q, k, v, out and grad need one dtype and rowsum '
+                        f'float32 (got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}, {grad.dtype}, {rowsum.dtype})')
     q, k, v, out, grad, rowsum = (t.contiguous() for t in (q, k, v, out, grad, rowsum))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    status = library().polynext_poly_attention_backward_f32(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(), rowsum.data_ptr(), dq.data_ptr(),
-        dk.data_ptr(), dv.data_ptr(), bh, n, k.shape[1], d, power, torch.get_num_threads())
+    lib = library()
+    fn = lib.polynext_poly_attention_backward_bf16 if q.dtype == torch.bfloat16 else \
+        lib.polynext_poly_attention_backward_f32
+    status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(), rowsum.data_ptr(),
+                dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), bh, n, k.shape[1], d, power, torch.get_num_threads())
     _check_fused('poly_attention_backward_fused', status, k.shape[1], d, power)
     return dq, dk, dv
 
@@ -317,7 +334,8 @@ def poly_ds_(da: torch.Tensor, p3: torch.Tensor, d: torch.Tensor) -> torch.Tenso
 
 def poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int,
                          eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The whole polynomial attention in one kernel (``polynext::poly_attention_fused``, float32, AVX-512): for
+    """The whole polynomial attention in one kernel (``polynext::poly_attention_fused``; float32 on AVX-512,
+    bfloat16 on AVX-512 BF16, O in the inputs' dtype): for
     (heads, N, d) queries and (heads, M, d) keys and values, O = (A / max(rowsum(A), eps)) V with
     A = (Q Kᵀ + 1)^power; returns O and the clamped row sums (float32, heads x N x 1). The N x M scores never
     leave the caches. Check :func:`fused_attention_available` first."""

@@ -38,11 +38,16 @@ tiles below: the inference forward x1.41-1.85 at APolyNeXt-T / S's shapes, forwa
 (``benchmarks/poly_attention.py [--mode infer] --baseline``); within 6e-7 of float64 there (tested within 2e-6 of
 the largest output). The training backward there is a second kernel (``ops.cpu_kernels``, 7.): a thread owns whole
 heads, recomputes eight rows' scores and forms the five products from A and (S + 1)^(p-1) kept in L1 / L2; forward +
-backward x1.67-2.10 against the tiles below, about three quarters of the matrix-product peak at 196 tokens. The
-tiled path below serves everything else (bf16, float64, other head dimensions, CPUs without AVX-512).
+backward x1.67-2.10 against the tiles below, about three quarters of the matrix-product peak at 196 tokens. In
+bfloat16 on a CPU with AVX-512 BF16 (CPU autocast, bf16 inference) the same two kernels are built on the pair dot
+product ``vdpbf16ps`` (``ops.cpu_kernels``, 8.): operands bf16, sums float32, as PyTorch's bf16 path; on the Zen 4,
+batch 32, against the tiles (``benchmarks/poly_attention.py --dtype bf16``, its ``unfused`` column): the inference
+forward x1.38-1.54, forward + backward x1.22-1.39. The tiled path below serves everything else (float64, other head
+dimensions, CPUs without these instructions, ``ops.cpu_kernels.fused_attention(False)``).
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
-the power, the row sums and the normalisation run in float32. At CPU inference in bfloat16 the power, the
+the power, the row sums and the normalisation run in float32. Where the tiles serve bfloat16 on a CPU (no AVX-512
+BF16, or the fused kernels off), at inference the power, the
 row sums and the normalisation are one pass of a hand-written kernel (``ops.cpu_kernels``; PyTorch's operators
 take seven passes over the N×N scores, the conversions to float32 and back included), which writes the
 normalised weights over the scores; the matrix products stay PyTorch's. In eager CPU training (float32 and
@@ -152,8 +157,8 @@ def _forward(
     from polynext.ops.fused import eager_cpu
     n = q.shape[2]
     q3, k3, v3 = _flat(q), _flat(k), _flat(v)
-    if eager_cpu(q3, k3, v3, inference=inference) and fused_attention_available(q, v, power):   # (not compiling)
-        # float32: the whole attention in one kernel, the scores never leave the caches (ops.cpu_kernels, 6.)
+    if eager_cpu(q3, k3, v3, inference=inference) and fused_attention_available(q, v, power, k=k):   # (not compiling)
+        # the whole attention in one kernel, the scores never leave the caches (ops.cpu_kernels, 6.; bf16: 8.)
         o3, r3 = poly_attention_fused(q3, k3, v3, power, _EPS)
         return o3.view(q.shape[:-1] + (v.shape[-1],)), None if inference else r3.view(q.shape[:-1] + (1,))
     out = v.new_empty(q.shape[:-1] + (v.shape[-1],))
@@ -217,8 +222,8 @@ class _PolyAttentionFunction(torch.autograd.Function):
             n = q.shape[2]
             q3, k3, v3, o3, g3 = _flat(q), _flat(k), _flat(v), _flat(out), _flat(grad_out)
             r3 = rowsum.view(-1, n, 1)
-            if eager_cpu(q3, k3, v3, o3, g3) and fused_attention_available(q, v, power):
-                # float32: the five products from the recomputed scores in one kernel (ops.cpu_kernels, 7.)
+            if eager_cpu(q3, k3, v3, o3, g3) and fused_attention_available(q, v, power, k=k):
+                # the five products from the recomputed scores in one kernel (ops.cpu_kernels, 7.; bf16: 8.)
                 dq, dk, dv = poly_attention_backward_fused(q3, k3, v3, o3, g3, r3, power)
                 return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None
             acc = _acc_dtype(q)

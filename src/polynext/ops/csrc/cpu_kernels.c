@@ -61,7 +61,10 @@
  *
  * 7. polynext_poly_attention_backward_f32: its backward in training, the same blocks: the scores recomputed, A and
  *    P^(p-1) kept for eight query rows in L1 / L2, and the five products (the scores, dV += A^T dY, dA = dY V^T,
- *    dQ = dS K, dK += dS^T Q) from there, where PyTorch's path writes a tile's N x N buffers and reads them back. */
+ *    dQ = dS K, dK += dS^T Q) from there, where PyTorch's path writes a tile's N x N buffers and reads them back.
+ *
+ * 8. polynext_poly_attention_bf16 / polynext_poly_attention_backward_bf16: 6. and 7. for bfloat16 heads, their
+ *    products on AVX-512 BF16's pair dot product (at the end of this file). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1044,3 +1047,354 @@ int polynext_poly_attention_backward_f32(const float *q, const float *k, const f
 
 /* 1 where polynext_poly_attention_f32 is built (AVX-512), else 0. */
 int polynext_poly_attention_fused(void) { return ATTN_FUSED; }
+
+/* 8. polynext_poly_attention_bf16 / polynext_poly_attention_backward_bf16: the fused attention of 6. and 7. for
+ * bfloat16 Q, K, V (CPU autocast and bf16 inference), its products on AVX-512 BF16's dot product of pairs
+ * (vdpbf16ps: two bf16 products summed into a float32 lane, twice the MACs of an fp32 FMA per instruction, the
+ * rate oneDNN's bf16 1x1 convolutions reach on these CPUs). PyTorch's bf16 path runs each product as a separate
+ * oneDNN call on a tile's N x N scores, converts them to float32 and back around the power, and in training spent
+ * about a fifth of an APolyNeXt-T step there at 13-15 % of the bf16 matrix-product peak (2-core Zen 4).
+ *
+ * What is rounded where (as PyTorch's bf16 path: every product's operands bf16, its sums float32): the scores, the
+ * power, the row sums, dL/dA and dL/dS are float32; A, dL/dY / r and dL/dS are rounded to bf16 once as operands of
+ * the next product; O and the gradients are rounded once at the end. Unlike PyTorch's path A is not normalised
+ * before A V (the row sum divides the float32 result, as in 6.), the scores are not rounded to bf16 before the
+ * power, and dK, dV are summed over a head's queries in float32, not rounded per tile.
+ *
+ * Layouts: a bf16 pair is one 32-bit word. The score products broadcast a word of two consecutive dimensions of a
+ * query row and take K^T as words (D/2 x Mp: word [d][j] = (K[j, 2d], K[j, 2d + 1])); A V and dS K broadcast a word
+ * of two consecutive keys of a row of A and take V (K) as key pairs (Mp/2 x D words: (V[2j, e], V[2j + 1, e]));
+ * dV += A^T dY and dK += dS^T Q broadcast a word of two query rows at one key ((A[2r, j], A[2r + 1, j])) and take dY
+ * (Q) as row pairs. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define ATTN_FUSED_BF16 1
+#define ATTN_PAIRS (ATTN_ROWS / 2)
+
+static inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+static inline __m512i word_at(const uint16_t *p) {   /* a bf16 pair broadcast */
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return _mm512_set1_epi32((int)w);
+}
+
+/* a[r] (b[r]) = rows xb (ATTN_ROWS x D bf16) against the keys j .. j + 15 (j + 16 .. j + 31) of the word-transposed
+ * t (D/2 x Mp words): the scores Q K^T, or dY V^T. */
+ATTN_INLINE void attn_dots_bf16(const uint16_t *xb, const uint32_t *t, int64_t j, int64_t Mp, int64_t D, int two,
+                                __m512 *a, __m512 *b) {
+    for (int r = 0; r < ATTN_ROWS; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D / 2; ++d) {
+        const __m512bh t0 = as_bh(_mm512_loadu_si512(t + d * Mp + j));
+        const __m512bh t1 = two ? as_bh(_mm512_loadu_si512(t + d * Mp + j + 16)) : t0;
+        for (int r = 0; r < ATTN_ROWS; ++r) {
+            const __m512bh x = as_bh(word_at(xb + r * D + 2 * d));
+            a[r] = _mm512_dpbf16_ps(a[r], x, t0);
+            if (two) b[r] = _mm512_dpbf16_ps(b[r], x, t1);
+        }
+    }
+}
+
+/* tot[r * DV + e] = sum_j wb[r, j] x[j, 16 e .. 16 e + 15]: wb ATTN_ROWS x Mp bf16 (zero past M), x as key pairs
+ * (Mp/2 x D words); A V, or dS K; a two-level sum over blocks of ATTN_SUM keys as attn_weigh. */
+ATTN_INLINE void attn_weigh_bf16(const uint16_t *wb, int64_t Mp, const uint16_t *xp, int64_t M, int64_t D,
+                                 __m512 *tot) {
+    const int DV = (int)(D / 16);
+    const int64_t pairs = (M + 1) / 2;
+    for (int i = 0; i < ATTN_ROWS * DV; ++i) tot[i] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < pairs; j0 += ATTN_SUM / 2) {
+        const int64_t j1 = j0 + ATTN_SUM / 2 < pairs ? j0 + ATTN_SUM / 2 : pairs;
+        __m512 acc[ATTN_ROWS * 2];
+        for (int i = 0; i < ATTN_ROWS * DV; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t j = j0; j < j1; ++j) {
+            __m512bh xv[2];
+            for (int e = 0; e < DV; ++e) xv[e] = as_bh(_mm512_loadu_si512(xp + (j * D + 16 * e) * 2));
+            for (int r = 0; r < ATTN_ROWS; ++r) {
+                const __m512bh w = as_bh(word_at(wb + r * Mp + 2 * j));
+                for (int e = 0; e < DV; ++e) acc[r * DV + e] = _mm512_dpbf16_ps(acc[r * DV + e], w, xv[e]);
+            }
+        }
+        for (int i = 0; i < ATTN_ROWS * DV; ++i) tot[i] = _mm512_add_ps(tot[i], acc[i]);
+    }
+}
+
+/* out[j] += sum_r wp[r, j] xp[r] for the M rows of out (M x D float32): dV += A^T dY, or dK += dS^T Q; wp the
+ * weights as row pairs (ATTN_PAIRS x Mp words), xp the rows as row pairs (ATTN_PAIRS x D words), in registers. */
+ATTN_INLINE void attn_scatter_bf16(const uint32_t *wp, int64_t Mp, const uint16_t *xp, float *out, int64_t M,
+                                   int64_t D) {
+    const int DV = (int)(D / 16);
+    __m512bh x[ATTN_PAIRS * 2];
+    for (int r = 0; r < ATTN_PAIRS; ++r)
+        for (int e = 0; e < DV; ++e) x[r * DV + e] = as_bh(_mm512_loadu_si512(xp + (r * D + 16 * e) * 2));
+    for (int64_t j = 0; j < M; ++j) {
+        __m512 acc[2];
+        for (int e = 0; e < DV; ++e) acc[e] = _mm512_loadu_ps(out + j * D + 16 * e);
+        for (int r = 0; r < ATTN_PAIRS; ++r) {
+            const __m512bh w = as_bh(_mm512_set1_epi32((int)wp[r * Mp + j]));
+            for (int e = 0; e < DV; ++e) acc[e] = _mm512_dpbf16_ps(acc[e], w, x[r * DV + e]);
+        }
+        for (int e = 0; e < DV; ++e) _mm512_storeu_ps(out + j * D + 16 * e, acc[e]);
+    }
+}
+
+/* the float32 rows a[0 .. ATTN_ROWS - 1] (16 keys from j) stored as bf16 rows into wb (ATTN_ROWS x Mp) and / or as
+ * row pairs into wp (ATTN_PAIRS x Mp words) */
+ATTN_INLINE void attn_store_rows_bf16(const __m512 *a, int64_t j, int64_t Mp, uint16_t *wb, uint32_t *wp) {
+    if (wb)
+        for (int r = 0; r < ATTN_ROWS; ++r)
+            _mm256_storeu_si256((__m256i *)(wb + r * Mp + j), (__m256i)_mm512_cvtneps_pbh(a[r]));
+    if (wp) {
+        const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                               6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        for (int r = 0; r < ATTN_PAIRS; ++r) {
+            const __m512i two_rows = (__m512i)_mm512_cvtne2ps_pbh(a[2 * r + 1], a[2 * r]);
+            _mm512_storeu_si512(wp + r * Mp + j, _mm512_permutexvar_epi16(pairs, two_rows));
+        }
+    }
+}
+
+/* the ATTN_ROWS bf16 rows xb (D wide) as row pairs into xp (ATTN_PAIRS x D words) */
+static inline void attn_pairs_bf16(const uint16_t *xb, int64_t D, uint16_t *xp) {
+    for (int64_t r = 0; r < ATTN_ROWS; ++r)
+        for (int64_t d = 0; d < D; ++d) xp[((r / 2) * D + d) * 2 + (r & 1)] = xb[r * D + d];
+}
+
+/* ATTN_ROWS rows of x (bf16, nr of them real, D wide) into xb, zero past nr */
+static inline void attn_rows_bf16(const uint16_t *x, int64_t nr, int64_t D, uint16_t *xb) {
+    memset(xb, 0, sizeof(uint16_t) * ATTN_ROWS * D);
+    memcpy(xb, x, sizeof(uint16_t) * nr * D);
+}
+
+/* x (M x D bf16) as words transposed (D/2 x Mp), and / or as key pairs (Mp/2 x D words), zero past M */
+static void attn_layouts_bf16(const uint16_t *x, uint32_t *t, uint16_t *kp, int64_t M, int64_t Mp, int64_t D) {
+    if (t)
+        for (int64_t d = 0; d < D / 2; ++d) {
+            for (int64_t j = 0; j < M; ++j) memcpy(t + d * Mp + j, x + j * D + 2 * d, 4);
+            for (int64_t j = M; j < Mp; ++j) t[d * Mp + j] = 0;
+        }
+    if (kp) {
+        for (int64_t j = 0; j < M; ++j)
+            for (int64_t e = 0; e < D; ++e) kp[((j / 2) * D + e) * 2 + (j & 1)] = x[j * D + e];
+        for (int64_t j = M; j < Mp; ++j)
+            for (int64_t e = 0; e < D; ++e) kp[((j / 2) * D + e) * 2 + (j & 1)] = 0;
+    }
+}
+
+/* Forward, rows i0 .. i0 + nr - 1 of one head (bf16 q, o; kt, vp the head's layouts): as attn_forward_rows. */
+ATTN_INLINE void attn_forward_rows_bf16(const uint16_t *q, const uint32_t *kt, const uint16_t *vp, uint16_t *o,
+                                        float *rowsum, int64_t i0, int64_t nr, int64_t M, int64_t Mp, int64_t D,
+                                        int power, float eps, uint16_t *qb, uint16_t *ab) {
+    const int DV = (int)(D / 16);
+    attn_rows_bf16(q + i0 * D, nr, D, qb);
+    __m512 sum[ATTN_ROWS], a0[ATTN_ROWS], a1[ATTN_ROWS], tot[ATTN_ROWS * 2];
+    for (int r = 0; r < ATTN_ROWS; ++r) sum[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < Mp; j += 32) {
+        const int two = j + 32 <= Mp;
+        attn_dots_bf16(qb, kt, j, Mp, D, two, a0, a1);
+        const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;
+        for (int r = 0; r < ATTN_ROWS; ++r) {
+            a0[r] = _mm512_maskz_mov_ps(m0, poly_pow(a0[r], power));
+            sum[r] = _mm512_add_ps(sum[r], a0[r]);
+            if (two) {
+                a1[r] = _mm512_maskz_mov_ps(m1, poly_pow(a1[r], power));
+                sum[r] = _mm512_add_ps(sum[r], a1[r]);
+            }
+        }
+        attn_store_rows_bf16(a0, j, Mp, ab, NULL);
+        if (two) attn_store_rows_bf16(a1, j + 16, Mp, ab, NULL);
+    }
+    attn_weigh_bf16(ab, Mp, vp, M, D, tot);
+    for (int64_t r = 0; r < nr; ++r) {
+        float t = _mm512_reduce_add_ps(sum[r]);
+        if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */
+        if (rowsum) rowsum[i0 + r] = t;
+        const __m512 tv = _mm512_set1_ps(t);
+        for (int e = 0; e < DV; ++e) store_bf16(o + (i0 + r) * D + 16 * e, 0xFFFF, _mm512_div_ps(tot[r * DV + e], tv));
+    }
+}
+
+/* Backward, the same rows (as attn_backward_rows): kt, vt the head's K, V as transposed words, kp its K as key
+ * pairs; dk, dv the head's float32 sums. */
+ATTN_INLINE void attn_backward_rows_bf16(const uint16_t *q, const uint32_t *kt, const uint16_t *kp,
+                                         const uint32_t *vt, const uint16_t *o, const uint16_t *g,
+                                         const float *rowsum, uint16_t *dq, float *dk, float *dv, int64_t i0,
+                                         int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, uint16_t *qb,
+                                         uint16_t *qp, uint16_t *yb, uint16_t *yp, uint32_t *ap, uint16_t *sb,
+                                         float *pb) {
+    const int DV = (int)(D / 16);
+    const __m512 one = _mm512_set1_ps(1.f), pw = _mm512_set1_ps((float)power);
+    float dterm[ATTN_ROWS] = {0.f};
+    __m512 a0[ATTN_ROWS], a1[ATTN_ROWS], tot[ATTN_ROWS * 2];
+    attn_rows_bf16(q + i0 * D, nr, D, qb);
+    attn_pairs_bf16(qb, D, qp);
+    memset(yb, 0, sizeof(uint16_t) * ATTN_ROWS * D);
+    for (int64_t r = 0; r < nr; ++r) {
+        const float inv = 1.f / rowsum[i0 + r];
+        __m512 go = _mm512_setzero_ps();
+        for (int e = 0; e < DV; ++e) {
+            const __m512 gv = load_bf16(g + (i0 + r) * D + 16 * e, 0xFFFF);
+            go = _mm512_fmadd_ps(gv, load_bf16(o + (i0 + r) * D + 16 * e, 0xFFFF), go);
+            store_bf16(yb + r * D + 16 * e, 0xFFFF, _mm512_mul_ps(gv, _mm512_set1_ps(inv)));
+        }
+        dterm[r] = -(float)power * inv * _mm512_reduce_add_ps(go);
+    }
+    attn_pairs_bf16(yb, D, yp);
+    for (int64_t j = 0; j < Mp; j += 32) {
+        const int two = j + 32 <= Mp;
+        attn_dots_bf16(qb, kt, j, Mp, D, two, a0, a1);
+        const __mmask16 m[2] = {block_mask(M, j), two ? block_mask(M, j + 16) : (__mmask16)0};
+        for (int h = 0; h < 1 + two; ++h) {
+            __m512 *s = h ? a1 : a0;
+            for (int r = 0; r < ATTN_ROWS; ++r) {
+                const __m512 p = _mm512_add_ps(s[r], one), p2 = _mm512_mul_ps(p, p);
+                const __m512 p3 = power == 4 ? _mm512_mul_ps(p, p2) : p;
+                _mm512_storeu_ps(pb + r * Mp + j + 16 * h, _mm512_maskz_mov_ps(m[h], p3));
+                s[r] = _mm512_maskz_mov_ps(m[h], power == 4 ? _mm512_mul_ps(p2, p2) : p2);
+            }
+            attn_store_rows_bf16(s, j + 16 * h, Mp, NULL, ap);
+        }
+    }
+    attn_scatter_bf16(ap, Mp, yp, dv, M, D);
+    for (int64_t j = 0; j < Mp; j += 32) {
+        const int two = j + 32 <= Mp;
+        attn_dots_bf16(yb, vt, j, Mp, D, two, a0, a1);
+        for (int h = 0; h < 1 + two; ++h) {
+            __m512 *s = h ? a1 : a0;
+            for (int r = 0; r < ATTN_ROWS; ++r) {
+                const __m512 da = _mm512_fmadd_ps(s[r], pw, _mm512_set1_ps(dterm[r]));
+                s[r] = _mm512_mul_ps(da, _mm512_loadu_ps(pb + r * Mp + j + 16 * h));
+            }
+            attn_store_rows_bf16(s, j + 16 * h, Mp, sb, ap);
+        }
+    }
+    attn_weigh_bf16(sb, Mp, kp, M, D, tot);
+    for (int64_t r = 0; r < nr; ++r)
+        for (int e = 0; e < DV; ++e) store_bf16(dq + (i0 + r) * D + 16 * e, 0xFFFF, tot[r * DV + e]);
+    attn_scatter_bf16(ap, Mp, qp, dk, M, D);
+}
+
+static void attn_block_bf16(const uint16_t *q, const uint32_t *kt, const uint16_t *vp, uint16_t *o, float *rowsum,
+                            int64_t i0, int64_t nr, int64_t M, int64_t Mp, int64_t D, int power, float eps,
+                            uint16_t *qb, uint16_t *ab) {
+    if (D == 32) attn_forward_rows_bf16(q, kt, vp, o, rowsum, i0, nr, M, Mp, 32, power, eps, qb, ab);
+    else attn_forward_rows_bf16(q, kt, vp, o, rowsum, i0, nr, M, Mp, 16, power, eps, qb, ab);
+}
+
+static void attn_bwd_block_bf16(const uint16_t *q, const uint32_t *kt, const uint16_t *kp, const uint32_t *vt,
+                                const uint16_t *o, const uint16_t *g, const float *rowsum, uint16_t *dq, float *dk,
+                                float *dv, int64_t i0, int64_t nr, int64_t M, int64_t Mp, int64_t D, int power,
+                                uint16_t *qb, uint16_t *qp, uint16_t *yb, uint16_t *yp, uint32_t *ap, uint16_t *sb,
+                                float *pb) {
+    if (D == 32)
+        attn_backward_rows_bf16(q, kt, kp, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, 32, power, qb, qp, yb, yp, ap,
+                                sb, pb);
+    else
+        attn_backward_rows_bf16(q, kt, kp, vt, o, g, rowsum, dq, dk, dv, i0, nr, M, Mp, 16, power, qb, qp, yb, yp, ap,
+                                sb, pb);
+}
+
+/* bytes rounded up to whole cache lines, so that every buffer carved from one allocation starts on one */
+static inline size_t attn_lines(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+int polynext_poly_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *rowsum,
+                                 int64_t BH, int64_t N, int64_t M, int64_t D, int power, float eps, int threads) {
+    (void)threads;
+    if ((D != 16 && D != 32) || (power != 2 && power != 4)) return 1;
+    const int64_t Mp = (M + 15) & ~(int64_t)15, block = 64, chunks = (N + block - 1) / block, items = BH * chunks;
+    const size_t kt_b = attn_lines(4 * (size_t)(D / 2 * Mp)), vp_b = attn_lines(2 * (size_t)(Mp * D));
+    const size_t qb_b = attn_lines(2 * (size_t)(ATTN_ROWS * D)), ab_b = attn_lines(2 * (size_t)(ATTN_ROWS * Mp));
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
+    {
+        const int64_t tid = thread_id(), nt = thread_count();
+        char *buf = (char *)aligned_alloc(64, kt_b + vp_b + qb_b + ab_b);
+        if (!buf) {
+            failed = 1;
+        } else {
+            uint32_t *kt = (uint32_t *)buf;
+            uint16_t *vp = (uint16_t *)(buf + kt_b), *qb = (uint16_t *)(buf + kt_b + vp_b);
+            uint16_t *ab = (uint16_t *)(buf + kt_b + vp_b + qb_b);
+            int64_t head = -1;
+            for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {
+                const int64_t h = it / chunks, r0 = (it % chunks) * block, r1 = r0 + block < N ? r0 + block : N;
+                if (h != head) {
+                    attn_layouts_bf16(k + h * M * D, kt, NULL, M, Mp, D);
+                    attn_layouts_bf16(v + h * M * D, NULL, vp, M, Mp, D);
+                }
+                head = h;
+                for (int64_t i0 = r0; i0 < r1; i0 += ATTN_ROWS)
+                    attn_block_bf16(q + h * N * D, kt, vp, o + h * N * D, rowsum ? rowsum + h * N : NULL, i0,
+                                    r1 - i0 < ATTN_ROWS ? r1 - i0 : ATTN_ROWS, M, Mp, D, power, eps, qb, ab);
+            }
+            free(buf);
+        }
+    }
+    return failed ? 2 : 0;
+}
+
+int polynext_poly_attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                                          const uint16_t *g, const float *rowsum, uint16_t *dq, uint16_t *dk,
+                                          uint16_t *dv, int64_t BH, int64_t N, int64_t M, int64_t D, int power,
+                                          int threads) {
+    (void)threads;
+    if ((D != 16 && D != 32) || (power != 2 && power != 4)) return 1;
+    const int64_t Mp = (M + 15) & ~(int64_t)15;
+    const size_t kt_b = attn_lines(4 * (size_t)(D / 2 * Mp)), kp_b = attn_lines(2 * (size_t)(Mp * D));
+    const size_t acc_b = attn_lines(4 * (size_t)(M * D)), row_b = attn_lines(2 * (size_t)(ATTN_ROWS * D));
+    const size_t ap_b = attn_lines(4 * (size_t)(ATTN_PAIRS * Mp)), sb_b = attn_lines(2 * (size_t)(ATTN_ROWS * Mp));
+    const size_t pb_b = attn_lines(4 * (size_t)(ATTN_ROWS * Mp));
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
+    {
+        const int64_t tid = thread_id(), nt = thread_count();
+        char *buf = (char *)aligned_alloc(64, 2 * kt_b + kp_b + 2 * acc_b + 4 * row_b + ap_b + sb_b + pb_b);
+        if (!buf) {
+            failed = 1;
+        } else {
+            char *at = buf;
+            uint32_t *kt = (uint32_t *)at, *vt = (uint32_t *)(at += kt_b);
+            uint16_t *kp = (uint16_t *)(at += kt_b);
+            float *dk_acc = (float *)(at += kp_b), *dv_acc = (float *)(at += acc_b);
+            uint16_t *qb = (uint16_t *)(at += acc_b), *qp = (uint16_t *)(at += row_b);
+            uint16_t *yb = (uint16_t *)(at += row_b), *yp = (uint16_t *)(at += row_b);
+            uint32_t *ap = (uint32_t *)(at += row_b);
+            uint16_t *sb = (uint16_t *)(at += ap_b);
+            float *pb = (float *)(at += sb_b);
+            for (int64_t h = BH * tid / nt; h < BH * (tid + 1) / nt; ++h) {
+                attn_layouts_bf16(k + h * M * D, kt, kp, M, Mp, D);
+                attn_layouts_bf16(v + h * M * D, vt, NULL, M, Mp, D);
+                memset(dk_acc, 0, sizeof(float) * M * D);
+                memset(dv_acc, 0, sizeof(float) * M * D);
+                for (int64_t i0 = 0; i0 < N; i0 += ATTN_ROWS)
+                    attn_bwd_block_bf16(q + h * N * D, kt, kp, vt, o + h * N * D, g + h * N * D, rowsum + h * N,
+                                        dq + h * N * D, dk_acc, dv_acc, i0, N - i0 < ATTN_ROWS ? N - i0 : ATTN_ROWS,
+                                        M, Mp, D, power, qb, qp, yb, yp, ap, sb, pb);
+                for (int64_t i = 0; i < M * D; i += 16) {
+                    const __mmask16 m = block_mask(M * D, i);
+                    store_bf16(dk + h * M * D + i, m, load_f32(dk_acc + i, m));
+                    store_bf16(dv + h * M * D + i, m, load_f32(dv_acc + i, m));
+                }
+            }
+            free(buf);
+        }
+    }
+    return failed ? 2 : 0;
+}
+#else   /* needs AVX-512 BF16's pair dot product; PyTorch's path elsewhere */
+#define ATTN_FUSED_BF16 0
+int polynext_poly_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *rowsum,
+                                 int64_t BH, int64_t N, int64_t M, int64_t D, int power, float eps, int threads) {
+    (void)q; (void)k; (void)v; (void)o; (void)rowsum; (void)BH; (void)N; (void)M; (void)D; (void)power; (void)eps;
+    (void)threads;
+    return 1;
+}
+int polynext_poly_attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                                          const uint16_t *g, const float *rowsum, uint16_t *dq, uint16_t *dk,
+                                          uint16_t *dv, int64_t BH, int64_t N, int64_t M, int64_t D, int power,
+                                          int threads) {
+    (void)q; (void)k; (void)v; (void)o; (void)g; (void)rowsum; (void)dq; (void)dk; (void)dv; (void)BH; (void)N;
+    (void)M; (void)D; (void)power; (void)threads;
+    return 1;
+}
+#endif
+
+/* 1 where polynext_poly_attention_bf16 is built (AVX-512 BF16), else 0. */
+int polynext_poly_attention_fused_bf16(void) { return ATTN_FUSED_BF16; }
