@@ -111,6 +111,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'swapped in dV += Aᵀ dY and dK += dSᵀ Q', 'src/polynext/ops/csrc/cpu_kernels.c',
              '_mm512_cvtne2ps_pbh(a[2 * r + 1], a[2 * r]);', '_mm512_cvtne2ps_pbh(a[2 * r], a[2 * r + 1]);',
              ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+    Mutation('attn-transpose-lanes-swapped', 'fused attention kernels (C): the 16 x 16 transpose of K and V puts '
+             'two 128-bit lanes in each other\'s place', 'src/polynext/ops/csrc/cpu_kernels.c',
+             't[4 + c] = _mm512_shuffle_i32x4(u0, v0, 0xDD);', 't[4 + c] = _mm512_shuffle_i32x4(u0, v0, 0x88);',
+             ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',)),
+    Mutation('attn-bf16-key-pairs-shifted', 'fused bf16 attention kernel (C): the upper half of the key-pair '
+             'layout of V and K takes the wrong dimensions', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));',
+             'const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(15));',
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
     Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',

@@ -410,6 +410,31 @@ DW_ITEM(dw_item_bf16, uint16_t, load_bf16)
 #define ATTN_SUM 256
 #define ATTN_INLINE static inline __attribute__((always_inline))
 
+/* the 16 x 16 words r transposed in place (unpacks within 128-bit lanes, then two lane shuffles) */
+static inline void attn_transpose16(__m512i *r) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {   /* r[4i + c], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + c */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {   /* column 4L + c: lane L of r[c], r[4 + c], r[8 + c], r[12 + c] */
+        const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+        const __m512i v0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i v1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_i32x4(u0, v0, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(u0, v0, 0xDD);
+        t[8 + c] = _mm512_shuffle_i32x4(u1, v1, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(u1, v1, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 /* a[r] (and b[r] where `two`) = the rows xb[r] (ATTN_ROWS x D) against the columns j .. j + 15 (j + 16 .. j + 31)
  * of the transposed t (D x Mp): the scores Q K^T of 32 keys, or dY V^T. */
 ATTN_INLINE void attn_dots(const float *xb, const float *t, int64_t j, int64_t Mp, int64_t D, int two, __m512 *a,
@@ -969,8 +994,21 @@ static int attn_refused(int64_t D, int power) {
     return !ATTN_FUSED || (D != 16 && D != 32) || (power != 2 && power != 4);
 }
 
-/* x (M x D) transposed into t (D x Mp), zero columns past M */
+/* x (M x D) transposed into t (D x Mp), zero columns past M (D = 16, 32 in 16 x 16 blocks with AVX-512) */
 static void attn_transpose(const float *x, float *t, int64_t M, int64_t Mp, int64_t D) {
+#if ATTN_FUSED
+    if (D % 16 == 0) {
+        for (int64_t j0 = 0; j0 < Mp; j0 += 16)
+            for (int64_t c0 = 0; c0 < D; c0 += 16) {
+                __m512i r[16];
+                for (int64_t i = 0; i < 16; ++i)
+                    r[i] = j0 + i < M ? _mm512_loadu_si512(x + (j0 + i) * D + c0) : _mm512_setzero_si512();
+                attn_transpose16(r);
+                for (int64_t d = 0; d < 16; ++d) _mm512_storeu_si512(t + (c0 + d) * Mp + j0, r[d]);
+            }
+        return;
+    }
+#endif
     for (int64_t d = 0; d < D; ++d) {
         for (int64_t j = 0; j < M; ++j) t[d * Mp + j] = x[j * D + d];
         for (int64_t j = M; j < Mp; ++j) t[d * Mp + j] = 0.f;
@@ -1151,10 +1189,26 @@ ATTN_INLINE void attn_store_rows_bf16(const __m512 *a, int64_t j, int64_t Mp, ui
     }
 }
 
+/* out (D words) = the pairs (a[e], b[e]) of two bf16 rows, b NULL for a zero row; D = 32 with two lane permutes */
+static inline void attn_interleave_bf16(const uint16_t *a, const uint16_t *b, int64_t D, uint16_t *out) {
+    if (D == 32) {
+        const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                            37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        const __m512i x = _mm512_loadu_si512(a), y = b ? _mm512_loadu_si512(b) : _mm512_setzero_si512();
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(x, lo, y));
+        _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(x, hi, y));
+        return;
+    }
+    for (int64_t e = 0; e < D; ++e) {
+        out[2 * e] = a[e];
+        out[2 * e + 1] = b ? b[e] : 0;
+    }
+}
+
 /* the ATTN_ROWS bf16 rows xb (D wide) as row pairs into xp (ATTN_PAIRS x D words) */
 static inline void attn_pairs_bf16(const uint16_t *xb, int64_t D, uint16_t *xp) {
-    for (int64_t r = 0; r < ATTN_ROWS; ++r)
-        for (int64_t d = 0; d < D; ++d) xp[((r / 2) * D + d) * 2 + (r & 1)] = xb[r * D + d];
+    for (int64_t r = 0; r < ATTN_PAIRS; ++r) attn_interleave_bf16(xb + 2 * r * D, xb + (2 * r + 1) * D, D, xp + 2 * r * D);
 }
 
 /* ATTN_ROWS rows of x (bf16, nr of them real, D wide) into xb, zero past nr */
@@ -1163,18 +1217,27 @@ static inline void attn_rows_bf16(const uint16_t *x, int64_t nr, int64_t D, uint
     memcpy(xb, x, sizeof(uint16_t) * nr * D);
 }
 
-/* x (M x D bf16) as words transposed (D/2 x Mp), and / or as key pairs (Mp/2 x D words), zero past M */
+/* x (M x D bf16) as words transposed (D/2 x Mp), and / or as key pairs (Mp/2 x D words), zero past M; D = 32 in
+ * 16 x 16 blocks of words and lane permutes (as scalar loops a head's layouts took a fifth of the forward's time at
+ * 196 keys, two fifths at 49) */
 static void attn_layouts_bf16(const uint16_t *x, uint32_t *t, uint16_t *kp, int64_t M, int64_t Mp, int64_t D) {
-    if (t)
+    if (t && D == 32) {
+        for (int64_t j0 = 0; j0 < Mp; j0 += 16) {
+            __m512i r[16];
+            for (int64_t i = 0; i < 16; ++i)
+                r[i] = j0 + i < M ? _mm512_loadu_si512(x + (j0 + i) * D) : _mm512_setzero_si512();
+            attn_transpose16(r);
+            for (int64_t d = 0; d < 16; ++d) _mm512_storeu_si512(t + d * Mp + j0, r[d]);
+        }
+    } else if (t) {
         for (int64_t d = 0; d < D / 2; ++d) {
             for (int64_t j = 0; j < M; ++j) memcpy(t + d * Mp + j, x + j * D + 2 * d, 4);
             for (int64_t j = M; j < Mp; ++j) t[d * Mp + j] = 0;
         }
-    if (kp) {
-        for (int64_t j = 0; j < M; ++j)
-            for (int64_t e = 0; e < D; ++e) kp[((j / 2) * D + e) * 2 + (j & 1)] = x[j * D + e];
-        for (int64_t j = M; j < Mp; ++j)
-            for (int64_t e = 0; e < D; ++e) kp[((j / 2) * D + e) * 2 + (j & 1)] = 0;
+    }
+    for (int64_t j = 0; kp && j < Mp; j += 2) {
+        if (j < M) attn_interleave_bf16(x + j * D, j + 1 < M ? x + (j + 1) * D : NULL, D, kp + j * D);
+        else memset(kp + j * D, 0, sizeof(uint16_t) * 2 * D);
     }
 }
 
