@@ -367,8 +367,9 @@ def poly_attention(
     then the l1 norm). On CUDA: :func:`poly_attention_flex` (fused, forward and backward).
     Elsewhere: the recomputing autograd function when a gradient is needed, and the same
     chunked in-place kernel without autograd bookkeeping otherwise. In float32 on a CPU with
-    AVX-512 both are the fused kernels of ``ops.cpu_kernels`` (eight query rows of weights a
-    thread at a time), which need less than any ``chunk_bytes``; it caps the other paths.
+    AVX-512, and in bfloat16 with AVX-512 BF16, both are the fused kernels of ``ops.cpu_kernels``
+    (eight query rows of weights a thread at a time), which need less than any ``chunk_bytes``;
+    it caps the other paths.
     """
     if power % 2:
         raise ValueError(f"poly_attention needs an even power (got {power}); odd powers make A signed")
