@@ -322,6 +322,24 @@ def _fused_reference(q, k, v, power, eps=1e-12):
     return (p @ v.double()) / r, r
 
 
+def _special_rows(fn, dtype, gen):
+    """A fused attention kernel ``fn`` on two heads of 20 queries and 40 keys (head dimension 32, power 4) in
+    ``dtype``: a row whose every score is exactly -1 (every weight 0: its sum clamped to eps, output 0) and a NaN
+    query (its own row NaN only); head dimension 24 refused. Returns the heads and the output."""
+    q, k, v = torch.randn(2, 20, 32, generator=gen), torch.randn(2, 40, 32, generator=gen), torch.randn(2, 40, 32)
+    q[0, 4] = 0.0
+    q[0, 4, 0] = 1.0
+    k[0, :, 0] = -1.0             # row 4 of head 0: every score exactly -1, every weight 0
+    q[1, 11, 3] = float('nan')
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    o, r = torch.empty_like(q), torch.empty(2, 20, 1)
+    assert fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), r.data_ptr(), 2, 20, 40, 32, 4, 1e-12, 2) == 0
+    assert (o[0, 4] == 0).all() and r[0, 4].item() == pytest.approx(1e-12)
+    assert torch.isnan(o[1, 11]).all() and not torch.isnan(o[1, :11]).any() and not torch.isnan(o[0]).any()
+    assert fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None, 2, 20, 40, 24, 4, 1e-12, 2) == 1
+    return q, k, v, o
+
+
 @needs_cc
 @pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
 def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
@@ -352,18 +370,7 @@ def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
             assert torch.allclose(r.double(), ref_r, rtol=1e-5)
     if not fused:
         return
-    q, k, v = torch.randn(2, 20, 32, generator=gen), torch.randn(2, 40, 32, generator=gen), torch.randn(2, 40, 32)
-    q[0, 4] = 0.0
-    q[0, 4, 0] = 1.0
-    k[0, :, 0] = -1.0             # row 4 of head 0: every score exactly -1, every weight 0
-    q[1, 11, 3] = float('nan')
-    o, r = torch.empty_like(q), torch.empty(2, 20, 1)
-    assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), r.data_ptr(),
-                                           2, 20, 40, 32, 4, 1e-12, 2) == 0
-    assert (o[0, 4] == 0).all() and r[0, 4].item() == pytest.approx(1e-12)
-    assert torch.isnan(o[1, 11]).all() and not torch.isnan(o[1, :11]).any() and not torch.isnan(o[0]).any()
-    assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None,
-                                           2, 20, 40, 24, 4, 1e-12, 2) == 1   # head dimension 24: refused
+    q, k, v, o = _special_rows(lib.polynext_poly_attention_f32, torch.float32, gen)
     assert lib.polynext_poly_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None,
                                            2, 20, 40, 32, 3, 1e-12, 2) == 1   # power 3: refused
 
@@ -445,20 +452,7 @@ def test_fused_bf16_attention_kernels_in_every_code_path(march, tmp_path):
                 assert (got.double() - w).abs().max() <= bound, (heads, n, m, d, power)
     if not built:
         return
-    q, k = torch.randn(2, 20, 32, generator=gen), torch.randn(2, 40, 32, generator=gen)
-    v = torch.randn(2, 40, 32, generator=gen).bfloat16()
-    q[0, 4] = 0.0
-    q[0, 4, 0] = 1.0
-    k[0, :, 0] = -1.0             # row 4 of head 0: every score exactly -1, every weight 0
-    q[1, 11, 3] = float('nan')
-    q, k = q.bfloat16(), k.bfloat16()
-    o, r = torch.empty_like(q), torch.empty(2, 20, 1)
-    assert lib.polynext_poly_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), r.data_ptr(),
-                                            2, 20, 40, 32, 4, 1e-12, 2) == 0
-    assert (o[0, 4] == 0).all() and r[0, 4].item() == pytest.approx(1e-12)
-    assert torch.isnan(o[1, 11]).all() and not torch.isnan(o[1, :11]).any() and not torch.isnan(o[0]).any()
-    assert lib.polynext_poly_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None,
-                                            2, 20, 40, 24, 4, 1e-12, 2) == 1   # head dimension 24: refused
+    _special_rows(lib.polynext_poly_attention_bf16, torch.bfloat16, gen)
     z = torch.zeros(1, 4, 32, dtype=torch.bfloat16)
     assert lib.polynext_poly_attention_backward_bf16(*(z.data_ptr() for _ in range(9)), 1, 4, 4, 32, 3, 2) == 1
 

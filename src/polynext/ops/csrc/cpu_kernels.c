@@ -496,6 +496,18 @@ ATTN_INLINE void attn_scatter(const float *ab, int64_t Mp, const float *xb, floa
     }
 }
 
+/* the forward's end for nr rows: each row sum (lanes of sum[r]) clamped to eps (NaN kept), written to rowsum[r]
+ * unless it is NULL, and the row's A V (tot) divided by it */
+ATTN_INLINE void attn_divide_rows(const __m512 *sum, __m512 *tot, int64_t nr, int64_t D, float eps, float *rowsum) {
+    const int DV = (int)(D / 16);
+    for (int64_t r = 0; r < nr; ++r) {
+        float t = _mm512_reduce_add_ps(sum[r]);
+        if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */
+        if (rowsum) rowsum[r] = t;
+        for (int e = 0; e < DV; ++e) tot[r * DV + e] = _mm512_div_ps(tot[r * DV + e], _mm512_set1_ps(t));
+    }
+}
+
 /* Forward, rows i0 .. i0 + nr - 1 (nr <= ATTN_ROWS): the rows of Q copied to qb (zero rows past nr); per 32 keys
  * the scores, (s + 1)^p (zero past the last key) into ab and summed per lane; then O = A V / max(row sum, eps). */
 ATTN_INLINE void attn_forward_rows(const float *q, const float *kt, const float *v, float *o, float *rowsum,
@@ -522,13 +534,9 @@ ATTN_INLINE void attn_forward_rows(const float *q, const float *kt, const float 
         }
     }
     attn_weigh(ab, Mp, v, M, D, tot);
-    for (int64_t r = 0; r < nr; ++r) {
-        float t = _mm512_reduce_add_ps(sum[r]);
-        if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */
-        if (rowsum) rowsum[i0 + r] = t;
-        const __m512 tv = _mm512_set1_ps(t);
-        for (int e = 0; e < DV; ++e) _mm512_storeu_ps(o + (i0 + r) * D + 16 * e, _mm512_div_ps(tot[r * DV + e], tv));
-    }
+    attn_divide_rows(sum, tot, nr, D, eps, rowsum ? rowsum + i0 : NULL);
+    for (int64_t r = 0; r < nr; ++r)
+        for (int e = 0; e < DV; ++e) _mm512_storeu_ps(o + (i0 + r) * D + 16 * e, tot[r * DV + e]);
 }
 
 /* Backward, the same rows: dy = g / r into yb and d = -p (g . o) / r per row; the scores recomputed, A = P^p into ab
@@ -1265,13 +1273,9 @@ ATTN_INLINE void attn_forward_rows_bf16(const uint16_t *q, const uint32_t *kt, c
         if (two) attn_store_rows_bf16(a1, j + 16, Mp, ab, NULL);
     }
     attn_weigh_bf16(ab, Mp, vp, M, D, tot);
-    for (int64_t r = 0; r < nr; ++r) {
-        float t = _mm512_reduce_add_ps(sum[r]);
-        if (!(t >= eps)) t = t != t ? t : eps;   /* clamp_min(eps), NaN kept */
-        if (rowsum) rowsum[i0 + r] = t;
-        const __m512 tv = _mm512_set1_ps(t);
-        for (int e = 0; e < DV; ++e) store_bf16(o + (i0 + r) * D + 16 * e, 0xFFFF, _mm512_div_ps(tot[r * DV + e], tv));
-    }
+    attn_divide_rows(sum, tot, nr, D, eps, rowsum ? rowsum + i0 : NULL);
+    for (int64_t r = 0; r < nr; ++r)
+        for (int e = 0; e < DV; ++e) store_bf16(o + (i0 + r) * D + 16 * e, 0xFFFF, tot[r * DV + e]);
 }
 
 /* Backward, the same rows (as attn_backward_rows): kt, vt the head's K, V as transposed words, kp its K as key
