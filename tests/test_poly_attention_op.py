@@ -102,3 +102,27 @@ def test_strided_heads_match_reference_fp64():
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         for a, r in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_gradients_keep_the_channels_last_heads_layout(dtype):
+    """Q, K, V as PolyAttn makes them (the heads of a channels-last activation: a dense strided view) get gradients
+    in that same layout, so the activation's gradient comes back channels-last (not as a contiguous NCHW copy for
+    the depthwise and 1x1 convolutions' backward to convert again); the values are the reference's. Heads that are
+    not a dense view (test_strided_heads_match_reference_fp64) keep contiguous gradients. float32 takes the fused
+    kernel where it is built."""
+    g = torch.Generator().manual_seed(4)
+    b, h, d, side = 2, 3, 16, 5
+    acts = [(torch.randn(b, h * d, side, side, generator=g, dtype=dtype) * 0.3)
+            .contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
+    q, k, v = (a.reshape(b, h, d, -1).transpose(-1, -2) for a in acts)
+    assert not q.is_contiguous()
+    grad = torch.randn(b, h, side * side, d, generator=g, dtype=dtype)
+    got = torch.autograd.grad(poly_attention(q, k, v), acts, grad)
+    heads = torch.autograd.grad(poly_attention(q, k, v), (q, k, v), grad)
+    ref = torch.autograd.grad(poly_attention_reference(q.double(), k.double(), v.double()), acts, grad.double())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, t, r in zip(got, heads, ref):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        assert t.stride() == q.stride()
+        torch.testing.assert_close(a.double(), r.double(), rtol=tol, atol=tol)

@@ -120,6 +120,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));',
              'const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(15));',
              ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+    Mutation('attn-grad-layout-ignored', 'attention backward: the gradients of Q, K and V returned contiguous, not in '
+             'their inputs\' channels-last heads layout', ATTN_OP,
+             'return tuple(g if layout is None else torch.empty_strided(',
+             'return tuple(g if True else torch.empty_strided(',
+             ('tests/test_poly_attention_op.py::test_gradients_keep_the_channels_last_heads_layout',)),
     Mutation('attn-scale-init', 'PolyAttn: the per-head scale starts at sigmoid = 1/4 instead of 1/sqrt(32)',
              MODEL, 's0 = head_dim ** -0.5', 's0 = 0.25'),
     Mutation('gate-init-L', 'the L models start their gates at logits -i/2 - 0.25 instead of -i/2 - 0.5',
