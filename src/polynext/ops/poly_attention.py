@@ -46,7 +46,8 @@ backward x1.67-2.10 against the tiles below, about three quarters of the matrix-
 bfloat16 on a CPU with AVX-512 BF16 (CPU autocast, bf16 inference) the same two kernels are built on the pair dot
 product ``vdpbf16ps`` (``ops.cpu_kernels``, 8.): operands bf16, sums float32, as PyTorch's bf16 path; on the Zen 4,
 batch 32, against the tiles (``benchmarks/poly_attention.py --dtype bf16``, its ``unfused`` column): the inference
-forward x1.38-1.54, forward + backward x1.22-1.39. The tiled path below serves everything else (float64, other head
+forward x1.61-1.91 (x1.85-2.00 at 512 px), forward + backward x1.22-1.39; within 5e-3 of float64 (bf16's spacing
+is 3.9e-3). The tiled path below serves everything else (float64, other head
 dimensions, CPUs without these instructions, ``ops.cpu_kernels.fused_attention(False)``).
 
 All matrix products run in the inputs' dtype (bf16/fp16 under autocast, like the reference);
