@@ -496,6 +496,12 @@ def test_poly_attention_takes_the_fused_kernel(dtype, monkeypatch):
     want = torch.autograd.grad(pa.poly_attention_reference(q64, k64, v64), (q64, k64, v64), g.double())
     for a, b in zip(grads, want):
         assert (a.double() - b).abs().max() <= gtol * b.abs().max()
+    q3, k3, v3 = (t.reshape(6, 49, 32) for t in (q, k, v))
+    with pytest.raises(TypeError, match='the heads need one dtype and the row sums float32'):   # refused before C
+        ck.poly_attention_fused(q3, k3.to(other), v3, 4, 1e-12)
+    r = torch.ones(6, 49, 1, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r'float64\); cast them first'):
+        ck.poly_attention_backward_fused(q3, k3, v3, q3, q3, r, 4)
 
 
 def _norm_grads(x, w, b, r, g, product):

@@ -257,8 +257,18 @@ def _check_fused(name: str, status: int, keys: int, dim: int, power: int) -> Non
                            'fused_attention_available first)')
 
 
+def _check_dtypes(name: str, rowsum: Optional[torch.Tensor], *heads: torch.Tensor) -> None:
+    """The fused kernels read every head tensor in one dtype (and the row sums in float32): anything else would be
+    read as the wrong type, so it is refused before the call."""
+    if len({t.dtype for t in heads}) != 1 or (rowsum is not None and rowsum.dtype != torch.float32):
+        got = ', '.join(str(t.dtype) for t in heads + ((rowsum,) if rowsum is not None else ()))
+        raise TypeError(f'polynext::{name}: the heads need one dtype and the row sums float32 (got {got}); cast them '
+                        'first, or call ops.poly_attention.poly_attention, which checks fused_attention_available')
+
+
 def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int,
                           eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_dtypes('poly_attention_fused', None, q, k, v)
     bh, n, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
@@ -274,10 +284,8 @@ def _poly_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pow
 def _poly_attention_backward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                    grad: torch.Tensor, rowsum: torch.Tensor,
                                    power: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_dtypes('poly_attention_backward_fused', rowsum, q, k, v, out, grad)
     bh, n, d = q.shape
-    if not (q.dtype == k.dtype == v.dtype == out.dtype == grad.dtype and rowsum.dtype == torch.float32):
-        raise TypeError('polynext::poly_attention_backward_fused: q, k, v, out and grad need one dtype and rowsum '
-                        f'float32 (got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}, {grad.dtype}, {rowsum.dtype})')
     q, k, v, out, grad, rowsum = (t.contiguous() for t in (q, k, v, out, grad, rowsum))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lib = library()

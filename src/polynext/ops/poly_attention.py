@@ -200,7 +200,8 @@ def _forward(
 
 def _dense_layout(t: torch.Tensor) -> Optional[Tuple[int, ...]]:
     """``t``'s strides where it is a strided view that covers its memory densely (the heads of a channels-last
-    activation: (B, heads, N, d) with strides (C·N, d, C, 1)); None where it is contiguous or not dense."""
+    activation: (B, heads, N, d) with strides (C·N, d, C, 1)); None where it is contiguous or not dense. (PyTorch's
+    own test for this, ``torch._prims_common.is_non_overlapping_and_dense``, is private.)"""
     if t.is_contiguous():
         return None
     expected = 1
