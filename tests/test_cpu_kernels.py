@@ -235,8 +235,14 @@ def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     # bf16 attention: the fused kernel where it is built (AVX-512 BF16), else the weights kernel of the tiled path
     attention = 'polynext::poly_attention_fused' if torch.bfloat16 in ck.library().attention_fused else \
         'polynext::poly_rows_'
-    assert {('norms', 'polynext::channel_norm_'), ('norms', 'polynext::channel_norm'), ('attention', attention)} <= ops
-    assert {cls for cls, op in ops if op.startswith('polynext::')} == {'norms', 'attention'}
+    # PolyConv's depthwise core: one kernel where it is built (AVX-512), a depthwise convolution with its MACs
+    core = {('depthwise conv', 'polynext::polyconv_dw')} if ck.library().polyconv_dw else set()
+    assert {('norms', 'polynext::channel_norm_'), ('norms', 'polynext::channel_norm'), ('attention', attention)} | \
+        core <= ops
+    assert {cls for cls, op in ops if op.startswith('polynext::')} == {'norms', 'attention'} | {c for c, _ in core}
+    if core:   # stage 0: 2 x 8 channels at 16x16, a 3x3 coarse kernel: three 3x3 convolutions' MACs a call
+        stage0 = prof.ops[('depthwise conv', 'polynext::polyconv_dw', '2x8x16x16')]
+        assert stage0.macs == stage0.calls * 2 * 8 * 16 * 16 * 27 > 0
     assert prof.classes['norms'].bytes > 0
     torch.manual_seed(0)
     model = timm.create_model('apolynext_t', init_channels=8, num_classes=5, cells=(1, 1, 1, 1))

@@ -127,7 +127,9 @@ def _pointwise_fusions(model, x):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.inference_mode():
             out = model(x)
-    return out, sum(e.count for e in prof.key_averages() if e.key.startswith('mkldnn::_convolution_pointwise'))
+    # oneDNN's post-ops, and PolyConv's core kernel (ops.polyconv_dw, where built: the product inside it)
+    return out, sum(e.count for e in prof.key_averages()
+                    if e.key.startswith('mkldnn::_convolution_pointwise') or e.key == 'polynext::polyconv_dw')
 
 
 @pytest.mark.skipif(not fusion_available(), reason='this torch build has no oneDNN post-op convolutions')

@@ -52,6 +52,8 @@ ABL = 'tests/test_ablation_formulas.py'
 ATTN_TESTS = 'tests/test_poly_attention_op.py'
 MODEL_TESTS = (GOLDEN, ABL)
 KERNEL_TESTS = (ATTN_TESTS, GOLDEN)
+POLYCONV_DW_TESTS = ('tests/test_polyconv_dw.py::test_polyconv_dw_kernel_in_every_code_path',
+                     'tests/test_polyconv_dw.py::test_models_take_the_kernel_at_inference_only')
 ABLATION_TESTS = (ABL,)
 EMA_TESTS = ('tests/test_ema.py', 'tests/test_engine_parts.py')
 TRAIN_EMA_RUN = 'tests/test_train_run.py::test_two_epochs_on_an_image_folder'
@@ -98,6 +100,29 @@ MUTATIONS: Tuple[Mutation, ...] = (
              '(-p (g . o) / r) left out of dL/dS', 'src/polynext/ops/csrc/cpu_kernels.c',
              'dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;', 'dterm[r] = 0.f * _mm512_reduce_add_ps(go);',
              ('tests/test_cpu_kernels.py::test_fused_attention_backward_kernel_in_every_code_path',)),
+    Mutation('polyconv-dw-lanes-unreversed', 'PolyConv core kernel (C): the mirrored channels are read but not '
+             'reversed within their block', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'for (int i = 0; i < 16; ++i) rev[i] = i < n ? (int32_t)(n - 1 - i) : i;',
+             'for (int i = 0; i < 16; ++i) rev[i] = i;', (POLYCONV_DW_TESTS[0], GOLDEN)),
+    Mutation('polyconv-dw-no-flip', 'PolyConv core kernel (C): the fine branch reads the block\'s own channels',
+             'src/polynext/ops/csrc/cpu_kernels.c', 'src[b] = C - c0 - n;', 'src[b] = c0;',
+             (POLYCONV_DW_TESTS[0], GOLDEN)),
+    Mutation('polyconv-dw-padding-columns-kept', 'PolyConv core kernel (C): the product\'s columns past the map '
+             '(the width padded to whole register rows) are not zeroed, so the output convolution reads them',
+             'src/polynext/ops/csrc/cpu_kernels.c',
+             'for (int64_t x = W; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());', '(void)Wr;',
+             POLYCONV_DW_TESTS),
+    Mutation('polyconv-dw-stale-rows', 'PolyConv core kernel (C): the ring rows above the map keep the previous '
+             'image\'s rows', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'for (int64_t r = 1; r <= p; ++r) {', 'for (int64_t r = 1; r <= 0; ++r) {', POLYCONV_DW_TESTS),
+    Mutation('polyconv-dw-weights-over-rings', 'PolyConv core kernel (C): a smaller group of channel blocks keeps '
+             'its weights where a larger group\'s rings lie', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'wc, wf, wo, buf, buf + gb * per, H, W,', 'wc, wf, wo, buf, buf + (b1 - b0) * per, H, W,',
+             POLYCONV_DW_TESTS),
+    Mutation('polyconv-dw-in-training', 'ops.polyconv_dw: the kernel (no autograd) also serves training',
+             'src/polynext/ops/polyconv_dw.py', 'and u.is_contiguous(memory_format=torch.channels_last) and '
+             'eager_cpu_inference(u)):', 'and u.is_contiguous(memory_format=torch.channels_last)):',
+             POLYCONV_DW_TESTS),
     Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',

@@ -285,6 +285,18 @@ def conv_op_class(ev) -> str:
     return _conv_class_and_macs(ev)[0]
 
 
+#: ops.polyconv_dw's operator: PolyConv's three depthwise convolutions in one kernel (u, then each one's taps as
+#: (k*k, C)): a depthwise convolution with their MACs
+_FUSED_DEPTHWISE = 'polynext::polyconv_dw'
+
+
+def _fused_depthwise_macs(ev) -> float:
+    shapes = ev.input_shapes or []
+    if len(shapes) < 4 or len(shapes[0]) != 4 or any(len(s) != 2 for s in shapes[1:4]):
+        return 0.0
+    return float(_numel(shapes[0]) * sum(s[0] for s in shapes[1:4]))
+
+
 #: the products in one call of ops.cpu_kernels' fused attention operators (each Q·K-sized)
 _FUSED_ATTENTION = {'polynext::poly_attention_fused': 2.0, 'polynext::poly_attention_backward_fused': 5.0}
 
@@ -402,6 +414,10 @@ class _Sorter:
             return
         if name.startswith(_BACKWARD):
             self.visit_backward(ev, name[len(_BACKWARD):])
+            return
+        if name == _FUSED_DEPTHWISE:
+            self.add('depthwise conv', ev, macs=_fused_depthwise_macs(ev))
+            self.remember(ev, 'depthwise conv')
             return
         if name in _CONV_OPS:
             cls, macs = _conv_class_and_macs(ev)

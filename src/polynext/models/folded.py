@@ -92,6 +92,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..ops.channel_norm import channel_norm_nchw, product_norm_nchw
 from ..ops.fused import can_fuse, conv_add_, conv_mul
+from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from .polynext import (
     ChannelBatchNorm, GatedHead, LayerNorm2d, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP, PolyNeXt,
     PolyNeXtCell, PolyNeXtStage, RunningRowSumNorm, SigmoidScale,
@@ -222,9 +223,12 @@ class FoldedPolyConv(nn.Module):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the norm."""
-        # (on CPU inference the product is the coarse convolution's post-op: ops.fused.conv_mul)
+        # (on CPU inference the product is the coarse convolution's post-op: ops.fused.conv_mul; with the flip
+        # a channel reversal, the three depthwise convolutions and the product are one kernel: ops.polyconv_dw)
         if self.pw_in_flip is None:
             u = self.pw_in(x)
+            if polyconv_dw_applies(u, self.coarse, self.fine, self.dw_out):
+                return self.pw_out(polyconv_dw(u, self.coarse, self.fine, self.dw_out))
             y = conv_mul(u, self.fine(u).flip(1), self.coarse)
         else:
             y = conv_mul(self.pw_in(x), self.fine(self.pw_in_flip(x)), self.coarse)

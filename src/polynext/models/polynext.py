@@ -44,6 +44,7 @@ from ..errors import CheckpointError
 from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_norm_nchw
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.flip_product import flip_product
+from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from ..ops.fused import can_fuse, conv_add_, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
 from ..ops.poly_attention import poly_attention
@@ -425,8 +426,10 @@ class PolyConv(nn.Module):
             poly_init_(conv.weight)
         self.product = product or HadamardProduct()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.pw_in(x)
+    def core(self, u: torch.Tensor) -> torch.Tensor:
+        """The depthwise core between the pointwise convolutions: DW3x3(DWcoarse(u) ⊙ flip_c(DW3x3(u)))."""
+        if self.product.is_product and polyconv_dw_applies(u, self.coarse, self.fine, self.dw_out):
+            return polyconv_dw(u, self.coarse, self.fine, self.dw_out)   # CPU inference: one kernel, one pass
         fine = depthwise_conv2d(u, self.fine)
         if not self.product.is_product:                     # the ablations' interactions
             y = self.product(depthwise_conv2d(u, self.coarse), fine.flip(1))
@@ -434,7 +437,10 @@ class PolyConv(nn.Module):
             y = conv_mul(u, fine.flip(1), self.coarse)
         else:                                               # the reversal read in the product's pass (CPU kernel)
             y = flip_product(depthwise_conv2d(u, self.coarse), fine)
-        return self.pw_out(depthwise_conv2d(y, self.dw_out))
+        return depthwise_conv2d(y, self.dw_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw_out(self.core(self.pw_in(x)))
 
 
 class PolyAttn(nn.Module):

@@ -6,7 +6,9 @@ product and PolyConv's residual in the same pass; in float32 training with its b
 in one kernel and its training backward in another, the N x N scores kept in the caches; elsewhere the power and row
 normalisation at bfloat16
 inference and, in training, the power with the row sums, the backward's recomputation and dL/dS) and
-``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward). Each replaces several
+``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward) and
+``ops.polyconv_dw`` (PolyConv's three depthwise convolutions and its product at inference, in one pass over memory,
+with AVX-512). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel.
 
@@ -36,7 +38,7 @@ from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
-           'fused_attention_available', 'fused_attention']
+           'fused_attention_available', 'fused_attention', 'fused_polyconv']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -50,6 +52,10 @@ kernels = Switch(os.environ.get('POLYNEXT_CPU_KERNELS', '1').strip() not in ('0'
 #: the fused attention kernels (6.-8. of the C source) on or off, the other kernels as they are:
 #: ``with fused_attention(False): ...`` (A/B timing: ``benchmarks/poly_attention.py``)
 fused_attention = Switch()
+
+#: PolyConv's fused depthwise core (9. of the C source, ``ops.polyconv_dw``) on or off, the other kernels as they
+#: are: ``with fused_polyconv(False): ...`` (A/B timing: ``benchmarks/polyconv_dw.py``)
+fused_polyconv = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -150,6 +156,10 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     for fn in (lib.polynext_poly_attention_backward_f32, lib.polynext_poly_attention_backward_bf16):
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
+    for fn in (lib.polynext_polyconv_dw_f32, lib.polynext_polyconv_dw_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.polynext_polyconv_dw_built.restype = ctypes.c_int
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_poly_attention_fused_bf16.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
@@ -157,6 +167,7 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     # the dtypes the fused attention is built for (AVX-512; bf16: AVX-512 BF16), read once, not per call
     lib.attention_fused = frozenset([torch.float32] * bool(lib.polynext_poly_attention_fused()) +
                                     [torch.bfloat16] * bool(lib.polynext_poly_attention_fused_bf16()))
+    lib.polyconv_dw = bool(lib.polynext_polyconv_dw_built())   # AVX-512
     return lib
 
 

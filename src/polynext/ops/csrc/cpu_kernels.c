@@ -64,7 +64,17 @@
  *    dQ = dS K, dK += dS^T Q) from there, where PyTorch's path writes a tile's N x N buffers and reads them back.
  *
  * 8. polynext_poly_attention_bf16 / polynext_poly_attention_backward_bf16: 6. and 7. for bfloat16 heads, their
- *    products on AVX-512 BF16's pair dot product (at the end of this file). */
+ *    products on AVX-512 BF16's pair dot product.
+ *
+ * 9. polynext_polyconv_dw_*: PolyConv's three depthwise convolutions and its product at CPU inference, in one pass
+ *    over the activation (at the end of this file):
+ *
+ *        y = DW_out( DW_coarse(u) * flip_c(DW_fine(u)) )
+ *
+ *    where PyTorch's path (oneDNN) runs the fine convolution, the reversal of its channels, the coarse convolution
+ *    with the product as its post-op and the output convolution: four passes over a tensor that does not fit in the
+ *    caches, each at a memory-bound 12-15 GMAC/s on a 2-core Zen 4 (polynext profile), about a sixth of the
+ *    machine's FMA rate. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1465,3 +1475,232 @@ int polynext_poly_attention_backward_bf16(const uint16_t *q, const uint16_t *k, 
 
 /* 1 where polynext_poly_attention_bf16 is built (AVX-512 BF16), else 0. */
 int polynext_poly_attention_fused_bf16(void) { return ATTN_FUSED_BF16; }
+
+/* 9. polynext_polyconv_dw_f32 / _bf16: PolyConv's depthwise core at inference (see 9. above), for N channels-last
+ * images u (N x H x W x C, float32 or bfloat16) into y (the same shape and dtype):
+ *
+ *     y[c] = DW_out( DW_coarse(u)[c] * DW_fine(u)[C-1-c] )
+ *
+ * DW_coarse: k x k, dilation d, padding p = d (k - 1) / 2; DW_fine and DW_out: 3 x 3, padding 1; all stride 1, no
+ * bias. Weights are float32 and tap-major (wc: k*k x C, wf and wo: 9 x C; tap i*k + j is row i, column j).
+ *
+ * A work item is an image (with fewer images than 2 x threads, a share of its 16-channel blocks), streamed row by
+ * row: u's row h + 1 + p is read once, in order, into two small zero-padded float32 rings per channel block, U (the
+ * block's channels c0..) and M (the mirrored channels C-1-c0.., reversed in the register), 2p + 1 rows each; then
+ * per block the product's row h + 1 into a three-row ring and y's row h from it, written once, in order. Every
+ * convolution reads a pixel's 16 channels as one aligned vector with no bounds to check, R pixels of a row at a
+ * time with their sums in registers (R = 7 where the width is a multiple of 7, as PolyNeXt's 56 / 28 / 14 / 7 at
+ * 224 px, else 8; the rings are padded to a multiple of R and the product's extra columns zeroed). A block's rings
+ * take 50 KB at 56x56: they stay in L1 / L2, and u and y each cross memory once. Sums in float32, in the taps'
+ * order (as oneDNN's, so float32 results match PyTorch's path bit for bit in the tests), bf16 rounded once at the
+ * end. Returns 0; 1 where the kernel does not serve the call (an even k or k > 9, d < 1, a build without AVX-512:
+ * nothing written); 2 if a thread's rings could not be allocated (y incomplete). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define PCDW_BUILT 1
+#define PCDW_INLINE static inline __attribute__((always_inline))
+
+/* a store of 16 lanes under mask k, unmasked where k is full (a masked store is slower on Zen 4) */
+PCDW_INLINE void store_f32_full(float *p, __mmask16 k, __m512 v) {
+    if (k == (__mmask16)0xffff) _mm512_storeu_ps(p, v);
+    else _mm512_mask_storeu_ps(p, k, v);
+}
+PCDW_INLINE void store_bf16_full(uint16_t *p, __mmask16 k, __m512 v) {
+    if (k == (__mmask16)0xffff) _mm256_storeu_si256((__m256i *)p, to_bf16(v));
+    else _mm256_mask_storeu_epi16(p, k, to_bf16(v));
+}
+
+PCDW_INLINE __m512 load_f32_full(const float *p, __mmask16 k) {
+    return k == (__mmask16)0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
+}
+PCDW_INLINE __m512 load_bf16_full(const uint16_t *p, __mmask16 k) {
+    const __m256i h = k == (__mmask16)0xffff ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(k, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* acc[r] = sum over taps t of w[t] (16 lanes) * src[t][16 (x + r)], r < R */
+PCDW_INLINE void pcdw_taps(const float *const *src, int64_t x, const float *w, int taps, int R, __m512 *acc) {
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int t = 0; t < taps; ++t) {
+        const __m512 wv = _mm512_load_ps(w + 16 * t);
+        const float *s = src[t] + 16 * x;
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_load_ps(s + 16 * r), acc[r]);
+    }
+}
+
+/* one row of the product, pr[x] = coarse[x] * fine[x] for x < Wr, and one row of the output from three rows of the
+ * product, STORE'd at y[x] for x < W (R a constant in each instance) */
+PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm, float *pr, const float *wc,
+                                  int taps, const float *wf, int64_t Wr, int R) {
+    for (int64_t x0 = 0; x0 < Wr; x0 += R) {
+        __m512 a[8], b[8];
+        pcdw_taps(cu, x0, wc, taps, R, a);
+        pcdw_taps(fm, x0, wf, 9, R, b);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < R; ++r) _mm512_store_ps(pr + 16 * (x0 + r), _mm512_mul_ps(a[r], b[r]));
+    }
+}
+
+#define POLYCONV_DW(NAME, T, LOAD, STORE)                                                                        \
+    PCDW_INLINE void NAME##_out_row(const float *const *po, const float *wo, T *y, int64_t C, int64_t W,        \
+                                    int64_t Wr, __mmask16 km, int R) {                                          \
+        for (int64_t x0 = 0; x0 < Wr; x0 += R) {                                                                \
+            __m512 acc[8];                                                                                      \
+            pcdw_taps(po, x0, wo, 9, R, acc);                                                                   \
+            _Pragma("GCC unroll 8")                                                                             \
+            for (int r = 0; r < R; ++r)                                                                         \
+                if (x0 + r < W) STORE##_full(y + (x0 + r) * C, km, acc[r]);                                     \
+        }                                                                                                       \
+    }                                                                                                           \
+    /* blocks b0..b1-1 of one image; buf: the blocks' rings (their borders zero), wts: room for their weights */ \
+    static void NAME##_item(const T *u, T *y, const float *wc, const float *wf, const float *wo, float *buf,     \
+                            float *wts, int64_t H, int64_t W, int64_t C, int64_t b0, int64_t b1, int k, int d,  \
+                            int R) {                                                                            \
+        const int64_t p = (int64_t)d * (k - 1) / 2, P = p > 1 ? p : 1, RU = 2 * p + 1, Wr = (W + R - 1) / R * R; \
+        const int64_t Wp = Wr + 2 * P, Wq = Wr + 2, taps = (int64_t)k * k, nb = b1 - b0;                       \
+        const int64_t ring = RU * Wp * 16, pring = 3 * Wq * 16, per = 2 * ring + pring;                         \
+        /* wts, per block: the coarse taps, the fine taps (lanes reversed), the output taps */                  \
+        __m512i idx[64];                          /* per block: the lane reversal of its mirrored channels */   \
+        __mmask16 kms[64];                                                                                      \
+        int64_t src[64];                                                                                        \
+        for (int64_t b = 0; b < nb; ++b) {                                                                      \
+            const int64_t c0 = 16 * (b0 + b), n = C - c0 < 16 ? C - c0 : 16;                                    \
+            int32_t rev[16];                      /* lane i of M: channel s0 + n - 1 - i = C - 1 - (c0 + i) */  \
+            for (int i = 0; i < 16; ++i) rev[i] = i < n ? (int32_t)(n - 1 - i) : i;                             \
+            idx[b] = _mm512_loadu_si512(rev);                                                                   \
+            kms[b] = (__mmask16)((1u << n) - 1u);                                                               \
+            src[b] = C - c0 - n;                                                                                \
+            float *w = wts + b * (taps + 18) * 16;                                                              \
+            for (int64_t t = 0; t < taps; ++t) _mm512_store_ps(w + 16 * t, load_f32(wc + t * C + c0, kms[b])); \
+            for (int64_t t = 0; t < 9; ++t) {                                                                   \
+                _mm512_store_ps(w + 16 * (taps + t), _mm512_permutexvar_ps(idx[b], load_f32(wf + t * C + src[b], kms[b]))); \
+                _mm512_store_ps(w + 16 * (taps + 9 + t), load_f32(wo + t * C + c0, kms[b]));                    \
+            }                                                                                                   \
+        }                                                                                                       \
+        /* ring slots: u's row r at (r mod RU), the product's row r at (r mod 3), r >= -RU; the rows outside the \
+         * map are zero: the columns outside it always (buf is zeroed once), the rows before it here, the rows \
+         * after it as they enter */                                                                            \
+        for (int64_t b = 0; b < nb; ++b) {                                                                      \
+            float *U = buf + b * per;                                                                           \
+            for (int64_t r = 1; r <= p; ++r) {                                                                  \
+                memset(U + (RU - r) * Wp * 16, 0, (size_t)Wp * 16 * sizeof(float));                           \
+                memset(U + ring + (RU - r) * Wp * 16, 0, (size_t)Wp * 16 * sizeof(float));                     \
+            }                                                                                                   \
+            memset(U + 2 * ring + 2 * Wq * 16, 0, (size_t)Wq * 16 * sizeof(float));                            \
+        }                                                                                                       \
+        for (int64_t r = 0; r <= H + p; ++r) {    /* u's row r enters; then the product's row r - p, y's r - p - 1 */ \
+            float *slot = buf + ((r % RU) * Wp + P) * 16;   /* + b * per: block b's U, + ring: its M */     \
+            if (r < H) {                          /* u's row in order, pixel by pixel */                       \
+                const T *x = u + r * W * C;                                                                     \
+                for (int64_t w = 0; w < W; ++w, x += C)                                                         \
+                    for (int64_t b = 0; b < nb; ++b) {                                                          \
+                        float *ur = slot + b * per + 16 * w;                                                    \
+                        _mm512_store_ps(ur, LOAD##_full(x + 16 * (b0 + b), kms[b]));                            \
+                        _mm512_store_ps(ur + ring, _mm512_permutexvar_ps(idx[b], LOAD##_full(x + src[b], kms[b]))); \
+                    }                                                                                           \
+            } else {                                                                                            \
+                for (int64_t b = 0; b < nb; ++b)                                                                \
+                    for (int64_t w = 0; w < W; ++w) {                                                           \
+                        _mm512_store_ps(slot + b * per + 16 * w, _mm512_setzero_ps());                          \
+                        _mm512_store_ps(slot + b * per + ring + 16 * w, _mm512_setzero_ps());                   \
+                    }                                                                                           \
+            }                                                                                                   \
+            const int64_t h = r - p;              /* the product's row h: u's rows h - p .. h + p are in */     \
+            if (h < 0) continue;                                                                                \
+            const int64_t hs = (r + 1) % RU, h3 = h % 3;   /* slots of u's row h - p = r - 2p, the product's row h */ \
+            /* u's next row and y's next row are fetched a share per block while this row is computed: memory \
+             * and arithmetic overlap (the phases are too long for the core's own reordering) */                \
+            const char *un = (const char *)(u + (r + 1) * W * C), *yn = (const char *)(y + h * W * C);           \
+            const int64_t bytes = r + 1 < H ? W * C * (int64_t)sizeof(T) : 0;                                   \
+            const int64_t ybytes = h < H ? W * C * (int64_t)sizeof(T) : 0;                                      \
+            for (int64_t b = 0; b < nb; ++b) {                                                                  \
+                for (int64_t o = bytes * b / nb & ~(int64_t)63; o < bytes * (b + 1) / nb; o += 64)              \
+                    __builtin_prefetch(un + o, 0, 3);                                                           \
+                for (int64_t o = ybytes * b / nb & ~(int64_t)63; o < ybytes * (b + 1) / nb; o += 64)            \
+                    __builtin_prefetch(yn + o, 1, 3);                                                           \
+                float *U = buf + b * per, *M = U + ring, *Pq = M + ring;                                        \
+                const float *w = wts + b * (taps + 18) * 16;                                                    \
+                float *pr = Pq + (h3 * Wq + 1) * 16;                                                            \
+                if (h < H) {                                                                                    \
+                    const float *cu[81], *fm[9];                                                                \
+                    for (int i = 0; i < k; ++i) {         /* u's row h - p + i d: slot (h - p) mod RU + i d */  \
+                        const int64_t s = hs + (int64_t)i * d;                                                  \
+                        for (int j = 0; j < k; ++j)                                                             \
+                            cu[i * k + j] = U + ((s < RU ? s : s - RU) * Wp + P - p + (int64_t)j * d) * 16;     \
+                    }                                                                                           \
+                    for (int i = 0; i < 3; ++i) {                                                               \
+                        const int64_t s = hs + p - 1 + i;                                                       \
+                        for (int j = 0; j < 3; ++j) fm[i * 3 + j] = M + ((s < RU ? s : s - RU) * Wp + P - 1 + j) * 16; \
+                    }                                                                                           \
+                    if (R == 7) pcdw_product_row(cu, fm, pr, w, (int)taps, w + 16 * taps, Wr, 7);               \
+                    else pcdw_product_row(cu, fm, pr, w, (int)taps, w + 16 * taps, Wr, 8);                      \
+                    for (int64_t x = W; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());         \
+                } else {                                                                                        \
+                    for (int64_t x = 0; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());         \
+                }                                                                                               \
+                if (h == 0) continue;             /* y's row h - 1 from the product's rows h - 2 .. h */        \
+                const float *po[9];                                                                             \
+                for (int i = 0; i < 3; ++i)                                                                     \
+                    for (int j = 0; j < 3; ++j) po[i * 3 + j] = Pq + ((h3 + 1 + i < 3 ? h3 + 1 + i : h3 + i - 2) * Wq + j) * 16; \
+                T *yr = y + (h - 1) * W * C + 16 * (b0 + b);                                                    \
+                if (R == 7) NAME##_out_row(po, w + 16 * (taps + 9), yr, C, W, Wr, kms[b], 7);                   \
+                else NAME##_out_row(po, w + 16 * (taps + 9), yr, C, W, Wr, kms[b], 8);                          \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    int NAME(const T *u, const float *wc, const float *wf, const float *wo, T *y, int64_t N, int64_t H,         \
+             int64_t W, int64_t C, int k, int d, int threads) {                                                 \
+        (void)threads;                                                                                          \
+        if (k % 2 == 0 || k > 9 || d < 1 || C > 1024) return 1;                                                 \
+        const int R = W % 7 == 0 && W % 8 != 0 ? 7 : 8;                                                         \
+        const int64_t p = (int64_t)d * (k - 1) / 2, P = p > 1 ? p : 1, Wr = (W + R - 1) / R * R;               \
+        const int64_t blocks = (C + 15) / 16;                                                                   \
+        int64_t groups = (2 * (int64_t)threads + N - 1) / N;                                                    \
+        groups = groups < 1 ? 1 : groups > blocks ? blocks : groups;                                            \
+        const int64_t gb = (blocks + groups - 1) / groups, items = N * groups;                                  \
+        const size_t per = (size_t)(2 * (2 * p + 1) * (Wr + 2 * P) + 3 * (Wr + 2)) * 16;                        \
+        const size_t floats = (size_t)gb * (per + (size_t)(k * k + 18) * 16);                                   \
+        int failed = 0;                                                                                         \
+        _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                        \
+        {                                                                                                       \
+            const int64_t tid = thread_id(), nt = thread_count();                                               \
+            float *buf = NULL;                    /* 64-byte aligned: a ring's vector is one cache line */      \
+            if (posix_memalign((void **)&buf, 64, floats * sizeof(float)) == 0) memset(buf, 0, floats * sizeof(float)); \
+            else buf = NULL;                                                                                    \
+            if (!buf) {                                                                                         \
+                failed = 1;                                                                                     \
+            } else {                                                                                            \
+                for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {                        \
+                    const int64_t img = it / groups, b0 = (it % groups) * gb;                                   \
+                    const int64_t b1 = b0 + gb < blocks ? b0 + gb : blocks;                                     \
+                    if (b0 >= b1) continue;                                                                     \
+                    NAME##_item(u + img * H * W * C, y + img * H * W * C, wc, wf, wo, buf, buf + gb * per, H, W, \
+                                C, b0, b1, k, d, R);                                                            \
+                }                                                                                               \
+                free(buf);                                                                                      \
+            }                                                                                                   \
+        }                                                                                                       \
+        return failed ? 2 : 0;                                                                                  \
+    }
+
+POLYCONV_DW(polynext_polyconv_dw_f32, float, load_f32, store_f32)
+POLYCONV_DW(polynext_polyconv_dw_bf16, uint16_t, load_bf16, store_bf16)
+#else   /* the rings are read as 16-channel vectors: AVX-512 only; PyTorch's path elsewhere */
+#define PCDW_BUILT 0
+int polynext_polyconv_dw_f32(const float *u, const float *wc, const float *wf, const float *wo, float *y, int64_t N,
+                             int64_t H, int64_t W, int64_t C, int k, int d, int threads) {
+    (void)u; (void)wc; (void)wf; (void)wo; (void)y; (void)N; (void)H; (void)W; (void)C; (void)k; (void)d;
+    (void)threads;
+    return 1;
+}
+int polynext_polyconv_dw_bf16(const uint16_t *u, const float *wc, const float *wf, const float *wo, uint16_t *y,
+                              int64_t N, int64_t H, int64_t W, int64_t C, int k, int d, int threads) {
+    (void)u; (void)wc; (void)wf; (void)wo; (void)y; (void)N; (void)H; (void)W; (void)C; (void)k; (void)d;
+    (void)threads;
+    return 1;
+}
+#endif
+
+/* 1 where polynext_polyconv_dw_* is built (AVX-512), else 0. */
+int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }

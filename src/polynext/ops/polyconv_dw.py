@@ -1,0 +1,98 @@
+"""PolyConv's depthwise core at CPU inference in one pass over memory, by a C kernel.
+
+    y = DW_out( DW_coarse(u) ⊙ flip_c(DW_fine(u)) )
+
+Between its two pointwise convolutions PolyConv runs three depthwise convolutions and a product with a channel
+reversal. PyTorch's path (oneDNN) makes that four passes over a tensor that does not fit in the caches at batch
+32: the fine convolution, the reversed copy of its output, the coarse convolution with the product as its post-op
+(``ops.fused.conv_mul``) and the output convolution, each at a memory-bound 12-15 GMAC/s on a 2-core AMD EPYC
+(Zen 4), where the machine's FMA rate is about 90. In a cpolynext_t inference step that was 19 % of the time
+(the depthwise class in ``polynext profile``) and the reversal 2.5 % more. No library fuses a chain of depthwise
+convolutions, let alone one with a channel reversal in the middle, so the kernel (``polynext_polyconv_dw_*`` in
+``csrc/cpu_kernels.c``, 9.) is written by hand: u's rows are read once, in order, into small zero-padded rings of
+16 channels (the mirrored channels reversed as they are loaded), the product's rows go into another ring, and y's
+rows are written once, every sum in registers.
+
+Where: eager CPU inference (``ops.fused.eager_cpu_inference``: no autograd recording, not compiling / exporting /
+tracing), channels-last float32 or bfloat16 activations (not float32 under CPU autocast, where PyTorch's path
+would compute in bfloat16), PolyConv's geometry (odd k x k coarse kernel up to 9, dilation d, "same" padding;
+3 x 3 fine and output kernels; stride 1, no bias), a CPU with AVX-512, the kernels on
+(``ops.cpu_kernels.kernels``, and ``ops.cpu_kernels.fused_polyconv`` for this kernel alone). Elsewhere callers
+take the separate operations. float32 results match PyTorch's (the taps are summed in oneDNN's order; equal bit
+for bit in the tests), bfloat16 ones are rounded once where PyTorch's path rounds after each operation (closer to
+float32). Registered as ``polynext::polyconv_dw`` for the profiler (a depthwise convolution there, with the
+three convolutions' MACs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .cpu_kernels import fused_polyconv, kernel_available, kernel_fn, library, profiling
+from .fused import eager_cpu_inference
+
+__all__ = ['polyconv_dw', 'polyconv_dw_applies']
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _depthwise(conv: nn.Conv2d, channels: int, kernel: int = 0, dilation: int = 1) -> bool:
+    """A bias-free, stride-1, "same"-padded depthwise convolution on ``channels`` channels with a square odd
+    kernel (of size ``kernel`` where given, up to 9) and dilation ``dilation``."""
+    k = conv.kernel_size[0]
+    return (conv.groups == conv.in_channels == conv.out_channels == channels and conv.bias is None
+            and conv.kernel_size == (k, k) and k % 2 == 1 and k <= 9 and (not kernel or k == kernel)
+            and conv.stride == (1, 1) and conv.dilation == (dilation, dilation) and conv.padding_mode == 'zeros'
+            and conv.padding == (dilation * (k - 1) // 2,) * 2)
+
+
+def polyconv_dw_applies(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out: nn.Conv2d) -> bool:
+    """Whether :func:`polyconv_dw` serves PolyConv's inner activation ``u`` and its three depthwise convolutions
+    (module docstring)."""
+    if not (fused_polyconv.on and u.dim() == 4 and u.dtype in _DTYPES
+            and u.is_contiguous(memory_format=torch.channels_last) and eager_cpu_inference(u)):
+        return False
+    if u.dtype == torch.float32 and torch.is_autocast_enabled('cpu'):
+        return False
+    c = u.shape[1]
+    convs = (coarse, fine, out)
+    if not (_depthwise(coarse, c, dilation=coarse.dilation[0]) and _depthwise(fine, c, 3) and _depthwise(out, c, 3)):
+        return False
+    if any(m.weight.device != u.device or m.weight.dtype not in (torch.float32, u.dtype)
+           or (torch.is_grad_enabled() and m.weight.requires_grad) for m in convs):
+        return False
+    return kernel_available() and library().polyconv_dw
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise weight (C, 1, k, k) as the kernel reads it: float32, tap-major (k*k, C)."""
+    return weight.reshape(weight.shape[0], -1).t().float().contiguous()
+
+
+def _polyconv_dw(u: torch.Tensor, wc: torch.Tensor, wf: torch.Tensor, wo: torch.Tensor, dilation: int) -> torch.Tensor:
+    n, c, h, w = u.shape
+    k = round(wc.shape[0] ** 0.5)
+    y = torch.empty_like(u)
+    status = kernel_fn('polyconv_dw', u)(u.data_ptr(), wc.data_ptr(), wf.data_ptr(), wo.data_ptr(), y.data_ptr(),
+                                         n, h, w, c, k, dilation, torch.get_num_threads())
+    if status == 2:
+        raise MemoryError("polynext::polyconv_dw: out of memory for a thread's row rings; free memory, or run with "
+                          "POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
+    if status != 0:
+        raise RuntimeError(f'polynext::polyconv_dw: a {k}x{k} coarse kernel with dilation {dilation} is not served '
+                           'here (check polyconv_dw_applies first)')
+    return y
+
+
+_LIB = torch.library.Library('polynext', 'FRAGMENT')
+_LIB.define('polyconv_dw(Tensor u, Tensor coarse_taps, Tensor fine_taps, Tensor out_taps, int dilation) -> Tensor')
+_LIB.impl('polyconv_dw', _polyconv_dw, 'CPU')
+
+
+def polyconv_dw(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out: nn.Conv2d) -> torch.Tensor:
+    """``out(coarse(u) * fine(u).flip(1))`` in one kernel (a new channels-last tensor of u's shape and dtype).
+    Check :func:`polyconv_dw_applies` first."""
+    wc, wf, wo = _taps(coarse.weight), _taps(fine.weight), _taps(out.weight)
+    if profiling():
+        return torch.ops.polynext.polyconv_dw(u, wc, wf, wo, coarse.dilation[0])
+    return _polyconv_dw(u, wc, wf, wo, coarse.dilation[0])
