@@ -78,7 +78,10 @@ class Mutation:
 MUTATIONS: Tuple[Mutation, ...] = (
     # ---- the architecture -----------------------------------------------------------------
     Mutation('polyconv-flip-removed', 'PolyConv: the fine branch is not channel-reversed before the product',
-             MODEL, 'y = conv_mul(u, fine.flip(1), self.coarse)', 'y = conv_mul(u, fine, self.coarse)'),
+             # (where the PolyConv core kernel is built it serves inference, and this path, CPUs without AVX-512,
+             # is checked against it)
+             MODEL, 'y = conv_mul(u, fine.flip(1), self.coarse)', 'y = conv_mul(u, fine, self.coarse)',
+             MODEL_TESTS + POLYCONV_DW_TESTS[1:]),
     Mutation('attn-power-2', 'PolyAttn: power 2 instead of 4 ((s·QKᵀ+1)^2)',
              MODEL, "spatial_size: Optional[Tuple[int, int]] = None, power: int = 4,",
              "spatial_size: Optional[Tuple[int, int]] = None, power: int = 2,"),
