@@ -85,42 +85,19 @@ def _infer(fn, q, k, v, grad):
 
 def _whole_model(args) -> list:
     """Each model's ``polynext bench`` step with the fused attention kernel on and off, interleaved."""
-    import timm
-    from polynext.bench import BenchSettings, make_step, time_interleaved
+    from polynext.bench import BenchSettings, switch_ab
     from polynext.ops import cpu_kernels
-
-    def fused(on: bool):
-        def step():
-            with cpu_kernels.fused_attention(on):
-                run()
-        return step
 
     print(f"whole model, {'inference' if args.mode == 'infer' else 'training step'}, img/s (median of {args.runs}):",
           flush=True)
     rows = []
     for name in args.models:
-        torch.manual_seed(0)
-        model = timm.create_model(name)
         settings = BenchSettings(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
                                  channels_last=True)
-        run = make_step(model, settings, torch.device('cpu'))
-        steps = {'pytorch': fused(False), 'fused': fused(True)}
-        for fn in steps.values():
-            fn()
-        times = time_interleaved(steps, args.runs)
-        rate = {k: args.batch_size / statistics.median(t) for k, t in times.items()}
-        row = dict(model=name, pytorch_img_s=round(rate['pytorch'], 2), fused_img_s=round(rate['fused'], 2),
-                   speedup=round(rate['fused'] / rate['pytorch'], 3))
-        if args.mode == 'infer':
-            x = torch.randn(2, 3, args.img_size, args.img_size).to(next(model.parameters()).dtype)
-            with torch.inference_mode():
-                on = model(x.contiguous(memory_format=torch.channels_last))
-                with cpu_kernels.fused_attention(False):
-                    off = model(x.contiguous(memory_format=torch.channels_last))
-            row['max_abs_logit_diff'] = (on.float() - off.float()).abs().max().item()
+        row = switch_ab(name, settings, cpu_kernels.fused_attention, args.runs, labels=('pytorch', 'fused'))
         rows.append(row)
         diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
-        print(f"{name:12s} PyTorch's attention {rate['pytorch']:7.2f}  fused {rate['fused']:7.2f}  "
+        print(f"{name:12s} PyTorch's attention {row['pytorch_img_s']:7.2f}  fused {row['fused_img_s']:7.2f}  "
               f"x{row['speedup']:.3f}{diff}", flush=True)
     return rows
 

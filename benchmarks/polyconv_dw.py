@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -58,42 +57,20 @@ def _fp64_core(u, conv):
     return F.conv2d(a * F.conv2d(u, w[1], padding=1, groups=c).flip(1), w[2], padding=1, groups=c)
 
 
-def _whole_model(args, dtype) -> list:
-    import timm
-    from polynext.bench import BenchSettings, make_step, time_interleaved
+def _whole_model(args) -> list:
+    """Each model's ``polynext bench`` inference step with the kernel on and off, interleaved."""
+    from polynext.bench import BenchSettings, switch_ab
     from polynext.ops import cpu_kernels
-
-    def switched(on: bool):
-        def step():
-            with cpu_kernels.fused_polyconv(on):
-                run()
-        return step
 
     print(f'whole model, inference, img/s (median of {args.runs}):', flush=True)
     rows = []
     for name in args.models:
-        torch.manual_seed(0)
-        model = timm.create_model(name)
         settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
                                  channels_last=True)
-        run = make_step(model, settings, torch.device('cpu'))
-        steps = {'pytorch': switched(False), 'kernel': switched(True)}
-        for fn in steps.values():
-            fn()
-        times = time_interleaved(steps, args.runs)
-        rate = {k: args.batch_size / statistics.median(t) for k, t in times.items()}
-        x = torch.randn(2, 3, args.img_size, args.img_size).to(dtype).contiguous(memory_format=torch.channels_last)
-        model = model.eval().to(dtype).to(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            on = model(x)
-            with cpu_kernels.fused_polyconv(False):
-                off = model(x)
-        row = dict(model=name, pytorch_img_s=round(rate['pytorch'], 2), kernel_img_s=round(rate['kernel'], 2),
-                   speedup=round(rate['kernel'] / rate['pytorch'], 3),
-                   max_abs_logit_diff=(on.float() - off.float()).abs().max().item())
+        row = switch_ab(name, settings, cpu_kernels.fused_polyconv, args.runs, labels=('pytorch', 'kernel'))
         rows.append(row)
-        print(f"{name:12s} PyTorch's path {rate['pytorch']:7.2f}  kernel {rate['kernel']:7.2f}  x{row['speedup']:.3f}"
-              f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}", flush=True)
+        print(f"{name:12s} PyTorch's path {row['pytorch_img_s']:7.2f}  kernel {row['kernel_img_s']:7.2f}  "
+              f"x{row['speedup']:.3f}  max |Δ logit| {row['max_abs_logit_diff']:.1e}", flush=True)
     return rows
 
 
@@ -120,11 +97,10 @@ def main(argv=None) -> int:
     import polynext  # noqa: F401  (registers the models)
     from polynext.errors import ConfigError
     from polynext.factory import check_model_name
-    for name in args.models:
-        try:
-            check_model_name(name)
-        except ConfigError as err:
-            parser.error(str(err))
+    try:
+        [check_model_name(name) for name in args.models]
+    except ConfigError as err:
+        parser.error(str(err))
     if argv is None:
         from polynext.bench import ensure_pinned_allocator
         ensure_pinned_allocator('polyconv_dw.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
@@ -137,7 +113,7 @@ def main(argv=None) -> int:
         if not shapes[name]:
             parser.error(f'{name} has no PolyConv; pass a PolyNeXt model such as cpolynext_t')
 
-    from polynext.bench import allocator_status, environment, write_report
+    from polynext.bench import allocator_status, environment, time_interleaved, write_report
     env = environment(torch.device('cpu'))
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
           f'batch {args.batch_size}, {args.img_size} px, PolyConv core ms (median of {args.runs})', flush=True)
@@ -147,26 +123,19 @@ def main(argv=None) -> int:
         for conv, shape in shapes[name]:
             conv = conv.to(dtype)
             u = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-            steps = {}
-            for key, on in (('pytorch', False), ('kernel', True)):
-                def step(on=on):
+            def core(on: bool):
+                def step():
                     with torch.inference_mode(), cpu_kernels.fused_polyconv(on):
-                        return conv.core(u)
-                steps[key] = step
+                        conv.core(u)
+                return step
+            steps = {'pytorch': core(False), 'kernel': core(True)}
             small = u[:2]
             with torch.inference_mode():
                 want = _fp64_core(small, conv)
                 err = ((conv.core(small).double() - want).abs().max() / want.abs().max()).item()
-            times = {key: [] for key in steps}
-            order = list(steps)
             for fn in steps.values():
                 fn()                                   # warm-up
-            for r in range(args.runs):
-                for key in (order if r % 2 == 0 else order[::-1]):
-                    t = time.perf_counter()
-                    steps[key]()
-                    times[key].append(time.perf_counter() - t)
-            ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+            ms = {key: statistics.median(t) * 1e3 for key, t in time_interleaved(steps, args.runs).items()}
             k, d = conv.coarse.kernel_size[0], conv.coarse.dilation[0]
             macs = u.numel() * (k * k + 18)
             row = dict(model=name, shape=list(shape), coarse=f'{k}x{k} dilation {d}',
@@ -177,7 +146,7 @@ def main(argv=None) -> int:
             print(f"{name:12s} {str(list(shape)):18s} {row['coarse']:15s} PyTorch {ms['pytorch']:7.2f} "
                   f"({row['pytorch_gmac_s']:5.1f} GMAC/s)  kernel {ms['kernel']:7.2f} ({row['kernel_gmac_s']:5.1f})  "
                   f"x{row['speedup']:.2f}  rel diff fp64 {err:.1e}", flush=True)
-    models = _whole_model(args, dtype) if args.whole_model else None
+    models = _whole_model(args) if args.whole_model else None
     out = dict(command=['python', 'benchmarks/polyconv_dw.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
                dtype=args.dtype, rows=rows, whole_model=models)

@@ -408,6 +408,38 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], runs: int, sync: Call
     return times
 
 
+def switch_ab(name: str, settings: 'BenchSettings', switch: Callable[[bool], Any], runs: int,
+              labels: Tuple[str, str] = ('off', 'on')) -> Dict[str, Any]:
+    """One model's CPU bench step (``make_step``) with ``switch`` (an ``ops.fused.Switch``, e.g. one of the kernel
+    switches of ``ops.cpu_kernels``) off and on, interleaved: ``{labels[i]}_img_s`` for each, the speed-up of on
+    over off and, at inference, the largest logit difference between the two on two images."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    run = make_step(model, settings, torch.device('cpu'))
+
+    def switched(on: bool):
+        def step():
+            with switch(on):
+                run()
+        return step
+    steps = {labels[0]: switched(False), labels[1]: switched(True)}
+    for fn in steps.values():
+        fn()
+    rate = {k: settings.batch_size / statistics.median(t) for k, t in time_interleaved(steps, runs).items()}
+    row = dict(model=name, **{f'{k}_img_s': round(v, 2) for k, v in rate.items()},
+               speedup=round(rate[labels[1]] / rate[labels[0]], 3))
+    if settings.mode == 'infer':
+        x = torch.randn(2, 3, settings.img_size, settings.img_size).to(next(model.parameters()).dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            on = model(x)
+            with switch(False):
+                off = model(x)
+        row['max_abs_logit_diff'] = (on.float() - off.float()).abs().max().item()
+    return row
+
+
 # --------------------------------------------------------------------------------------
 # Peak memory
 # --------------------------------------------------------------------------------------
