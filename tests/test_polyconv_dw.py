@@ -127,6 +127,9 @@ def test_models_take_the_kernel_at_inference_only(dtype, monkeypatch):
             assert pd.polyconv_dw_applies(u, conv.coarse, conv.fine, conv.dw_out) == (dtype == torch.bfloat16)
         shifted = nn.Conv2d(24, 24, 3, padding=2, dilation=1, groups=24, bias=False).to(dtype)   # not "same"
         assert not pd.polyconv_dw_applies(u, conv.coarse, shifted, conv.dw_out)
+        wide = _polyconv(pd.MAX_CHANNELS + 1).to(dtype)                                          # past its tables
+        w = torch.randn(1, pd.MAX_CHANNELS + 1, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+        assert not pd.polyconv_dw_applies(w, wide.coarse, wide.fine, wide.dw_out)
     ablated = timm.create_model('cpolynext_t', init_channels=16, num_classes=10, cells=(1, 1, 1, 1),
                                 product_op='add').eval().to(dtype).to(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -17,7 +17,8 @@ Where: eager CPU inference (``ops.fused.eager_cpu_inference``: no autograd recor
 tracing), channels-last float32 or bfloat16 activations (not float32 under CPU autocast, where PyTorch's path
 would compute in bfloat16), PolyConv's geometry (odd k x k coarse kernel up to 9, dilation d, "same" padding;
 3 x 3 fine and output kernels; stride 1, no bias), a CPU with AVX-512, the kernels on
-(``ops.cpu_kernels.kernels``, and ``ops.cpu_kernels.fused_polyconv`` for this kernel alone). Elsewhere callers
+(``ops.cpu_kernels.kernels``, and ``ops.cpu_kernels.fused_polyconv`` for this kernel alone), at most
+``MAX_CHANNELS`` channels. Elsewhere callers
 take the separate operations. float32 results match PyTorch's (the taps are summed in oneDNN's order; equal bit
 for bit in the tests), bfloat16 ones are rounded once where PyTorch's path rounds after each operation (closer to
 float32). Registered as ``polynext::polyconv_dw`` for the profiler (a depthwise convolution there, with the
@@ -34,6 +35,9 @@ from .fused import eager_cpu_inference
 __all__ = ['polyconv_dw', 'polyconv_dw_applies']
 
 _DTYPES = (torch.float32, torch.bfloat16)
+#: the kernel's limit (C > 1024 in the source: its per-block tables hold 64 blocks of 16 channels); PolyNeXt's
+#: widest PolyConv (CPolyNeXt-L's last stage) is well below it, wider ones take PyTorch's path
+MAX_CHANNELS = 1024
 
 
 def _depthwise(conv: nn.Conv2d, channels: int, kernel: int = 0, dilation: int = 1) -> bool:
@@ -55,6 +59,8 @@ def polyconv_dw_applies(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out
     if u.dtype == torch.float32 and torch.is_autocast_enabled('cpu'):
         return False
     c = u.shape[1]
+    if c > MAX_CHANNELS:
+        return False
     convs = (coarse, fine, out)
     if not (_depthwise(coarse, c, dilation=coarse.dilation[0]) and _depthwise(fine, c, 3) and _depthwise(out, c, 3)):
         return False

@@ -1493,8 +1493,8 @@ int polynext_poly_attention_fused_bf16(void) { return ATTN_FUSED_BF16; }
  * 224 px, else 8; the rings are padded to a multiple of R and the product's extra columns zeroed). A block's rings
  * take 50 KB at 56x56: they stay in L1 / L2, and u and y each cross memory once. Sums in float32, in the taps'
  * order (as oneDNN's, so float32 results match PyTorch's path bit for bit in the tests), bf16 rounded once at the
- * end. Returns 0; 1 where the kernel does not serve the call (an even k or k > 9, d < 1, a build without AVX-512:
- * nothing written); 2 if a thread's rings could not be allocated (y incomplete). */
+ * end. Returns 0; 1 where the kernel does not serve the call (an even k or k > 9, d < 1, C > 1024, a build without
+ * AVX-512: nothing written); 2 if a thread's rings could not be allocated (y incomplete). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PCDW_BUILT 1
 #define PCDW_INLINE static inline __attribute__((always_inline))
