@@ -5,7 +5,7 @@
 Between its two pointwise convolutions PolyConv runs three depthwise convolutions and a product with a channel
 reversal. PyTorch's path (oneDNN) makes that four passes over a tensor that does not fit in the caches at batch
 32: the fine convolution, the reversed copy of its output, the coarse convolution with the product as its post-op
-(``ops.fused.conv_mul``) and the output convolution, each at a memory-bound 12-15 GMAC/s on a 2-core AMD EPYC
+(``ops.fused.conv_mul``) and the output convolution, each at a memory-bound 8-12 GMAC/s on a 2-core AMD EPYC
 (Zen 4), where the machine's FMA rate is about 90. In a cpolynext_t inference step that was 19 % of the time
 (the depthwise class in ``polynext profile``) and the reversal 2.5 % more. No library fuses a chain of depthwise
 convolutions, let alone one with a channel reversal in the middle, so the kernel (``polynext_polyconv_dw_*`` in
@@ -19,8 +19,8 @@ would compute in bfloat16), PolyConv's geometry (odd k x k coarse kernel up to 9
 3 x 3 fine and output kernels; stride 1, no bias), a CPU with AVX-512, the kernels on
 (``ops.cpu_kernels.kernels``, and ``ops.cpu_kernels.fused_polyconv`` for this kernel alone), at most
 ``MAX_CHANNELS`` channels. Elsewhere callers
-take the separate operations. float32 results match PyTorch's (the taps are summed in oneDNN's order; equal bit
-for bit in the tests), bfloat16 ones are rounded once where PyTorch's path rounds after each operation (closer to
+take the separate operations. float32 results match PyTorch's (the taps are summed in oneDNN's order: logits
+equal bit for bit in ``benchmarks/polyconv_dw.py``'s whole-model runs; the tests allow float32 rounding), bfloat16 ones are rounded once where PyTorch's path rounds after each operation (closer to
 float32). Registered as ``polynext::polyconv_dw`` for the profiler (a depthwise convolution there, with the
 three convolutions' MACs).
 """
@@ -85,8 +85,8 @@ def _polyconv_dw(u: torch.Tensor, wc: torch.Tensor, wf: torch.Tensor, wo: torch.
         raise MemoryError("polynext::polyconv_dw: out of memory for a thread's row rings; free memory, or run with "
                           "POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
     if status != 0:
-        raise RuntimeError(f'polynext::polyconv_dw: a {k}x{k} coarse kernel with dilation {dilation} is not served '
-                           'here (check polyconv_dw_applies first)')
+        raise RuntimeError(f'polynext::polyconv_dw: a {k}x{k} coarse kernel with dilation {dilation} on {c} channels '
+                           'is not served here (check polyconv_dw_applies first)')
     return y
 
 
