@@ -228,3 +228,79 @@ def test_choices_of_an_earlier_rule_are_measured_again(monkeypatch, tmp_path):
     assert calls == [1] and pointwise._known(key) == 'onednn'
     kept = json.loads((cache / 'pointwise_kernels.json').read_text())['choices']
     assert kept[old_key] == 'mm' and kept[pointwise._disk_key(key)] == 'onednn'
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_split_pointwise_equals_the_split_of_one_conv(bias):
+    """Two convolutions by the weight's row blocks: the values of one convolution's split (bit for bit here in
+    float32), each part its own channels-last tensor, and the same gradients in float64."""
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(24, 40, bias=bias)
+    x = torch.randn(2, 24, 7, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = conv(x).split([16, 24], dim=1)
+        got = pointwise.split_pointwise(x, conv, 16)
+    assert [tuple(t.shape) for t in got] == [(2, 16, 7, 9), (2, 24, 7, 9)]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in got)
+    assert all(not w.is_contiguous(memory_format=torch.channels_last) for w in want)   # the slices it replaces
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    conv = conv.double()
+    x = x.double().requires_grad_()
+    g = [torch.randn(2, 16, 7, 9, dtype=torch.float64), torch.randn(2, 24, 7, 9, dtype=torch.float64)]
+    params = [x] + list(conv.parameters())
+    want = torch.autograd.grad(sum((t * gi).sum() for t, gi in zip(conv(x).split([16, 24], dim=1), g)), params)
+    got = torch.autograd.grad(sum((t * gi).sum() for t, gi in zip(pointwise.split_pointwise(x, conv, 16), g)), params)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+@pytest.mark.parametrize('folded', [False, True])
+def test_polyattn_depthwise_convs_read_contiguous_parts(folded):
+    """PolyAttn's Q, K and V depthwise convolutions get contiguous channels-last inputs (not slices, which PyTorch
+    copies first), in the model and in its folded form, and the logits are those of one convolution's split."""
+    import importlib
+    from polynext.models.folded import fold_for_inference
+    bench = importlib.util.spec_from_file_location(
+        'qkv_split_bench', __import__('pathlib').Path(__file__).resolve().parents[1] / 'benchmarks' / 'qkv_split.py')
+    qkv = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(qkv)
+    torch.manual_seed(0)
+    model = timm.create_model('apolynext_t', **mini_kwargs('apolynext_t')).eval()
+    model = fold_for_inference(model) if folded else model
+    model = model.to(memory_format=torch.channels_last)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+        for name, m in model.named_modules() if name.endswith(('q_conv', 'k_conv', 'v_conv'))]
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(x)
+        for h in hooks:
+            h.remove()
+        with qkv.split_parts(False):
+            ref = model(x)
+    assert seen and all(seen)
+    assert torch.equal(out, ref)
+
+
+def test_qkv_split_benchmark_at_a_tiny_size(tmp_path, capsys):
+    """``benchmarks/qkv_split.py`` at 2 images of 64 px: both forms timed, equal logits, the JSON; a model without
+    PolyAttn is refused in one line before anything runs."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        'qkv_split_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'qkv_split.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'qkv.json'
+    assert bench.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1',
+                       '--json', str(out)]) == 0
+    (row,) = json.loads(out.read_text())['rows']
+    assert row['model'] == 'apolynext_t' and row['one_conv_img_s'] > 0 and row['split_img_s'] > 0
+    assert row['max_abs_logit_diff'] == 0.0
+    assert 'two convs' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(['cpolynext_t', '--runs', '1', '--json', str(tmp_path / 'no.json')])
+    assert 'has no PolyAttn' in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / 'no.json').exists()

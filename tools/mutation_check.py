@@ -126,6 +126,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'src/polynext/ops/polyconv_dw.py', 'and u.is_contiguous(memory_format=torch.channels_last) and '
              'eager_cpu_inference(u)):', 'and u.is_contiguous(memory_format=torch.channels_last)):',
              POLYCONV_DW_TESTS),
+    Mutation('qkv-split-sliced', "PolyAttn: the Q/K/V projection's output sliced again (strided views the depthwise "
+             'convolutions copy first)', 'src/polynext/models/polynext.py',
+             'qk, v = split_pointwise(x, self.qkv, self.attn_dim)', 'qk, v = self.qkv(x).split(self.attn_dim, dim=1)',
+             ('tests/test_pointwise.py::test_polyattn_depthwise_convs_read_contiguous_parts',)),
     Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',

@@ -92,6 +92,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..ops.channel_norm import channel_norm_nchw, product_norm_nchw
 from ..ops.fused import can_fuse, conv_add_, conv_mul
+from ..ops.pointwise import split_pointwise
 from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from .polynext import (
     ChannelBatchNorm, GatedHead, LayerNorm2d, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP, PolyNeXt,
@@ -320,7 +321,7 @@ class FoldedPolyAttn(nn.Module):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``proj``."""
         b, _, h, w = x.shape
-        qk, v = self.qkv(self.norm(x)).split(self.attn_dim, dim=1)
+        qk, v = split_pointwise(self.norm(x), self.qkv, self.attn_dim)
         q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
         if self.row_scale is None:
             from ..ops.poly_attention import poly_attention   # l1-normalised rows (chunked kernel)

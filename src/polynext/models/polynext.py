@@ -46,7 +46,7 @@ from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.flip_product import flip_product
 from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from ..ops.fused import can_fuse, conv_add_, conv_mul
-from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d
+from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d, split_pointwise
 from ..ops.poly_attention import poly_attention
 from ..ops.window_attention import neighborhood_attention
 
@@ -503,7 +503,7 @@ class PolyAttn(nn.Module):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``proj``: the attention output after ``final_conv`` (and ``norm2``)."""
         b, _, h, w = x.shape
-        qk, v = self.qkv(x).split(self.attn_dim, dim=1)
+        qk, v = split_pointwise(x, self.qkv, self.attn_dim)   # each part contiguous (ops.pointwise)
         # the 5x5 Q / K convolutions' training backward cut into oneDNN's fast 3- and 1-wide kernels (ops/depthwise.py)
         q, k = self._heads(depthwise_conv2d(qk, self.q_conv)), self._heads(depthwise_conv2d(qk, self.k_conv))
         v = self._heads(self.v_conv(v))

@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'weight_grad_backend', 'weight_grad_choices', 'time_kernels',
+__all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'split_pointwise', 'weight_grad_backend', 'weight_grad_choices', 'time_kernels',
            'choose', 'cache_path', 'MM_MARGIN']
 
 BACKENDS = ('auto', 'onednn', 'mm')
@@ -309,6 +309,25 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if _applies(x, weight) and _routed(x, weight):
         return _PointwiseConvFunction.apply(x, weight, bias)
     return F.conv2d(x, weight, bias)
+
+
+def split_pointwise(x: torch.Tensor, conv: nn.Conv2d, split: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``conv(x).split([split, rest], dim=1)`` for a 1x1 ``conv``, as two convolutions by its first ``split`` weight
+    rows and the rest: the same values (the same sums per output channel; in float32 equal bit for bit in the tests
+    and in the APolyNeXt logits below, though oneDNN could block a narrower product's sums differently), each part
+    its own contiguous tensor.
+
+    PolyAttn splits its Q/K/V projection's output into ``qk`` and ``v``; as slices of one channels-last tensor they
+    are strided views, and PyTorch's depthwise convolution copies such an input into a contiguous one first: three
+    copies per attention layer (Q's and K's of ``qk``, V's of ``v``). Two 1x1 convolutions write the parts contiguous
+    from the start. Measured on a 2-core AMD EPYC (Zen 4), batch 32, APolyNeXt-T / -S, logits bit-identical
+    (``benchmarks/qkv_split.py``): inference x1.014 / x1.010 in fp32 and x1.005 / x1.009 in bf16, bf16 channels-last
+    x1.022 / x1.011; training (T, fp32) x1.003: within this VM's run-to-run noise (a first scratch A/B gave
+    x1.06 / x1.05 in fp32, a channels-last one x0.97-0.98), so the gain is three copies fewer, not a measured speed.
+    """
+    w, b = conv.weight, conv.bias
+    return (pointwise_conv2d(x, w[:split], None if b is None else b[:split]),
+            pointwise_conv2d(x, w[split:], None if b is None else b[split:]))
 
 
 class PointwiseConv2d(nn.Conv2d):

@@ -1,0 +1,99 @@
+"""PolyAttn's Q/K/V projection as two 1x1 convolutions (``ops.pointwise.split_pointwise``) against one convolution
+whose output is split into channel slices.
+
+    [qk, v] = W_qkv x;   Q = DW5x5_q(qk), K = DW5x5_k(qk), V = DW3x3(v)
+
+As slices of one channels-last tensor, ``qk`` and ``v`` are strided views, and PyTorch's depthwise convolution copies
+such an input into a contiguous tensor first (three copies per attention layer). ``split_pointwise`` computes the two
+parts with the weight's two row blocks instead, each contiguous: the same products and sums per output channel.
+
+For each model, ``polynext bench``'s step (inference, or ``--mode train``: forward, loss, backward, AdamW) with the
+split and with one convolution, interleaved in one process (medians), and at inference the largest logit difference
+between the two. Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
+
+    python benchmarks/qkv_split.py --json benchmarks/results/qkv_split_fp32_zen4.json
+    python benchmarks/qkv_split.py apolynext_s --dtype bf16 --runs 11
+    python benchmarks/qkv_split.py apolynext_t --mode train --runs 5
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def split_parts(on: bool) -> Iterator[None]:
+    """With ``on`` False the models split one convolution's output (what they did before ``split_pointwise``)."""
+    if on:
+        yield
+        return
+    from polynext.models import folded, polynext as models
+    saved = models.split_pointwise, folded.split_pointwise
+    models.split_pointwise = folded.split_pointwise = (
+        lambda x, conv, split: conv(x).split([split, conv.out_channels - split], dim=1))
+    try:
+        yield
+    finally:
+        models.split_pointwise, folded.split_pointwise = saved
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='*', default=['apolynext_t', 'apolynext_s'])
+    parser.add_argument('--mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--runs', type=int, default=9)
+    parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='the model and input channels-last (off: as polynext bench, the model converts after its stem)')
+    parser.add_argument('--json', default=None, metavar='PATH')
+    args = parser.parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/qkv_split.json')
+    if args.runs < 1:
+        parser.error(f'--runs must be at least 1, got {args.runs}')
+    import timm
+    import polynext  # noqa: F401  (registers the models)
+    from polynext.errors import ConfigError
+    from polynext.factory import check_model_name
+    from polynext.models.polynext import PolyAttn
+    try:
+        [check_model_name(name) for name in args.models]
+    except ConfigError as err:
+        parser.error(str(err))
+    for name in args.models:
+        if not any(isinstance(m, PolyAttn) for m in timm.create_model(name).modules()):
+            parser.error(f'{name} has no PolyAttn; pass an APolyNeXt model such as apolynext_t')
+    if argv is None:
+        from polynext.bench import ensure_pinned_allocator
+        ensure_pinned_allocator('qkv_split.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
+
+    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab, write_report
+    env = environment(torch.device('cpu'))
+    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.mode}, "
+          f"{args.dtype}, channels-last {'on' if args.channels_last else 'off'}, batch {args.batch_size}, "
+          f'{args.img_size} px, img/s (median of {args.runs})', flush=True)
+    rows = []
+    for name in args.models:
+        settings = BenchSettings(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+                                 channels_last=args.channels_last)
+        row = switch_ab(name, settings, split_parts, args.runs, labels=('one_conv', 'split'))
+        rows.append(row)
+        diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
+        print(f"{name:12s} one conv, sliced {row['one_conv_img_s']:7.2f}  two convs {row['split_img_s']:7.2f}  "
+              f"x{row['speedup']:.3f}{diff}", flush=True)
+    out = dict(command=['python', 'benchmarks/qkv_split.py'] + list(argv if argv is not None else sys.argv[1:]),
+               environment=env, allocator=allocator_status(), mode=args.mode,
+               channels_last=args.channels_last, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype, rows=rows)
+    write_report(args.json, out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
