@@ -127,9 +127,11 @@ def _pointwise_fusions(model, x):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.inference_mode():
             out = model(x)
-    # oneDNN's post-ops, and PolyConv's core kernel (ops.polyconv_dw, where built: the product inside it)
+    # oneDNN's post-ops, PolyConv's core kernel (ops.polyconv_dw, where built: the product inside it) and the narrow
+    # 1x1 kernel's residual form (ops.narrow_pointwise, where built: the addition inside it)
     return out, sum(e.count for e in prof.key_averages()
-                    if e.key.startswith('mkldnn::_convolution_pointwise') or e.key == 'polynext::polyconv_dw')
+                    if e.key.startswith('mkldnn::_convolution_pointwise')
+                    or e.key in ('polynext::polyconv_dw', 'polynext::pointwise_add_'))
 
 
 @pytest.mark.skipif(not fusion_available(), reason='this torch build has no oneDNN post-op convolutions')

@@ -54,6 +54,9 @@ MODEL_TESTS = (GOLDEN, ABL)
 KERNEL_TESTS = (ATTN_TESTS, GOLDEN)
 POLYCONV_DW_TESTS = ('tests/test_polyconv_dw.py::test_polyconv_dw_kernel_in_every_code_path',
                      'tests/test_polyconv_dw.py::test_models_take_the_kernel_at_inference_only')
+NARROW_PW_TESTS = ('tests/test_narrow_pointwise.py::test_narrow_pointwise_kernel_in_every_code_path',
+                   'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
+                   'tests/test_narrow_pointwise.py::test_applies_checks_before_the_kernel')
 ABLATION_TESTS = (ABL,)
 EMA_TESTS = ('tests/test_ema.py', 'tests/test_engine_parts.py')
 TRAIN_EMA_RUN = 'tests/test_train_run.py::test_two_epochs_on_an_image_folder'
@@ -130,6 +133,21 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'convolutions copy first)', 'src/polynext/models/polynext.py',
              'qk, v = split_pointwise(x, self.qkv, self.attn_dim)', 'qk, v = self.qkv(x).split(self.attn_dim, dim=1)',
              ('tests/test_pointwise.py::test_polyattn_depthwise_convs_read_contiguous_parts',)),
+    Mutation('narrow-pw-partial-tile-residual', "narrow 1x1 kernel (C): the last, partial pixel tile drops the "
+             'residual it should add to', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'ypad[p * CW + j] = p < np && accumulate ? yc[p * N + j] : 0.f;', 'ypad[p * CW + j] = 0.f;',
+             NARROW_PW_TESTS),
+    Mutation('narrow-pw-half-vector-unsummed', 'narrow 1x1 kernel (C): the last 8 outputs of a 72-wide tile keep '
+             'zero sums', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'if (HALF) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);', 'if (HALF) t[p] = t[p];',
+             NARROW_PW_TESTS),
+    Mutation('narrow-pw-in-training', 'ops.narrow_pointwise: the kernel (no autograd) also serves training',
+             'src/polynext/ops/narrow_pointwise.py',
+             'and weight.device == x.device and not (torch.is_grad_enabled() and weight.requires_grad)',
+             'and weight.device == x.device', NARROW_PW_TESTS),
+    Mutation('narrow-pw-residual-dropped', "pointwise_add_: the kernel's projection replaces the residual instead of "
+             'adding to it', 'src/polynext/ops/pointwise.py', 'return narrow_pointwise(x, w, out=residual)',
+             'return residual.copy_(narrow_pointwise(x, w))', NARROW_PW_TESTS),
     Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',

@@ -297,6 +297,17 @@ def _fused_depthwise_macs(ev) -> float:
     return float(_numel(shapes[0]) * sum(s[0] for s in shapes[1:4]))
 
 
+#: ops.narrow_pointwise's operators: 1x1 convolutions (x, then the packed weight, K x N values)
+_NARROW_POINTWISE = ('polynext::pointwise', 'polynext::pointwise_add_')
+
+
+def _narrow_pointwise_macs(ev) -> float:
+    shapes = ev.input_shapes or []
+    if len(shapes) < 2 or len(shapes[0]) != 4 or len(shapes[1]) != 1 or not shapes[0][1]:
+        return 0.0
+    return float(_numel(shapes[0]) * shapes[1][0] / shapes[0][1])
+
+
 #: the products in one call of ops.cpu_kernels' fused attention operators (each Q·K-sized)
 _FUSED_ATTENTION = {'polynext::poly_attention_fused': 2.0, 'polynext::poly_attention_backward_fused': 5.0}
 
@@ -414,6 +425,10 @@ class _Sorter:
             return
         if name.startswith(_BACKWARD):
             self.visit_backward(ev, name[len(_BACKWARD):])
+            return
+        if name in _NARROW_POINTWISE:
+            self.add('1x1 conv', ev, macs=_narrow_pointwise_macs(ev))
+            self.remember(ev, '1x1 conv')
             return
         if name == _FUSED_DEPTHWISE:
             self.add('depthwise conv', ev, macs=_fused_depthwise_macs(ev))

@@ -91,8 +91,8 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..ops.channel_norm import channel_norm_nchw, product_norm_nchw
-from ..ops.fused import can_fuse, conv_add_, conv_mul
-from ..ops.pointwise import split_pointwise
+from ..ops.fused import can_fuse, conv_mul
+from ..ops.pointwise import pointwise_add_, split_pointwise
 from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from .polynext import (
     ChannelBatchNorm, GatedHead, LayerNorm2d, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP, PolyNeXt,
@@ -267,9 +267,9 @@ class FoldedPolyMLP(nn.Module):
         return self.fc_out(self.hidden(x))
 
     def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
-        """x + self(x); with ``owned`` (x may be overwritten) ``fc_out`` adds into x (ops.fused.conv_add_)."""
+        """x + self(x); with ``owned`` (x may be overwritten) ``fc_out`` adds into x (ops.pointwise.pointwise_add_)."""
         if owned and can_fuse(x):
-            return conv_add_(x, self.hidden(x), self.fc_out)
+            return pointwise_add_(x, self.hidden(x), self.fc_out)
         return self(x).add_(x)
 
 
@@ -307,13 +307,13 @@ class FoldedPolyAttn(nn.Module):
         return t.reshape(t.shape[0], self.num_heads, self.head_dim, -1).transpose(-1, -2)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``residual``: return ``residual + proj(...)``, added into ``residual`` by ``proj`` (conv_add_)."""
+        """``residual``: return ``residual + proj(...)``, added into ``residual`` by ``proj`` (pointwise_add_)."""
         if residual is None:
             return self.proj(self.attend(x))
-        return conv_add_(residual, self.attend(x), self.proj)
+        return pointwise_add_(residual, self.attend(x), self.proj)
 
     def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
-        """x + self(x); with ``owned`` (x may be overwritten) ``proj`` adds into x (ops.fused.conv_add_)."""
+        """x + self(x); with ``owned`` (x may be overwritten) ``proj`` adds into x (ops.pointwise.pointwise_add_)."""
         if owned and can_fuse(x):
             return self(x, residual=x)
         return self(x).add_(x)

@@ -45,8 +45,8 @@ from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_no
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.flip_product import flip_product
 from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
-from ..ops.fused import can_fuse, conv_add_, conv_mul
-from ..ops.pointwise import PointwiseConv2d, pointwise_conv2d, split_pointwise
+from ..ops.fused import can_fuse, conv_mul
+from ..ops.pointwise import PointwiseConv2d, pointwise_add_, pointwise_conv2d, split_pointwise
 from ..ops.poly_attention import poly_attention
 from ..ops.window_attention import neighborhood_attention
 
@@ -495,10 +495,10 @@ class PolyAttn(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 proj_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``residual`` (CPU inference, a tensor the caller owns): return ``residual + proj(...)``, added
-        into ``residual`` by ``proj`` itself (``ops.fused.conv_add_``), ``proj_weight`` replacing its weight."""
+        into ``residual`` by ``proj`` itself (``ops.pointwise.pointwise_add_``), ``proj_weight`` replacing its weight."""
         if residual is None:
             return self.proj(self.attend(x))
-        return conv_add_(residual, self.attend(x), self.proj, weight=proj_weight)
+        return pointwise_add_(residual, self.attend(x), self.proj, weight=proj_weight)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``proj``: the attention output after ``final_conv`` (and ``norm2``)."""
@@ -629,7 +629,7 @@ class _MixerMLPBlock(nn.Module):
             return gated_residual(x, self.drop_path(self.mlp(x)), gate)
         fc_out = self.mlp.fc_out
         if self._fusable(x):
-            return conv_add_(x, self.mlp.hidden(x), fc_out, weight=fc_out.weight * gate.reshape(-1, 1, 1, 1))
+            return pointwise_add_(x, self.mlp.hidden(x), fc_out, weight=fc_out.weight * gate.reshape(-1, 1, 1, 1))
         return self.drop_path(_gated_conv(fc_out, self.mlp.hidden(x), gate)).add_(x)
 
 

@@ -10,7 +10,8 @@ inference and, in training, the power with the row sums, the backward's recomput
 ``ops.polyconv_dw`` (PolyConv's three depthwise convolutions and its product at inference, in one pass over memory,
 with AVX-512). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
-weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel.
+weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel, and
+``ops.narrow_pointwise``'s 1x1 convolutions with 48-144 outputs at inference, where oneDNN's tiles are too wide.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
 OpenMP when torch's own libgomp is loaded, so that it shares torch's thread pool) into the polynext cache
@@ -38,7 +39,7 @@ from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
-           'fused_attention_available', 'fused_attention', 'fused_polyconv']
+           'fused_attention_available', 'fused_attention', 'fused_polyconv', 'narrow_pointwise']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -56,6 +57,10 @@ fused_attention = Switch()
 #: PolyConv's fused depthwise core (9. of the C source, ``ops.polyconv_dw``) on or off, the other kernels as they
 #: are: ``with fused_polyconv(False): ...`` (A/B timing: ``benchmarks/polyconv_dw.py``)
 fused_polyconv = Switch()
+
+#: the narrow 1x1 convolution kernel (10. of the C source, ``ops.narrow_pointwise``) on or off, the other kernels as
+#: they are: ``with narrow_pointwise(False): ...`` (A/B timing: ``benchmarks/narrow_pointwise.py``)
+narrow_pointwise = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -160,6 +165,9 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.polynext_polyconv_dw_built.restype = ctypes.c_int
+    lib.polynext_pointwise_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.polynext_pointwise_f32.restype = ctypes.c_int
+    lib.polynext_pointwise_built.restype = ctypes.c_int
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_poly_attention_fused_bf16.restype = ctypes.c_int
     lib.polynext_cpu_kernels_code.restype = ctypes.c_char_p
@@ -168,6 +176,7 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib.attention_fused = frozenset([torch.float32] * bool(lib.polynext_poly_attention_fused()) +
                                     [torch.bfloat16] * bool(lib.polynext_poly_attention_fused_bf16()))
     lib.polyconv_dw = bool(lib.polynext_polyconv_dw_built())   # AVX-512
+    lib.pointwise = bool(lib.polynext_pointwise_built())       # AVX-512
     return lib
 
 

@@ -53,7 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'split_pointwise', 'weight_grad_backend', 'weight_grad_choices', 'time_kernels',
+from .fused import conv_add_
+from .narrow_pointwise import narrow_pointwise, narrow_pointwise_applies
+
+__all__ = ['PointwiseConv2d', 'pointwise_conv2d', 'pointwise_add_', 'split_pointwise', 'weight_grad_backend', 'weight_grad_choices', 'time_kernels',
            'choose', 'cache_path', 'MM_MARGIN']
 
 BACKENDS = ('auto', 'onednn', 'mm')
@@ -305,10 +308,25 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight (stride 1, no padding, one group), with the
-    weight gradient of the faster kernel in CPU training (see the module docstring)."""
+    weight gradient of the faster kernel in CPU training (see the module docstring); at CPU inference
+    ``ops.narrow_pointwise``'s kernel where it serves the shape (48-144 outputs)."""
     if _applies(x, weight) and _routed(x, weight):
         return _PointwiseConvFunction.apply(x, weight, bias)
+    if narrow_pointwise_applies(x, weight, bias):
+        return narrow_pointwise(x, weight)
     return F.conv2d(x, weight, bias)
+
+
+def pointwise_add_(residual: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d,
+                   weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual += conv(x)`` for a 1x1 ``conv`` (``weight`` replacing its weight), written into ``residual`` (the
+    caller's own tensor): ``ops.narrow_pointwise``'s kernel where it serves the shape, else ``ops.fused.conv_add_``
+    (oneDNN's sum post-op, or the convolution and an addition)."""
+    w = conv.weight if weight is None else weight
+    if (narrow_pointwise_applies(x, w, conv.bias) and residual.dtype == torch.float32
+            and residual.is_contiguous(memory_format=torch.channels_last)):
+        return narrow_pointwise(x, w, out=residual)
+    return conv_add_(residual, x, conv, weight=weight)
 
 
 def split_pointwise(x: torch.Tensor, conv: nn.Conv2d, split: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -74,7 +74,16 @@
  *    where PyTorch's path (oneDNN) runs the fine convolution, the reversal of its channels, the coarse convolution
  *    with the product as its post-op and the output convolution: four passes over a tensor that does not fit in the
  *    caches, each at a memory-bound 12-15 GMAC/s on a 2-core Zen 4 (polynext profile), about a sixth of the
- *    machine's FMA rate. */
+ *    machine's FMA rate.
+ *
+ * 10. polynext_pointwise_f32: a 1x1 convolution of a channels-last float32 tensor with few output channels (48,
+ *     72, 96, 144: PolyNeXt's first two stages) at CPU inference, y = x W (+ y):
+ *
+ *         y[p, n] (+)= sum_k x[p, k] W[k, n]
+ *
+ *     oneDNN's kernels for these narrow products run at 45-65 GMAC/s on a 2-core Zen 4 against about 95 for wide
+ *     ones (its register tiles are sized for wider outputs); here a tile of 5 pixels x 72 outputs (4 vectors and
+ *     a half) or 8 pixels x 48 outputs stays in registers for the whole sum over k. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1704,3 +1713,100 @@ int polynext_polyconv_dw_bf16(const uint16_t *u, const float *wc, const float *w
 
 /* 1 where polynext_polyconv_dw_* is built (AVX-512), else 0. */
 int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }
+
+
+/* 10. polynext_pointwise_f32 (see 10. above): P pixels x (P x K, row-major: a channels-last tensor's pixels) times
+ * wp, the weight packed per chunk of CW output channels ([chunk][k][CW], CW = 72 or 48, N a multiple of CW), into
+ * y (P x N); with `accumulate` y += x W (the residual addition that follows PolyMLP's output projection). Each
+ * tile's sums are in registers for the whole sum over k, in k's order, float32; one store (or load, add, store)
+ * per output. Pixel tiles are shared among the threads in order; the last, partial tile goes through a zeroed copy.
+ * Returns 0; 1 where not served (CW not 72 or 48, N not a multiple of it, K > PW_MAX_K, a build without AVX-512:
+ * nothing written). */
+#define PW_MAX_K 1024
+#if defined(__AVX512F__)
+#define PW_BUILT 1
+/* one tile: PT pixels (rows of x, stride K; of y, stride N) against one chunk of NV vectors (+ a half vector) */
+#define PW_TILE(NAME, PT, NV, HALF)                                                                              \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const float *wc, float *y, \
+                                                           int64_t N, int accumulate) {                          \
+        __m512 a[PT][NV];                                                                                       \
+        __m256 t[PT];                                                                                           \
+        _Pragma("GCC unroll 8")                                                                                 \
+        for (int p = 0; p < PT; ++p) {                                                                          \
+            _Pragma("GCC unroll 4")                                                                             \
+            for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();                                         \
+            t[p] = _mm256_setzero_ps();                                                                         \
+        }                                                                                                       \
+        const int64_t CW = 16 * NV + 8 * HALF;                                                                  \
+        for (int64_t k = 0; k < K; ++k) {                                                                       \
+            __m512 wv[NV];                                                                                      \
+            _Pragma("GCC unroll 4")                                                                             \
+            for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wc + k * CW + 16 * v);                         \
+            const __m256 wt = HALF ? _mm256_loadu_ps(wc + k * CW + 16 * NV) : _mm256_setzero_ps();              \
+            _Pragma("GCC unroll 8")                                                                             \
+            for (int p = 0; p < PT; ++p) {                                                                      \
+                const __m512 b = _mm512_set1_ps(x[p * K + k]);                                                  \
+                _Pragma("GCC unroll 4")                                                                         \
+                for (int v = 0; v < NV; ++v) a[p][v] = _mm512_fmadd_ps(b, wv[v], a[p][v]);                      \
+                if (HALF) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);                          \
+            }                                                                                                   \
+        }                                                                                                       \
+        _Pragma("GCC unroll 8")                                                                                 \
+        for (int p = 0; p < PT; ++p) {                                                                          \
+            float *yp = y + p * N;                                                                              \
+            _Pragma("GCC unroll 4")                                                                             \
+            for (int v = 0; v < NV; ++v)                                                                        \
+                _mm512_storeu_ps(yp + 16 * v, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yp + 16 * v), a[p][v]) \
+                                                         : a[p][v]);                                            \
+            if (HALF)                                                                                           \
+                _mm256_storeu_ps(yp + 16 * NV, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yp + 16 * NV), t[p])  \
+                                                          : t[p]);                                              \
+        }                                                                                                       \
+    }
+PW_TILE(pw_tile72, 5, 4, 1)
+PW_TILE(pw_tile48, 8, 3, 0)
+
+int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P, int64_t K, int64_t N, int64_t CW,
+                           int accumulate, int threads) {
+    if (!(CW == 72 || CW == 48) || N % CW != 0 || K < 1 || K > PW_MAX_K) return 1;
+    const int64_t PT = CW == 72 ? 5 : 8, tiles = (P + PT - 1) / PT, chunks = N / CW;
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
+        const float *xt = x + p0 * K;
+        float *yt = y + p0 * N;
+        float xpad[8 * PW_MAX_K], ypad[8 * 144];   /* the last, partial tile: zero rows past P */
+        if (np < PT) {
+            memset(xpad, 0, (size_t)(PT * K) * sizeof(float));
+            memcpy(xpad, xt, (size_t)(np * K) * sizeof(float));
+            xt = xpad;
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+            const float *wc = wp + c * K * CW;
+            float *yc = yt + c * CW;
+            int64_t ldy = N;
+            if (np < PT) {                         /* into ypad (one chunk wide), then the real rows out */
+                for (int64_t p = 0; p < PT; ++p)
+                    for (int64_t j = 0; j < CW; ++j) ypad[p * CW + j] = p < np && accumulate ? yc[p * N + j] : 0.f;
+                yc = ypad;
+                ldy = CW;
+            }
+            if (CW == 72) pw_tile72(xt, K, wc, yc, ldy, accumulate);
+            else pw_tile48(xt, K, wc, yc, ldy, accumulate);
+            if (np < PT)
+                for (int64_t p = 0; p < np; ++p) memcpy(yt + p * N + c * CW, ypad + p * CW, (size_t)CW * sizeof(float));
+        }
+    }
+    return 0;
+}
+#else
+#define PW_BUILT 0
+int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P, int64_t K, int64_t N, int64_t CW,
+                           int accumulate, int threads) {
+    (void)x; (void)wp; (void)y; (void)P; (void)K; (void)N; (void)CW; (void)accumulate; (void)threads;
+    return 1;
+}
+#endif
+
+/* 1 where polynext_pointwise_f32 is built (AVX-512), else 0. */
+int polynext_pointwise_built(void) { return PW_BUILT; }
