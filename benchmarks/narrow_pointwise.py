@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,25 +72,13 @@ def main(argv=None) -> int:
                         help="then each model's inference step with the kernel on and off")
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
-    if args.json and Path(args.json).is_dir():
-        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/narrow_pointwise.json')
-    if args.runs < 1:
-        parser.error(f'--runs must be at least 1, got {args.runs}')
+    import timm
+    from polynext.bench import check_script_args
+    check_script_args(parser, args, 'narrow_pointwise', argv)
     from polynext.ops import cpu_kernels
     if not (cpu_kernels.kernel_available() and cpu_kernels.library().pointwise):
         parser.error('the narrow 1x1 kernel is not built here (it needs AVX-512, a C compiler and the kernels on); '
                      "oneDNN serves every call, so there is nothing to compare: run it on such a CPU")
-    import timm
-    import polynext  # noqa: F401  (registers the models)
-    from polynext.errors import ConfigError
-    from polynext.factory import check_model_name
-    try:
-        [check_model_name(name) for name in args.models]
-    except ConfigError as err:
-        parser.error(str(err))
-    if argv is None:
-        from polynext.bench import ensure_pinned_allocator
-        ensure_pinned_allocator('narrow_pointwise.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     shapes = {}
     for name in args.models:

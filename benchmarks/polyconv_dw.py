@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,25 +84,13 @@ def main(argv=None) -> int:
                         help="then each model's inference step with the kernel on and off")
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
-    if args.json and Path(args.json).is_dir():
-        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/polyconv_dw.json')
-    if args.runs < 1:
-        parser.error(f'--runs must be at least 1, got {args.runs}')
+    import timm
+    from polynext.bench import check_script_args
+    check_script_args(parser, args, 'polyconv_dw', argv)
     from polynext.ops import cpu_kernels
     if not (cpu_kernels.kernel_available() and cpu_kernels.library().polyconv_dw):
         parser.error('the PolyConv core kernel is not built here (it needs AVX-512, a C compiler and the kernels on); '
                      "PyTorch's path serves every call, so there is nothing to compare: run it on such a CPU")
-    import timm
-    import polynext  # noqa: F401  (registers the models)
-    from polynext.errors import ConfigError
-    from polynext.factory import check_model_name
-    try:
-        [check_model_name(name) for name in args.models]
-    except ConfigError as err:
-        parser.error(str(err))
-    if argv is None:
-        from polynext.bench import ensure_pinned_allocator
-        ensure_pinned_allocator('polyconv_dw.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[args.dtype]
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     shapes = {}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -54,25 +53,13 @@ def main(argv=None) -> int:
                         help='the model and input channels-last (off: as polynext bench, the model converts after its stem)')
     parser.add_argument('--json', default=None, metavar='PATH')
     args = parser.parse_args(argv)
-    if args.json and Path(args.json).is_dir():
-        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/qkv_split.json')
-    if args.runs < 1:
-        parser.error(f'--runs must be at least 1, got {args.runs}')
     import timm
-    import polynext  # noqa: F401  (registers the models)
-    from polynext.errors import ConfigError
-    from polynext.factory import check_model_name
+    from polynext.bench import check_script_args
     from polynext.models.polynext import PolyAttn
-    try:
-        [check_model_name(name) for name in args.models]
-    except ConfigError as err:
-        parser.error(str(err))
+    check_script_args(parser, args, 'qkv_split', argv)
     for name in args.models:
         if not any(isinstance(m, PolyAttn) for m in timm.create_model(name).modules()):
             parser.error(f'{name} has no PolyAttn; pass an APolyNeXt model such as apolynext_t')
-    if argv is None:
-        from polynext.bench import ensure_pinned_allocator
-        ensure_pinned_allocator('qkv_split.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
 
     from polynext.bench import BenchSettings, allocator_status, environment, switch_ab, write_report
     env = environment(torch.device('cpu'))

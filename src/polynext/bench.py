@@ -53,7 +53,7 @@ from .errors import ConfigError
 
 __all__ = [
     'PINNED_TUNABLES', 'BenchSettings', 'ModelSpec', 'ModelResult', 'BenchReport', 'run_bench',
-    'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'resolve_device', 'prepare_device',
+    'allocator_status', 'pinned_allocator_env', 'ensure_pinned_allocator', 'check_script_args', 'resolve_device', 'prepare_device',
     'make_step', 'write_report',
     'time_interleaved', 'measure_peak_rss', 'parse_model_kwargs', 'model_specs', 'is_oom_error',
     'busy_machine_warning', 'format_table', 'build_model', 'environment', 'memory_probe_env', 'expand_variants',
@@ -122,6 +122,24 @@ def write_report(path: Optional[str], obj: Any) -> None:
         from .checkpoint import atomic_write_json
         atomic_write_json(path, obj)
         print(f'wrote {path}')
+
+
+def check_script_args(parser, args, script: str, argv: Optional[Sequence[str]]) -> None:
+    """What every benchmark script checks before it runs anything, each failure one ``parser.error`` line: ``--json``
+    is not a folder, ``--runs`` is at least 1, every name in ``args.models`` is a model; then, run from the command
+    line (``argv`` None), the process re-executed with the pinned allocator (:func:`ensure_pinned_allocator`)."""
+    from .factory import check_model_name
+    if getattr(args, 'json', None) and Path(args.json).is_dir():
+        parser.error(f'--json {args.json} is a folder; give a file path such as {args.json}/{script}.json')
+    if getattr(args, 'runs', 1) < 1:
+        parser.error(f'--runs must be at least 1, got {args.runs}')
+    for name in getattr(args, 'models', ()):
+        try:
+            check_model_name(name)
+        except ConfigError as err:
+            parser.error(str(err))
+    if argv is None:
+        ensure_pinned_allocator(f'{script}.py', announce=lambda m: print(m.split(' (')[0], file=sys.stderr))
 
 
 def ensure_pinned_allocator(prog: str = 'polynext', announce: Callable[[str], None] = None) -> None:
