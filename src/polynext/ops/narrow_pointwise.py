@@ -9,14 +9,16 @@ EPYC (Zen 4), batch 32, fp32, 72 â†’ 72 channels at 56x56 at 48-52 GMAC/s, 48 â†
 channels at 14x14 (``polynext profile``: 55-64 % of the 1x1 peak for these layers inside the step, 14-17 % of a
 CPolyNeXt-S inference step). In ``polynext_pointwise_f32`` (``csrc/cpu_kernels.c``, 10.) a tile of 5 pixels x 72
 outputs (or 8 x 48) keeps its sums in registers for the whole sum over the input channels, each input value
-broadcast once per tile: x1.10-1.64 over oneDNN on these shapes (``benchmarks/narrow_pointwise.py``). No library
+broadcast once per tile: x0.98-1.33 over oneDNN at PolyNeXt's shapes, x1.15-1.33 for the 48- and 72-output layers
+at 56x56 (``benchmarks/narrow_pointwise.py``, ``benchmarks/results/narrow_pointwise_zen4.json``). No library
 chooses tiles for outputs this narrow, so it is written here.
 
 Where: eager CPU inference (``ops.fused.eager_cpu_inference``), channels-last float32 activations (not under CPU
 autocast), a float32 weight, no bias, 48, 72, 96 or 144 output channels (``CHUNKS``), at most ``MAX_IN`` input
 channels, a CPU with AVX-512, the kernels on (``ops.cpu_kernels.kernels`` and ``ops.cpu_kernels.narrow_pointwise``
-for this one alone). Elsewhere PyTorch's convolution. The sums run over the input channels in order in float32:
-within float32 rounding of oneDNN's, not bit for bit. Registered as ``polynext::pointwise`` /
+for this one alone). Elsewhere PyTorch's convolution. The sums run over the input channels in order in float32, as
+oneDNN's did here (logits equal bit for bit in the benchmark's whole-model runs; the tests allow float32 rounding).
+Registered as ``polynext::pointwise`` /
 ``polynext::pointwise_add_`` for the profiler (1x1 convolutions there).
 """
 from __future__ import annotations
