@@ -2,8 +2,8 @@
 
     y = W x   (+ y: the residual addition after PolyMLP's output projection)
 
-For every distinct 1x1 convolution the kernel serves in the models at the given batch and input size (48-144
-outputs: PolyNeXt's first two stages), in one process, interleaved (order reversed every other round, medians):
+For every distinct 1x1 convolution the kernel serves in the models at the given batch and input size (outputs a
+multiple of 72 or 48), in one process, interleaved (order reversed every other round, medians):
 
   onednn    ``F.conv2d`` (with a residual: ``ops.fused.conv_add_``, oneDNN's sum post-op)
   kernel    ``ops.narrow_pointwise.narrow_pointwise``
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     for name in args.models:
         shapes[name] = _shapes(timm.create_model(name).eval(), x)
         if not shapes[name]:
-            parser.error(f'{name} has no 1x1 convolution the kernel serves (48, 72, 96 or 144 outputs)')
+            parser.error(f'{name} has no 1x1 convolution the kernel serves (PolyNeXt layers with a multiple of 72 or '
+                         '48 outputs)')
 
     from polynext.bench import allocator_status, environment, time_interleaved, write_report
     from polynext.ops.fused import conv_add_

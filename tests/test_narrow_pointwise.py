@@ -1,6 +1,6 @@
-"""ops.narrow_pointwise: 1x1 convolutions with 48-144 outputs at CPU inference by a C kernel, y = W x (+ y):
-against float64 in every code path it has (AVX-512; builds without it refuse and write nothing), partial pixel
-tiles and residuals, and the models take it exactly where it applies."""
+"""ops.narrow_pointwise: 1x1 convolutions with a multiple of 72 or 48 outputs at CPU inference by a C kernel,
+y = W x (+ y): against float64 in every code path it has (AVX-512; builds without it refuse and write nothing),
+partial pixel tiles and residuals, and the models take it exactly where it applies."""
 import copy
 
 import pytest
@@ -17,12 +17,12 @@ from polynext.ops.fused import fusion
 
 from test_cpu_kernels import AVX512, _library_for, needs_cc
 
-#: (N, K, M, H, W, residual): each output width the kernel serves (72 and 144 in 72-wide tiles of 5 pixels, 48 and
-#: 96 in 48-wide tiles of 8), pixel counts that fill whole tiles and that leave a partial last tile (126 = 25 x 5 + 1,
-#: 9, 35 = 4 x 8 + 3, 1), fewer pixels than one tile, input widths from 1 to the kernel's limit of 1024
+#: (N, K, M, H, W, residual): output widths in one and in several tiles (72, 144, 432 in 72-wide tiles of 5 pixels;
+#: 48, 96, 240 in 48-wide tiles of 8), pixel counts that fill whole tiles and that leave a partial last tile
+#: (126 = 25 x 5 + 1, 9, 35 = 4 x 8 + 3, 1), fewer pixels than one tile, input widths from 1 to the kernel's limit
 SHAPES = [(2, 72, 72, 7, 9, True), (1, 5, 72, 3, 3, False), (3, 33, 48, 5, 5, False), (1, 144, 144, 4, 7, True),
           (2, 16, 96, 3, 5, True), (1, 1024, 48, 2, 3, False), (1, 1, 144, 1, 1, True), (2, 48, 96, 4, 4, False),
-          (5, 72, 144, 1, 7, False)]
+          (5, 72, 144, 1, 7, False), (2, 288, 432, 3, 5, True), (1, 100, 240, 3, 3, False)]
 
 
 def _packed(w):
@@ -51,7 +51,7 @@ def test_narrow_pointwise_kernel_in_every_code_path(march, tmp_path):
             y = base.clone() if residual else torch.full_like(base, 7.0)
             before = y.clone()
             status = lib.polynext_pointwise_f32(x.data_ptr(), wp.data_ptr(), y.data_ptr(), n * h * w, k, m,
-                                                npw.CHUNKS[m], int(residual), threads)
+                                                npw.tile_width(m), int(residual), threads)
             if not built:
                 assert status == 1 and torch.equal(y, before)
                 continue
@@ -72,7 +72,7 @@ def test_narrow_pointwise_kernel_in_every_code_path(march, tmp_path):
 @pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
 @pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
 def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
-    """At CPU inference in float32 every 1x1 convolution with 48-144 outputs (and no bias) runs on the kernel, the
+    """At CPU inference in float32 every 1x1 convolution with a multiple of 72 or 48 outputs (and no bias) runs on the kernel, the
     MLP's residual addition inside it, logits within 2e-5 of oneDNN's; so do the folded model's bias-free residual
     projections; with autograd recording, bf16, float32 under bf16 autocast, ``narrow_pointwise(False)``,
     ``kernels(False)`` and ``fusion(False)`` it is oneDNN's path (NCHW activations: the op-level test below)."""
@@ -84,13 +84,13 @@ def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 3, 64, 64)
-    narrow = [m for m in model.modules() if isinstance(m, pointwise.PointwiseConv2d) and m.out_channels in npw.CHUNKS
+    narrow = [m for m in model.modules() if isinstance(m, pointwise.PointwiseConv2d) and npw.tile_width(m.out_channels)
               and m.bias is None]
     assert narrow
     with torch.no_grad():
         y = model(x)
         served = len(calls)
-        assert served >= len(narrow) and any(acc for _, acc in calls) and all(m in npw.CHUNKS for m, _ in calls)
+        assert served >= len(narrow) and any(acc for _, acc in calls) and all(npw.tile_width(m) for m, _ in calls)
         with ck.narrow_pointwise(False):
             ref = model(x)
         assert len(calls) == served
@@ -98,7 +98,7 @@ def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     calls.clear()
     with torch.no_grad():
         assert (fold_for_inference(model)(x) - ref).abs().max() < 2e-5
-    assert all(m in npw.CHUNKS for m, _ in calls)
+    assert all(npw.tile_width(m) for m, _ in calls)
     served = len(calls)
     for off in (ck.narrow_pointwise(False), ck.kernels(False), fusion(False)):
         with torch.no_grad(), off:

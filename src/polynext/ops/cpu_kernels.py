@@ -11,7 +11,8 @@ inference and, in training, the power with the row sums, the backward's recomput
 with AVX-512). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel, and
-``ops.narrow_pointwise``'s 1x1 convolutions with 48-144 outputs at inference, where oneDNN's tiles are too wide.
+``ops.narrow_pointwise``'s 1x1 convolutions at fp32 inference, register tiles of 72 or 48 outputs (faster than oneDNN's
+at PolyNeXt's shapes, most of all its narrow first stages).
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
 OpenMP when torch's own libgomp is loaded, so that it shares torch's thread pool) into the polynext cache

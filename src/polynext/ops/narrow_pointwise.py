@@ -1,4 +1,4 @@
-"""Narrow 1x1 convolutions at CPU inference by a C kernel: PolyNeXt's first two stages.
+"""1x1 convolutions at CPU inference by a C kernel with narrow register tiles (72 or 48 outputs).
 
     y = W x   (+ y, the residual addition after PolyMLP's output projection)
 
@@ -9,17 +9,18 @@ EPYC (Zen 4), batch 32, fp32, 72 → 72 channels at 56x56 at 48-52 GMAC/s, 48 �
 channels at 14x14 (``polynext profile``: 55-64 % of the 1x1 peak for these layers inside the step, 14-17 % of a
 CPolyNeXt-S inference step). In ``polynext_pointwise_f32`` (``csrc/cpu_kernels.c``, 10.) a tile of 5 pixels x 72
 outputs (or 8 x 48) keeps its sums in registers for the whole sum over the input channels, each input value
-broadcast once per tile: x0.98-1.33 over oneDNN at PolyNeXt's shapes, x1.15-1.33 for the 48- and 72-output layers
-at 56x56 (``benchmarks/narrow_pointwise.py``, ``benchmarks/results/narrow_pointwise_zen4.json``). No library
-chooses tiles for outputs this narrow, so it is written here.
+broadcast once per tile, the next tile of outputs after it: x1.07-1.43 over oneDNN for the narrow layers at 56x56
+and 28x28, and x1.01-1.27 for the wider ones of the later stages too (39 of PolyNeXt-T/S's 40 served shapes faster,
+96 → 192 at 28x28 x0.97; ``benchmarks/narrow_pointwise.py``, ``benchmarks/results/narrow_pointwise_zen4.json``). No
+library chooses tiles this narrow, so it is written here.
 
 Where: eager CPU inference (``ops.fused.eager_cpu_inference``), channels-last float32 activations (not under CPU
-autocast), a float32 weight, no bias, 48, 72, 96 or 144 output channels (``CHUNKS``), at most ``MAX_IN`` input
-channels, a CPU with AVX-512, the kernels on (``ops.cpu_kernels.kernels`` and ``ops.cpu_kernels.narrow_pointwise``
-for this one alone). Elsewhere PyTorch's convolution. The sums run over the input channels in order in float32, as
-oneDNN's did here (logits equal bit for bit in the benchmark's whole-model runs; the tests allow float32 rounding).
-Registered as ``polynext::pointwise`` /
-``polynext::pointwise_add_`` for the profiler (1x1 convolutions there).
+autocast), a float32 weight, no bias, a multiple of 72 or 48 output channels (``tile_width``), at most ``MAX_IN``
+input channels, a CPU with AVX-512, the kernels on (``ops.cpu_kernels.kernels`` and
+``ops.cpu_kernels.narrow_pointwise`` for this one alone). Elsewhere PyTorch's convolution. The sums run over the
+input channels in order in float32, as oneDNN's did here (logits equal bit for bit in the benchmark's whole-model
+runs; the tests allow float32 rounding). Registered as ``polynext::pointwise`` / ``polynext::pointwise_add_`` for the
+profiler (1x1 convolutions there).
 """
 from __future__ import annotations
 
@@ -30,11 +31,16 @@ import torch
 from .cpu_kernels import kernel_available, library, narrow_pointwise as narrow_switch, profiling
 from .fused import eager_cpu_inference
 
-__all__ = ['narrow_pointwise', 'narrow_pointwise_applies', 'CHUNKS', 'MAX_IN']
+__all__ = ['narrow_pointwise', 'narrow_pointwise_applies', 'tile_width', 'TILES', 'MAX_IN']
 
-#: output channels → the kernel's tile width (72 outputs x 5 pixels, or 48 x 8), the widths it was measured faster
-#: than oneDNN at (wider outputs: oneDNN's own tiles are as good, 96 → 192 ran x0.92 in a throwaway timing)
-CHUNKS = {48: 48, 72: 72, 96: 48, 144: 72}
+#: the kernel's register tiles: 72 outputs x 5 pixels, or 48 x 8
+TILES = (72, 48)
+
+
+def tile_width(out_channels: int) -> int:
+    """The tile width the kernel takes for this many outputs (72 where they are a multiple of 72, else 48), or 0
+    where neither divides them (oneDNN's path)."""
+    return next((t for t in TILES if out_channels % t == 0), 0)
 #: the kernel's limit on input channels (its partial-tile buffer on the stack)
 MAX_IN = 1024
 
@@ -43,7 +49,7 @@ def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Option
     """Whether :func:`narrow_pointwise` serves ``F.conv2d(x, weight, bias)`` (module docstring)."""
     if not (narrow_switch.on and bias is None and x.dim() == 4 and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.dim() == 4 and weight.shape[2:] == (1, 1)
-            and weight.shape[0] in CHUNKS and weight.shape[1] == x.shape[1] <= MAX_IN
+            and tile_width(weight.shape[0]) and weight.shape[1] == x.shape[1] <= MAX_IN
             and weight.device == x.device and not (torch.is_grad_enabled() and weight.requires_grad)
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu')
             and eager_cpu_inference(x)):
@@ -54,14 +60,14 @@ def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Option
 def _packed(weight: torch.Tensor) -> torch.Tensor:
     """(N, K, 1, 1) → the kernel's layout: per chunk of CW outputs, (K, CW) row-major."""
     n, k = weight.shape[:2]
-    cw = CHUNKS[n]
+    cw = tile_width(n)
     return weight.reshape(n // cw, cw, k).transpose(1, 2).contiguous().reshape(-1)
 
 
 def _call(x: torch.Tensor, wp: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:
     n = y.shape[1]
     status = library().polynext_pointwise_f32(x.data_ptr(), wp.data_ptr(), y.data_ptr(), x.numel() // x.shape[1],
-                                              x.shape[1], n, CHUNKS.get(n, 0), int(accumulate), torch.get_num_threads())
+                                              x.shape[1], n, tile_width(n), int(accumulate), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f'polynext::pointwise: {x.shape[1]} → {n} channels is not served here '
                            '(check narrow_pointwise_applies first)')

@@ -309,7 +309,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight (stride 1, no padding, one group), with the
     weight gradient of the faster kernel in CPU training (see the module docstring); at CPU inference
-    ``ops.narrow_pointwise``'s kernel where it serves the shape (48-144 outputs)."""
+    ``ops.narrow_pointwise``'s kernel where it serves the shape (outputs a multiple of 72 or 48)."""
     if _applies(x, weight) and _routed(x, weight):
         return _PointwiseConvFunction.apply(x, weight, bias)
     if narrow_pointwise_applies(x, weight, bias):

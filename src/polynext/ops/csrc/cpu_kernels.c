@@ -76,14 +76,14 @@
  *    caches, each at a memory-bound 12-15 GMAC/s on a 2-core Zen 4 (polynext profile), about a sixth of the
  *    machine's FMA rate.
  *
- * 10. polynext_pointwise_f32: a 1x1 convolution of a channels-last float32 tensor with few output channels (48,
- *     72, 96, 144: PolyNeXt's first two stages) at CPU inference, y = x W (+ y):
+ * 10. polynext_pointwise_f32: a 1x1 convolution of a channels-last float32 tensor at CPU inference, its outputs in
+ *     register tiles of 72 or 48 (first written for PolyNeXt's narrow first two stages), y = x W (+ y):
  *
  *         y[p, n] (+)= sum_k x[p, k] W[k, n]
  *
- *     oneDNN's kernels for these narrow products run at 45-65 GMAC/s on a 2-core Zen 4 against about 95 for wide
- *     ones (its register tiles are sized for wider outputs); here a tile of 5 pixels x 72 outputs (4 vectors and
- *     a half) or 8 pixels x 48 outputs stays in registers for the whole sum over k. */
+ *     oneDNN's kernels for the narrow products (48-144 outputs) run at 45-65 GMAC/s on a 2-core Zen 4 against about
+ *     90 for wide ones; here a tile of 5 pixels x 72 outputs (4 vectors and a half) or 8 pixels x 48 outputs stays
+ *     in registers for the whole sum over k, which also runs the wider layers a few per cent faster than oneDNN. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
