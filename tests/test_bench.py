@@ -581,3 +581,24 @@ def test_compile_check_calibrates_bn_variants(monkeypatch):
     monkeypatch.setattr(family, 'calibrate_running_stats', lambda model, x: model)
     row = compile_check.check('cpolynext_t_bn', 'eager', 32, 2)
     assert not row['ok'] and row['infer_max_abs_diff'] != row['infer_max_abs_diff']   # NaN
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--json', '{tmp}'], 'is a folder; give a file path such as {tmp}/demo.json'),
+    (['--runs', '0'], '--runs must be at least 1, got 0'),
+    (['--models', 'cpolynext_q'], 'cpolynext_q'),
+])
+def test_check_script_args_refuses_in_one_line(argv, message, tmp_path, capsys):
+    """``bench.check_script_args``, the benchmark scripts' shared checks: each bad input one line naming it, before
+    anything runs (a pinned allocator re-exec only for command-line runs, so none here)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog='demo.py')
+    parser.add_argument('--json')
+    parser.add_argument('--runs', type=int, default=1)
+    parser.add_argument('--models', nargs='*', default=['cpolynext_t'])
+    args = parser.parse_args([a.format(tmp=tmp_path) for a in argv])
+    with pytest.raises(SystemExit):
+        bench.check_script_args(parser, args, 'demo', argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message.format(tmp=tmp_path) in err[-1]
+    bench.check_script_args(parser, parser.parse_args([]), 'demo', [])   # good input: nothing raised

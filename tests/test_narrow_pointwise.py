@@ -181,3 +181,17 @@ def test_the_profiler_counts_the_kernel_as_1x1_convolutions():
     # (PolyMLP's hidden width is 48) are among them
     stage0 = ours[('1x1 conv', 'polynext::pointwise_add_', '2x48x16x16')]
     assert stage0.macs == stage0.calls * 2 * 48 * 16 * 16 * 48 > 0
+
+
+def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys):
+    """Without the kernel there is nothing to compare: one line that says so, before anything runs."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        'narrow_pointwise_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'narrow_pointwise.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(ck.kernels, 'on', False)
+    with pytest.raises(SystemExit):
+        bench.main(['cpolynext_t', '--runs', '1'])
+    assert 'narrow 1x1 kernel is not built here (it needs AVX-512' in capsys.readouterr().err.strip().splitlines()[-1]

@@ -9,10 +9,11 @@ EPYC (Zen 4), batch 32, fp32, 72 → 72 channels at 56x56 at 48-52 GMAC/s, 48 �
 channels at 14x14 (``polynext profile``: 55-64 % of the 1x1 peak for these layers inside the step, 14-17 % of a
 CPolyNeXt-S inference step). In ``polynext_pointwise_f32`` (``csrc/cpu_kernels.c``, 10.) a tile of 5 pixels x 72
 outputs (or 8 x 48) keeps its sums in registers for the whole sum over the input channels, each input value
-broadcast once per tile, the next tile of outputs after it: x1.07-1.43 over oneDNN for the narrow layers at 56x56
-and 28x28, and x1.01-1.27 for the wider ones of the later stages too (39 of PolyNeXt-T/S's 40 served shapes faster,
-96 → 192 at 28x28 x0.97; ``benchmarks/narrow_pointwise.py``, ``benchmarks/results/narrow_pointwise_zen4.json``). No
-library chooses tiles this narrow, so it is written here.
+broadcast once per tile, the next tile of outputs after it: x1.13-1.41 over oneDNN for the 48- and 72-channel
+layers at 56x56, x1.05-1.25 at 28x28 and x0.98-1.22 for the wider layers at 14x14 and 7x7 (38 of PolyNeXt-T/S's 39
+served shapes faster, 288 → 504 at 14x14 x0.98; the weight's packing on every call included;
+``benchmarks/narrow_pointwise.py``, ``benchmarks/results/narrow_pointwise_zen4.json``). No library chooses tiles
+this narrow, so it is written here.
 
 Where: eager CPU inference (``ops.fused.eager_cpu_inference``), channels-last float32 activations (not under CPU
 autocast), a float32 weight, no bias, a multiple of 72 or 48 output channels (``tile_width``), at most ``MAX_IN``
@@ -41,6 +42,8 @@ def tile_width(out_channels: int) -> int:
     """The tile width the kernel takes for this many outputs (72 where they are a multiple of 72, else 48), or 0
     where neither divides them (oneDNN's path)."""
     return next((t for t in TILES if out_channels % t == 0), 0)
+
+
 #: the kernel's limit on input channels (its partial-tile buffer on the stack)
 MAX_IN = 1024
 

@@ -1775,7 +1775,7 @@ int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P,
         const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
         const float *xt = x + p0 * K;
         float *yt = y + p0 * N;
-        float xpad[8 * PW_MAX_K], ypad[8 * 144];   /* the last, partial tile: zero rows past P */
+        float xpad[8 * PW_MAX_K], ypad[8 * 72];    /* the last, partial tile (PT x CW <= 8 x 72): zero rows past P */
         if (np < PT) {
             memset(xpad, 0, (size_t)(PT * K) * sizeof(float));
             memcpy(xpad, xt, (size_t)(np * K) * sizeof(float));
