@@ -52,7 +52,7 @@ def norm_shapes(model, x):
     ``model`` (``x``: the NHWC input, with ``product`` 2C channels whose halves are multiplied)."""
     import polynext.models.polynext as family
     import polynext.ops.channel_norm as cn
-    from polynext.ops.cpu_kernels import kernels
+    from polynext.ops.cpu_kernels import fused_mlp, kernels, pointwise_norm
     seen = {}
     real = cn.channel_layer_norm
 
@@ -60,9 +60,10 @@ def norm_shapes(model, x):
         seen.setdefault((tuple(z.shape), bias is not None, residual is not None, product), None)
         return real(z, shape, weight, bias, eps, residual=residual, inplace=inplace, product=product)
     cn.channel_layer_norm = family.channel_layer_norm = record
-    try:   # with the kernels on, so that PolyMLP takes the product path (MIN_NUMEL at 0: every layer)
+    try:   # with the kernels on, so that PolyMLP takes the product path (MIN_NUMEL at 0: every layer), but not as
+        # the 1x1 kernel's epilogue (ops.narrow_pointwise), which would hide the norms this script times
         minimum, cn.MIN_NUMEL = cn.MIN_NUMEL, 0
-        with torch.inference_mode():
+        with torch.inference_mode(), pointwise_norm(False), fused_mlp(False):
             model(x)
     finally:
         cn.channel_layer_norm = family.channel_layer_norm = real

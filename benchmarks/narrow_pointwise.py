@@ -8,14 +8,27 @@ multiple of 72 or 48), in one process, interleaved (order reversed every other r
   onednn    ``F.conv2d`` (with a residual: ``ops.fused.conv_add_``, oneDNN's sum post-op)
   kernel    ``ops.narrow_pointwise.narrow_pointwise``
 
-each with its rate (GMAC/s) and the kernel's largest difference from float64 (relative to the largest output). With
-``--whole-model``, then each model's inference step (``polynext bench``'s) with the kernel on and off
-(``ops.cpu_kernels.narrow_pointwise``), interleaved, and the largest logit difference.
+each with its rate (GMAC/s) and the kernel's largest difference from float64 (relative to the largest output). Then
+every call of the kernel with the channel LayerNorm as its epilogue (``ops.narrow_pointwise.pointwise_norm``:
+PolyConv's ``pw_out`` with its norm and residual, PolyMLP's ``fc_in`` with its product and norm), against
+
+  separate  the kernel, then ``ops.channel_norm``'s kernel (the path with ``ops.cpu_kernels.pointwise_norm(False)``)
+  fused     ``pointwise_norm``
+
+Then PolyMLP's whole residual branch in one kernel (``ops.narrow_pointwise.poly_mlp_``) against the epilogue kernel
+(``fc_in``, product, norm) and the residual kernel (``fc_out`` added into the stream), per served shape, and whether
+the two give the same bits.
+
+With ``--whole-model``, then each model's inference step (``polynext bench``'s) with the kernels on and off
+(``ops.cpu_kernels.narrow_pointwise``: every 1x1 convolution on oneDNN), with the norm epilogue on and off and with
+the whole-MLP kernel on and off (``pointwise_norm``, ``fused_mlp``; the others on), interleaved, and the largest
+logit differences.
 
 The kernel needs AVX-512 and runs float32 (elsewhere oneDNN serves every call and there is nothing to time). Prints
 tables and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/narrow_pointwise.py --whole-model --json benchmarks/results/narrow_pointwise_zen4.json
+    python benchmarks/narrow_pointwise.py --whole-model --runs 11 --json benchmarks/results/pointwise_fused_zen4.json
     python benchmarks/narrow_pointwise.py cpolynext_s --runs 21
 """
 from __future__ import annotations
@@ -28,22 +41,123 @@ import torch
 import torch.nn.functional as F
 
 
-def _shapes(model: torch.nn.Module, x: torch.Tensor) -> list:
-    """[(x shape, weight shape, with residual)] of the kernel's calls in a forward of ``x``, each once."""
+def _shapes(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """The kernel's calls in forwards of ``x``, each shape once: [(x shape, weight shape, with residual)] of the plain
+    kernel with both epilogues off (every 1x1 convolution it serves), [(x shape, weight shape, 'residual' or
+    'product')] of the norm epilogue with the whole-MLP kernel off, [(x shape, input weight shape, output weight
+    shape)] of the whole-MLP kernel."""
+    from polynext.models import polynext as family
     from polynext.ops import pointwise
-    found = {}
-    real = pointwise.narrow_pointwise
+    from polynext.ops.cpu_kernels import fused_mlp, pointwise_norm
+    found, normed, mlps = {}, {}, {}
+    real, real_norm, real_mlp = pointwise.narrow_pointwise, family.pointwise_norm, family.poly_mlp_
 
     def spy(x, weight, out=None):
         found.setdefault((tuple(x.shape), tuple(weight.shape), out is not None), None)
         return real(x, weight, out=out)
-    pointwise.narrow_pointwise = spy
+
+    def spy_norm(x, weight, norm_weight, norm_bias, eps, residual=None, product=False):
+        y = real_norm(x, weight, norm_weight, norm_bias, eps, residual=residual, product=product)
+        if y is not None:
+            normed.setdefault((tuple(x.shape), tuple(weight.shape), 'product' if product else 'residual'), None)
+        return y
+
+    def spy_mlp(x, in_weight, norm_weight, norm_bias, eps, out_weight):
+        shape = tuple(x.shape)
+        y = real_mlp(x, in_weight, norm_weight, norm_bias, eps, out_weight)
+        if y is not None:
+            mlps.setdefault((shape, tuple(in_weight.shape), tuple(out_weight.shape)), None)
+        return y
+    pointwise.narrow_pointwise, family.pointwise_norm, family.poly_mlp_ = spy, spy_norm, spy_mlp
     try:
         with torch.inference_mode():
+            with pointwise_norm(False), fused_mlp(False):
+                model(x)
+            normed.clear()
+            with fused_mlp(False):
+                model(x)
             model(x)
     finally:
-        pointwise.narrow_pointwise = real
-    return list(found)
+        pointwise.narrow_pointwise, family.pointwise_norm, family.poly_mlp_ = real, real_norm, real_mlp
+    return list(found), list(normed), list(mlps)
+
+
+def _mlp_rows(args, shapes: dict, gen: torch.Generator) -> list:
+    """PolyMLP's residual branch in one kernel against the norm epilogue kernel and the residual 1x1 kernel."""
+    from polynext.bench import time_interleaved
+    from polynext.ops.narrow_pointwise import narrow_pointwise, pointwise_norm, poly_mlp_
+    print(f'PolyMLP residual branch, ms (median of {args.runs}):', flush=True)
+    rows, seen = [], set()
+    for name, calls in shapes.items():
+        for xs, wis, wos in calls:
+            if (xs, wis, wos) in seen:
+                continue
+            seen.add((xs, wis, wos))
+            xin = torch.randn(xs, generator=gen).contiguous(memory_format=torch.channels_last)
+            w_in = torch.randn(wis, generator=gen) / wis[1] ** 0.5
+            w_out = torch.randn(wos, generator=gen) / wos[1] ** 0.5
+            nw = torch.rand(wis[0] // 2, generator=gen) + 0.5
+            xa, xb = xin.clone(), xin.clone()
+            steps = {'separate': lambda: narrow_pointwise(pointwise_norm(xa, w_in, nw, None, 1e-5, product=True), w_out,
+                                                          out=xa),
+                     'fused': lambda: poly_mlp_(xb, w_in, nw, None, 1e-5, w_out)}
+            with torch.inference_mode():
+                for fn in steps.values():
+                    fn()                                   # warm-up, and the same values from there on
+                equal = torch.equal(xa, xb)
+                ms = {key: statistics.median(t) * 1e3 for key, t in time_interleaved(steps, args.runs).items()}
+            macs = xin.numel() * (wis[0] + wos[1])
+            row = dict(model=name, x=list(xs), in_weight=list(wis), out_weight=list(wos),
+                       **{f'{key}_ms': round(t, 3) for key, t in ms.items()},
+                       **{f'{key}_gmac_s': round(macs / t / 1e6, 1) for key, t in ms.items()},
+                       speedup=round(ms['separate'] / ms['fused'], 3), bit_identical=equal)
+            rows.append(row)
+            print(f"{name:12s} {str(list(xs)):18s} -> {wis[0]:4d} -> {wos[0]:4d}  separate {ms['separate']:7.2f} "
+                  f"({row['separate_gmac_s']:5.1f} GMAC/s)  fused {ms['fused']:7.2f} ({row['fused_gmac_s']:5.1f})  "
+                  f"x{row['speedup']:.2f}  {'bit-identical' if equal else 'DIFFERENT'}", flush=True)
+    return rows
+
+
+def _norm_rows(args, shapes: dict, gen: torch.Generator) -> list:
+    """The kernel with the norm epilogue against the kernel and the norm kernel, per served shape."""
+    from polynext.bench import time_interleaved
+    from polynext.ops.channel_norm import channel_layer_norm
+    from polynext.ops.narrow_pointwise import narrow_pointwise, pointwise_norm
+    print(f'1x1 convolution with the norm epilogue, ms (median of {args.runs}):', flush=True)
+    rows, seen = [], set()
+    for name, calls in shapes.items():
+        for xs, ws, kind in calls:
+            if (xs, ws, kind) in seen:
+                continue
+            seen.add((xs, ws, kind))
+            n = ws[0]
+            c = n // 2 if kind == 'product' else n
+            xin = torch.randn(xs, generator=gen).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(ws, generator=gen) / xs[1] ** 0.5
+            nw = torch.rand(c, generator=gen) + 0.5
+            res = torch.randn((xs[0], n) + xs[2:], generator=gen).contiguous(memory_format=torch.channels_last)
+            if kind == 'product':
+                steps = {'separate': lambda: channel_layer_norm(narrow_pointwise(xin, w).permute(0, 2, 3, 1), (c,), nw,
+                                                                None, 1e-5, product=True),
+                         'fused': lambda: pointwise_norm(xin, w, nw, None, 1e-5, product=True)}
+            else:
+                steps = {'separate': lambda: channel_layer_norm(narrow_pointwise(xin, w).permute(0, 2, 3, 1), (n,), nw,
+                                                                None, 1e-5, residual=res.permute(0, 2, 3, 1),
+                                                                inplace=True),
+                         'fused': lambda: pointwise_norm(xin, w, nw, None, 1e-5, residual=res)}
+            with torch.inference_mode():
+                diff = (steps['fused']().permute(0, 2, 3, 1) - steps['separate']()).abs().max().item()
+                ms = {key: statistics.median(t) * 1e3 for key, t in time_interleaved(steps, args.runs).items()}
+            macs = xin.numel() * n
+            row = dict(model=name, x=list(xs), weight=list(ws), epilogue=kind,
+                       **{f'{key}_ms': round(t, 3) for key, t in ms.items()},
+                       **{f'{key}_gmac_s': round(macs / t / 1e6, 1) for key, t in ms.items()},
+                       speedup=round(ms['separate'] / ms['fused'], 3), max_abs_diff=diff)
+            rows.append(row)
+            print(f"{name:12s} {str(list(xs)):18s} -> {n:4d} + norm {'(product)' if kind == 'product' else '+ residual'}"
+                  f"  separate {ms['separate']:7.2f}  fused {ms['fused']:7.2f}  x{row['speedup']:.2f}  "
+                  f'max |Δ| {diff:.1e}', flush=True)
+    return rows
 
 
 def _whole_model(args) -> list:
@@ -56,9 +170,16 @@ def _whole_model(args) -> list:
     for name in args.models:
         settings = BenchSettings(mode='infer', dtype='fp32', batch_size=args.batch_size, img_size=args.img_size)
         row = switch_ab(name, settings, cpu_kernels.narrow_pointwise, args.runs, labels=('onednn', 'kernel'))
+        row['norm_epilogue'] = switch_ab(name, settings, cpu_kernels.pointwise_norm, args.runs,
+                                         labels=('separate', 'fused'))
+        row['whole_mlp'] = switch_ab(name, settings, cpu_kernels.fused_mlp, args.runs, labels=('separate', 'fused'))
         rows.append(row)
-        print(f"{name:12s} oneDNN {row['onednn_img_s']:7.2f}  kernel {row['kernel_img_s']:7.2f}  x{row['speedup']:.3f}  "
+        print(f"{name:12s} oneDNN {row['onednn_img_s']:7.2f}  kernels {row['kernel_img_s']:7.2f}  x{row['speedup']:.3f}  "
               f"max |Δ logit| {row['max_abs_logit_diff']:.1e}", flush=True)
+        for key, label in (('norm_epilogue', 'norm epilogue'), ('whole_mlp', 'whole-MLP kernel')):
+            ab = row[key]
+            print(f"{'':12s} {label} off {ab['separate_img_s']:7.2f}  on {ab['fused_img_s']:7.2f}  "
+                  f"x{ab['speedup']:.3f}  max |Δ logit| {ab['max_abs_logit_diff']:.1e}", flush=True)
     return rows
 
 
@@ -80,9 +201,9 @@ def main(argv=None) -> int:
         parser.error('the narrow 1x1 kernel is not built here (it needs AVX-512, a C compiler and the kernels on); '
                      "oneDNN serves every call, so there is nothing to compare: run it on such a CPU")
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    shapes = {}
+    shapes, norm_shapes, mlp_shapes = {}, {}, {}
     for name in args.models:
-        shapes[name] = _shapes(timm.create_model(name).eval(), x)
+        shapes[name], norm_shapes[name], mlp_shapes[name] = _shapes(timm.create_model(name).eval(), x)
         if not shapes[name]:
             parser.error(f'{name} has no 1x1 convolution the kernel serves (PolyNeXt layers with a multiple of 72 or '
                          '48 outputs)')
@@ -127,10 +248,12 @@ def main(argv=None) -> int:
             print(f"{name:12s} {str(list(xs)):18s} -> {ws[0]:4d}{' + residual' if residual else '           '} "
                   f"oneDNN {ms['onednn']:7.2f} ({row['onednn_gmac_s']:5.1f} GMAC/s)  kernel {ms['kernel']:7.2f} "
                   f"({row['kernel_gmac_s']:5.1f})  x{row['speedup']:.2f}  rel diff fp64 {err:.1e}", flush=True)
+    norm_rows = _norm_rows(args, norm_shapes, gen)
+    mlp_rows = _mlp_rows(args, mlp_shapes, gen)
     models = _whole_model(args) if args.whole_model else None
     out = dict(command=['python', 'benchmarks/narrow_pointwise.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
-               dtype='fp32', rows=rows, whole_model=models)
+               dtype='fp32', rows=rows, norm_rows=norm_rows, mlp_rows=mlp_rows, whole_model=models)
     write_report(args.json, out)
     return 0
 

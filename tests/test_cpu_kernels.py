@@ -182,7 +182,10 @@ def test_models_take_the_kernel_on_the_cpu(name, monkeypatch):
     """Every channel LayerNorm of a CPU inference runs the kernel (PolyConv's closing norm with its residual,
     in place), logits within 2e-5 of PyTorch's norms in fp32 and within bf16's rounding in bf16; so does every
     one of an fp32 training step (out of place: autograd keeps the input); ``fusion(False)`` and
-    ``kernels(False)`` do not take it."""
+    ``kernels(False)`` do not take it. (Without the 1x1 kernel's norm epilogue, which runs the same row functions
+    inside ``ops.narrow_pointwise``: ``tests/test_narrow_pointwise.py``.)"""
+    monkeypatch.setattr(ck.pointwise_norm, 'on', False)
+    monkeypatch.setattr(ck.fused_mlp, 'on', False)
     monkeypatch.setattr(cn, 'MIN_NUMEL', 0)
     monkeypatch.setattr(cn, 'TRAIN_PLAIN_MIN_NUMEL', 0)
     calls = _count_runs(monkeypatch)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import polynext  # noqa: F401  (registers the models)
 from polynext.models.folded import fold_for_inference
+from polynext.models.polynext import PolyMLP
 from polynext.ops import cpu_kernels as ck
 from polynext.ops import narrow_pointwise as npw
 from polynext.ops import pointwise
@@ -68,19 +69,91 @@ def test_narrow_pointwise_kernel_in_every_code_path(march, tmp_path):
         assert (y == 7).all()
 
 
+#: (N, K, M, H, W, epilogue) for pointwise_norm: 'residual' (into a new tensor), 'inplace' (the residual is the
+#: output), 'product' (M / 2 outputs) and a plain norm; partial last tiles, 48- and 72-wide tiles, the 2048-output limit
+NORM_SHAPES = [(2, 72, 72, 7, 9, 'residual'), (1, 5, 144, 3, 3, 'product'), (3, 33, 48, 5, 5, 'inplace'),
+               (2, 96, 96, 4, 4, 'plain'), (1, 288, 504, 3, 5, 'product'), (2, 16, 2016, 1, 3, 'product'),
+               (1, 8, 2016, 2, 2, 'inplace')]
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_pointwise_norm_kernel_in_every_code_path(march, tmp_path):
+    """The 1x1 convolution with the channel LayerNorm as its epilogue: equal bit for bit to the 1x1 kernel followed by
+    the norm kernel (the same row functions), within 2e-5 of float64; one and two threads equal; builds without
+    AVX-512 refuse and write nothing; more than 2048 outputs are refused everywhere."""
+    lib = _library_for(march, tmp_path)
+    built = AVX512 if march is None else march != 'x86-64-v2'
+    gen = torch.Generator().manual_seed(0)
+    for n, k, m, h, w, mode in NORM_SHAPES:
+        c = m // 2 if mode == 'product' else m
+        x = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5
+        nw, nb = torch.rand(c, generator=gen) + 0.5, (torch.randn(c, generator=gen) if mode != 'plain' else None)
+        res = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+        conv = F.conv2d(x.double(), weight.double())
+        if mode == 'product':
+            conv = conv[:, :c] * conv[:, c:]
+        ref = F.layer_norm(conv.permute(0, 2, 3, 1), (c,), nw.double(), None if nb is None else nb.double(), 1e-5)
+        ref = ref.permute(0, 3, 1, 2) + (res.double() if mode in ('residual', 'inplace') else 0)
+        wp = _packed(weight)   # held: the kernel reads them through raw pointers
+        outs = []
+        for threads in (1, 2):
+            y = res.clone() if mode == 'inplace' else torch.full_like(res, 7.0)
+            r = y if mode == 'inplace' else res if mode == 'residual' else None
+            before = y.clone()
+            status = lib.polynext_pointwise_norm_f32(
+                x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None if nb is None else nb.data_ptr(),
+                None if r is None else r.data_ptr(), n * h * w, k, m, npw.tile_width(m), 1e-5,
+                int(mode == 'product'), threads)
+            if not built:
+                assert status == 1 and torch.equal(y, before)
+                continue
+            assert status == 0
+            assert (y.double() - ref).abs().max() <= 2e-5, (n, k, m, h, w, mode)
+            outs.append(y)
+        if not built:
+            continue
+        assert torch.equal(outs[0], outs[1])
+        conv32 = torch.empty(n, m, h, w).contiguous(memory_format=torch.channels_last)
+        assert lib.polynext_pointwise_f32(x.data_ptr(), wp.data_ptr(), conv32.data_ptr(), n * h * w, k, m,
+                                          npw.tile_width(m), 0, 1) == 0
+        two = res.clone()
+        r = None if mode in ('product', 'plain') else res
+        assert lib.polynext_channel_norm_f32(conv32.data_ptr(), nw.data_ptr(), None if nb is None else nb.data_ptr(),
+                                             None if r is None else r.data_ptr(), two.data_ptr(), None, n * h * w, c,
+                                             1e-5, 1, int(mode == 'product')) == 0
+        assert torch.equal(outs[0], two), (n, k, m, h, w, mode)
+    x = torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)
+    wp, nw = torch.randn(2112 * 8), torch.ones(2112)
+    y = torch.full((1, 2112, 2, 2), 7.0).contiguous(memory_format=torch.channels_last)
+    for product in (0, 1):
+        assert lib.polynext_pointwise_norm_f32(x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None, None,
+                                               4, 8, 2112, 48, 1e-5, product, 1) == 1
+    assert (y == 7).all()
+
+
 @needs_cc
 @pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
 @pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
 def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     """At CPU inference in float32 every 1x1 convolution with a multiple of 72 or 48 outputs (and no bias) runs on the kernel, the
-    MLP's residual addition inside it, logits within 2e-5 of oneDNN's; so do the folded model's bias-free residual
-    projections; with autograd recording, bf16, float32 under bf16 autocast, ``narrow_pointwise(False)``,
-    ``kernels(False)`` and ``fusion(False)`` it is oneDNN's path (NCHW activations: the op-level test below)."""
+    MLP's residual addition inside it, PolyConv's closing norm and PolyMLP's product and norm as its epilogue
+    (``pointwise_norm``), PolyMLP's whole residual branch as one kernel (``poly_mlp_``; logits equal to the
+    separate kernels' bit for bit), logits within 2e-5 of oneDNN's and of the kernel without the epilogue; so do the folded
+    model's bias-free residual projections; with autograd recording, bf16, float32 under bf16 autocast,
+    ``narrow_pointwise(False)``, ``kernels(False)`` and ``fusion(False)`` it is oneDNN's path (NCHW activations: the
+    op-level test below)."""
     calls = []
-    real = npw._call
+    real, real_norm = npw._call, npw._pointwise_norm
     monkeypatch.setattr(npw, '_call', lambda x, wp, y, acc: calls.append((y.shape[1], acc)) or real(x, wp, y, acc))
+    monkeypatch.setattr(npw, '_pointwise_norm', lambda x, wp, nw, nb, r, n, eps, product: calls.append((n, 'norm'))
+                        or real_norm(x, wp, nw, nb, r, n, eps, product))
+    real_mlp = npw._poly_mlp_
+    monkeypatch.setattr(npw, '_poly_mlp_', lambda x, wi, nw, nb, wo, n, eps: calls.append((n, 'mlp'))
+                        or real_mlp(x, wi, nw, nb, wo, n, eps))
     torch.manual_seed(0)
-    model = timm.create_model(name, init_channels=16, num_classes=10, cells=(1, 1, 1, 1)).eval()
+    model = timm.create_model(name, init_channels=48, num_classes=10, cells=(1, 1, 1, 1)).eval()
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 3, 64, 64)
@@ -90,15 +163,22 @@ def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     with torch.no_grad():
         y = model(x)
         served = len(calls)
-        assert served >= len(narrow) and any(acc for _, acc in calls) and all(npw.tile_width(m) for m, _ in calls)
+        assert served >= len(narrow) - sum(isinstance(m, PolyMLP) for m in model.modules())
+        assert all(npw.tile_width(m) for m, _ in calls) and {False, 'norm', 'mlp'} <= {kind for _, kind in calls}
+        with ck.fused_mlp(False):
+            unfused_mlp = model(x)
+        assert {kind for _, kind in calls[served:]} == {False, True, 'norm'}
+        with ck.pointwise_norm(False), ck.fused_mlp(False):
+            separate = model(x)
+        del calls[served:]
         with ck.narrow_pointwise(False):
             ref = model(x)
         assert len(calls) == served
-    assert (y - ref).abs().max() < 2e-5
+    assert (y - ref).abs().max() < 2e-5 and (y - separate).abs().max() < 2e-5 and torch.equal(y, unfused_mlp)
     calls.clear()
     with torch.no_grad():
         assert (fold_for_inference(model)(x) - ref).abs().max() < 2e-5
-    assert all(npw.tile_width(m) for m, _ in calls)
+    assert all(npw.tile_width(m) for m, _ in calls) and {'norm', 'mlp'} <= {kind for _, kind in calls}
     served = len(calls)
     for off in (ck.narrow_pointwise(False), ck.kernels(False), fusion(False)):
         with torch.no_grad(), off:
@@ -138,6 +218,155 @@ def test_applies_checks_before_the_kernel(monkeypatch):
         npw._call(x, torch.randn(60 * 72), torch.empty(2, 60, 6, 6), False)
 
 
+#: (N, K, 2H, H, W): PolyMLP's widths (K channels, 2H after the input projection) in 72- and 48-wide tiles of both
+#: projections, mixed (a block of 40 pixels: 8 tiles of 5 and 5 of 8), pixel counts with a partial last block
+MLP_SHAPES = [(2, 72, 144, 7, 9), (1, 48, 96, 5, 5), (2, 96, 144, 9, 9), (1, 144, 96, 3, 3), (3, 288, 504, 2, 3),
+              (1, 72, 2016, 1, 1)]
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_poly_mlp_kernel_in_every_code_path(march, tmp_path):
+    """PolyMLP's residual branch in one kernel, y += W_out (norm(a * b) * nw + nb), [a, b] = W_in x, in place (y is x)
+    and into another tensor: equal bit for bit to the epilogue kernel then the residual 1x1 kernel, within 2e-5 of
+    float64; one and two threads equal; builds without AVX-512 refuse and write nothing; widths no tile takes are
+    refused everywhere."""
+    lib = _library_for(march, tmp_path)
+    built = AVX512 if march is None else march != 'x86-64-v2'
+    gen = torch.Generator().manual_seed(0)
+    for n, k, m, h, w in MLP_SHAPES:
+        x = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+        w_in = torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5
+        w_out = torch.randn(k, m // 2, 1, 1, generator=gen) / m ** 0.5
+        nw, nb = torch.rand(m // 2, generator=gen) + 0.5, torch.randn(m // 2, generator=gen)
+        a = F.conv2d(x.double(), w_in.double())
+        hid = F.layer_norm((a[:, :m // 2] * a[:, m // 2:]).permute(0, 2, 3, 1), (m // 2,), nw.double(), nb.double(),
+                           1e-5).permute(0, 3, 1, 2)
+        base = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+        wi, wo = _packed(w_in), _packed(w_out)   # held: the kernel reads them through raw pointers
+        for inplace in (True, False):
+            ref = (x if inplace else base).double() + F.conv2d(hid, w_out.double())
+            outs = []
+            for threads in (1, 2):
+                xs = x.clone()
+                y = xs if inplace else base.clone()
+                before = y.clone()
+                status = lib.polynext_poly_mlp_f32(xs.data_ptr(), wi.data_ptr(), nw.data_ptr(), nb.data_ptr(),
+                                                   wo.data_ptr(), y.data_ptr(), n * h * w, k, m, npw.tile_width(m),
+                                                   npw.tile_width(k), 1e-5, threads)
+                if not built:
+                    assert status == 1 and torch.equal(y, before)
+                    continue
+                assert status == 0
+                assert (y.double() - ref).abs().max() <= 2e-5, (n, k, m, h, w, inplace)
+                outs.append(y)
+            if not built:
+                continue
+            assert torch.equal(outs[0], outs[1])
+            hid32 = torch.empty(n, m // 2, h, w).contiguous(memory_format=torch.channels_last)
+            assert lib.polynext_pointwise_norm_f32(x.data_ptr(), wi.data_ptr(), hid32.data_ptr(), nw.data_ptr(),
+                                                   nb.data_ptr(), None, n * h * w, k, m, npw.tile_width(m), 1e-5, 1,
+                                                   1) == 0
+            two = x.clone() if inplace else base.clone()
+            assert lib.polynext_pointwise_f32(hid32.data_ptr(), wo.data_ptr(), two.data_ptr(), n * h * w, m // 2, k,
+                                              npw.tile_width(k), 1, 1) == 0
+            assert torch.equal(outs[0], two), (n, k, m, h, w, inplace)
+    x = torch.randn(1, 60, 2, 2).contiguous(memory_format=torch.channels_last)
+    wi, wo, nw = torch.randn(144 * 60), torch.randn(60 * 72), torch.ones(72)
+    y = x.clone()
+    for k, m, cw_in, cw_out in ((60, 144, 72, 72), (72, 150, 72, 72), (72, 144, 72, 64)):   # K 60, 2H 150, a 64 tile
+        assert lib.polynext_poly_mlp_f32(x.data_ptr(), wi.data_ptr(), nw.data_ptr(), None, wo.data_ptr(),
+                                         y.data_ptr(), 4, k, m, cw_in, cw_out, 1e-5, 1) == 1
+    assert torch.equal(y, x)
+
+
+def test_poly_mlp_checks_before_the_kernel():
+    """``poly_mlp_`` runs the kernel only where it serves the call, else returns None and writes nothing: each check
+    turns it off alone."""
+    x = torch.randn(2, 72, 6, 6).contiguous(memory_format=torch.channels_last)
+    w_in, w_out, nw = torch.randn(144, 72, 1, 1), torch.randn(72, 72, 1, 1), torch.ones(72)
+    before = x.clone()
+    if not (ck.kernel_available() and ck.library().pointwise):
+        assert npw.poly_mlp_(x, w_in, nw, None, 1e-5, w_out) is None and torch.equal(x, before)
+        return
+    refused = [
+        dict(in_weight=w_in, norm_weight=None, out_weight=w_out),                          # no norm weight
+        dict(in_weight=w_in, norm_weight=nw.double(), out_weight=w_out),                   # a float64 norm weight
+        dict(in_weight=w_in, norm_weight=torch.ones(144), out_weight=w_out),               # the wrong width
+        dict(in_weight=w_in, norm_weight=nw, out_weight=w_out.clone().requires_grad_()),   # autograd recording
+        dict(in_weight=w_in, norm_weight=nw, out_weight=w_out.double()),                   # a float64 projection
+        dict(in_weight=w_in, norm_weight=nw, out_weight=torch.randn(72, 70, 1, 1)),        # 70 hidden inputs
+        dict(in_weight=torch.randn(120, 72, 1, 1), norm_weight=torch.ones(60),
+             out_weight=torch.randn(72, 60, 1, 1)),                                       # 120: no tile
+        dict(in_weight=w_in, norm_weight=nw, out_weight=torch.randn(72, 72, 3, 3)),        # not 1x1
+    ]
+    for kwargs in refused:
+        assert npw.poly_mlp_(x, eps=1e-5, norm_bias=None, **kwargs) is None, kwargs
+    x60 = torch.randn(2, 60, 6, 6).contiguous(memory_format=torch.channels_last)            # 60 channels: no tile out
+    assert npw.poly_mlp_(x60, torch.randn(144, 60, 1, 1), nw, None, 1e-5, torch.randn(60, 72, 1, 1)) is None
+    with torch.no_grad():
+        assert npw.poly_mlp_(x.contiguous(), w_in, nw, None, 1e-5, w_out) is None        # NCHW
+    with ck.fused_mlp(False):
+        assert npw.poly_mlp_(x, w_in, nw, None, 1e-5, w_out) is None
+    assert torch.equal(x, before)
+    assert npw.poly_mlp_(x, w_in, nw, None, 1e-5, w_out) is x and not torch.equal(x, before)
+    with pytest.raises(RuntimeError, match='72 → 150 → 72 channels is not served here .*check poly_mlp_ first'):
+        npw._poly_mlp_(x, torch.randn(150 * 72), torch.ones(75), None, torch.randn(75 * 72), 150, 1e-5)
+
+
+@needs_cc
+@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+def test_pointwise_norm_keeps_drop_path_in_training_mode():
+    """A model in training mode with drop path, without autograd (``torch.no_grad()``): PolyConv's branch is dropped
+    per sample before its residual addition, so the fused norm-and-residual epilogue must not serve it; the output
+    equals the one without the epilogue under the same seed."""
+    torch.manual_seed(0)
+    model = timm.create_model('cpolynext_t', init_channels=48, num_classes=10, cells=(1, 1, 1, 1),
+                              drop_path_rate=0.5).train()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        y = model(x)
+        with ck.pointwise_norm(False):
+            torch.manual_seed(1)
+            ref = model(x)
+    assert (y - ref).abs().max() < 2e-5
+
+
+def test_pointwise_norm_checks_before_the_kernel():
+    """``pointwise_norm`` runs the kernel only where it serves the call, else returns None (the model's own path):
+    each check turns it off alone."""
+    x = torch.randn(2, 72, 6, 6).contiguous(memory_format=torch.channels_last)
+    w, nw = torch.randn(144, 72, 1, 1), torch.ones(72)
+    res = torch.randn(2, 144, 6, 6).contiguous(memory_format=torch.channels_last)
+    if not (ck.kernel_available() and ck.library().pointwise):
+        assert npw.pointwise_norm(x, w, nw, None, 1e-5, product=True) is None
+        return
+    assert npw.pointwise_norm(x, w, nw, None, 1e-5, product=True).shape == (2, 72, 6, 6)
+    assert npw.pointwise_norm(x, w, torch.ones(144), None, 1e-5, residual=res).shape == (2, 144, 6, 6)
+    refused = [
+        dict(weight=w, norm_weight=None, product=True),                                    # no norm weight
+        dict(weight=w, norm_weight=nw.double(), product=True),                             # a float64 norm weight
+        dict(weight=w, norm_weight=torch.ones(144), product=True),                         # the wrong width
+        dict(weight=w, norm_weight=nw, norm_bias=torch.ones(70), product=True),            # a bias of the wrong width
+        dict(weight=w, norm_weight=nw.clone().requires_grad_(), product=True),             # autograd recording
+        dict(weight=w, norm_weight=nw, product=True, residual=res),                        # a residual with the product
+        dict(weight=w, norm_weight=torch.ones(144), residual=res.contiguous()),           # an NCHW residual
+        dict(weight=w, norm_weight=torch.ones(144), residual=res[:1]),                    # of the wrong shape
+        dict(weight=torch.randn(120, 72, 1, 1), norm_weight=torch.ones(60), product=True),  # 120 outputs: no tile
+        dict(weight=torch.randn(2112, 72, 1, 1), norm_weight=torch.ones(2112)),            # more than MAX_NORM_OUT
+    ]
+    for kwargs in refused:
+        kwargs.setdefault('norm_bias', None)
+        assert npw.pointwise_norm(x, eps=1e-5, **kwargs) is None, kwargs
+    with torch.no_grad():
+        assert npw.pointwise_norm(x.contiguous(), w, nw, None, 1e-5, product=True) is None    # NCHW input
+    with ck.pointwise_norm(False):
+        assert npw.pointwise_norm(x, w, nw, None, 1e-5, product=True) is None
+    with pytest.raises(RuntimeError, match='72 → 120 channels is not served here .*check pointwise_norm first'):
+        npw._pointwise_norm(x, torch.randn(120 * 72), torch.ones(60), None, None, 120, 1e-5, True)
+
+
 @needs_cc
 @pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
 def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
@@ -158,8 +387,16 @@ def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
     rows = data['rows']
     assert {(r['weight'][0], r['residual']) for r in rows} >= {(48, False), (96, False), (48, True)}
     assert all(r['kernel_ms'] > 0 and r['onednn_ms'] > 0 and r['max_rel_diff_fp64'] < 1e-6 for r in rows)
+    norm_rows = data['norm_rows']
+    assert {(r['weight'][0], r['epilogue']) for r in norm_rows} >= {(48, 'residual'), (96, 'product')}
+    assert all(r['fused_ms'] > 0 and r['separate_ms'] > 0 and r['max_abs_diff'] < 1e-5 for r in norm_rows)
+    mlp_rows = data['mlp_rows']
+    assert {(tuple(r['in_weight'][:2]), tuple(r['out_weight'][:2])) for r in mlp_rows} >= {((96, 48), (48, 48))}
+    assert all(r['fused_ms'] > 0 and r['separate_ms'] > 0 and r['bit_identical'] for r in mlp_rows)
     (model,) = data['whole_model']
     assert model['model'] == 'cpolynext_t' and model['speedup'] > 0 and model['max_abs_logit_diff'] < 2e-5
+    assert model['norm_epilogue']['speedup'] > 0 and model['norm_epilogue']['max_abs_logit_diff'] < 2e-5
+    assert model['whole_mlp']['speedup'] > 0 and model['whole_mlp']['max_abs_logit_diff'] == 0
     assert '1x1 convolution ms' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(['convformer_s18', '--img-size', '64', '--batch-size', '1', '--runs', '1'])
@@ -174,13 +411,17 @@ def test_the_profiler_counts_the_kernel_as_1x1_convolutions():
     torch.manual_seed(0)
     model = timm.create_model('cpolynext_t', init_channels=48, num_classes=5, cells=(1, 1, 1, 1))
     prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
-    ours = {(cls, op, shape): row for (cls, op, shape), row in prof.ops.items() if op.startswith('polynext::point')}
-    assert {op for _, op, _ in ours} == {'polynext::pointwise', 'polynext::pointwise_add_'}
+    ours = {(cls, op, shape): row for (cls, op, shape), row in prof.ops.items()
+            if op.startswith(('polynext::point', 'polynext::poly_mlp'))}
+    assert {op for _, op, _ in ours} == {'polynext::pointwise', 'polynext::pointwise_norm', 'polynext::poly_mlp_'}
     assert {cls for cls, _, _ in ours} == {'1x1 conv'}
-    # stage 0, 2 x 48 channels at 16x16: the MLP's 48 → 96 input projection and its 48 → 48 residual projection
-    # (PolyMLP's hidden width is 48) are among them
-    stage0 = ours[('1x1 conv', 'polynext::pointwise_add_', '2x48x16x16')]
-    assert stage0.macs == stage0.calls * 2 * 48 * 16 * 16 * 48 > 0
+    # stage 0, 2 x 48 channels at 16x16: each PolyMLP in one kernel, its 48 → 96 input and 48 → 48 output projections
+    # (PolyMLP's hidden width is 48), and PolyConv's 48 → 48 output projection with its norm as the epilogue, one
+    # of each per block
+    mlp = ours[('1x1 conv', 'polynext::poly_mlp_', '2x48x16x16')]
+    assert mlp.calls > 0 and mlp.macs == mlp.calls * 2 * 48 * 16 * 16 * (96 + 48)
+    normed = ours[('1x1 conv', 'polynext::pointwise_norm', '2x48x16x16')]
+    assert normed.calls == mlp.calls and normed.macs == mlp.calls * 2 * 48 * 16 * 16 * 48
 
 
 def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys):

@@ -57,6 +57,13 @@ POLYCONV_DW_TESTS = ('tests/test_polyconv_dw.py::test_polyconv_dw_kernel_in_ever
 NARROW_PW_TESTS = ('tests/test_narrow_pointwise.py::test_narrow_pointwise_kernel_in_every_code_path',
                    'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
                    'tests/test_narrow_pointwise.py::test_applies_checks_before_the_kernel')
+PW_NORM_TESTS = ('tests/test_narrow_pointwise.py::test_pointwise_norm_kernel_in_every_code_path',
+                 'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
+                 'tests/test_narrow_pointwise.py::test_pointwise_norm_keeps_drop_path_in_training_mode',
+                 'tests/test_narrow_pointwise.py::test_pointwise_norm_checks_before_the_kernel')
+POLY_MLP_TESTS = ('tests/test_narrow_pointwise.py::test_poly_mlp_kernel_in_every_code_path',
+                  'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
+                  'tests/test_narrow_pointwise.py::test_poly_mlp_checks_before_the_kernel')
 ABLATION_TESTS = (ABL,)
 EMA_TESTS = ('tests/test_ema.py', 'tests/test_engine_parts.py')
 TRAIN_EMA_RUN = 'tests/test_train_run.py::test_two_epochs_on_an_image_folder'
@@ -148,6 +155,31 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('narrow-pw-residual-dropped', "pointwise_add_: the kernel's projection replaces the residual instead of "
              'adding to it', 'src/polynext/ops/pointwise.py', 'return narrow_pointwise(x, w, out=residual)',
              'return residual.copy_(narrow_pointwise(x, w))', NARROW_PW_TESTS),
+    Mutation('pw-norm-partial-tile-last-row', '1x1 kernel with the norm epilogue (C): the last row of the partial '
+             'last pixel tile is not normalised', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'for (int64_t p = 0; p < np; ++p) {\n            if (product)',
+             'for (int64_t p = 0; p + 1 < np; ++p) {\n            if (product)', PW_NORM_TESTS),
+    Mutation('pw-norm-residual-dropped', '1x1 kernel with the norm epilogue (C): the residual is not added',
+             'src/polynext/ops/csrc/cpu_kernels.c', 'row_f32(buf + p * N, nw, nb, res ? res + (p0 + p) * N : NULL,',
+             'row_f32(buf + p * N, nw, nb, NULL,', PW_NORM_TESTS),
+    Mutation('pw-norm-drop-path-skipped', "PolyConvBlock: the fused norm-and-residual also serves a training-mode "
+             'block with drop path (under no_grad), which then drops nothing', 'src/polynext/models/polynext.py',
+             'self.mixer.pw_out.bias is None and no_drop:', 'self.mixer.pw_out.bias is None:', PW_NORM_TESTS),
+    Mutation('pw-norm-residual-with-product', 'ops.narrow_pointwise.pointwise_norm: a residual is '
+             'accepted with the product (whose output is half as wide)', 'src/polynext/ops/narrow_pointwise.py',
+             '(residual is None or (not product and residual.dtype == torch.float32',
+             '(residual is None or (residual.dtype == torch.float32', PW_NORM_TESTS),
+    Mutation('poly-mlp-partial-block-residual', 'whole-PolyMLP kernel (C): the partial last pixel block adds its '
+             'branch to zeros instead of to the residual stream', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'memcpy(ypad, yt, (size_t)(np * K) * sizeof(float));', '(void)yt;', POLY_MLP_TESTS),
+    Mutation('poly-mlp-last-input-tile-skipped', "whole-PolyMLP kernel (C): a block's last tile of the input "
+             'projection is left uncomputed', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'for (int64_t t = 0; t < PB; t += PT_in) pw_tile_row(',
+             'for (int64_t t = 0; t + PT_in < PB; t += PT_in) pw_tile_row(', POLY_MLP_TESTS),
+    Mutation('poly-mlp-gate-dropped', "PolyNeXt block: the whole-PolyMLP kernel gets fc_out's weight without the "
+             "block's Sigmoid-Scale gate", 'src/polynext/models/polynext.py',
+             'mlp.norm.weight, mlp.norm.bias, mlp.norm.eps, w_out) is not None):',
+             'mlp.norm.weight, mlp.norm.bias, mlp.norm.eps, fc_out.weight) is not None):', POLY_MLP_TESTS),
     Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',

@@ -297,8 +297,9 @@ def _fused_depthwise_macs(ev) -> float:
     return float(_numel(shapes[0]) * sum(s[0] for s in shapes[1:4]))
 
 
-#: ops.narrow_pointwise's operators: 1x1 convolutions (x, then the packed weight, K x N values)
-_NARROW_POINTWISE = ('polynext::pointwise', 'polynext::pointwise_add_')
+#: ops.narrow_pointwise's operators: 1x1 convolutions (x, then the packed weight, K x N values; pointwise_norm's
+#: LayerNorm epilogue is counted inside its convolution)
+_NARROW_POINTWISE = ('polynext::pointwise', 'polynext::pointwise_add_', 'polynext::pointwise_norm')
 
 
 def _narrow_pointwise_macs(ev) -> float:
@@ -306,6 +307,16 @@ def _narrow_pointwise_macs(ev) -> float:
     if len(shapes) < 2 or len(shapes[0]) != 4 or len(shapes[1]) != 1 or not shapes[0][1]:
         return 0.0
     return float(_numel(shapes[0]) * shapes[1][0] / shapes[0][1])
+
+
+def _poly_mlp_macs(ev) -> float:
+    """ops.narrow_pointwise.poly_mlp_ (x, the packed input projection, the norm's weight and bias, the packed output
+    projection): both projections' MACs."""
+    shapes = ev.input_shapes or []
+    if (len(shapes) < 5 or len(shapes[0]) != 4 or len(shapes[1]) != 1 or len(shapes[4]) != 1
+            or not shapes[0][1]):
+        return 0.0
+    return float(_numel(shapes[0]) * (shapes[1][0] + shapes[4][0]) / shapes[0][1])
 
 
 #: the products in one call of ops.cpu_kernels' fused attention operators (each Q·K-sized)
@@ -426,8 +437,10 @@ class _Sorter:
         if name.startswith(_BACKWARD):
             self.visit_backward(ev, name[len(_BACKWARD):])
             return
-        if name in _NARROW_POINTWISE:
-            self.add('1x1 conv', ev, macs=_narrow_pointwise_macs(ev))
+        if name in _NARROW_POINTWISE or name == 'polynext::poly_mlp_':
+            # (poly_mlp_: PolyMLP's two projections, with its product and norm between them)
+            self.add('1x1 conv', ev, macs=_narrow_pointwise_macs(ev) if name in _NARROW_POINTWISE
+                     else _poly_mlp_macs(ev))
             self.remember(ev, '1x1 conv')
             return
         if name == _FUSED_DEPTHWISE:

@@ -92,6 +92,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..ops.channel_norm import channel_norm_nchw, product_norm_nchw
 from ..ops.fused import can_fuse, conv_mul
+from ..ops.narrow_pointwise import pointwise_norm, poly_mlp_
 from ..ops.pointwise import pointwise_add_, split_pointwise
 from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from .polynext import (
@@ -222,26 +223,34 @@ class FoldedPolyConv(nn.Module):
         self.pw_out = pw_out
         self.norm = norm
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before the norm."""
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``pw_out``."""
         # (on CPU inference the product is the coarse convolution's post-op: ops.fused.conv_mul; with the flip
         # a channel reversal, the three depthwise convolutions and the product are one kernel: ops.polyconv_dw)
         if self.pw_in_flip is None:
             u = self.pw_in(x)
             if polyconv_dw_applies(u, self.coarse, self.fine, self.dw_out):
-                return self.pw_out(polyconv_dw(u, self.coarse, self.fine, self.dw_out))
+                return polyconv_dw(u, self.coarse, self.fine, self.dw_out)
             y = conv_mul(u, self.fine(u).flip(1), self.coarse)
         else:
             y = conv_mul(self.pw_in(x), self.fine(self.pw_in_flip(x)), self.coarse)
-        return self.pw_out(self.dw_out(y))
+        return self.dw_out(y)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the norm."""
+        return self.pw_out(self.core(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.branch(x))
 
     def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
-        """x + self(x), as a new tensor (after a LayerNorm, added by the norm's pass: ops.channel_norm)."""
+        """x + self(x), as a new tensor (after a LayerNorm, added by the norm's pass: ops.channel_norm; at CPU
+        inference ``pw_out``, the norm and the addition in one kernel where it serves: ops.narrow_pointwise)."""
         if isinstance(self.norm, ChannelLayerNorm):
-            return self.norm(self.branch(x), residual=x, inplace=True)
+            z = self.core(x)
+            y = None if self.pw_out.bias is not None else \
+                pointwise_norm(z, self.pw_out.weight, self.norm.scale, None, self.norm.eps, residual=x)
+            return self.norm(self.pw_out(z), residual=x, inplace=True) if y is None else y
         return self(x).add_(x)
 
 
@@ -255,6 +264,11 @@ class FoldedPolyMLP(nn.Module):
         self.fc_out = fc_out
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, ChannelLayerNorm) and self.fc_in.bias is None:
+            # CPU inference: fc_in, the product and the norm in one kernel (ops.narrow_pointwise)
+            y = pointwise_norm(x, self.fc_in.weight, self.norm.scale, None, self.norm.eps, product=True)
+            if y is not None:
+                return y
         m = self.fc_in(x)
         if isinstance(self.norm, ChannelLayerNorm):
             y = self.norm.of_product(m)   # CPU inference: the product is not written (ops.channel_norm)
@@ -267,8 +281,13 @@ class FoldedPolyMLP(nn.Module):
         return self.fc_out(self.hidden(x))
 
     def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
-        """x + self(x); with ``owned`` (x may be overwritten) ``fc_out`` adds into x (ops.pointwise.pointwise_add_)."""
+        """x + self(x); with ``owned`` (x may be overwritten) ``fc_out`` adds into x (ops.pointwise.pointwise_add_), or
+        the whole branch is one kernel where it serves (ops.narrow_pointwise.poly_mlp_)."""
         if owned and can_fuse(x):
+            norm = self.norm
+            if (isinstance(norm, ChannelLayerNorm) and self.fc_in.bias is None and self.fc_out.bias is None
+                    and poly_mlp_(x, self.fc_in.weight, norm.scale, None, norm.eps, self.fc_out.weight) is not None):
+                return x
             return pointwise_add_(x, self.hidden(x), self.fc_out)
         return self(x).add_(x)
 

@@ -44,6 +44,7 @@ from ..errors import CheckpointError
 from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_norm_nchw
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.flip_product import flip_product
+from ..ops.narrow_pointwise import pointwise_norm, poly_mlp_
 from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
 from ..ops.fused import can_fuse, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_add_, pointwise_conv2d, split_pointwise
@@ -391,8 +392,13 @@ class PolyMLP(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Norm((W_a x) ⊙ (W_b x)): everything before ``fc_out``."""
+        fused = self.product.is_product and isinstance(self.norm, LayerNorm2d) and self.fc_in.bias is None
+        if fused:   # CPU inference: fc_in, the product and the norm in one kernel, fc_in's output never written
+            y = pointwise_norm(x, self.fc_in.weight, self.norm.weight, self.norm.bias, self.norm.eps, product=True)
+            if y is not None:
+                return y
         m = self.fc_in(x)
-        if self.product.is_product and isinstance(self.norm, LayerNorm2d):
+        if fused:
             n = self.norm
             y = product_norm_nchw(m, n.weight, n.bias, n.eps)   # CPU inference: the product is not written
             if y is not None:
@@ -624,12 +630,18 @@ class _MixerMLPBlock(nn.Module):
 
     def mlp_residual(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x + gate · PolyMLP(x), the gate scaling ``fc_out``'s weight (``_gated_conv``). At CPU inference
-        the addition is ``fc_out``'s post-op, written into ``x`` (always a tensor of this block here)."""
+        the addition is ``fc_out``'s post-op, written into ``x`` (always a tensor of this block here), or the whole
+        branch one kernel (``ops.narrow_pointwise.poly_mlp_``) where it serves."""
         if not isinstance(self.mlp, PolyMLP):
             return gated_residual(x, self.drop_path(self.mlp(x)), gate)
-        fc_out = self.mlp.fc_out
+        mlp, fc_out = self.mlp, self.mlp.fc_out
         if self._fusable(x):
-            return pointwise_add_(x, self.mlp.hidden(x), fc_out, weight=fc_out.weight * gate.reshape(-1, 1, 1, 1))
+            w_out = fc_out.weight * gate.reshape(-1, 1, 1, 1)
+            if (mlp.product.is_product and isinstance(mlp.norm, LayerNorm2d) and mlp.fc_in.bias is None
+                    and fc_out.bias is None
+                    and poly_mlp_(x, mlp.fc_in.weight, mlp.norm.weight, mlp.norm.bias, mlp.norm.eps, w_out) is not None):
+                return x
+            return pointwise_add_(x, mlp.hidden(x), fc_out, weight=w_out)
         return self.drop_path(_gated_conv(fc_out, self.mlp.hidden(x), gate)).add_(x)
 
 
@@ -647,9 +659,19 @@ class PolyConvBlock(_MixerMLPBlock):
         norm = self.mixer_norm
         if isinstance(norm, LayerNorm2d):
             g = gate.reshape(-1)
-            z = self.mixer(x).permute(0, 2, 3, 1)
             weight, bias = norm.weight * g, None if norm.bias is None else norm.bias * g
-            if not self.training or isinstance(self.drop_path, nn.Identity):
+            no_drop = not self.training or isinstance(self.drop_path, nn.Identity)
+            if isinstance(self.mixer, PolyConv) and self.mixer.pw_out.bias is None and no_drop:
+                # CPU inference: pw_out, the norm and the addition in one kernel, pw_out's output never written
+                pc = self.mixer
+                u = pc.core(pc.pw_in(x))
+                y = pointwise_norm(u, pc.pw_out.weight, weight, bias, norm.eps, residual=x)
+                if y is not None:
+                    return y
+                z = pc.pw_out(u).permute(0, 2, 3, 1)
+            else:
+                z = self.mixer(x).permute(0, 2, 3, 1)
+            if no_drop:
                 # drop path is the identity: on the CPU the norm and the addition are one pass of ops.channel_norm
                 # (at inference written into the branch's own output); elsewhere F.layer_norm and the addition
                 return channel_layer_norm(z, norm.normalized_shape, weight, bias, norm.eps,

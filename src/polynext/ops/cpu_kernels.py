@@ -12,7 +12,8 @@ with AVX-512). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel, and
 ``ops.narrow_pointwise``'s 1x1 convolutions at fp32 inference, register tiles of 72 or 48 outputs (faster than oneDNN's
-at PolyNeXt's shapes, most of all its narrow first stages).
+at PolyNeXt's shapes, most of all its narrow first stages), and the same with the channel LayerNorm as their epilogue
+(the convolution's output is normalised in the caches instead of written and read back).
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` / ``gcc``; ``-O3 -march=native``,
 OpenMP when torch's own libgomp is loaded, so that it shares torch's thread pool) into the polynext cache
@@ -40,7 +41,8 @@ from .fused import Switch
 
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
-           'fused_attention_available', 'fused_attention', 'fused_polyconv', 'narrow_pointwise']
+           'fused_attention_available', 'fused_attention', 'fused_polyconv', 'narrow_pointwise', 'pointwise_norm',
+           'fused_mlp']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -62,6 +64,15 @@ fused_polyconv = Switch()
 #: the narrow 1x1 convolution kernel (10. of the C source, ``ops.narrow_pointwise``) on or off, the other kernels as
 #: they are: ``with narrow_pointwise(False): ...`` (A/B timing: ``benchmarks/narrow_pointwise.py``)
 narrow_pointwise = Switch()
+
+#: the channel LayerNorm as the narrow 1x1 kernel's epilogue (11. of the C source, ``ops.narrow_pointwise``:
+#: PolyMLP's ``fc_in`` with its product and norm, PolyConv's ``pw_out`` with its norm and residual) on or off, the
+#: 1x1 kernel itself as it is: ``with pointwise_norm(False): ...`` (A/B timing: ``benchmarks/narrow_pointwise.py``)
+pointwise_norm = Switch()
+
+#: PolyMLP's whole residual branch in one kernel (12. of the C source, ``ops.narrow_pointwise.poly_mlp_``) on or off,
+#: the others as they are: ``with fused_mlp(False): ...`` (A/B timing: ``benchmarks/narrow_pointwise.py``)
+fused_mlp = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -168,6 +179,12 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib.polynext_polyconv_dw_built.restype = ctypes.c_int
     lib.polynext_pointwise_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.polynext_pointwise_f32.restype = ctypes.c_int
+    lib.polynext_pointwise_norm_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float,
+                                                ctypes.c_int, ctypes.c_int]
+    lib.polynext_pointwise_norm_f32.restype = ctypes.c_int
+    lib.polynext_poly_mlp_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+                                          ctypes.c_int]
+    lib.polynext_poly_mlp_f32.restype = ctypes.c_int
     lib.polynext_pointwise_built.restype = ctypes.c_int
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_poly_attention_fused_bf16.restype = ctypes.c_int

@@ -22,6 +22,26 @@ input channels, a CPU with AVX-512, the kernels on (``ops.cpu_kernels.kernels`` 
 input channels in order in float32, as oneDNN's did here (logits equal bit for bit in the benchmark's whole-model
 runs; the tests allow float32 rounding). Registered as ``polynext::pointwise`` / ``polynext::pointwise_add_`` for the
 profiler (1x1 convolutions there).
+
+:func:`pointwise_norm` (``polynext_pointwise_norm_f32``, 11.) is the same convolution with the channel LayerNorm of
+``ops.channel_norm`` as its epilogue, for the two norms of a PolyNeXt block that follow a 1x1 convolution: PolyConv's
+``pw_out`` with its closing norm and the residual addition, PolyMLP's ``fc_in`` with its product of halves and its
+norm. A pixel tile's outputs stay in a buffer on the stack and are normalised from there by the norm kernel's own row
+functions, so the convolution's output is never written to memory nor read back (2N floats a pixel fewer), and the
+values are those of the two kernels one after the other. Switch: ``ops.cpu_kernels.pointwise_norm``; profiler
+operator ``polynext::pointwise_norm`` (a 1x1 convolution there, its norm inside it).
+
+:func:`poly_mlp_` (``polynext_poly_mlp_f32``, 12.) is a PolyNeXt block's whole PolyMLP residual in one kernel, added
+into the residual stream in place: for a block of pixels ``fc_in`` into a buffer, its product and norm (the row
+functions again) into another, ``fc_out`` added into the stream's rows. Only the stream is read and written; the
+separate kernels write and read the 2H-wide input projection (the epilogue kernel saves that) and the H-wide hidden
+tensor besides. The values are those of the epilogue kernel and the residual kernel one after the other (logits equal
+bit for bit). Switch: ``ops.cpu_kernels.fused_mlp``; profiler operator ``polynext::poly_mlp_`` (1x1 convolutions
+there, both projections' MACs).
+
+Measured on a 2-core AMD EPYC (Zen 4), batch 32, fp32, interleaved (``benchmarks/narrow_pointwise.py``): the norm
+epilogue per layer x1.0-1.44 over the kernel and the norm kernel one after the other (most at 56x56), the whole
+PolyMLP x1.12-1.45 over the epilogue and residual kernels.
 """
 from __future__ import annotations
 
@@ -29,10 +49,12 @@ from typing import Optional
 
 import torch
 
-from .cpu_kernels import kernel_available, library, narrow_pointwise as narrow_switch, profiling
+from .cpu_kernels import fused_mlp as mlp_switch, kernel_available, library, narrow_pointwise as narrow_switch, \
+    pointwise_norm as norm_switch, profiling
 from .fused import eager_cpu_inference
 
-__all__ = ['narrow_pointwise', 'narrow_pointwise_applies', 'tile_width', 'TILES', 'MAX_IN']
+__all__ = ['narrow_pointwise', 'narrow_pointwise_applies', 'pointwise_norm', 'poly_mlp_', 'tile_width', 'TILES',
+           'MAX_IN', 'MAX_NORM_OUT']
 
 #: the kernel's register tiles: 72 outputs x 5 pixels, or 48 x 8
 TILES = (72, 48)
@@ -46,6 +68,9 @@ def tile_width(out_channels: int) -> int:
 
 #: the kernel's limit on input channels (its partial-tile buffer on the stack)
 MAX_IN = 1024
+
+#: :func:`pointwise_norm`'s limit on output channels (its tile's row buffer on the stack; PWN_MAX_N in the source)
+MAX_NORM_OUT = 2048
 
 
 def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
@@ -88,11 +113,47 @@ def _pointwise_add_(x: torch.Tensor, wp: torch.Tensor, y: torch.Tensor) -> torch
     return y
 
 
+def _pointwise_norm(x: torch.Tensor, wp: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor], out_channels: int, eps: float, product: bool) -> torch.Tensor:
+    n = out_channels
+    y = torch.empty((x.shape[0], n // 2 if product else n) + tuple(x.shape[2:]), dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    status = library().polynext_pointwise_norm_f32(
+        x.data_ptr(), wp.data_ptr(), y.data_ptr(), norm_weight.data_ptr(),
+        None if norm_bias is None else norm_bias.data_ptr(), None if residual is None else residual.data_ptr(),
+        x.numel() // x.shape[1], x.shape[1], n, tile_width(n), eps, int(product), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'polynext::pointwise_norm: {x.shape[1]} → {n} channels is not served here '
+                           '(check pointwise_norm first)')
+    return y
+
+
+def _poly_mlp_(x: torch.Tensor, wp_in: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
+               wp_out: torch.Tensor, hidden2: int, eps: float) -> torch.Tensor:
+    k = x.shape[1]
+    status = library().polynext_poly_mlp_f32(
+        x.data_ptr(), wp_in.data_ptr(), norm_weight.data_ptr(), None if norm_bias is None else norm_bias.data_ptr(),
+        wp_out.data_ptr(), x.data_ptr(), x.numel() // k, k, hidden2, tile_width(hidden2), tile_width(k), eps,
+        torch.get_num_threads())
+    if status == 2:
+        raise MemoryError('polynext::poly_mlp_: no memory for the kernel\'s per-thread buffers')
+    if status != 0:
+        raise RuntimeError(f'polynext::poly_mlp_: {k} → {hidden2} → {k} channels is not served here '
+                           '(check poly_mlp_ first)')
+    return x
+
+
 _LIB = torch.library.Library('polynext', 'FRAGMENT')
 _LIB.define('pointwise(Tensor x, Tensor packed_weight, int out_channels) -> Tensor')
 _LIB.define('pointwise_add_(Tensor x, Tensor packed_weight, Tensor(a!) out) -> Tensor(a!)')
 _LIB.impl('pointwise', _pointwise, 'CPU')
 _LIB.impl('pointwise_add_', _pointwise_add_, 'CPU')
+_LIB.define('pointwise_norm(Tensor x, Tensor packed_weight, Tensor norm_weight, Tensor? norm_bias, Tensor? residual, '
+            'int out_channels, float eps, bool product) -> Tensor')
+_LIB.impl('pointwise_norm', _pointwise_norm, 'CPU')
+_LIB.define('poly_mlp_(Tensor(a!) x, Tensor packed_in, Tensor norm_weight, Tensor? norm_bias, Tensor packed_out, '
+            'int hidden2, float eps) -> Tensor(a!)')
+_LIB.impl('poly_mlp_', _poly_mlp_, 'CPU')
 
 
 def narrow_pointwise(x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -108,3 +169,55 @@ def narrow_pointwise(x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.
         raise ValueError(f'narrow_pointwise: out must be a channels-last float32 tensor of shape '
                          f'{(x.shape[0], weight.shape[0]) + tuple(x.shape[2:])}, got {tuple(out.shape)} {out.dtype}')
     return torch.ops.polynext.pointwise_add_(x, wp, out) if profiling() else _pointwise_add_(x, wp, out)
+
+
+def _norm_param(p: Optional[torch.Tensor], channels: int) -> bool:
+    return p is None or (p.dtype == torch.float32 and p.shape == (channels,) and p.device.type == 'cpu'
+                         and not (torch.is_grad_enabled() and p.requires_grad))
+
+
+def pointwise_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                   norm_bias: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor] = None,
+                   product: bool = False) -> Optional[torch.Tensor]:
+    """A 1x1 convolution by ``weight`` (no bias) followed by the channel LayerNorm, in one kernel where it serves
+    (module docstring), as a new channels-last tensor; None elsewhere (the caller runs its own path):
+
+        LayerNorm_c(conv(x)) * norm_weight (+ norm_bias) (+ residual)
+        LayerNorm_c(conv(x)[:, :N/2] * conv(x)[:, N/2:]) * norm_weight (+ norm_bias)     (``product``)
+    """
+    n = weight.shape[0]
+    c = n // 2 if product else n
+    if not (norm_switch.on and norm_weight is not None and n <= MAX_NORM_OUT and (not product or n % 2 == 0)
+            and _norm_param(norm_weight, c) and _norm_param(norm_bias, c)
+            and (residual is None or (not product and residual.dtype == torch.float32
+                                      and residual.shape == (x.shape[0], n) + tuple(x.shape[2:])
+                                      and residual.is_contiguous(memory_format=torch.channels_last)))
+            and narrow_pointwise_applies(x, weight)):
+        return None
+    wp = _packed(weight)
+    norm_weight = norm_weight.contiguous()
+    norm_bias = None if norm_bias is None else norm_bias.contiguous()
+    if profiling():
+        return torch.ops.polynext.pointwise_norm(x, wp, norm_weight, norm_bias, residual, n, float(eps), product)
+    return _pointwise_norm(x, wp, norm_weight, norm_bias, residual, n, float(eps), product)
+
+
+def poly_mlp_(x: torch.Tensor, in_weight: torch.Tensor, norm_weight: Optional[torch.Tensor],
+              norm_bias: Optional[torch.Tensor], eps: float, out_weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """PolyMLP's residual branch added into ``x`` (the caller's own residual stream), in one kernel where it serves
+    (module docstring), returning ``x``; None elsewhere (nothing written; the caller runs its own path):
+
+        x += W_out · (LayerNorm_c(a ⊙ b) * norm_weight (+ norm_bias)),   [a, b] = W_in · x
+    """
+    n, k = in_weight.shape[:2]
+    if not (mlp_switch.on and norm_weight is not None and n % 2 == 0 and out_weight.shape[:2] == (k, n // 2)
+            and out_weight.shape[2:] == (1, 1) and out_weight.dtype == torch.float32 and n // 2 <= MAX_IN
+            and tile_width(k) and _norm_param(norm_weight, n // 2) and _norm_param(norm_bias, n // 2)
+            and not (torch.is_grad_enabled() and out_weight.requires_grad) and narrow_pointwise_applies(x, in_weight)):
+        return None
+    wp_in, wp_out = _packed(in_weight), _packed(out_weight)
+    norm_weight = norm_weight.contiguous()
+    norm_bias = None if norm_bias is None else norm_bias.contiguous()
+    if profiling():
+        return torch.ops.polynext.poly_mlp_(x, wp_in, norm_weight, norm_bias, wp_out, n, float(eps))
+    return _poly_mlp_(x, wp_in, norm_weight, norm_bias, wp_out, n, float(eps))

@@ -83,7 +83,14 @@
  *
  *     oneDNN's kernels for the narrow products (48-144 outputs) run at 45-65 GMAC/s on a 2-core Zen 4 against about
  *     90 for wide ones; here a tile of 5 pixels x 72 outputs (4 vectors and a half) or 8 pixels x 48 outputs stays
- *     in registers for the whole sum over k, which also runs the wider layers a few per cent faster than oneDNN. */
+ *     in registers for the whole sum over k, which also runs the wider layers a few per cent faster than oneDNN.
+ *
+ * 11. polynext_pointwise_norm_f32: 10. with 1.'s LayerNorm as its epilogue (PolyConv's pw_out with its norm and
+ *     residual, PolyMLP's fc_in with its product and norm): a pixel tile's outputs are normalised from a buffer on
+ *     the stack by 1.'s row functions, so the convolution's output never goes to memory and back.
+ *
+ * 12. polynext_poly_mlp_f32: a PolyNeXt block's whole PolyMLP residual (fc_in, the product and norm of 11., fc_out
+ *     added into the stream as in 10.) for a block of pixels at a time, its intermediates in per-thread buffers. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1766,38 +1773,133 @@ int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }
 PW_TILE(pw_tile72, 5, 4, 1)
 PW_TILE(pw_tile48, 8, 3, 0)
 
+/* One pixel tile of PT rows (x: PT x K, stride K) against every chunk of the packed weight, into y (PT rows, stride
+ * ldy; + y with `accumulate`). */
+static inline void pw_tile_row(const float *xt, const float *wp, float *yt, int64_t K, int64_t N, int64_t CW,
+                               int64_t ldy, int accumulate) {
+    for (int64_t c = 0; c < N / CW; ++c) {
+        if (CW == 72) pw_tile72(xt, K, wp + c * K * CW, yt + c * CW, ldy, accumulate);
+        else pw_tile48(xt, K, wp + c * K * CW, yt + c * CW, ldy, accumulate);
+    }
+}
+
+/* The pixel tile's rows of x, or (the last, partial tile) a zeroed copy of them in xpad: the tile reads PT rows. */
+static inline const float *pw_rows(const float *x, int64_t p0, int64_t np, int64_t PT, int64_t K, float *xpad) {
+    const float *xt = x + p0 * K;
+    if (np == PT) return xt;
+    memset(xpad, 0, (size_t)(PT * K) * sizeof(float));
+    memcpy(xpad, xt, (size_t)(np * K) * sizeof(float));
+    return xpad;
+}
+
+static inline int pw_refused(int64_t K, int64_t N, int64_t CW) {
+    return !(CW == 72 || CW == 48) || N % CW != 0 || K < 1 || K > PW_MAX_K;
+}
+
 int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P, int64_t K, int64_t N, int64_t CW,
                            int accumulate, int threads) {
-    if (!(CW == 72 || CW == 48) || N % CW != 0 || K < 1 || K > PW_MAX_K) return 1;
+    if (pw_refused(K, N, CW)) return 1;
     const int64_t PT = CW == 72 ? 5 : 8, tiles = (P + PT - 1) / PT, chunks = N / CW;
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t i = 0; i < tiles; ++i) {
         const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
-        const float *xt = x + p0 * K;
-        float *yt = y + p0 * N;
         float xpad[8 * PW_MAX_K], ypad[8 * 72];    /* the last, partial tile (PT x CW <= 8 x 72): zero rows past P */
-        if (np < PT) {
-            memset(xpad, 0, (size_t)(PT * K) * sizeof(float));
-            memcpy(xpad, xt, (size_t)(np * K) * sizeof(float));
-            xt = xpad;
+        const float *xt = pw_rows(x, p0, np, PT, K, xpad);
+        float *yt = y + p0 * N;
+        if (np == PT) {
+            pw_tile_row(xt, wp, yt, K, N, CW, N, accumulate);
+            continue;
         }
-        for (int64_t c = 0; c < chunks; ++c) {
-            const float *wc = wp + c * K * CW;
+        for (int64_t c = 0; c < chunks; ++c) {     /* into ypad (one chunk wide), then the real rows out */
             float *yc = yt + c * CW;
-            int64_t ldy = N;
-            if (np < PT) {                         /* into ypad (one chunk wide), then the real rows out */
-                for (int64_t p = 0; p < PT; ++p)
-                    for (int64_t j = 0; j < CW; ++j) ypad[p * CW + j] = p < np && accumulate ? yc[p * N + j] : 0.f;
-                yc = ypad;
-                ldy = CW;
-            }
-            if (CW == 72) pw_tile72(xt, K, wc, yc, ldy, accumulate);
-            else pw_tile48(xt, K, wc, yc, ldy, accumulate);
-            if (np < PT)
-                for (int64_t p = 0; p < np; ++p) memcpy(yt + p * N + c * CW, ypad + p * CW, (size_t)CW * sizeof(float));
+            for (int64_t p = 0; p < PT; ++p)
+                for (int64_t j = 0; j < CW; ++j) ypad[p * CW + j] = p < np && accumulate ? yc[p * N + j] : 0.f;
+            if (CW == 72) pw_tile72(xt, K, wp + c * K * CW, ypad, CW, accumulate);
+            else pw_tile48(xt, K, wp + c * K * CW, ypad, CW, accumulate);
+            for (int64_t p = 0; p < np; ++p) memcpy(yc + p * N, ypad + p * CW, (size_t)CW * sizeof(float));
         }
     }
     return 0;
+}
+
+/* 11. polynext_pointwise_norm_f32: the 1x1 convolution of 10. with the channel LayerNorm of 1. as its epilogue,
+ * for the two norms of a PolyNeXt block that follow a 1x1 convolution:
+ *
+ *     y[p] = norm(x[p] W) * nw (+ nb) (+ res[p])                       (PolyConv's pw_out, its norm and residual)
+ *     y[p] = norm((x[p] W)[:N/2] * (x[p] W)[N/2:]) * nw (+ nb)        (`product`: PolyMLP's fc_in, product, norm)
+ *
+ * A pixel tile's N outputs go to a buffer on the stack (PT x N floats, L1 / L2) instead of memory, and the row
+ * kernels of 1. (the same functions, so the same values as the two kernels one after the other) normalise them from
+ * there into y (P x N, or P x N/2 with `product`); res (P x N, or NULL) may be y itself. Saves the write of the
+ * convolution's output and the norm's read of it: 2N floats a pixel. Returns 0; 1 where not served (as 10., or N >
+ * PWN_MAX_N: nothing written). */
+#define PWN_MAX_N 2048
+int polynext_pointwise_norm_f32(const float *x, const float *wp, float *y, const float *nw, const float *nb,
+                                const float *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps, int product,
+                                int threads) {
+    if (pw_refused(K, N, CW) || N > PWN_MAX_N || (product && N % 2 != 0)) return 1;
+    const int64_t PT = CW == 72 ? 5 : 8, tiles = (P + PT - 1) / PT, C = product ? N / 2 : N;
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
+        float xpad[8 * PW_MAX_K], buf[8 * PWN_MAX_N];
+        pw_tile_row(pw_rows(x, p0, np, PT, K, xpad), wp, buf, K, N, CW, N, 0);
+        for (int64_t p = 0; p < np; ++p) {
+            if (product)
+                row_prod_f32(buf + p * N, nw, nb, NULL, y + (p0 + p) * C, C, eps, NULL);
+            else
+                row_f32(buf + p * N, nw, nb, res ? res + (p0 + p) * N : NULL, y + (p0 + p) * N, N, eps, NULL);
+        }
+    }
+    return 0;
+}
+/* 12. polynext_poly_mlp_f32: a PolyNeXt block's whole PolyMLP residual at inference, 11.'s epilogue followed by
+ * 10.'s residual form:
+ *
+ *     y[p] += (norm((x[p] W_in)[:H] * (x[p] W_in)[H:]) * nw (+ nb)) W_out        (H = N / 2; y may be x)
+ *
+ * x and y: P x K (the residual stream, K channels); wp_in: W_in packed for 10. (K x N, chunks of CW_in), wp_out:
+ * W_out packed (H x K, chunks of CW_out). A block of PB pixels (a multiple of both tiles' pixel counts) goes through
+ * the input projection into a buffer (PB x N), its normalised product into another (PB x H) and the output
+ * projection into y, so that nothing but x is read and y written: the separate kernels write and read N + 2H floats
+ * a pixel more. A block reads all its rows of x before it writes y, so y may be x. Per-thread buffers on the heap.
+ * Returns 0; 1 where not served (either projection refused by 10.'s rules, N odd or H > MAX_C: nothing written);
+ * 2 if a buffer could not be allocated. */
+int polynext_poly_mlp_f32(const float *x, const float *wp_in, const float *nw, const float *nb, const float *wp_out,
+                          float *y, int64_t P, int64_t K, int64_t N, int64_t CW_in, int64_t CW_out, float eps,
+                          int threads) {
+    const int64_t H = N / 2;
+    if (pw_refused(K, N, CW_in) || N % 2 != 0 || pw_refused(H, K, CW_out) || H > MAX_C) return 1;
+    const int64_t PT_in = CW_in == 72 ? 5 : 8, PT_out = CW_out == 72 ? 5 : 8;
+    const int64_t PB = PT_in == PT_out ? PT_in : PT_in * PT_out, blocks = (P + PB - 1) / PB;
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
+    {
+        float *xpad = (float *)malloc(sizeof(float) * (size_t)(PB * (2 * K + N + H)));
+        if (!xpad) {
+            failed = 1;
+        } else {
+            float *ypad = xpad + PB * K, *buf = ypad + PB * K, *hid = buf + PB * N;
+            _Pragma("omp for schedule(static)")
+            for (int64_t i = 0; i < blocks; ++i) {
+                const int64_t p0 = i * PB, np = P - p0 < PB ? P - p0 : PB;
+                const float *xt = pw_rows(x, p0, np, PB, K, xpad);
+                for (int64_t t = 0; t < PB; t += PT_in) pw_tile_row(xt + t * K, wp_in, buf + t * N, K, N, CW_in, N, 0);
+                for (int64_t p = 0; p < np; ++p) row_prod_f32(buf + p * N, nw, nb, NULL, hid + p * H, H, eps, NULL);
+                float *yt = y + p0 * K;
+                if (np < PB) {                      /* the last, partial block: into ypad, then the real rows out */
+                    memset(hid + np * H, 0, (size_t)((PB - np) * H) * sizeof(float));
+                    memset(ypad, 0, (size_t)(PB * K) * sizeof(float));
+                    memcpy(ypad, yt, (size_t)(np * K) * sizeof(float));
+                }
+                float *yb = np < PB ? ypad : yt;
+                for (int64_t t = 0; t < PB; t += PT_out) pw_tile_row(hid + t * H, wp_out, yb + t * K, H, K, CW_out, K, 1);
+                if (np < PB) memcpy(yt, ypad, (size_t)(np * K) * sizeof(float));
+            }
+            free(xpad);
+        }
+    }
+    return failed ? 2 : 0;
 }
 #else
 #define PW_BUILT 0
@@ -1806,7 +1908,21 @@ int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P,
     (void)x; (void)wp; (void)y; (void)P; (void)K; (void)N; (void)CW; (void)accumulate; (void)threads;
     return 1;
 }
+int polynext_pointwise_norm_f32(const float *x, const float *wp, float *y, const float *nw, const float *nb,
+                                const float *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps, int product,
+                                int threads) {
+    (void)x; (void)wp; (void)y; (void)nw; (void)nb; (void)res; (void)P; (void)K; (void)N; (void)CW; (void)eps;
+    (void)product; (void)threads;
+    return 1;
+}
+int polynext_poly_mlp_f32(const float *x, const float *wp_in, const float *nw, const float *nb, const float *wp_out,
+                          float *y, int64_t P, int64_t K, int64_t N, int64_t CW_in, int64_t CW_out, float eps,
+                          int threads) {
+    (void)x; (void)wp_in; (void)nw; (void)nb; (void)wp_out; (void)y; (void)P; (void)K; (void)N; (void)CW_in;
+    (void)CW_out; (void)eps; (void)threads;
+    return 1;
+}
 #endif
 
-/* 1 where polynext_pointwise_f32 is built (AVX-512), else 0. */
+/* 1 where polynext_pointwise_f32, polynext_pointwise_norm_f32 and polynext_poly_mlp_f32 are built (AVX-512), else 0. */
 int polynext_pointwise_built(void) { return PW_BUILT; }
