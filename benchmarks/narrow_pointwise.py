@@ -16,19 +16,22 @@ PolyConv's ``pw_out`` with its norm and residual, PolyMLP's ``fc_in`` with its p
   fused     ``pointwise_norm``
 
 Then PolyMLP's whole residual branch in one kernel (``ops.narrow_pointwise.poly_mlp_``) against the epilogue kernel
-(``fc_in``, product, norm) and the residual kernel (``fc_out`` added into the stream), per served shape, and whether
-the two give the same bits.
+(``fc_in``, product, norm) and the residual kernel (``fc_out`` added into the stream; in bf16 oneDNN's convolution
+with its sum post-op), per served shape, and whether the two give the same bits.
 
 With ``--whole-model``, then each model's inference step (``polynext bench``'s) with the kernels on and off
 (``ops.cpu_kernels.narrow_pointwise``: every 1x1 convolution on oneDNN), with the norm epilogue on and off and with
 the whole-MLP kernel on and off (``pointwise_norm``, ``fused_mlp``; the others on), interleaved, and the largest
 logit differences.
 
-The kernel needs AVX-512 and runs float32 (elsewhere oneDNN serves every call and there is nothing to time). Prints
-tables and writes JSON. Speed ratios depend on the CPU: the JSON names it.
+The kernel needs AVX-512 and runs float32 (elsewhere oneDNN serves every call and there is nothing to time). With
+``--dtype bf16`` a bf16 model: the fused kernels' bf16 forms (AVX-512 BF16) against oneDNN's bf16 convolution and the
+norm kernel, and the whole-model A/Bs; the plain kernel is float32 only. Prints tables and writes JSON. Speed ratios
+depend on the CPU: the JSON names it.
 
     python benchmarks/narrow_pointwise.py --whole-model --json benchmarks/results/narrow_pointwise_zen4.json
-    python benchmarks/narrow_pointwise.py --whole-model --runs 11 --json benchmarks/results/pointwise_fused_zen4.json
+    python benchmarks/narrow_pointwise.py --whole-model --runs 9 --json benchmarks/results/pointwise_fused_zen4.json
+    python benchmarks/narrow_pointwise.py --whole-model --dtype bf16 --runs 9 --json benchmarks/results/pointwise_fused_bf16_zen4.json
     python benchmarks/narrow_pointwise.py cpolynext_s --runs 21
 """
 from __future__ import annotations
@@ -82,10 +85,26 @@ def _shapes(model: torch.nn.Module, x: torch.Tensor) -> tuple:
     return list(found), list(normed), list(mlps)
 
 
+def _separate(dtype: torch.dtype):
+    """The path without the fused kernels: (conv, conv added into a tensor): in float32 the plain 1x1 kernel, in
+    bfloat16 oneDNN's convolution (and its sum post-op, ``ops.fused.conv_add_``), which the plain kernel does not
+    serve."""
+    from polynext.ops.fused import conv_add_
+    from polynext.ops.narrow_pointwise import narrow_pointwise
+    if dtype == torch.float32:
+        return narrow_pointwise, lambda out, x, w: narrow_pointwise(x, w, out=out)
+
+    def add(out, x, w):
+        conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 1, bias=False, dtype=w.dtype)
+        return conv_add_(out, x, conv, weight=w)
+    return F.conv2d, add
+
+
 def _mlp_rows(args, shapes: dict, gen: torch.Generator) -> list:
     """PolyMLP's residual branch in one kernel against the norm epilogue kernel and the residual 1x1 kernel."""
     from polynext.bench import time_interleaved
-    from polynext.ops.narrow_pointwise import narrow_pointwise, pointwise_norm, poly_mlp_
+    from polynext.ops.narrow_pointwise import pointwise_norm, poly_mlp_
+    _, conv_add = _separate(args.torch_dtype)
     print(f'PolyMLP residual branch, ms (median of {args.runs}):', flush=True)
     rows, seen = [], set()
     for name, calls in shapes.items():
@@ -93,28 +112,29 @@ def _mlp_rows(args, shapes: dict, gen: torch.Generator) -> list:
             if (xs, wis, wos) in seen:
                 continue
             seen.add((xs, wis, wos))
-            xin = torch.randn(xs, generator=gen).contiguous(memory_format=torch.channels_last)
-            w_in = torch.randn(wis, generator=gen) / wis[1] ** 0.5
-            w_out = torch.randn(wos, generator=gen) / wos[1] ** 0.5
-            nw = torch.rand(wis[0] // 2, generator=gen) + 0.5
+            dt = args.torch_dtype
+            xin = torch.randn(xs, generator=gen).to(dt).contiguous(memory_format=torch.channels_last)
+            w_in = (torch.randn(wis, generator=gen) / wis[1] ** 0.5).to(dt)
+            w_out = (torch.randn(wos, generator=gen) / wos[1] ** 0.5).to(dt)
+            nw = (torch.rand(wis[0] // 2, generator=gen) + 0.5).to(dt)
             xa, xb = xin.clone(), xin.clone()
-            steps = {'separate': lambda: narrow_pointwise(pointwise_norm(xa, w_in, nw, None, 1e-5, product=True), w_out,
-                                                          out=xa),
+            steps = {'separate': lambda: conv_add(xa, pointwise_norm(xa, w_in, nw, None, 1e-5, product=True), w_out),
                      'fused': lambda: poly_mlp_(xb, w_in, nw, None, 1e-5, w_out)}
             with torch.inference_mode():
                 for fn in steps.values():
                     fn()                                   # warm-up, and the same values from there on
                 equal = torch.equal(xa, xb)
+                diff = (xa.float() - xb.float()).abs().max().item()
                 ms = {key: statistics.median(t) * 1e3 for key, t in time_interleaved(steps, args.runs).items()}
             macs = xin.numel() * (wis[0] + wos[1])
             row = dict(model=name, x=list(xs), in_weight=list(wis), out_weight=list(wos),
                        **{f'{key}_ms': round(t, 3) for key, t in ms.items()},
                        **{f'{key}_gmac_s': round(macs / t / 1e6, 1) for key, t in ms.items()},
-                       speedup=round(ms['separate'] / ms['fused'], 3), bit_identical=equal)
+                       speedup=round(ms['separate'] / ms['fused'], 3), bit_identical=equal, max_abs_diff=diff)
             rows.append(row)
             print(f"{name:12s} {str(list(xs)):18s} -> {wis[0]:4d} -> {wos[0]:4d}  separate {ms['separate']:7.2f} "
                   f"({row['separate_gmac_s']:5.1f} GMAC/s)  fused {ms['fused']:7.2f} ({row['fused_gmac_s']:5.1f})  "
-                  f"x{row['speedup']:.2f}  {'bit-identical' if equal else 'DIFFERENT'}", flush=True)
+                  f"x{row['speedup']:.2f}  {'bit-identical' if equal else f'max |Δ| {diff:.1e}'}", flush=True)
     return rows
 
 
@@ -122,7 +142,9 @@ def _norm_rows(args, shapes: dict, gen: torch.Generator) -> list:
     """The kernel with the norm epilogue against the kernel and the norm kernel, per served shape."""
     from polynext.bench import time_interleaved
     from polynext.ops.channel_norm import channel_layer_norm
-    from polynext.ops.narrow_pointwise import narrow_pointwise, pointwise_norm
+    from polynext.ops.narrow_pointwise import pointwise_norm
+    conv, _ = _separate(args.torch_dtype)
+    dt = args.torch_dtype
     print(f'1x1 convolution with the norm epilogue, ms (median of {args.runs}):', flush=True)
     rows, seen = [], set()
     for name, calls in shapes.items():
@@ -132,21 +154,21 @@ def _norm_rows(args, shapes: dict, gen: torch.Generator) -> list:
             seen.add((xs, ws, kind))
             n = ws[0]
             c = n // 2 if kind == 'product' else n
-            xin = torch.randn(xs, generator=gen).contiguous(memory_format=torch.channels_last)
-            w = torch.randn(ws, generator=gen) / xs[1] ** 0.5
-            nw = torch.rand(c, generator=gen) + 0.5
-            res = torch.randn((xs[0], n) + xs[2:], generator=gen).contiguous(memory_format=torch.channels_last)
+            xin = torch.randn(xs, generator=gen).to(dt).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(ws, generator=gen) / xs[1] ** 0.5).to(dt)
+            nw = (torch.rand(c, generator=gen) + 0.5).to(dt)
+            res = torch.randn((xs[0], n) + xs[2:], generator=gen).to(dt).contiguous(memory_format=torch.channels_last)
             if kind == 'product':
-                steps = {'separate': lambda: channel_layer_norm(narrow_pointwise(xin, w).permute(0, 2, 3, 1), (c,), nw,
+                steps = {'separate': lambda: channel_layer_norm(conv(xin, w).permute(0, 2, 3, 1), (c,), nw,
                                                                 None, 1e-5, product=True),
                          'fused': lambda: pointwise_norm(xin, w, nw, None, 1e-5, product=True)}
             else:
-                steps = {'separate': lambda: channel_layer_norm(narrow_pointwise(xin, w).permute(0, 2, 3, 1), (n,), nw,
+                steps = {'separate': lambda: channel_layer_norm(conv(xin, w).permute(0, 2, 3, 1), (n,), nw,
                                                                 None, 1e-5, residual=res.permute(0, 2, 3, 1),
                                                                 inplace=True),
                          'fused': lambda: pointwise_norm(xin, w, nw, None, 1e-5, residual=res)}
             with torch.inference_mode():
-                diff = (steps['fused']().permute(0, 2, 3, 1) - steps['separate']()).abs().max().item()
+                diff = (steps['fused']().permute(0, 2, 3, 1).float() - steps['separate']().float()).abs().max().item()
                 ms = {key: statistics.median(t) * 1e3 for key, t in time_interleaved(steps, args.runs).items()}
             macs = xin.numel() * n
             row = dict(model=name, x=list(xs), weight=list(ws), epilogue=kind,
@@ -168,7 +190,7 @@ def _whole_model(args) -> list:
     print(f'whole model, inference, img/s (median of {args.runs}):', flush=True)
     rows = []
     for name in args.models:
-        settings = BenchSettings(mode='infer', dtype='fp32', batch_size=args.batch_size, img_size=args.img_size)
+        settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size)
         row = switch_ab(name, settings, cpu_kernels.narrow_pointwise, args.runs, labels=('onednn', 'kernel'))
         row['norm_epilogue'] = switch_ab(name, settings, cpu_kernels.pointwise_norm, args.runs,
                                          labels=('separate', 'fused'))
@@ -189,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--runs', type=int, default=9)
+    parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32',
+                        help='bf16: a bf16 model, where only the fused kernels serve (the plain kernel is fp32 only)')
     parser.add_argument('--whole-model', action='store_true',
                         help="then each model's inference step with the kernel on and off")
     parser.add_argument('--json', default=None, metavar='PATH')
@@ -200,6 +224,10 @@ def main(argv=None) -> int:
     if not (cpu_kernels.kernel_available() and cpu_kernels.library().pointwise):
         parser.error('the narrow 1x1 kernel is not built here (it needs AVX-512, a C compiler and the kernels on); '
                      "oneDNN serves every call, so there is nothing to compare: run it on such a CPU")
+    if args.dtype == 'bf16' and not cpu_kernels.library().pointwise_bf16:
+        parser.error('the bf16 fused 1x1 kernels are not built here (they need AVX-512 BF16); run --dtype bf16 on '
+                     'such a CPU, or drop it')
+    args.torch_dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     shapes, norm_shapes, mlp_shapes = {}, {}, {}
     for name in args.models:
@@ -212,12 +240,15 @@ def main(argv=None) -> int:
     from polynext.ops.fused import conv_add_
     from polynext.ops.narrow_pointwise import narrow_pointwise
     env = environment(torch.device('cpu'))
-    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, fp32, "
+    print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
           f'batch {args.batch_size}, {args.img_size} px, 1x1 convolution ms (median of {args.runs})', flush=True)
     rows = []
     gen = torch.Generator().manual_seed(0)
     seen = set()
-    for name in args.models:
+    if args.dtype == 'bf16':
+        print('bf16: the plain 1x1 kernel is float32 only (oneDNN serves those layers); the fused kernels below',
+              flush=True)
+    for name in args.models if args.dtype == 'fp32' else ():
         for xs, ws, residual in shapes[name]:
             if (xs, ws, residual) in seen:
                 continue
@@ -253,7 +284,7 @@ def main(argv=None) -> int:
     models = _whole_model(args) if args.whole_model else None
     out = dict(command=['python', 'benchmarks/narrow_pointwise.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), batch_size=args.batch_size, img_size=args.img_size,
-               dtype='fp32', rows=rows, norm_rows=norm_rows, mlp_rows=mlp_rows, whole_model=models)
+               dtype=args.dtype, rows=rows, norm_rows=norm_rows, mlp_rows=mlp_rows, whole_model=models)
     write_report(args.json, out)
     return 0
 

@@ -16,7 +16,7 @@ from polynext.ops import narrow_pointwise as npw
 from polynext.ops import pointwise
 from polynext.ops.fused import fusion
 
-from test_cpu_kernels import AVX512, _library_for, needs_cc
+from test_cpu_kernels import AVX512, AVX512_BF16, _library_for, needs_cc
 
 #: (N, K, M, H, W, residual): output widths in one and in several tiles (72, 144, 432 in 72-wide tiles of 5 pixels;
 #: 48, 96, 240 in 48-wide tiles of 8), pixel counts that fill whole tiles and that leave a partial last tile
@@ -143,7 +143,7 @@ def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     separate kernels' bit for bit), logits within 2e-5 of oneDNN's and of the kernel without the epilogue; so do the folded
     model's bias-free residual projections; with autograd recording, bf16, float32 under bf16 autocast,
     ``narrow_pointwise(False)``, ``kernels(False)`` and ``fusion(False)`` it is oneDNN's path (NCHW activations: the
-    op-level test below)."""
+    op-level test below); a bf16 model takes only the fused kernels."""
     calls = []
     real, real_norm = npw._call, npw._pointwise_norm
     monkeypatch.setattr(npw, '_call', lambda x, wp, y, acc: calls.append((y.shape[1], acc)) or real(x, wp, y, acc))
@@ -187,8 +187,10 @@ def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     with torch.no_grad():
         with torch.autocast('cpu', dtype=torch.bfloat16):        # float32 under bf16 autocast: not served
             model(x)
-        copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))   # bf16: not served
     assert len(calls) == served
+    with torch.no_grad():   # bf16: the plain kernel does not serve it, the fused ones do where built (test below)
+        copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert {kind for _, kind in calls[served:]} <= {'norm', 'mlp'}
 
 
 def test_applies_checks_before_the_kernel(monkeypatch):
@@ -221,7 +223,7 @@ def test_applies_checks_before_the_kernel(monkeypatch):
 #: (N, K, 2H, H, W): PolyMLP's widths (K channels, 2H after the input projection) in 72- and 48-wide tiles of both
 #: projections, mixed (a block of 40 pixels: 8 tiles of 5 and 5 of 8), pixel counts with a partial last block
 MLP_SHAPES = [(2, 72, 144, 7, 9), (1, 48, 96, 5, 5), (2, 96, 144, 9, 9), (1, 144, 96, 3, 3), (3, 288, 504, 2, 3),
-              (1, 72, 2016, 1, 1)]
+              (1, 72, 2016, 1, 1), (2, 96, 144, 3, 3)]
 
 
 @needs_cc
@@ -278,6 +280,112 @@ def test_poly_mlp_kernel_in_every_code_path(march, tmp_path):
         assert lib.polynext_poly_mlp_f32(x.data_ptr(), wi.data_ptr(), nw.data_ptr(), None, wo.data_ptr(),
                                          y.data_ptr(), 4, k, m, cw_in, cw_out, 1e-5, 1) == 1
     assert torch.equal(y, x)
+
+
+def _bf16_round(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).double()
+
+
+@needs_cc
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+def test_bf16_fused_kernels_in_every_code_path(march, tmp_path):
+    """The norm epilogue and the whole-PolyMLP kernel for bfloat16 (the pair dot product): against float64 on the same
+    bf16 values, rounded where the kernels round (the output; PolyMLP's hidden tensor), within 2^-7 of the largest
+    value; one and two threads equal; builds without AVX-512 BF16 (skylake-avx512, x86-64-v2) refuse and write
+    nothing; an odd number of inputs is refused."""
+    lib = _library_for(march, tmp_path)
+    built = AVX512_BF16 if march is None else False
+    assert lib.polynext_pointwise_bf16_built() == built
+    gen = torch.Generator().manual_seed(0)
+    for n, k, m, h, w, mode in NORM_SHAPES:
+        c = m // 2 if mode == 'product' else m
+        k += k % 2
+        x = torch.randn(n, k, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5).to(torch.bfloat16)
+        nw, nb = torch.rand(c, generator=gen) + 0.5, (torch.randn(c, generator=gen) if mode != 'plain' else None)
+        res = torch.randn(n, c, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        conv = F.conv2d(x.double(), weight.double())
+        if mode == 'product':
+            conv = conv[:, :c] * conv[:, c:]
+        ref = F.layer_norm(conv.permute(0, 2, 3, 1), (c,), nw.double(), None if nb is None else nb.double(), 1e-5)
+        ref = ref.permute(0, 3, 1, 2) + (res.double() if mode in ('residual', 'inplace') else 0)
+        wp = _packed(weight)
+        outs = []
+        for threads in (1, 2):
+            y = res.clone() if mode == 'inplace' else torch.full_like(res, 7.0)
+            r = y if mode == 'inplace' else res if mode == 'residual' else None
+            before = y.clone()
+            status = lib.polynext_pointwise_norm_bf16(
+                x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None if nb is None else nb.data_ptr(),
+                None if r is None else r.data_ptr(), n * h * w, k, m, npw.tile_width(m), 1e-5,
+                int(mode == 'product'), threads)
+            if not built:
+                assert status == 1 and torch.equal(y, before)
+                continue
+            assert status == 0
+            assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max(), (n, k, m, h, w, mode)
+            outs.append(y)
+        if built:
+            assert torch.equal(outs[0], outs[1])
+    for n, k, m, h, w in MLP_SHAPES:
+        x = torch.randn(n, k, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w_in = (torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5).to(torch.bfloat16)
+        w_out = (torch.randn(k, m // 2, 1, 1, generator=gen) / m ** 0.5).to(torch.bfloat16)
+        nw, nb = torch.rand(m // 2, generator=gen) + 0.5, torch.randn(m // 2, generator=gen)
+        a = F.conv2d(x.double(), w_in.double())
+        hid = F.layer_norm((a[:, :m // 2] * a[:, m // 2:]).permute(0, 2, 3, 1), (m // 2,), nw.double(), nb.double(),
+                           1e-5).permute(0, 3, 1, 2)
+        ref = x.double() + F.conv2d(_bf16_round(hid), w_out.double())
+        wi, wo = _packed(w_in), _packed(w_out)
+        outs = []
+        for threads in (1, 2):
+            y = x.clone()
+            status = lib.polynext_poly_mlp_bf16(y.data_ptr(), wi.data_ptr(), nw.data_ptr(), nb.data_ptr(),
+                                                wo.data_ptr(), y.data_ptr(), n * h * w, k, m, npw.tile_width(m),
+                                                npw.tile_width(k), 1e-5, threads)
+            if not built:
+                assert status == 1 and torch.equal(y, x)
+                continue
+            assert status == 0
+            assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max(), (n, k, m, h, w)
+            outs.append(y)
+        if built:
+            assert torch.equal(outs[0], outs[1])
+    x = torch.randn(1, 71, 2, 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)   # 71 inputs: odd
+    wp, nw = torch.randn(72 * 71).to(torch.bfloat16), torch.ones(72)
+    y = torch.full((1, 72, 2, 2), 7.0).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert lib.polynext_pointwise_norm_bf16(x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None, None,
+                                            4, 71, 72, 72, 1e-5, 0, 1) == 1
+    assert (y == 7).all()
+
+
+@needs_cc
+@pytest.mark.skipif(not AVX512_BF16, reason='the bf16 kernels need AVX-512 BF16')
+def test_bf16_models_take_the_fused_kernels():
+    """A bf16 model at CPU inference runs PolyConv's pw_out with its norm and every PolyMLP on the bf16 kernels (the
+    plain 1x1 convolutions stay oneDNN's), logits within bf16's rounding of the separate path (relative L2 error
+    below 0.05, as the bf16 norm kernel's test)."""
+    torch.manual_seed(0)
+    model = timm.create_model('cpolynext_t', init_channels=48, num_classes=10, cells=(1, 1, 1, 1)).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, 64).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    kinds = []
+    real_norm, real_mlp = npw._pointwise_norm, npw._poly_mlp_
+    npw._pointwise_norm = lambda x, *a: kinds.append(('norm', x.dtype)) or real_norm(x, *a)
+    npw._poly_mlp_ = lambda x, *a: kinds.append(('mlp', x.dtype)) or real_mlp(x, *a)
+    try:
+        with torch.inference_mode():
+            y = model(x).float()
+            assert {('norm', torch.bfloat16), ('mlp', torch.bfloat16)} <= set(kinds)
+            n = len(kinds)
+            with ck.pointwise_norm(False), ck.fused_mlp(False):
+                ref = model(x).float()
+            assert len(kinds) == n
+    finally:
+        npw._pointwise_norm, npw._poly_mlp_ = real_norm, real_mlp
+    assert ((y - ref).norm() / ref.norm()).item() < 0.05
 
 
 def test_poly_mlp_checks_before_the_kernel():
@@ -422,6 +530,32 @@ def test_the_profiler_counts_the_kernel_as_1x1_convolutions():
     assert mlp.calls > 0 and mlp.macs == mlp.calls * 2 * 48 * 16 * 16 * (96 + 48)
     normed = ours[('1x1 conv', 'polynext::pointwise_norm', '2x48x16x16')]
     assert normed.calls == mlp.calls and normed.macs == mlp.calls * 2 * 48 * 16 * 16 * 48
+
+
+@needs_cc
+@pytest.mark.skipif(not AVX512_BF16, reason='the bf16 kernels need AVX-512 BF16')
+def test_the_benchmark_in_bf16_at_a_tiny_size(tmp_path, capsys):
+    """``benchmarks/narrow_pointwise.py --dtype bf16``: no plain-kernel rows (fp32 only), the fused kernels' rows
+    against oneDNN's bf16 path within bf16's rounding, the whole-model A/B of a bf16 model, the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        'narrow_pointwise_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'narrow_pointwise.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'np.json'
+    assert bench.main(['cpolynext_t', '--dtype', 'bf16', '--batch-size', '2', '--img-size', '64', '--runs', '1',
+                       '--whole-model', '--json', str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data['dtype'] == 'bf16' and data['rows'] == []
+    assert data['norm_rows'] and all(r['fused_ms'] > 0 and r['max_abs_diff'] < 0.1 for r in data['norm_rows'])
+    assert data['mlp_rows'] and all(r['fused_ms'] > 0 and r['max_abs_diff'] < 0.1 for r in data['mlp_rows'])
+    (model,) = data['whole_model']
+    # (a sanity bound: an untrained model's logits reach several units, a bf16 step there is 1/32; the tight bf16
+    # checks are the kernel test against float64 and the model test's relative error)
+    assert model['speedup'] > 0 and model['max_abs_logit_diff'] < 1.0
+    assert 'the plain 1x1 kernel is float32 only' in capsys.readouterr().out
 
 
 def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys):

@@ -61,6 +61,8 @@ PW_NORM_TESTS = ('tests/test_narrow_pointwise.py::test_pointwise_norm_kernel_in_
                  'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
                  'tests/test_narrow_pointwise.py::test_pointwise_norm_keeps_drop_path_in_training_mode',
                  'tests/test_narrow_pointwise.py::test_pointwise_norm_checks_before_the_kernel')
+BF16_PW_TESTS = ('tests/test_narrow_pointwise.py::test_bf16_fused_kernels_in_every_code_path',
+                 'tests/test_narrow_pointwise.py::test_bf16_models_take_the_fused_kernels')
 POLY_MLP_TESTS = ('tests/test_narrow_pointwise.py::test_poly_mlp_kernel_in_every_code_path',
                   'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
                   'tests/test_narrow_pointwise.py::test_poly_mlp_checks_before_the_kernel')
@@ -146,7 +148,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
              NARROW_PW_TESTS),
     Mutation('narrow-pw-half-vector-unsummed', 'narrow 1x1 kernel (C): the last 8 outputs of a 72-wide tile keep '
              'zero sums', 'src/polynext/ops/csrc/cpu_kernels.c',
-             'if (HALF) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);', 'if (HALF) t[p] = t[p];',
+             'if (TAIL == 8) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);', 'if (TAIL == 8) t[p] = t[p];',
              NARROW_PW_TESTS),
     Mutation('narrow-pw-in-training', 'ops.narrow_pointwise: the kernel (no autograd) also serves training',
              'src/polynext/ops/narrow_pointwise.py',
@@ -157,8 +159,9 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'return residual.copy_(narrow_pointwise(x, w))', NARROW_PW_TESTS),
     Mutation('pw-norm-partial-tile-last-row', '1x1 kernel with the norm epilogue (C): the last row of the partial '
              'last pixel tile is not normalised', 'src/polynext/ops/csrc/cpu_kernels.c',
-             'for (int64_t p = 0; p < np; ++p) {\n            if (product)',
-             'for (int64_t p = 0; p + 1 < np; ++p) {\n            if (product)', PW_NORM_TESTS),
+             'for (int64_t p = 0; p < np; ++p) {\n            if (product)\n                row_prod_f32(buf',
+             'for (int64_t p = 0; p + 1 < np; ++p) {\n            if (product)\n                row_prod_f32(buf',
+             PW_NORM_TESTS),
     Mutation('pw-norm-residual-dropped', '1x1 kernel with the norm epilogue (C): the residual is not added',
              'src/polynext/ops/csrc/cpu_kernels.c', 'row_f32(buf + p * N, nw, nb, res ? res + (p0 + p) * N : NULL,',
              'row_f32(buf + p * N, nw, nb, NULL,', PW_NORM_TESTS),
@@ -167,8 +170,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'self.mixer.pw_out.bias is None and no_drop:', 'self.mixer.pw_out.bias is None:', PW_NORM_TESTS),
     Mutation('pw-norm-residual-with-product', 'ops.narrow_pointwise.pointwise_norm: a residual is '
              'accepted with the product (whose output is half as wide)', 'src/polynext/ops/narrow_pointwise.py',
-             '(residual is None or (not product and residual.dtype == torch.float32',
-             '(residual is None or (residual.dtype == torch.float32', PW_NORM_TESTS),
+             '(residual is None or (not product and residual.dtype == x.dtype',
+             '(residual is None or (residual.dtype == x.dtype', PW_NORM_TESTS),
     Mutation('poly-mlp-partial-block-residual', 'whole-PolyMLP kernel (C): the partial last pixel block adds its '
              'branch to zeros instead of to the residual stream', 'src/polynext/ops/csrc/cpu_kernels.c',
              'memcpy(ypad, yt, (size_t)(np * K) * sizeof(float));', '(void)yt;', POLY_MLP_TESTS),
@@ -180,6 +183,18 @@ MUTATIONS: Tuple[Mutation, ...] = (
              "block's Sigmoid-Scale gate", 'src/polynext/models/polynext.py',
              'mlp.norm.weight, mlp.norm.bias, mlp.norm.eps, w_out) is not None):',
              'mlp.norm.weight, mlp.norm.bias, mlp.norm.eps, fc_out.weight) is not None):', POLY_MLP_TESTS),
+    Mutation('pw-bf16-pairs-misformed', "ops.narrow_pointwise: a bf16 weight's input pairs packed as (k, k + K/2) "
+             'instead of (k, k + 1)', 'src/polynext/ops/narrow_pointwise.py',
+             'return weight.reshape(n // cw, cw, k // 2, 2).permute(0, 2, 1, 3).contiguous().reshape(-1)',
+             'return weight.reshape(n // cw, cw, 2, k // 2).permute(0, 3, 1, 2).contiguous().reshape(-1)', BF16_PW_TESTS),
+    Mutation('pw-bf16-half-vector-unsummed', 'bf16 1x1 tile (C): the last 8 outputs of a 72-wide tile keep zero sums',
+             'src/polynext/ops/csrc/cpu_kernels.c',
+             'if (TAIL == 8) t[p] = _mm256_dpbf16_ps(t[p], (__m256bh)_mm512_castsi512_si256(b), wt);',
+             'if (TAIL == 8) t[p] = t[p];', BF16_PW_TESTS),
+    Mutation('poly-mlp-bf16-residual-dropped', 'bf16 whole-PolyMLP kernel (C): the branch replaces the stream instead '
+             'of adding to it', 'src/polynext/ops/csrc/cpu_kernels.c',
+             '_mm512_add_ps(load_bf16(y + r * C + c, k), load_f32(s + r * C + c, k))', 'load_f32(s + r * C + c, k)',
+             BF16_PW_TESTS),
     Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',

@@ -185,6 +185,11 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     lib.polynext_poly_mlp_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                           ctypes.c_int]
     lib.polynext_poly_mlp_f32.restype = ctypes.c_int
+    lib.polynext_pointwise_norm_bf16.argtypes = lib.polynext_pointwise_norm_f32.argtypes
+    lib.polynext_pointwise_norm_bf16.restype = ctypes.c_int
+    lib.polynext_poly_mlp_bf16.argtypes = lib.polynext_poly_mlp_f32.argtypes
+    lib.polynext_poly_mlp_bf16.restype = ctypes.c_int
+    lib.polynext_pointwise_bf16_built.restype = ctypes.c_int
     lib.polynext_pointwise_built.restype = ctypes.c_int
     lib.polynext_poly_attention_fused.restype = ctypes.c_int
     lib.polynext_poly_attention_fused_bf16.restype = ctypes.c_int
@@ -195,6 +200,7 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
                                     [torch.bfloat16] * bool(lib.polynext_poly_attention_fused_bf16()))
     lib.polyconv_dw = bool(lib.polynext_polyconv_dw_built())   # AVX-512
     lib.pointwise = bool(lib.polynext_pointwise_built())       # AVX-512
+    lib.pointwise_bf16 = bool(lib.polynext_pointwise_bf16_built())   # AVX-512 BF16: pointwise_norm, poly_mlp_
     return lib
 
 

@@ -39,6 +39,12 @@ tensor besides. The values are those of the epilogue kernel and the residual ker
 bit for bit). Switch: ``ops.cpu_kernels.fused_mlp``; profiler operator ``polynext::poly_mlp_`` (1x1 convolutions
 there, both projections' MACs).
 
+Both fused kernels also run a bf16 model (``polynext_pointwise_norm_bf16`` / ``polynext_poly_mlp_bf16``, 13.: AVX-512
+BF16's pair dot product, the weight packed as pairs of inputs, an even number of them): the sums are float32 into the
+norm, where oneDNN's bf16 convolution rounds them to bf16 first; the norm's output and the stream are rounded once,
+as the separate path rounds them. The plain kernel stays float32 (oneDNN's bf16 1x1 convolutions already run near
+this machine's bf16 peak; what the fused kernels save is memory traffic).
+
 Measured on a 2-core AMD EPYC (Zen 4), batch 32, fp32, interleaved (``benchmarks/narrow_pointwise.py``): the norm
 epilogue per layer x1.0-1.44 over the kernel and the norm kernel one after the other (most at 56x56), the whole
 PolyMLP x1.12-1.45 over the epilogue and residual kernels.
@@ -56,13 +62,13 @@ from .fused import eager_cpu_inference
 __all__ = ['narrow_pointwise', 'narrow_pointwise_applies', 'pointwise_norm', 'poly_mlp_', 'tile_width', 'TILES',
            'MAX_IN', 'MAX_NORM_OUT']
 
-#: the kernel's register tiles: 72 outputs x 5 pixels, or 48 x 8
+#: the kernel's register tiles: 72 outputs x 5 pixels, or 48 x 8 (the first that divides a layer's outputs)
 TILES = (72, 48)
 
 
 def tile_width(out_channels: int) -> int:
-    """The tile width the kernel takes for this many outputs (72 where they are a multiple of 72, else 48), or 0
-    where neither divides them (oneDNN's path)."""
+    """The tile width the kernel takes for this many outputs (the first of ``TILES`` that divides them), or 0 where
+    none does (oneDNN's path)."""
     return next((t for t in TILES if out_channels % t == 0), 0)
 
 
@@ -73,22 +79,32 @@ MAX_IN = 1024
 MAX_NORM_OUT = 2048
 
 
-def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
-    """Whether :func:`narrow_pointwise` serves ``F.conv2d(x, weight, bias)`` (module docstring)."""
-    if not (narrow_switch.on and bias is None and x.dim() == 4 and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.dim() == 4 and weight.shape[2:] == (1, 1)
+def _served(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bf16: bool) -> bool:
+    """Whether the kernels take ``F.conv2d(x, weight, bias)``: float32, or with ``bf16`` also bfloat16 (an even
+    number of inputs, the bf16 kernels built: AVX-512 BF16)."""
+    dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0)
+    if not (narrow_switch.on and dtype_ok and bias is None and x.dim() == 4 and weight.dtype == x.dtype
+            and weight.dim() == 4 and weight.shape[2:] == (1, 1)
             and tile_width(weight.shape[0]) and weight.shape[1] == x.shape[1] <= MAX_IN
             and weight.device == x.device and not (torch.is_grad_enabled() and weight.requires_grad)
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu')
             and eager_cpu_inference(x)):
         return False
-    return kernel_available() and library().pointwise
+    return kernel_available() and (library().pointwise if x.dtype == torch.float32 else library().pointwise_bf16)
+
+
+def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`narrow_pointwise` serves ``F.conv2d(x, weight, bias)`` (module docstring)."""
+    return _served(x, weight, bias, bf16=False)
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K, 1, 1) → the kernel's layout: per chunk of CW outputs, (K, CW) row-major."""
+    """(N, K, 1, 1) → the kernel's layout: per chunk of CW outputs, (K, CW) row-major; for bfloat16 (the pair dot
+    product's operand) (K / 2, CW, 2): each output's two consecutive inputs side by side."""
     n, k = weight.shape[:2]
     cw = tile_width(n)
+    if weight.dtype == torch.bfloat16:
+        return weight.reshape(n // cw, cw, k // 2, 2).permute(0, 2, 1, 3).contiguous().reshape(-1)
     return weight.reshape(n // cw, cw, k).transpose(1, 2).contiguous().reshape(-1)
 
 
@@ -118,7 +134,8 @@ def _pointwise_norm(x: torch.Tensor, wp: torch.Tensor, norm_weight: torch.Tensor
     n = out_channels
     y = torch.empty((x.shape[0], n // 2 if product else n) + tuple(x.shape[2:]), dtype=x.dtype,
                     memory_format=torch.channels_last)
-    status = library().polynext_pointwise_norm_f32(
+    fn = library().polynext_pointwise_norm_f32 if x.dtype == torch.float32 else library().polynext_pointwise_norm_bf16
+    status = fn(
         x.data_ptr(), wp.data_ptr(), y.data_ptr(), norm_weight.data_ptr(),
         None if norm_bias is None else norm_bias.data_ptr(), None if residual is None else residual.data_ptr(),
         x.numel() // x.shape[1], x.shape[1], n, tile_width(n), eps, int(product), torch.get_num_threads())
@@ -131,7 +148,8 @@ def _pointwise_norm(x: torch.Tensor, wp: torch.Tensor, norm_weight: torch.Tensor
 def _poly_mlp_(x: torch.Tensor, wp_in: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
                wp_out: torch.Tensor, hidden2: int, eps: float) -> torch.Tensor:
     k = x.shape[1]
-    status = library().polynext_poly_mlp_f32(
+    fn = library().polynext_poly_mlp_f32 if x.dtype == torch.float32 else library().polynext_poly_mlp_bf16
+    status = fn(
         x.data_ptr(), wp_in.data_ptr(), norm_weight.data_ptr(), None if norm_bias is None else norm_bias.data_ptr(),
         wp_out.data_ptr(), x.data_ptr(), x.numel() // k, k, hidden2, tile_width(hidden2), tile_width(k), eps,
         torch.get_num_threads())
@@ -171,9 +189,14 @@ def narrow_pointwise(x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.
     return torch.ops.polynext.pointwise_add_(x, wp, out) if profiling() else _pointwise_add_(x, wp, out)
 
 
-def _norm_param(p: Optional[torch.Tensor], channels: int) -> bool:
-    return p is None or (p.dtype == torch.float32 and p.shape == (channels,) and p.device.type == 'cpu'
+def _norm_param(p: Optional[torch.Tensor], channels: int, dtype: torch.dtype) -> bool:
+    return p is None or (p.dtype == dtype and p.shape == (channels,) and p.device.type == 'cpu'
                          and not (torch.is_grad_enabled() and p.requires_grad))
+
+
+def _as_f32(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A norm parameter as the kernels read it: contiguous float32 (a bf16 model's are converted, exactly)."""
+    return None if p is None else p.to(torch.float32).contiguous()
 
 
 def pointwise_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor],
@@ -188,15 +211,14 @@ def pointwise_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[
     n = weight.shape[0]
     c = n // 2 if product else n
     if not (norm_switch.on and norm_weight is not None and n <= MAX_NORM_OUT and (not product or n % 2 == 0)
-            and _norm_param(norm_weight, c) and _norm_param(norm_bias, c)
-            and (residual is None or (not product and residual.dtype == torch.float32
+            and _norm_param(norm_weight, c, x.dtype) and _norm_param(norm_bias, c, x.dtype)
+            and (residual is None or (not product and residual.dtype == x.dtype
                                       and residual.shape == (x.shape[0], n) + tuple(x.shape[2:])
                                       and residual.is_contiguous(memory_format=torch.channels_last)))
-            and narrow_pointwise_applies(x, weight)):
+            and _served(x, weight, None, bf16=True)):
         return None
     wp = _packed(weight)
-    norm_weight = norm_weight.contiguous()
-    norm_bias = None if norm_bias is None else norm_bias.contiguous()
+    norm_weight, norm_bias = _as_f32(norm_weight), _as_f32(norm_bias)
     if profiling():
         return torch.ops.polynext.pointwise_norm(x, wp, norm_weight, norm_bias, residual, n, float(eps), product)
     return _pointwise_norm(x, wp, norm_weight, norm_bias, residual, n, float(eps), product)
@@ -210,14 +232,13 @@ def poly_mlp_(x: torch.Tensor, in_weight: torch.Tensor, norm_weight: Optional[to
         x += W_out · (LayerNorm_c(a ⊙ b) * norm_weight (+ norm_bias)),   [a, b] = W_in · x
     """
     n, k = in_weight.shape[:2]
-    if not (mlp_switch.on and norm_weight is not None and n % 2 == 0 and out_weight.shape[:2] == (k, n // 2)
-            and out_weight.shape[2:] == (1, 1) and out_weight.dtype == torch.float32 and n // 2 <= MAX_IN
-            and tile_width(k) and _norm_param(norm_weight, n // 2) and _norm_param(norm_bias, n // 2)
-            and not (torch.is_grad_enabled() and out_weight.requires_grad) and narrow_pointwise_applies(x, in_weight)):
+    if not (mlp_switch.on and norm_weight is not None and n % 4 == 0 and out_weight.shape[:2] == (k, n // 2)
+            and out_weight.shape[2:] == (1, 1) and out_weight.dtype == x.dtype and n // 2 <= MAX_IN
+            and tile_width(k) and _norm_param(norm_weight, n // 2, x.dtype) and _norm_param(norm_bias, n // 2, x.dtype)
+            and not (torch.is_grad_enabled() and out_weight.requires_grad) and _served(x, in_weight, None, bf16=True)):
         return None
     wp_in, wp_out = _packed(in_weight), _packed(out_weight)
-    norm_weight = norm_weight.contiguous()
-    norm_bias = None if norm_bias is None else norm_bias.contiguous()
+    norm_weight, norm_bias = _as_f32(norm_weight), _as_f32(norm_bias)
     if profiling():
         return torch.ops.polynext.poly_mlp_(x, wp_in, norm_weight, norm_bias, wp_out, n, float(eps))
     return _poly_mlp_(x, wp_in, norm_weight, norm_bias, wp_out, n, float(eps))

@@ -90,7 +90,10 @@
  *     the stack by 1.'s row functions, so the convolution's output never goes to memory and back.
  *
  * 12. polynext_poly_mlp_f32: a PolyNeXt block's whole PolyMLP residual (fc_in, the product and norm of 11., fc_out
- *     added into the stream as in 10.) for a block of pixels at a time, its intermediates in per-thread buffers. */
+ *     added into the stream as in 10.) for a block of pixels at a time, its intermediates in per-thread buffers.
+ *
+ * 13. polynext_pointwise_norm_bf16 / polynext_poly_mlp_bf16: 11. and 12. for a bf16 model, on AVX-512 BF16's pair
+ *     dot product. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -168,8 +171,8 @@ static inline __m512 prod_bf16(const uint16_t *x, int64_t C, int64_t c, __mmask1
 /* One row: the mean, then the variance as the mean of squared deviations (both passes read the row from L1,
  * converted to float32 as loaded), then the normalised row, written once. The row's last C % 16 values are
  * loaded and stored under a mask. */
-#define ROW_KERNEL(NAME, T, GET, LOAD, STORE)                                                                    \
-    static inline void NAME(const T *x, const float *w, const float *b, const T *res, T *y, int64_t C,          \
+#define ROW_KERNEL2(NAME, T, TY, GET, LOAD, STORE)                                                               \
+    static inline void NAME(const T *x, const float *w, const float *b, const TY *res, TY *y, int64_t C,        \
                             float eps, float *st) {                                                             \
         const int64_t full = C & ~(int64_t)15;                                                                  \
         const __mmask16 kt = (__mmask16)((1u << (C - full)) - 1u);                                              \
@@ -213,10 +216,14 @@ static inline __m512 prod_bf16(const uint16_t *x, int64_t C, int64_t c, __mmask1
         }                                                                                                       \
     }
 
+#define ROW_KERNEL(NAME, T, GET, LOAD, STORE) ROW_KERNEL2(NAME, T, T, GET, LOAD, STORE)
 ROW_KERNEL(row_f32, float, get_f32, load_f32, store_f32)
 ROW_KERNEL(row_bf16, uint16_t, get_bf16, load_bf16, store_bf16)
 ROW_KERNEL(row_prod_f32, float, prod_f32, load_f32, store_f32)
 ROW_KERNEL(row_prod_bf16, uint16_t, prod_bf16, load_bf16, store_bf16)
+/* float32 rows in (the 1x1 kernel's buffer, 13.), bfloat16 out (and residual) */
+ROW_KERNEL2(row_f32_bf16, float, uint16_t, get_f32, load_bf16, store_bf16)
+ROW_KERNEL2(row_prod_f32_bf16, float, uint16_t, prod_f32, load_bf16, store_bf16)
 
 
 static inline __m512 poly_pow(__m512 s, int power) {   /* (s + 1)^power, power 2 or 4 */
@@ -1732,8 +1739,9 @@ int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }
 #define PW_MAX_K 1024
 #if defined(__AVX512F__)
 #define PW_BUILT 1
-/* one tile: PT pixels (rows of x, stride K; of y, stride N) against one chunk of NV vectors (+ a half vector) */
-#define PW_TILE(NAME, PT, NV, HALF)                                                                              \
+/* one tile: PT pixels (rows of x, stride K; of y, stride N) against one chunk of NV vectors and a TAIL of 8 lanes
+ * (a 256-bit vector; 0: none) */
+#define PW_TILE(NAME, PT, NV, TAIL)                                                                              \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const float *wc, float *y, \
                                                            int64_t N, int accumulate) {                          \
         __m512 a[PT][NV];                                                                                       \
@@ -1744,18 +1752,18 @@ int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }
             for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();                                         \
             t[p] = _mm256_setzero_ps();                                                                         \
         }                                                                                                       \
-        const int64_t CW = 16 * NV + 8 * HALF;                                                                  \
+        const int64_t CW = 16 * NV + TAIL;                                                                      \
         for (int64_t k = 0; k < K; ++k) {                                                                       \
             __m512 wv[NV];                                                                                      \
             _Pragma("GCC unroll 4")                                                                             \
             for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wc + k * CW + 16 * v);                         \
-            const __m256 wt = HALF ? _mm256_loadu_ps(wc + k * CW + 16 * NV) : _mm256_setzero_ps();              \
+            const __m256 wt = TAIL == 8 ? _mm256_loadu_ps(wc + k * CW + 16 * NV) : _mm256_setzero_ps();         \
             _Pragma("GCC unroll 8")                                                                             \
             for (int p = 0; p < PT; ++p) {                                                                      \
                 const __m512 b = _mm512_set1_ps(x[p * K + k]);                                                  \
                 _Pragma("GCC unroll 4")                                                                         \
                 for (int v = 0; v < NV; ++v) a[p][v] = _mm512_fmadd_ps(b, wv[v], a[p][v]);                      \
-                if (HALF) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);                          \
+                if (TAIL == 8) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);                     \
             }                                                                                                   \
         }                                                                                                       \
         _Pragma("GCC unroll 8")                                                                                 \
@@ -1765,22 +1773,26 @@ int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }
             for (int v = 0; v < NV; ++v)                                                                        \
                 _mm512_storeu_ps(yp + 16 * v, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yp + 16 * v), a[p][v]) \
                                                          : a[p][v]);                                            \
-            if (HALF)                                                                                           \
+            if (TAIL == 8)                                                                                      \
                 _mm256_storeu_ps(yp + 16 * NV, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yp + 16 * NV), t[p])  \
                                                           : t[p]);                                              \
         }                                                                                                       \
     }
-PW_TILE(pw_tile72, 5, 4, 1)
+PW_TILE(pw_tile72, 5, 4, 8)
 PW_TILE(pw_tile48, 8, 3, 0)
+
+/* The pixels of a tile of CW outputs (72: 5 x 4.5 vectors, 48: 8 x 3 accumulators), and the tile. */
+static inline int64_t pw_pixels(int64_t CW) { return CW == 72 ? 5 : 8; }
+static inline void pw_tile(int64_t CW, const float *x, int64_t K, const float *wc, float *y, int64_t N, int accumulate) {
+    if (CW == 72) pw_tile72(x, K, wc, y, N, accumulate);
+    else pw_tile48(x, K, wc, y, N, accumulate);
+}
 
 /* One pixel tile of PT rows (x: PT x K, stride K) against every chunk of the packed weight, into y (PT rows, stride
  * ldy; + y with `accumulate`). */
 static inline void pw_tile_row(const float *xt, const float *wp, float *yt, int64_t K, int64_t N, int64_t CW,
                                int64_t ldy, int accumulate) {
-    for (int64_t c = 0; c < N / CW; ++c) {
-        if (CW == 72) pw_tile72(xt, K, wp + c * K * CW, yt + c * CW, ldy, accumulate);
-        else pw_tile48(xt, K, wp + c * K * CW, yt + c * CW, ldy, accumulate);
-    }
+    for (int64_t c = 0; c < N / CW; ++c) pw_tile(CW, xt, K, wp + c * K * CW, yt + c * CW, ldy, accumulate);
 }
 
 /* The pixel tile's rows of x, or (the last, partial tile) a zeroed copy of them in xpad: the tile reads PT rows. */
@@ -1799,7 +1811,7 @@ static inline int pw_refused(int64_t K, int64_t N, int64_t CW) {
 int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P, int64_t K, int64_t N, int64_t CW,
                            int accumulate, int threads) {
     if (pw_refused(K, N, CW)) return 1;
-    const int64_t PT = CW == 72 ? 5 : 8, tiles = (P + PT - 1) / PT, chunks = N / CW;
+    const int64_t PT = pw_pixels(CW), tiles = (P + PT - 1) / PT, chunks = N / CW;
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t i = 0; i < tiles; ++i) {
         const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
@@ -1814,8 +1826,7 @@ int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P,
             float *yc = yt + c * CW;
             for (int64_t p = 0; p < PT; ++p)
                 for (int64_t j = 0; j < CW; ++j) ypad[p * CW + j] = p < np && accumulate ? yc[p * N + j] : 0.f;
-            if (CW == 72) pw_tile72(xt, K, wp + c * K * CW, ypad, CW, accumulate);
-            else pw_tile48(xt, K, wp + c * K * CW, ypad, CW, accumulate);
+            pw_tile(CW, xt, K, wp + c * K * CW, ypad, CW, accumulate);
             for (int64_t p = 0; p < np; ++p) memcpy(yc + p * N, ypad + p * CW, (size_t)CW * sizeof(float));
         }
     }
@@ -1838,7 +1849,7 @@ int polynext_pointwise_norm_f32(const float *x, const float *wp, float *y, const
                                 const float *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps, int product,
                                 int threads) {
     if (pw_refused(K, N, CW) || N > PWN_MAX_N || (product && N % 2 != 0)) return 1;
-    const int64_t PT = CW == 72 ? 5 : 8, tiles = (P + PT - 1) / PT, C = product ? N / 2 : N;
+    const int64_t PT = pw_pixels(CW), tiles = (P + PT - 1) / PT, C = product ? N / 2 : N;
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t i = 0; i < tiles; ++i) {
         const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
@@ -1870,7 +1881,7 @@ int polynext_poly_mlp_f32(const float *x, const float *wp_in, const float *nw, c
                           int threads) {
     const int64_t H = N / 2;
     if (pw_refused(K, N, CW_in) || N % 2 != 0 || pw_refused(H, K, CW_out) || H > MAX_C) return 1;
-    const int64_t PT_in = CW_in == 72 ? 5 : 8, PT_out = CW_out == 72 ? 5 : 8;
+    const int64_t PT_in = pw_pixels(CW_in), PT_out = pw_pixels(CW_out);
     const int64_t PB = PT_in == PT_out ? PT_in : PT_in * PT_out, blocks = (P + PB - 1) / PB;
     int failed = 0;
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
@@ -1901,6 +1912,161 @@ int polynext_poly_mlp_f32(const float *x, const float *wp_in, const float *nw, c
     }
     return failed ? 2 : 0;
 }
+
+/* 13. polynext_pointwise_norm_bf16 / polynext_poly_mlp_bf16: 11. and 12. for bfloat16 activations and weights (a
+ * bf16 model's inference), their products on AVX-512 BF16's pair dot product (vdpbf16ps: two bf16 products summed
+ * into a float32 lane per instruction, the rate of oneDNN's bf16 1x1 convolutions). The weight is packed per chunk
+ * of CW outputs as pairs of inputs ([chunk][k / 2][CW][2] bf16: a 512-bit load is 16 outputs' pair), the tile
+ * broadcasts a pair of a pixel's inputs as one 32-bit word; K even. The sums are float32 and stay so into the norm
+ * (oneDNN's bf16 convolution rounds them to bf16 first); the norm's output (PolyMLP's hidden, the operand of fc_out)
+ * and the stream are rounded to bf16 once, as the unfused bf16 path rounds them. */
+#if defined(__AVX512BF16__)
+#define PWB_BUILT 1
+#define PWB_TILE(NAME, PT, NV, TAIL)                                                                             \
+    static inline __attribute__((always_inline)) void NAME(const uint16_t *x, int64_t K, const uint16_t *wc,    \
+                                                           float *y, int64_t ldy) {                             \
+        __m512 a[PT][NV];                                                                                       \
+        __m256 t[PT];                                                                                           \
+        _Pragma("GCC unroll 8")                                                                                 \
+        for (int p = 0; p < PT; ++p) {                                                                          \
+            _Pragma("GCC unroll 4")                                                                             \
+            for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();                                         \
+            t[p] = _mm256_setzero_ps();                                                                         \
+        }                                                                                                       \
+        const int64_t CW = 16 * NV + TAIL;                                                                      \
+        for (int64_t j = 0; j < K / 2; ++j) {                                                                   \
+            const uint16_t *wj = wc + j * 2 * CW;                                                               \
+            __m512bh wv[NV];                                                                                    \
+            _Pragma("GCC unroll 4")                                                                             \
+            for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(wj + 32 * v);                     \
+            const __m256bh wt = (__m256bh)(TAIL == 8 ? _mm256_loadu_si256((const __m256i *)(wj + 32 * NV))     \
+                                                     : _mm256_setzero_si256());                                 \
+            _Pragma("GCC unroll 8")                                                                             \
+            for (int p = 0; p < PT; ++p) {                                                                      \
+                const __m512i b = word_pair(x + p * K + 2 * j);                                                 \
+                _Pragma("GCC unroll 4")                                                                         \
+                for (int v = 0; v < NV; ++v) a[p][v] = _mm512_dpbf16_ps(a[p][v], (__m512bh)b, wv[v]);           \
+                if (TAIL == 8) t[p] = _mm256_dpbf16_ps(t[p], (__m256bh)_mm512_castsi512_si256(b), wt);          \
+            }                                                                                                   \
+        }                                                                                                       \
+        _Pragma("GCC unroll 8")                                                                                 \
+        for (int p = 0; p < PT; ++p) {                                                                          \
+            _Pragma("GCC unroll 4")                                                                             \
+            for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + p * ldy + 16 * v, a[p][v]);                      \
+            if (TAIL == 8) _mm256_storeu_ps(y + p * ldy + 16 * NV, t[p]);                                       \
+        }                                                                                                       \
+    }
+static inline __m512i word_pair(const uint16_t *p) {   /* a bf16 pair broadcast */
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return _mm512_set1_epi32((int)w);
+}
+PWB_TILE(pwb_tile72, 5, 4, 8)
+PWB_TILE(pwb_tile48, 8, 3, 0)
+
+/* One pixel tile (PT rows of x, stride K) against every chunk, the float32 sums into y (PT rows, stride ldy). */
+static inline void pwb_tile_row(const uint16_t *xt, const uint16_t *wp, float *yt, int64_t K, int64_t N, int64_t CW,
+                                int64_t ldy) {
+    for (int64_t c = 0; c < N / CW; ++c) {
+        const uint16_t *wc = wp + c * K * CW;
+        if (CW == 72) pwb_tile72(xt, K, wc, yt + c * CW, ldy);
+        else pwb_tile48(xt, K, wc, yt + c * CW, ldy);
+    }
+}
+
+static inline const uint16_t *pwb_rows(const uint16_t *x, int64_t p0, int64_t np, int64_t PT, int64_t K,
+                                       uint16_t *xpad) {
+    const uint16_t *xt = x + p0 * K;
+    if (np == PT) return xt;
+    memset(xpad, 0, (size_t)(PT * K) * sizeof(uint16_t));
+    memcpy(xpad, xt, (size_t)(np * K) * sizeof(uint16_t));
+    return xpad;
+}
+
+/* y (rows x C bf16) += s (rows x C float32), rounded once */
+static inline void pwb_add_rows(uint16_t *y, const float *s, int64_t rows, int64_t C) {
+    const int64_t full = C & ~(int64_t)15;
+    const __mmask16 kt = (__mmask16)((1u << (C - full)) - 1u);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < C; c += 16) {
+            const __mmask16 k = c < full ? (__mmask16)0xffff : kt;
+            store_bf16(y + r * C + c, k, _mm512_add_ps(load_bf16(y + r * C + c, k), load_f32(s + r * C + c, k)));
+        }
+}
+
+int polynext_pointwise_norm_bf16(const uint16_t *x, const uint16_t *wp, uint16_t *y, const float *nw, const float *nb,
+                                 const uint16_t *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps,
+                                 int product, int threads) {
+    if (pw_refused(K, N, CW) || K % 2 != 0 || N > PWN_MAX_N || (product && N % 2 != 0)) return 1;
+    const int64_t PT = pw_pixels(CW), tiles = (P + PT - 1) / PT, C = product ? N / 2 : N;
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
+        uint16_t xpad[8 * PW_MAX_K];
+        float buf[8 * PWN_MAX_N];
+        pwb_tile_row(pwb_rows(x, p0, np, PT, K, xpad), wp, buf, K, N, CW, N);
+        for (int64_t p = 0; p < np; ++p) {
+            if (product)
+                row_prod_f32_bf16(buf + p * N, nw, nb, NULL, y + (p0 + p) * C, C, eps, NULL);
+            else
+                row_f32_bf16(buf + p * N, nw, nb, res ? res + (p0 + p) * N : NULL, y + (p0 + p) * N, N, eps, NULL);
+        }
+    }
+    return 0;
+}
+
+int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float *nw, const float *nb,
+                           const uint16_t *wp_out, uint16_t *y, int64_t P, int64_t K, int64_t N, int64_t CW_in,
+                           int64_t CW_out, float eps, int threads) {
+    const int64_t H = N / 2;
+    if (pw_refused(K, N, CW_in) || N % 2 != 0 || K % 2 != 0 || H % 2 != 0 || pw_refused(H, K, CW_out) || H > MAX_C)
+        return 1;
+    const int64_t PT_in = pw_pixels(CW_in), PT_out = pw_pixels(CW_out);
+    const int64_t PB = PT_in == PT_out ? PT_in : PT_in * PT_out, blocks = (P + PB - 1) / PB;
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")
+    {
+        /* per thread: the block's input rows (partial block), the projection's sums (PB x N and PB x K float32),
+         * the hidden rows (PB x H bf16) */
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(PB * (N + K)) + sizeof(uint16_t) * (size_t)(PB * (K + H)));
+        if (!buf) {
+            failed = 1;
+        } else {
+            float *out = buf + PB * N;
+            uint16_t *xpad = (uint16_t *)(out + PB * K), *hid = xpad + PB * K;
+            _Pragma("omp for schedule(static)")
+            for (int64_t i = 0; i < blocks; ++i) {
+                const int64_t p0 = i * PB, np = P - p0 < PB ? P - p0 : PB;
+                const uint16_t *xt = pwb_rows(x, p0, np, PB, K, xpad);
+                for (int64_t t = 0; t < PB; t += PT_in) pwb_tile_row(xt + t * K, wp_in, buf + t * N, K, N, CW_in, N);
+                for (int64_t p = 0; p < np; ++p)
+                    row_prod_f32_bf16(buf + p * N, nw, nb, NULL, hid + p * H, H, eps, NULL);
+                if (np < PB) memset(hid + np * H, 0, (size_t)((PB - np) * H) * sizeof(uint16_t));
+                for (int64_t t = 0; t < PB; t += PT_out) pwb_tile_row(hid + t * H, wp_out, out + t * K, H, K, CW_out, K);
+                pwb_add_rows(y + p0 * K, out, np, K);
+            }
+            free(buf);
+        }
+    }
+    return failed ? 2 : 0;
+}
+#else
+#define PWB_BUILT 0
+int polynext_pointwise_norm_bf16(const uint16_t *x, const uint16_t *wp, uint16_t *y, const float *nw, const float *nb,
+                                 const uint16_t *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps,
+                                 int product, int threads) {
+    (void)x; (void)wp; (void)y; (void)nw; (void)nb; (void)res; (void)P; (void)K; (void)N; (void)CW; (void)eps;
+    (void)product; (void)threads;
+    return 1;
+}
+int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float *nw, const float *nb,
+                           const uint16_t *wp_out, uint16_t *y, int64_t P, int64_t K, int64_t N, int64_t CW_in,
+                           int64_t CW_out, float eps, int threads) {
+    (void)x; (void)wp_in; (void)nw; (void)nb; (void)wp_out; (void)y; (void)P; (void)K; (void)N; (void)CW_in;
+    (void)CW_out; (void)eps; (void)threads;
+    return 1;
+}
+#endif
 #else
 #define PW_BUILT 0
 int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P, int64_t K, int64_t N, int64_t CW,
@@ -1922,7 +2088,24 @@ int polynext_poly_mlp_f32(const float *x, const float *wp_in, const float *nw, c
     (void)CW_out; (void)eps; (void)threads;
     return 1;
 }
+#define PWB_BUILT 0
+int polynext_pointwise_norm_bf16(const uint16_t *x, const uint16_t *wp, uint16_t *y, const float *nw, const float *nb,
+                                 const uint16_t *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps,
+                                 int product, int threads) {
+    (void)x; (void)wp; (void)y; (void)nw; (void)nb; (void)res; (void)P; (void)K; (void)N; (void)CW; (void)eps;
+    (void)product; (void)threads;
+    return 1;
+}
+int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float *nw, const float *nb,
+                           const uint16_t *wp_out, uint16_t *y, int64_t P, int64_t K, int64_t N, int64_t CW_in,
+                           int64_t CW_out, float eps, int threads) {
+    (void)x; (void)wp_in; (void)nw; (void)nb; (void)wp_out; (void)y; (void)P; (void)K; (void)N; (void)CW_in;
+    (void)CW_out; (void)eps; (void)threads;
+    return 1;
+}
 #endif
 
 /* 1 where polynext_pointwise_f32, polynext_pointwise_norm_f32 and polynext_poly_mlp_f32 are built (AVX-512), else 0. */
 int polynext_pointwise_built(void) { return PW_BUILT; }
+/* 1 where their bf16 forms (13.) are built (AVX-512 BF16), else 0. */
+int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
