@@ -76,6 +76,33 @@ NORM_SHAPES = [(2, 72, 72, 7, 9, 'residual'), (1, 5, 144, 3, 3, 'product'), (3, 
                (1, 8, 2016, 2, 2, 'inplace')]
 
 
+def _norm_case(gen, n, k, m, h, w, mode, dtype):
+    """A NORM_SHAPES case in ``dtype`` (x, the weight, the norm's float32 weight and bias, the residual) and its float64
+    reference on the same values."""
+    c = m // 2 if mode == 'product' else m
+    x = torch.randn(n, k, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5).to(dtype)
+    nw, nb = torch.rand(c, generator=gen) + 0.5, (torch.randn(c, generator=gen) if mode != 'plain' else None)
+    res = torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv = F.conv2d(x.double(), weight.double())
+    if mode == 'product':
+        conv = conv[:, :c] * conv[:, c:]
+    ref = F.layer_norm(conv.permute(0, 2, 3, 1), (c,), nw.double(), None if nb is None else nb.double(), 1e-5)
+    return x, weight, nw, nb, res, ref.permute(0, 3, 1, 2) + (res.double() if mode in ('residual', 'inplace') else 0)
+
+
+def _run_norm_kernel(fn, x, wp, nw, nb, res, mode, m, threads):
+    """One call of a pointwise-norm kernel ``fn`` on a NORM_SHAPES case: (status, the output, it before the call)."""
+    n, k, h, w = x.shape
+    y = res.clone() if mode == 'inplace' else torch.full_like(res, 7.0)
+    r = y if mode == 'inplace' else res if mode == 'residual' else None
+    before = y.clone()
+    status = fn(x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None if nb is None else nb.data_ptr(),
+                None if r is None else r.data_ptr(), n * h * w, k, m, npw.tile_width(m), 1e-5, int(mode == 'product'),
+                threads)
+    return status, y, before
+
+
 @needs_cc
 @pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
 def test_pointwise_norm_kernel_in_every_code_path(march, tmp_path):
@@ -87,25 +114,11 @@ def test_pointwise_norm_kernel_in_every_code_path(march, tmp_path):
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w, mode in NORM_SHAPES:
         c = m // 2 if mode == 'product' else m
-        x = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5
-        nw, nb = torch.rand(c, generator=gen) + 0.5, (torch.randn(c, generator=gen) if mode != 'plain' else None)
-        res = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
-        conv = F.conv2d(x.double(), weight.double())
-        if mode == 'product':
-            conv = conv[:, :c] * conv[:, c:]
-        ref = F.layer_norm(conv.permute(0, 2, 3, 1), (c,), nw.double(), None if nb is None else nb.double(), 1e-5)
-        ref = ref.permute(0, 3, 1, 2) + (res.double() if mode in ('residual', 'inplace') else 0)
+        x, weight, nw, nb, res, ref = _norm_case(gen, n, k, m, h, w, mode, torch.float32)
         wp = _packed(weight)   # held: the kernel reads them through raw pointers
         outs = []
         for threads in (1, 2):
-            y = res.clone() if mode == 'inplace' else torch.full_like(res, 7.0)
-            r = y if mode == 'inplace' else res if mode == 'residual' else None
-            before = y.clone()
-            status = lib.polynext_pointwise_norm_f32(
-                x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None if nb is None else nb.data_ptr(),
-                None if r is None else r.data_ptr(), n * h * w, k, m, npw.tile_width(m), 1e-5,
-                int(mode == 'product'), threads)
+            status, y, before = _run_norm_kernel(lib.polynext_pointwise_norm_f32, x, wp, nw, nb, res, mode, m, threads)
             if not built:
                 assert status == 1 and torch.equal(y, before)
                 continue
@@ -298,27 +311,11 @@ def test_bf16_fused_kernels_in_every_code_path(march, tmp_path):
     assert lib.polynext_pointwise_bf16_built() == built
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w, mode in NORM_SHAPES:
-        c = m // 2 if mode == 'product' else m
-        k += k % 2
-        x = torch.randn(n, k, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        weight = (torch.randn(m, k, 1, 1, generator=gen) / k ** 0.5).to(torch.bfloat16)
-        nw, nb = torch.rand(c, generator=gen) + 0.5, (torch.randn(c, generator=gen) if mode != 'plain' else None)
-        res = torch.randn(n, c, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        conv = F.conv2d(x.double(), weight.double())
-        if mode == 'product':
-            conv = conv[:, :c] * conv[:, c:]
-        ref = F.layer_norm(conv.permute(0, 2, 3, 1), (c,), nw.double(), None if nb is None else nb.double(), 1e-5)
-        ref = ref.permute(0, 3, 1, 2) + (res.double() if mode in ('residual', 'inplace') else 0)
+        x, weight, nw, nb, res, ref = _norm_case(gen, n, k + k % 2, m, h, w, mode, torch.bfloat16)
         wp = _packed(weight)
         outs = []
         for threads in (1, 2):
-            y = res.clone() if mode == 'inplace' else torch.full_like(res, 7.0)
-            r = y if mode == 'inplace' else res if mode == 'residual' else None
-            before = y.clone()
-            status = lib.polynext_pointwise_norm_bf16(
-                x.data_ptr(), wp.data_ptr(), y.data_ptr(), nw.data_ptr(), None if nb is None else nb.data_ptr(),
-                None if r is None else r.data_ptr(), n * h * w, k, m, npw.tile_width(m), 1e-5,
-                int(mode == 'product'), threads)
+            status, y, before = _run_norm_kernel(lib.polynext_pointwise_norm_bf16, x, wp, nw, nb, res, mode, m, threads)
             if not built:
                 assert status == 1 and torch.equal(y, before)
                 continue

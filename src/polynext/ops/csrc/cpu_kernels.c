@@ -2050,22 +2050,6 @@ int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float
     }
     return failed ? 2 : 0;
 }
-#else
-#define PWB_BUILT 0
-int polynext_pointwise_norm_bf16(const uint16_t *x, const uint16_t *wp, uint16_t *y, const float *nw, const float *nb,
-                                 const uint16_t *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps,
-                                 int product, int threads) {
-    (void)x; (void)wp; (void)y; (void)nw; (void)nb; (void)res; (void)P; (void)K; (void)N; (void)CW; (void)eps;
-    (void)product; (void)threads;
-    return 1;
-}
-int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float *nw, const float *nb,
-                           const uint16_t *wp_out, uint16_t *y, int64_t P, int64_t K, int64_t N, int64_t CW_in,
-                           int64_t CW_out, float eps, int threads) {
-    (void)x; (void)wp_in; (void)nw; (void)nb; (void)wp_out; (void)y; (void)P; (void)K; (void)N; (void)CW_in;
-    (void)CW_out; (void)eps; (void)threads;
-    return 1;
-}
 #endif
 #else
 #define PW_BUILT 0
@@ -2088,6 +2072,8 @@ int polynext_poly_mlp_f32(const float *x, const float *wp_in, const float *nw, c
     (void)CW_out; (void)eps; (void)threads;
     return 1;
 }
+#endif
+#ifndef PWB_BUILT   /* the bf16 forms (13.) need AVX-512 BF16 */
 #define PWB_BUILT 0
 int polynext_pointwise_norm_bf16(const uint16_t *x, const uint16_t *wp, uint16_t *y, const float *nw, const float *nb,
                                  const uint16_t *res, int64_t P, int64_t K, int64_t N, int64_t CW, float eps,
