@@ -7,6 +7,8 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import timm
@@ -256,14 +258,22 @@ def test_the_profiler_sees_the_kernels_in_their_classes(monkeypatch):
     assert not any(op in ('aten::layer_norm', 'aten::native_layer_norm') for _, op, _ in prof.ops)
 
 
-def _library_for(march, folder):
-    """This process's library (``march`` None), or the kernels built for another x86-64 variant into ``folder``
-    (the portable loops: x86-64-v2; AVX-512 without BF16 instructions: skylake-avx512), single-threaded."""
+#: the kernels built for another x86-64 variant, once per test process (a build takes about 10 s): march → (folder,
+#: library); the folders go when the process ends
+_VARIANTS = {}
+
+
+def _library_for(march):
+    """This process's library (``march`` None), or the kernels built for another x86-64 variant (the portable loops:
+    x86-64-v2; AVX-512 without BF16 instructions: skylake-avx512), single-threaded."""
     if march is None:
         return ck.library()
     if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
         pytest.skip('an x86-64 variant this CPU cannot run')
-    return ck.load(ck.build(ck.compiler(), False, march=march, folder=folder), False)
+    if march not in _VARIANTS:
+        folder = tempfile.TemporaryDirectory(prefix=f'polynext-kernels-{march}-')
+        _VARIANTS[march] = folder, ck.load(ck.build(ck.compiler(), False, march=march, folder=Path(folder.name)), False)
+    return _VARIANTS[march][1]
 
 
 def _poly_rows_reference(s, power, eps=1e-12):
@@ -276,7 +286,7 @@ def _poly_rows_reference(s, power, eps=1e-12):
 def test_attention_rows_kernel_in_every_code_path(march, tmp_path):
     """(S + 1)^p / row sum, p = 2 and 4, rows of every length (full vectors, the unrolled part, masked tails
     whose lanes must not count), in place, against float64; a NaN score makes its row NaN only."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         fn = lib.polynext_poly_rows_f32 if dtype == torch.float32 else lib.polynext_poly_rows_bf16
@@ -357,7 +367,7 @@ def test_fused_attention_kernel_in_every_code_path(march, tmp_path):
     that leave a partial 8-row block and a partial 64-query item, fewer queries than keys; a row whose scores are all
     exactly -1 (its sum clamped to eps: output 0) and a NaN query (its row NaN only). The portable build refuses
     it (returns 1, writes nothing): PyTorch's path serves it there."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(0)
     fused = bool(lib.polynext_poly_attention_fused())
     assert (torch.float32 in lib.attention_fused) == fused   # (read once at load)
@@ -390,7 +400,7 @@ def test_fused_attention_backward_kernel_in_every_code_path(march, tmp_path):
     """polynext_poly_attention_backward_f32 from the forward kernel's output and row sums: dQ, dK and dV against
     float64 autograd of the paper's expression, at the forward test's shapes (masked key tails, partial row blocks,
     fewer queries than keys, several heads a thread); the portable build refuses it (returns 1, writes nothing)."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(1)
     fused = bool(lib.polynext_poly_attention_fused())
     for heads, n, m, d in [(3, 196, 196, 32), (2, 49, 49, 32), (2, 70, 37, 16), (1, 1, 1, 32), (2, 5, 300, 32),
@@ -429,7 +439,7 @@ def test_fused_bf16_attention_kernels_in_every_code_path(march, tmp_path):
     the largest output (PyTorch's bf16 path: the same), the row sums (float32) within 1e-5, the gradients within
     bf16's rounding; a row whose scores are all exactly -1 gives 0, a NaN query its own row NaN only. Builds
     without AVX-512 BF16 (x86-64-v2, skylake-avx512) refuse both calls and write nothing."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(2)
     built = bool(lib.polynext_poly_attention_fused_bf16())
     assert (torch.bfloat16 in lib.attention_fused) == built
@@ -538,7 +548,7 @@ def test_backward_kernel_in_every_code_path(march, tmp_path):
     and bias's gradients summed over the rows from per-thread partial sums; the product's two halves; the
     residual's gradient is the output's) against float64 autograd of F.layer_norm, at every channel count the
     vector loops treat differently, in this machine's code, the portable loops and AVX-512 without BF16."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     for c, product, bias, residual in ((1, False, False, False), (7, False, True, True), (16, True, False, False),
                                        (33, False, True, False), (72, True, True, False), (129, False, False, True),
                                        (768, True, False, False)):
@@ -645,7 +655,7 @@ def test_attention_training_kernels_in_every_code_path(march, tmp_path):
     backward's recomputation (A over S, divided by the row sums where given, and (S + 1)^(p-1) in float32) and
     dL/dS = (dL/dA + d) (S + 1)^(p-1): bit for bit PyTorch's float32 operators on the same values (the same
     products in the same order), one rounding in bfloat16; rows of every length."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(0)
     for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
         prep, ds_fn = getattr(lib, f'polynext_poly_prep_{suffix}'), getattr(lib, f'polynext_poly_ds_{suffix}')
@@ -718,7 +728,7 @@ def test_poly_attention_training_takes_the_kernels(dtype, monkeypatch):
 def test_flip_product_kernels_in_every_code_path(march, tmp_path):
     """y = a ⊙ flip_c(b) and its backward (dL/da = g ⊙ flip_c(b), dL/db = flip_c(g ⊙ a)) on channels-last rows of
     every length: bit for bit PyTorch's expression, float32 and bfloat16 (one product, one rounding)."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(0)
     for dtype, suffix in ((torch.float32, 'f32'), (torch.bfloat16, 'bf16')):
         for c in (1, 7, 16, 33, 48, 216):
@@ -783,7 +793,7 @@ def test_depthwise_weight_grad_kernel_in_every_code_path(march, tmp_path):
     """polynext_dw_wgrad against float64 autograd: 3x3, 5x5 (the registers' paths) and 7x7 (tap by tap), dilation
     1 to 3, maps where taps only meet padding (2x2, 3x20), channel counts with a partial block of 16, float32 and
     bfloat16 (exact in float32: the sums are float32 either way); an even kernel refused."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     gen = torch.Generator().manual_seed(0)
     for k, d, (h, w), c in [(3, 1, (7, 7), 16), (3, 2, (16, 16), 72), (5, 2, (14, 14), 24), (5, 1, (14, 14), 40),
                             (5, 2, (2, 2), 16), (5, 2, (3, 20), 7), (7, 2, (9, 11), 6), (3, 3, (20, 19), 33),

@@ -37,7 +37,7 @@ def test_narrow_pointwise_kernel_in_every_code_path(march, tmp_path):
     """float32 within 1e-6 of float64 (relative to the largest output), with and without the residual, one and two
     threads equal; builds without AVX-512 (x86-64-v2) say so and refuse every call, writing nothing; a width that
     is not a multiple of the tile, a tile other than 72 or 48, and more than 1024 inputs are refused everywhere."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     built = AVX512 if march is None else march != 'x86-64-v2'
     assert lib.polynext_pointwise_built() == built
     gen = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def test_pointwise_norm_kernel_in_every_code_path(march, tmp_path):
     """The 1x1 convolution with the channel LayerNorm as its epilogue: equal bit for bit to the 1x1 kernel followed by
     the norm kernel (the same row functions), within 2e-5 of float64; one and two threads equal; builds without
     AVX-512 refuse and write nothing; more than 2048 outputs are refused everywhere."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     built = AVX512 if march is None else march != 'x86-64-v2'
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w, mode in NORM_SHAPES:
@@ -246,7 +246,7 @@ def test_poly_mlp_kernel_in_every_code_path(march, tmp_path):
     and into another tensor: equal bit for bit to the epilogue kernel then the residual 1x1 kernel, within 2e-5 of
     float64; one and two threads equal; builds without AVX-512 refuse and write nothing; widths no tile takes are
     refused everywhere."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     built = AVX512 if march is None else march != 'x86-64-v2'
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w in MLP_SHAPES:
@@ -306,7 +306,7 @@ def test_bf16_fused_kernels_in_every_code_path(march, tmp_path):
     bf16 values, rounded where the kernels round (the output; PolyMLP's hidden tensor), within 2^-7 of the largest
     value; one and two threads equal; builds without AVX-512 BF16 (skylake-avx512, x86-64-v2) refuse and write
     nothing; an odd number of inputs is refused."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     built = AVX512_BF16 if march is None else False
     assert lib.polynext_pointwise_bf16_built() == built
     gen = torch.Generator().manual_seed(0)

@@ -47,7 +47,7 @@ def test_polyconv_dw_kernel_in_every_code_path(march, tmp_path):
     on the same bf16 inputs; the threads' split of one image's channel blocks gives the same values as one thread.
     Builds without AVX-512 (x86-64-v2) say so and refuse every call, writing nothing; an even coarse kernel is
     refused everywhere."""
-    lib = _library_for(march, tmp_path)
+    lib = _library_for(march)
     built = AVX512 if march is None else march != 'x86-64-v2'
     assert lib.polynext_polyconv_dw_built() == built
     gen = torch.Generator().manual_seed(0)
