@@ -45,9 +45,11 @@ norm, where oneDNN's bf16 convolution rounds them to bf16 first; the norm's outp
 as the separate path rounds them. The plain kernel stays float32 (oneDNN's bf16 1x1 convolutions already run near
 this machine's bf16 peak; what the fused kernels save is memory traffic).
 
-Measured on a 2-core AMD EPYC (Zen 4), batch 32, fp32, interleaved (``benchmarks/narrow_pointwise.py``): the norm
-epilogue per layer x1.0-1.44 over the kernel and the norm kernel one after the other (most at 56x56), the whole
-PolyMLP x1.12-1.45 over the epilogue and residual kernels.
+Measured on a 2-core AMD EPYC (Zen 4), batch 32, interleaved (``benchmarks/narrow_pointwise.py``,
+``benchmarks/results/pointwise_fused_zen4.json`` and ``pointwise_fused_bf16_zen4.json``): in fp32 the norm epilogue
+per layer x0.99-1.35 over the kernel and the norm kernel one after the other (most at 56x56 and 28x28), the whole
+PolyMLP x1.04-1.19 over the epilogue and residual kernels, the whole model with every 1x1 kernel x1.16-1.22 over
+oneDNN; in bf16 x0.99-1.29, x0.92-1.63 and x1.07-1.13 over oneDNN's bf16 path.
 """
 from __future__ import annotations
 
