@@ -61,6 +61,16 @@ def tmp_cwd(tmp_path, monkeypatch):
     return tmp_path
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package), to call its ``main(argv)``."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / 'benchmarks'
+                                                  / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_only_mount(monkeypatch, folder):
     """Make ``folder`` behave as a read-only mount does, for root too (tests run as root, where ``chmod`` does not
     stop a write): ``access(W_OK)`` is refused, ``statvfs`` reports ``ST_RDONLY``, and creating, opening for

@@ -2,7 +2,6 @@
 
 Nothing here asserts a speed: timings are only checked for consistency (median, img/s, ratio).
 """
-import importlib.util
 import json
 import os
 import statistics
@@ -21,6 +20,8 @@ from polynext.bench import (PINNED_TUNABLES, BenchSettings, ModelSpec, allocator
 from polynext.cli import main as cli_main
 from polynext.errors import ConfigError
 from polynext.profile import count_macs
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = ':'.join(f'{k}={v}' for k, v in PINNED_TUNABLES.items())
@@ -400,20 +401,13 @@ def test_reexec_end_to_end_train_with_memory(tmp_path):
 # benchmark scripts
 # --------------------------------------------------------------------------------------
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_weight_grad_script_toy(tmp_path):
     """benchmarks/weight_grad.py at toy sizes: both steps timed on one model, and the 1x1 backward inside them;
     every 1x1 shape of the model is listed with both kernels' times and the kernel chosen for it, which is the
     one kept in the machine's file."""
     from polynext.ops import pointwise
     out = tmp_path / 'wg.json'
-    assert _load_script('weight_grad').main(['cpolynext_t', '--batch-size', '2', '--img-size', '32', '--runs', '1',
+    assert load_benchmark('weight_grad').main(['cpolynext_t', '--batch-size', '2', '--img-size', '32', '--runs', '1',
                                              '--json', str(out)]) == 0
     (row,) = json.loads(out.read_text())['rows']
     assert row['model'] == 'cpolynext_t' and set(row['seconds']) == {'onednn', 'auto'}
@@ -446,11 +440,15 @@ def test_weight_grad_script_toy(tmp_path):
     ('poly_attention', ['--baseline', '{tmp}/missing.py'], 'is not a file; write one with git show'),
     ('poly_attention', ['--runs', '0'], '--runs must be at least 1, got 0'),
     ('poly_attention', ['--json', '{tmp}'], 'is a folder; give a file path'),
+    ('narrow_pointwise', ['cpolynext_x'], "unknown model 'cpolynext_x'"),
+    ('narrow_pointwise', ['--dtype', 'fp16'], "invalid choice: 'fp16'"),
+    ('narrow_pointwise', ['--runs', '0'], '--runs must be at least 1, got 0'),
+    ('narrow_pointwise', ['--json', '{tmp}'], 'is a folder; give a file path'),
 ])
 def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path, capsys):
     argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
-        _load_script(script).main(argv)
+        load_benchmark(script).main(argv)
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
     assert len(errors) == 1 and message in errors[0]
@@ -465,7 +463,7 @@ def test_poly_attention_whole_model_refused_where_the_fused_kernel_is_not_built(
         pytest.skip('no C compiler: the kernels are not built')
     monkeypatch.setattr(cpu_kernels.library(), 'attention_fused', frozenset([torch.float32]))
     with pytest.raises(SystemExit) as exit_info:
-        _load_script('poly_attention').main(['--whole-model', '--dtype', 'bf16', '--json', str(tmp_path / 'x.json')])
+        load_benchmark('poly_attention').main(['--whole-model', '--dtype', 'bf16', '--json', str(tmp_path / 'x.json')])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
     assert len(errors) == 1 and 'not built here for bf16 (it needs AVX-512 BF16' in errors[0]
@@ -477,7 +475,7 @@ def test_depthwise_backward_script_toy(tmp_path):
     specially in an APolyNeXt (dilated coarse, undilated 5x5 Q / K, stride-2 boundaries) timed against autograd,
     gradients equal in fp64."""
     out = tmp_path / 'dw.json'
-    script = _load_script('depthwise_backward')
+    script = load_benchmark('depthwise_backward')
     assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--init-channels', '8',
                         '--runs', '1', '--dtype', 'bf16', '--json', str(out)]) == 0
     rows = json.loads(out.read_text())['rows']
@@ -490,7 +488,7 @@ def test_poly_attention_script_toy(tmp_path):
     """benchmarks/poly_attention.py at toy sizes: apolynext_t's two attention shapes (stages 3 and 4), the
     kernel equal to the paper's expression in fp64, a baseline file timed alongside."""
     out = tmp_path / 'pa.json'
-    script = _load_script('poly_attention')
+    script = load_benchmark('poly_attention')
     baseline = ROOT / 'src' / 'polynext' / 'ops' / 'poly_attention.py'
     assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1',
                         '--baseline', str(baseline), '--json', str(out)]) == 0
@@ -545,13 +543,13 @@ def test_table11_quick_script(tmp_path):
 
 
 def test_table11_equation9_is_gelu_tanh():
-    t11 = _load_script('table11_activations')
+    t11 = load_benchmark('table11_activations')
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
     torch.testing.assert_close(t11.gelu_equation9(x), torch.nn.functional.gelu(x, approximate='tanh'))
 
 
 def test_table12_quick_script(tmp_path, capsys):
-    t12 = _load_script('table12_throughput')
+    t12 = load_benchmark('table12_throughput')
     out = tmp_path / 't12.json'
     assert t12.main(['--quick', '--threads', '1', '--json', str(out)]) == 0
     text = capsys.readouterr().out
@@ -574,7 +572,7 @@ def test_compile_check_calibrates_bn_variants(monkeypatch):
     the input batch. With torch.compile replaced by the identity the comparison is exact, and it fails
     (NaN) when the calibration is left out."""
     import polynext.models.polynext as family
-    compile_check = _load_script('compile_check')
+    compile_check = load_benchmark('compile_check')
     monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: model)
     row = compile_check.check('cpolynext_t_bn', 'eager', 32, 2)
     assert row['ok'] and row['infer_max_abs_diff'] == 0.0 and row['train_max_rel_grad_diff'] == 0.0

@@ -16,6 +16,7 @@ from polynext.ops import narrow_pointwise as npw
 from polynext.ops import pointwise
 from polynext.ops.fused import fusion
 
+from conftest import load_benchmark
 from test_cpu_kernels import AVX512, AVX512_BF16, _library_for, needs_cc
 
 #: (N, K, M, H, W, residual): output widths in one and in several tiles (72, 144, 432 in 72-wide tiles of 5 pixels;
@@ -478,13 +479,8 @@ def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
     """``benchmarks/narrow_pointwise.py --whole-model`` at 2 images of 64 px: cpolynext_t's served shapes, both
     paths timed, the kernel within float32 rounding of float64, the whole-model A/B, the JSON; a model with no served
     shape is refused in one line."""
-    import importlib.util
     import json
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        'narrow_pointwise_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'narrow_pointwise.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark('narrow_pointwise')
     out = tmp_path / 'np.json'
     assert bench.main(['cpolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--whole-model',
                        '--json', str(out)]) == 0
@@ -534,13 +530,8 @@ def test_the_profiler_counts_the_kernel_as_1x1_convolutions():
 def test_the_benchmark_in_bf16_at_a_tiny_size(tmp_path, capsys):
     """``benchmarks/narrow_pointwise.py --dtype bf16``: no plain-kernel rows (fp32 only), the fused kernels' rows
     against oneDNN's bf16 path within bf16's rounding, the whole-model A/B of a bf16 model, the JSON."""
-    import importlib.util
     import json
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        'narrow_pointwise_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'narrow_pointwise.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark('narrow_pointwise')
     out = tmp_path / 'np.json'
     assert bench.main(['cpolynext_t', '--dtype', 'bf16', '--batch-size', '2', '--img-size', '64', '--runs', '1',
                        '--whole-model', '--json', str(out)]) == 0
@@ -556,13 +547,15 @@ def test_the_benchmark_in_bf16_at_a_tiny_size(tmp_path, capsys):
 
 
 def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys):
-    """Without the kernel there is nothing to compare: one line that says so, before anything runs."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        'narrow_pointwise_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'narrow_pointwise.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """Without the kernel there is nothing to compare: one line that says so, before anything runs; so for
+    ``--dtype bf16`` without the bf16 kernels."""
+    bench = load_benchmark('narrow_pointwise')
+    if ck.kernel_available() and ck.library().pointwise:   # bf16 where only the fp32 kernels are built (pretended)
+        monkeypatch.setattr(ck.library(), 'pointwise_bf16', False)
+        with pytest.raises(SystemExit):
+            bench.main(['cpolynext_t', '--dtype', 'bf16', '--runs', '1'])
+        assert 'bf16 fused 1x1 kernels are not built here (they need AVX-512 BF16)' in \
+            capsys.readouterr().err.strip().splitlines()[-1]
     monkeypatch.setattr(ck.kernels, 'on', False)
     with pytest.raises(SystemExit):
         bench.main(['cpolynext_t', '--runs', '1'])
