@@ -444,6 +444,11 @@ def test_weight_grad_script_toy(tmp_path):
     ('narrow_pointwise', ['--dtype', 'fp16'], "invalid choice: 'fp16'"),
     ('narrow_pointwise', ['--runs', '0'], '--runs must be at least 1, got 0'),
     ('narrow_pointwise', ['--json', '{tmp}'], 'is a folder; give a file path'),
+    ('kernel_source_ab', ['cpolynext_x'], "unknown model 'cpolynext_x'"),
+    ('kernel_source_ab', ['--runs', '0'], '--runs must be at least 1, got 0'),
+    ('kernel_source_ab', ['--json', '{tmp}'], 'is a folder; give a file path'),
+    ('kernel_source_ab', ['--off', 'nope'], '--off nope: not a switch of ops.cpu_kernels; use one of'),
+    ('kernel_source_ab', ['--rev', 'no-such-rev'], '--rev no-such-rev: git cannot show'),
 ])
 def test_benchmark_script_bad_input_is_one_line(script, argv, message, tmp_path, capsys):
     argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]

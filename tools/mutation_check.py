@@ -134,6 +134,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'its weights where a larger group\'s rings lie', 'src/polynext/ops/csrc/cpu_kernels.c',
              'wc, wf, wo, buf, buf + gb * per, H, W,', 'wc, wf, wo, buf, buf + (b1 - b0) * per, H, W,',
              POLYCONV_DW_TESTS),
+    Mutation('polyconv-dw-rows-undilated', 'depthwise sums with a kernel row in registers (C): the dilation '
+             'ignored, tap j read j columns on instead of j d', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = _mm512_fmadd_ps(wv[j], xv, acc[c - j * D]);',
+             'if (c - j >= 0 && c - j < R) acc[c - j] = _mm512_fmadd_ps(wv[j], xv, acc[c - j]);', POLYCONV_DW_TESTS),
     Mutation('polyconv-dw-in-training', 'ops.polyconv_dw: the kernel (no autograd) also serves training',
              'src/polynext/ops/polyconv_dw.py', 'and u.is_contiguous(memory_format=torch.channels_last) and '
              'eager_cpu_inference(u)):', 'and u.is_contiguous(memory_format=torch.channels_last)):',

@@ -1552,14 +1552,45 @@ PCDW_INLINE void pcdw_taps(const float *const *src, int64_t x, const float *w, i
     }
 }
 
+/* the same sums for a K x K kernel with dilation D (src[i K + j] = src[i K] + 16 j D), K, D and R constants in each
+ * instance: a kernel row's K weights in registers and each of its R + D (K - 1) inputs loaded once for the K sums it
+ * enters, where pcdw_taps loads an input per tap (on a Zen 4 the loads, not the FMAs, bound that: x1.8 on a 5x5
+ * from L1). Each sum still takes its taps in order, so the values are pcdw_taps' bit for bit. */
+PCDW_INLINE void pcdw_rows(const float *const *src, int64_t x, const float *w, int K, int D, int R, __m512 *acc) {
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int i = 0; i < K; ++i) {
+        const float *s = src[i * K] + 16 * x;
+        __m512 wv[5];
+        _Pragma("GCC unroll 5")
+        for (int j = 0; j < K; ++j) wv[j] = _mm512_load_ps(w + 16 * (i * K + j));
+        _Pragma("GCC unroll 16")
+        for (int c = 0; c < R + D * (K - 1); ++c) {
+            const __m512 xv = _mm512_load_ps(s + 16 * c);
+            _Pragma("GCC unroll 5")
+            for (int j = 0; j < K; ++j)
+                if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = _mm512_fmadd_ps(wv[j], xv, acc[c - j * D]);
+        }
+    }
+}
+
+/* pcdw_taps for a k x k kernel with dilation d: pcdw_rows where k and d are PolyNeXt's (3 or 5, dilation 1 or 2) */
+PCDW_INLINE void pcdw_sum(const float *const *src, int64_t x, const float *w, int k, int d, int R, __m512 *acc) {
+    if (k == 3 && d == 1) pcdw_rows(src, x, w, 3, 1, R, acc);
+    else if (k == 3 && d == 2) pcdw_rows(src, x, w, 3, 2, R, acc);
+    else if (k == 5 && d == 1) pcdw_rows(src, x, w, 5, 1, R, acc);
+    else if (k == 5 && d == 2) pcdw_rows(src, x, w, 5, 2, R, acc);
+    else pcdw_taps(src, x, w, k * k, R, acc);
+}
+
 /* one row of the product, pr[x] = coarse[x] * fine[x] for x < Wr, and one row of the output from three rows of the
  * product, STORE'd at y[x] for x < W (R a constant in each instance) */
 PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm, float *pr, const float *wc,
-                                  int taps, const float *wf, int64_t Wr, int R) {
+                                  int k, int d, const float *wf, int64_t Wr, int R) {
     for (int64_t x0 = 0; x0 < Wr; x0 += R) {
         __m512 a[8], b[8];
-        pcdw_taps(cu, x0, wc, taps, R, a);
-        pcdw_taps(fm, x0, wf, 9, R, b);
+        pcdw_sum(cu, x0, wc, k, d, R, a);
+        pcdw_rows(fm, x0, wf, 3, 1, R, b);
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; ++r) _mm512_store_ps(pr + 16 * (x0 + r), _mm512_mul_ps(a[r], b[r]));
     }
@@ -1570,7 +1601,7 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
                                     int64_t Wr, __mmask16 km, int R) {                                          \
         for (int64_t x0 = 0; x0 < Wr; x0 += R) {                                                                \
             __m512 acc[8];                                                                                      \
-            pcdw_taps(po, x0, wo, 9, R, acc);                                                                   \
+            pcdw_rows(po, x0, wo, 3, 1, R, acc);                                                                \
             _Pragma("GCC unroll 8")                                                                             \
             for (int r = 0; r < R; ++r)                                                                         \
                 if (x0 + r < W) STORE##_full(y + (x0 + r) * C, km, acc[r]);                                     \
@@ -1656,8 +1687,8 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
                         const int64_t s = hs + p - 1 + i;                                                       \
                         for (int j = 0; j < 3; ++j) fm[i * 3 + j] = M + ((s < RU ? s : s - RU) * Wp + P - 1 + j) * 16; \
                     }                                                                                           \
-                    if (R == 7) pcdw_product_row(cu, fm, pr, w, (int)taps, w + 16 * taps, Wr, 7);               \
-                    else pcdw_product_row(cu, fm, pr, w, (int)taps, w + 16 * taps, Wr, 8);                      \
+                    if (R == 7) pcdw_product_row(cu, fm, pr, w, k, d, w + 16 * taps, Wr, 7);                    \
+                    else pcdw_product_row(cu, fm, pr, w, k, d, w + 16 * taps, Wr, 8);                           \
                     for (int64_t x = W; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());         \
                 } else {                                                                                        \
                     for (int64_t x = 0; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());         \
