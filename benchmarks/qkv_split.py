@@ -9,7 +9,9 @@ parts with the weight's two row blocks instead, each contiguous: the same produc
 
 For each model, ``polynext bench``'s step (inference, or ``--mode train``: forward, loss, backward, AdamW) with the
 split and with one convolution, interleaved in one process (medians), and at inference the largest logit difference
-between the two. Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
+between the two. Both with ``ops.attention_convs``' kernel off (``ops.cpu_kernels.heads_convs``): where it serves (CPU
+inference with AVX-512) the model takes one convolution and the kernel reads its parts in place, so this split is
+the path of training and of CPUs without the kernel. Prints a table and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/qkv_split.py --json benchmarks/results/qkv_split_fp32_zen4.json
     python benchmarks/qkv_split.py apolynext_s --dtype bf16 --runs 11
@@ -66,11 +68,13 @@ def main(argv=None) -> int:
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.mode}, "
           f"{args.dtype}, channels-last {'on' if args.channels_last else 'off'}, batch {args.batch_size}, "
           f'{args.img_size} px, img/s (median of {args.runs})', flush=True)
+    from polynext.ops.cpu_kernels import heads_convs
     rows = []
     for name in args.models:
         settings = BenchSettings(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
                                  channels_last=args.channels_last)
-        row = switch_ab(name, settings, split_parts, args.runs, labels=('one_conv', 'split'))
+        with heads_convs(False):
+            row = switch_ab(name, settings, split_parts, args.runs, labels=('one_conv', 'split'))
         rows.append(row)
         diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
         print(f"{name:12s} one conv, sliced {row['one_conv_img_s']:7.2f}  two convs {row['split_img_s']:7.2f}  "

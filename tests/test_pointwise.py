@@ -258,7 +258,9 @@ def test_split_pointwise_equals_the_split_of_one_conv(bias):
 @pytest.mark.parametrize('folded', [False, True])
 def test_polyattn_depthwise_convs_read_contiguous_parts(folded):
     """PolyAttn's Q, K and V depthwise convolutions get contiguous channels-last inputs (not slices, which PyTorch
-    copies first), in the model and in its folded form, and the logits are those of one convolution's split."""
+    copies first), in the model and in its folded form, and the logits are those of one convolution's split (PyTorch's
+    path: with ops.attention_convs' kernel, where it serves, the convolutions read the one projection in place)."""
+    from polynext.ops.cpu_kernels import heads_convs
     import importlib
     from polynext.models.folded import fold_for_inference
     bench = importlib.util.spec_from_file_location(
@@ -274,7 +276,7 @@ def test_polyattn_depthwise_convs_read_contiguous_parts(folded):
         args[0].is_contiguous(memory_format=torch.channels_last)))
         for name, m in model.named_modules() if name.endswith(('q_conv', 'k_conv', 'v_conv'))]
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    with torch.no_grad(), heads_convs(False):
         out = model(x)
         for h in hooks:
             h.remove()

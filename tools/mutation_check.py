@@ -54,6 +54,9 @@ MODEL_TESTS = (GOLDEN, ABL)
 KERNEL_TESTS = (ATTN_TESTS, GOLDEN)
 POLYCONV_DW_TESTS = ('tests/test_polyconv_dw.py::test_polyconv_dw_kernel_in_every_code_path',
                      'tests/test_polyconv_dw.py::test_models_take_the_kernel_at_inference_only')
+HEADS_TESTS = ('tests/test_attention_convs.py::test_heads_kernel_in_every_code_path',
+               'tests/test_attention_convs.py::test_models_take_the_kernel_at_inference_only',
+               'tests/test_attention_convs.py::test_applies_checks_before_the_kernel')
 NARROW_PW_TESTS = ('tests/test_narrow_pointwise.py::test_narrow_pointwise_kernel_in_every_code_path',
                    'tests/test_narrow_pointwise.py::test_models_take_the_kernel_at_inference_only',
                    'tests/test_narrow_pointwise.py::test_applies_checks_before_the_kernel')
@@ -138,6 +141,21 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'ignored, tap j read j columns on instead of j d', 'src/polynext/ops/csrc/cpu_kernels.c',
              'if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = _mm512_fmadd_ps(wv[j], xv, acc[c - j * D]);',
              'if (c - j >= 0 && c - j < R) acc[c - j] = _mm512_fmadd_ps(wv[j], xv, acc[c - j]);', POLYCONV_DW_TESTS),
+    Mutation('heads-dw-one-weight', 'attention convolutions kernel (C): the second output (K) computed with the '
+             "first one's (Q's) weights", 'src/polynext/ops/csrc/cpu_kernels.c',
+             'const float *wt = out ? wb : wa;', 'const float *wt = wa;', HEADS_TESTS),
+    Mutation('heads-dw-groups-ignored', 'attention convolutions kernel (C): the output layout\'s group stride ignored '
+             '(every head written as if channels-last)', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'const int64_t yo = n * yl[0] + (c0 / yl[3]) * yl[2] + c0 % yl[3];', 'const int64_t yo = n * yl[0] + c0;',
+             HEADS_TESTS),
+    Mutation('heads-dw-head-scale-dropped', "PolyAttn with the attention convolutions kernel: Q's weights without the "
+             'head scale sigmoid(l_h)', MODEL,
+             'q, k, v = attention_convs(self.qkv(x), scaled_taps(self.q_conv.weight, self.scale.sigmoid()),',
+             'q, k, v = attention_convs(self.qkv(x), depthwise_taps(self.q_conv.weight),', HEADS_TESTS),
+    Mutation('heads-dw-in-training', 'ops.attention_convs: the kernel (no autograd) also serves an input that records '
+             'a gradient', 'src/polynext/ops/attention_convs.py',
+             'and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu_inference(x)):',
+             'and x.is_contiguous(memory_format=torch.channels_last)):', HEADS_TESTS),
     Mutation('polyconv-dw-in-training', 'ops.polyconv_dw: the kernel (no autograd) also serves training',
              'src/polynext/ops/polyconv_dw.py', 'and u.is_contiguous(memory_format=torch.channels_last) and '
              'eager_cpu_inference(u)):', 'and u.is_contiguous(memory_format=torch.channels_last)):',

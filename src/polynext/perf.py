@@ -285,16 +285,19 @@ def conv_op_class(ev) -> str:
     return _conv_class_and_macs(ev)[0]
 
 
-#: ops.polyconv_dw's operator: PolyConv's three depthwise convolutions in one kernel (u, then each one's taps as
-#: (k*k, C)): a depthwise convolution with their MACs
-_FUSED_DEPTHWISE = 'polynext::polyconv_dw'
+#: the operators of several depthwise convolutions in one kernel (the input, then each convolution's taps as
+#: (k*k, C)): ops.polyconv_dw's (PolyConv's three, on u), ops.attention_convs' (PolyAttn's Q, K and V convolutions,
+#: each on half the projection's 2A channels; its output convolution, on the heads): depthwise convolutions with
+#: their MACs, the input's values per output channel times the taps
+_FUSED_DEPTHWISE = {'polynext::polyconv_dw': 1.0, 'polynext::attention_convs': 0.5, 'polynext::heads_conv': 1.0}
 
 
 def _fused_depthwise_macs(ev) -> float:
     shapes = ev.input_shapes or []
-    if len(shapes) < 4 or len(shapes[0]) != 4 or any(len(s) != 2 for s in shapes[1:4]):
+    taps = [s for s in shapes[1:4] if isinstance(s, (list, tuple)) and len(s) == 2]
+    if not shapes or len(shapes[0]) != 4 or not taps:
         return 0.0
-    return float(_numel(shapes[0]) * sum(s[0] for s in shapes[1:4]))
+    return float(_numel(shapes[0]) * _FUSED_DEPTHWISE[ev.name] * sum(s[0] for s in taps))
 
 
 #: ops.narrow_pointwise's operators: 1x1 convolutions (x, then the packed weight, K x N values; pointwise_norm's
@@ -443,7 +446,7 @@ class _Sorter:
                      else _poly_mlp_macs(ev))
             self.remember(ev, '1x1 conv')
             return
-        if name == _FUSED_DEPTHWISE:
+        if name in _FUSED_DEPTHWISE:
             self.add('depthwise conv', ev, macs=_fused_depthwise_macs(ev))
             self.remember(ev, 'depthwise conv')
             return

@@ -90,11 +90,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..ops.attention_convs import attention_convs, attention_convs_applies, heads_conv
 from ..ops.channel_norm import channel_norm_nchw, product_norm_nchw
 from ..ops.fused import can_fuse, conv_mul
 from ..ops.narrow_pointwise import pointwise_norm, poly_mlp_
 from ..ops.pointwise import pointwise_add_, split_pointwise
-from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
+from ..ops.polyconv_dw import depthwise_taps, polyconv_dw, polyconv_dw_applies
 from .polynext import (
     ChannelBatchNorm, GatedHead, LayerNorm2d, PolyAttn, PolyAttnBlock, PolyConv, PolyConvBlock, PolyMLP, PolyNeXt,
     PolyNeXtCell, PolyNeXtStage, RunningRowSumNorm, SigmoidScale,
@@ -340,8 +341,15 @@ class FoldedPolyAttn(nn.Module):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``proj``."""
         b, _, h, w = x.shape
-        qk, v = split_pointwise(self.norm(x), self.qkv, self.attn_dim)
-        q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
+        z = self.norm(x)
+        convs = (self.q_conv, self.k_conv, self.v_conv, self.final_conv)
+        if attention_convs_applies(z, self.attn_dim, self.head_dim, convs):
+            # CPU inference: the convolutions read and write the heads (ops.attention_convs)
+            q, k, v = attention_convs(self.qkv(z), *(depthwise_taps(m.weight) for m in convs[:3]), self.num_heads)
+        else:
+            qk, v = split_pointwise(z, self.qkv, self.attn_dim)
+            q, k, v = self._heads(self.q_conv(qk)), self._heads(self.k_conv(qk)), self._heads(self.v_conv(v))
+            convs = None
         if self.row_scale is None:
             from ..ops.poly_attention import poly_attention   # l1-normalised rows (chunked kernel)
             o = poly_attention(q, k, v, self.power, self.chunk_bytes)
@@ -353,6 +361,8 @@ class FoldedPolyAttn(nn.Module):
             else:
                 a = s ** self.power
             o = (a @ v) * self.row_scale
+        if convs is not None:
+            return self.norm2(heads_conv(o, depthwise_taps(self.final_conv.weight), h, w))
         o = o.transpose(1, 2).reshape(b, h, w, self.attn_dim).permute(0, 3, 1, 2)
         return self.norm2(self.final_conv(o))
 

@@ -41,11 +41,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
+from ..ops.attention_convs import attention_convs, attention_convs_applies, heads_conv, scaled_taps
 from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_norm_nchw
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.flip_product import flip_product
 from ..ops.narrow_pointwise import pointwise_norm, poly_mlp_
-from ..ops.polyconv_dw import polyconv_dw, polyconv_dw_applies
+from ..ops.polyconv_dw import depthwise_taps, polyconv_dw, polyconv_dw_applies
 from ..ops.fused import can_fuse, conv_mul
 from ..ops.pointwise import PointwiseConv2d, pointwise_add_, pointwise_conv2d, split_pointwise
 from ..ops.poly_attention import poly_attention
@@ -509,6 +510,14 @@ class PolyAttn(nn.Module):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``proj``: the attention output after ``final_conv`` (and ``norm2``)."""
         b, _, h, w = x.shape
+        if (not self.window and self.kernel == 'poly' and not self.fully_polynomial and attention_convs_applies(
+                x, self.attn_dim, self.head_dim, (self.q_conv, self.k_conv, self.v_conv, self.final_conv))):
+            # CPU inference: the convolutions read and write the heads, the head scale in Q's weights
+            q, k, v = attention_convs(self.qkv(x), scaled_taps(self.q_conv.weight, self.scale.sigmoid()),
+                                      depthwise_taps(self.k_conv.weight), depthwise_taps(self.v_conv.weight),
+                                      self.num_heads)
+            o = poly_attention(q, k, v, self.power, self.chunk_bytes)
+            return heads_conv(o, depthwise_taps(self.final_conv.weight), h, w)
         qk, v = split_pointwise(x, self.qkv, self.attn_dim)   # each part contiguous (ops.pointwise)
         # the 5x5 Q / K convolutions' training backward cut into oneDNN's fast 3- and 1-wide kernels (ops/depthwise.py)
         q, k = self._heads(depthwise_conv2d(qk, self.q_conv)), self._heads(depthwise_conv2d(qk, self.k_conv))

@@ -8,7 +8,8 @@ normalisation at bfloat16
 inference and, in training, the power with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward) and
 ``ops.polyconv_dw`` (PolyConv's three depthwise convolutions and its product at inference, in one pass over memory,
-with AVX-512). Each replaces several
+with AVX-512) and ``ops.attention_convs`` (PolyAttn's depthwise convolutions read and written in the attention's
+head layout, with AVX-512). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel, and
 ``ops.narrow_pointwise``'s 1x1 convolutions at fp32 inference, register tiles of 72 or 48 outputs (faster than oneDNN's
@@ -42,7 +43,7 @@ from .fused import Switch
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
            'fused_attention_available', 'fused_attention', 'fused_polyconv', 'narrow_pointwise', 'pointwise_norm',
-           'fused_mlp']
+           'fused_mlp', 'heads_convs']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -73,6 +74,11 @@ pointwise_norm = Switch()
 #: PolyMLP's whole residual branch in one kernel (12. of the C source, ``ops.narrow_pointwise.poly_mlp_``) on or off,
 #: the others as they are: ``with fused_mlp(False): ...`` (A/B timing: ``benchmarks/narrow_pointwise.py``)
 fused_mlp = Switch()
+
+#: PolyAttn's depthwise convolutions between the channels-last projections and the attention's heads (14. of the C
+#: source, ``ops.attention_convs``) on or off, the others as they are: ``with heads_convs(False): ...`` (A/B timing:
+#: ``benchmarks/attention_convs.py``)
+heads_convs = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
@@ -177,6 +183,10 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.polynext_polyconv_dw_built.restype = ctypes.c_int
+    for fn in (lib.polynext_heads_dw_f32, lib.polynext_heads_dw_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.polynext_heads_dw_built.restype = ctypes.c_int
     lib.polynext_pointwise_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.polynext_pointwise_f32.restype = ctypes.c_int
     lib.polynext_pointwise_norm_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float,
@@ -200,6 +210,7 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
                                     [torch.bfloat16] * bool(lib.polynext_poly_attention_fused_bf16()))
     lib.polyconv_dw = bool(lib.polynext_polyconv_dw_built())   # AVX-512
     lib.pointwise = bool(lib.polynext_pointwise_built())       # AVX-512
+    lib.heads_dw = bool(lib.polynext_heads_dw_built())         # AVX-512
     lib.pointwise_bf16 = bool(lib.polynext_pointwise_bf16_built())   # AVX-512 BF16: pointwise_norm, poly_mlp_
     return lib
 

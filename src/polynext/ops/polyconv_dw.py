@@ -32,7 +32,7 @@ import torch.nn as nn
 from .cpu_kernels import fused_polyconv, kernel_available, kernel_fn, library, profiling
 from .fused import eager_cpu_inference
 
-__all__ = ['polyconv_dw', 'polyconv_dw_applies']
+__all__ = ['polyconv_dw', 'polyconv_dw_applies', 'same_depthwise', 'depthwise_taps']
 
 _DTYPES = (torch.float32, torch.bfloat16)
 #: the kernel's limit (C > 1024 in the source: its per-block tables hold 64 blocks of 16 channels); PolyNeXt's
@@ -40,7 +40,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 MAX_CHANNELS = 1024
 
 
-def _depthwise(conv: nn.Conv2d, channels: int, kernel: int = 0, dilation: int = 1) -> bool:
+def same_depthwise(conv: nn.Conv2d, channels: int, kernel: int = 0, dilation: int = 1) -> bool:
     """A bias-free, stride-1, "same"-padded depthwise convolution on ``channels`` channels with a square odd
     kernel (of size ``kernel`` where given, up to 9) and dilation ``dilation``."""
     k = conv.kernel_size[0]
@@ -62,7 +62,8 @@ def polyconv_dw_applies(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out
     if c > MAX_CHANNELS:
         return False
     convs = (coarse, fine, out)
-    if not (_depthwise(coarse, c, dilation=coarse.dilation[0]) and _depthwise(fine, c, 3) and _depthwise(out, c, 3)):
+    if not (same_depthwise(coarse, c, dilation=coarse.dilation[0]) and same_depthwise(fine, c, 3)
+            and same_depthwise(out, c, 3)):
         return False
     if any(m.weight.device != u.device or m.weight.dtype not in (torch.float32, u.dtype)
            or (torch.is_grad_enabled() and m.weight.requires_grad) for m in convs):
@@ -70,7 +71,7 @@ def polyconv_dw_applies(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out
     return kernel_available() and library().polyconv_dw
 
 
-def _taps(weight: torch.Tensor) -> torch.Tensor:
+def depthwise_taps(weight: torch.Tensor) -> torch.Tensor:
     """A depthwise weight (C, 1, k, k) as the kernel reads it: float32, tap-major (k*k, C)."""
     return weight.reshape(weight.shape[0], -1).t().float().contiguous()
 
@@ -98,7 +99,7 @@ _LIB.impl('polyconv_dw', _polyconv_dw, 'CPU')
 def polyconv_dw(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out: nn.Conv2d) -> torch.Tensor:
     """``out(coarse(u) * fine(u).flip(1))`` in one kernel (a new channels-last tensor of u's shape and dtype).
     Check :func:`polyconv_dw_applies` first."""
-    wc, wf, wo = _taps(coarse.weight), _taps(fine.weight), _taps(out.weight)
+    wc, wf, wo = depthwise_taps(coarse.weight), depthwise_taps(fine.weight), depthwise_taps(out.weight)
     if profiling():
         return torch.ops.polynext.polyconv_dw(u, wc, wf, wo, coarse.dilation[0])
     return _polyconv_dw(u, wc, wf, wo, coarse.dilation[0])

@@ -93,7 +93,11 @@
  *     added into the stream as in 10.) for a block of pixels at a time, its intermediates in per-thread buffers.
  *
  * 13. polynext_pointwise_norm_bf16 / polynext_poly_mlp_bf16: 11. and 12. for a bf16 model, on AVX-512 BF16's pair
- *     dot product. */
+ *     dot product.
+ *
+ * 14. polynext_heads_dw_*: a depthwise convolution from one memory layout into another (PolyAttn's Q, K and V
+ *     convolutions from the channels-last projection straight into the attention's heads, its output convolution
+ *     from the heads back to channels-last), where PyTorch's path adds a copy before or after each. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -2126,3 +2130,110 @@ int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float
 int polynext_pointwise_built(void) { return PW_BUILT; }
 /* 1 where their bf16 forms (13.) are built (AVX-512 BF16), else 0. */
 int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
+
+/* 14. polynext_heads_dw_f32 / _bf16: a depthwise convolution (k x k, k odd up to 9, stride 1, "same" zero padding,
+ * no bias) of N images of H x W pixels and C channels from one memory layout into another, into one output or two
+ * with their own weights (PolyAttn's Q and K convolutions of the shared qk):
+ *
+ *     y[c, h, w] = sum_{i,j} wt[i k + j][c] x[c, h + i - p, w + j - p],     p = (k - 1) / 2
+ *
+ * A layout is four strides in elements, (image, pixel, group, group size): channel c of pixel h W + w of image n at
+ * n img + (h W + w) pix + (c / gsize) grp + c % gsize. A channels-last slice (channels s .. s + C of N x H x W x Ct)
+ * is (H W Ct, Ct, 0, C) from channel s's address; attention heads (N x heads x H W x d) are (heads H W d, d, H W d,
+ * d). PyTorch's path writes the convolution channels-last and copies it into the heads (and the attention's output
+ * back) as separate passes, and the 5x5 convolutions of oneDNN run at 15-18 GMAC/s here (polynext profile,
+ * APolyNeXt-S); here a work item (an image's 16 channels) is copied once into a zero-padded float32 plane (20 KB at
+ * 14 x 14) and every output row computed from it in L1, R pixels' sums in registers (pcdw_sum of 9., the taps in
+ * order: float32 sums as oneDNN's), written straight into the output's layout. C and both group sizes must be
+ * multiples of 16. Weights float32, tap-major (k*k x C). Returns 0; 1 where not served (a build without AVX-512,
+ * an even k or k > 9, C or a group size not a multiple of 16); 2 if a thread's plane could not be allocated. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define HEADS_DW(NAME, T, LOAD, STORE)                                                                          \
+    /* one output row from the plane's rows h .. h + k - 1 (src: each tap's first pixel), R a constant per call */  \
+    PCDW_INLINE void NAME##_row(const float *const *src, const float *wt, int k, T *yr, int64_t ys, int64_t W,  \
+                                int64_t Wr, int R) {                                                            \
+        for (int64_t x0 = 0; x0 < Wr; x0 += R) {                                                                \
+            __m512 acc[8];                                                                                      \
+            pcdw_sum(src, x0, wt, k, 1, R, acc);                                                                \
+            _Pragma("GCC unroll 8")                                                                             \
+            for (int r = 0; r < R; ++r)                                                                         \
+                if (x0 + r < W) STORE##_full(yr + (x0 + r) * ys, (__mmask16)0xffff, acc[r]);                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    int NAME(const T *x, const int64_t *xl, const float *w1, T *y1, const float *w2, T *y2, const int64_t *yl,  \
+             int64_t N, int64_t H, int64_t W, int64_t C, int k, int threads) {                                 \
+        (void)threads;                                                                                          \
+        if (k % 2 == 0 || k < 1 || k > 9 || C % 16 || xl[3] % 16 || yl[3] % 16 || xl[3] < 16 || yl[3] < 16)    \
+            return 1;                                                                                           \
+        const int R = W % 7 == 0 && W % 8 != 0 ? 7 : 8, taps = k * k;                                          \
+        const int64_t p = (k - 1) / 2, Wr = (W + R - 1) / R * R, Wp = Wr + 2 * p, Hp = H + 2 * p;              \
+        const int64_t blocks = C / 16, items = N * blocks;                                                      \
+        const size_t floats = (size_t)(Hp * Wp + 2 * taps) * 16;                                                \
+        int failed = 0;                                                                                         \
+        _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                        \
+        {                                                                                                       \
+            const int64_t tid = thread_id(), nt = thread_count();                                               \
+            float *plane = NULL;          /* the borders stay zero: only the interior is ever written */       \
+            if (posix_memalign((void **)&plane, 64, floats * sizeof(float)) == 0)                               \
+                memset(plane, 0, floats * sizeof(float));                                                       \
+            else                                                                                                \
+                plane = NULL;                                                                                   \
+            if (!plane) {                                                                                       \
+                failed = 1;                                                                                     \
+            } else {                                                                                            \
+                float *wa = plane + Hp * Wp * 16, *wb = wa + taps * 16;                                         \
+                for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {                        \
+                    const int64_t n = it / blocks, c0 = (it % blocks) * 16;                                     \
+                    const T *xs = x + n * xl[0] + (c0 / xl[3]) * xl[2] + c0 % xl[3];                            \
+                    const int64_t yo = n * yl[0] + (c0 / yl[3]) * yl[2] + c0 % yl[3];                           \
+                    for (int t = 0; t < taps; ++t) {                                                            \
+                        _mm512_store_ps(wa + 16 * t, _mm512_loadu_ps(w1 + (int64_t)t * C + c0));                \
+                        if (y2) _mm512_store_ps(wb + 16 * t, _mm512_loadu_ps(w2 + (int64_t)t * C + c0));        \
+                    }                                                                                           \
+                    for (int64_t h = 0; h < H; ++h) {                                                           \
+                        float *row = plane + ((h + p) * Wp + p) * 16;                                           \
+                        const T *xr = xs + h * W * xl[1];                                                       \
+                        for (int64_t c = 0; c < W; ++c)                                                         \
+                            _mm512_store_ps(row + 16 * c, LOAD##_full(xr + c * xl[1], (__mmask16)0xffff));      \
+                    }                                                                                           \
+                    for (int out = 0; out < (y2 ? 2 : 1); ++out) {                                              \
+                        const float *wt = out ? wb : wa;                                                        \
+                        T *yb = (out ? y2 : y1) + yo;                                                           \
+                        for (int64_t h = 0; h < H; ++h) {                                                       \
+                            const float *src[81];                                                               \
+                            for (int i = 0; i < k; ++i)                                                         \
+                                for (int j = 0; j < k; ++j) src[i * k + j] = plane + ((h + i) * Wp + j) * 16;   \
+                            T *yr = yb + h * W * yl[1];                                                         \
+                            if (R == 7) NAME##_row(src, wt, k, yr, yl[1], W, Wr, 7);                            \
+                            else NAME##_row(src, wt, k, yr, yl[1], W, Wr, 8);                                   \
+                        }                                                                                       \
+                    }                                                                                           \
+                }                                                                                               \
+                free(plane);                                                                                    \
+            }                                                                                                   \
+        }                                                                                                       \
+        return failed ? 2 : 0;                                                                                  \
+    }
+
+HEADS_DW(polynext_heads_dw_f32, float, load_f32, store_f32)
+HEADS_DW(polynext_heads_dw_bf16, uint16_t, load_bf16, store_bf16)
+#define HEADS_DW_BUILT 1
+#else
+#define HEADS_DW_BUILT 0
+int polynext_heads_dw_f32(const float *x, const int64_t *xl, const float *w1, float *y1, const float *w2, float *y2,
+                          const int64_t *yl, int64_t N, int64_t H, int64_t W, int64_t C, int k, int threads) {
+    (void)x; (void)xl; (void)w1; (void)y1; (void)w2; (void)y2; (void)yl; (void)N; (void)H; (void)W; (void)C; (void)k;
+    (void)threads;
+    return 1;
+}
+int polynext_heads_dw_bf16(const uint16_t *x, const int64_t *xl, const float *w1, uint16_t *y1, const float *w2,
+                           uint16_t *y2, const int64_t *yl, int64_t N, int64_t H, int64_t W, int64_t C, int k,
+                           int threads) {
+    (void)x; (void)xl; (void)w1; (void)y1; (void)w2; (void)y2; (void)yl; (void)N; (void)H; (void)W; (void)C; (void)k;
+    (void)threads;
+    return 1;
+}
+#endif
+
+/* 1 where polynext_heads_dw_* is built (AVX-512), else 0. */
+int polynext_heads_dw_built(void) { return HEADS_DW_BUILT; }
