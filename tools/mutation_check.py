@@ -156,6 +156,17 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'a gradient', 'src/polynext/ops/attention_convs.py',
              'and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu_inference(x)):',
              'and x.is_contiguous(memory_format=torch.channels_last)):', HEADS_TESTS),
+    Mutation('constants-version-unchecked', 'ops.constants: a kept value survives an in-place change of its '
+             'parameter (only the storage is checked)', 'src/polynext/ops/constants.py',
+             'return t.data_ptr(), 0 if _ours(t) else t._version', 'return t.data_ptr(), 0',
+             ('tests/test_constants.py',)),
+    Mutation('constants-steps-unchecked', 'ops.constants: a kept value survives an optimizer step (the fused AdamW '
+             'kernel does not advance the version counters)', 'src/polynext/ops/constants.py',
+             'state = (_steps[0],) + tuple(_state(t) for t in sources)', 'state = tuple(_state(t) for t in sources)',
+             ('tests/test_constants.py',)),
+    Mutation('constants-values-unchecked', 'ops.constants: a kept gated weight survives a change of the gate\'s value',
+             'src/polynext/ops/constants.py', 'and all(torch.equal(a, b) for a, b in zip(hit[2], values))):', '):',
+             ('tests/test_constants.py',)),
     Mutation('polyconv-dw-in-training', 'ops.polyconv_dw: the kernel (no autograd) also serves training',
              'src/polynext/ops/polyconv_dw.py', 'and u.is_contiguous(memory_format=torch.channels_last) and '
              'eager_cpu_inference(u)):', 'and u.is_contiguous(memory_format=torch.channels_last)):',

@@ -43,6 +43,7 @@ from ..checkpoint import load_state_dict_strict, model_name, unwrap_state_dict
 from ..errors import CheckpointError
 from ..ops.attention_convs import attention_convs, attention_convs_applies, heads_conv, scaled_taps
 from ..ops.channel_norm import channel_layer_norm, channel_norm_nchw, product_norm_nchw
+from ..ops.constants import scaled_weight
 from ..ops.depthwise import StridedDepthwiseConv2d, depthwise_conv2d
 from ..ops.flip_product import flip_product
 from ..ops.narrow_pointwise import pointwise_norm, poly_mlp_
@@ -645,7 +646,7 @@ class _MixerMLPBlock(nn.Module):
             return gated_residual(x, self.drop_path(self.mlp(x)), gate)
         mlp, fc_out = self.mlp, self.mlp.fc_out
         if self._fusable(x):
-            w_out = fc_out.weight * gate.reshape(-1, 1, 1, 1)
+            w_out = scaled_weight(fc_out.weight, gate)   # (kept while unchanged: ops.constants)
             if (mlp.product.is_product and isinstance(mlp.norm, LayerNorm2d) and mlp.fc_in.bias is None
                     and fc_out.bias is None
                     and poly_mlp_(x, mlp.fc_in.weight, mlp.norm.weight, mlp.norm.bias, mlp.norm.eps, w_out) is not None):
@@ -705,7 +706,7 @@ class PolyAttnBlock(_MixerMLPBlock):
             return super().mix_residual(x, gate, owned)
         if owned and self._fusable(x):
             return self.mixer(self.mixer_norm(x), residual=x,
-                              proj_weight=self.mixer.proj.weight * gate.reshape(-1, 1, 1, 1))
+                              proj_weight=scaled_weight(self.mixer.proj.weight, gate))
         return self.drop_path(_gated_conv(self.mixer.proj, self.mixer.attend(self.mixer_norm(x)), gate)).add_(x)
 
 

@@ -32,6 +32,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .constants import derived
 from .cpu_kernels import heads_convs, kernel_available, kernel_fn, library, profiling
 from .fused import eager_cpu_inference
 from .polyconv_dw import depthwise_taps, same_depthwise
@@ -59,9 +60,14 @@ def attention_convs_applies(x: torch.Tensor, attn_dim: int, head_dim: int, convs
 
 def scaled_taps(weight: torch.Tensor, head_scale: torch.Tensor) -> torch.Tensor:
     """Q's depthwise weight (A, 1, k, k) times its head's scale (``heads`` values, each for ``A / heads``
-    consecutive channels), as the kernel reads it (:func:`ops.polyconv_dw.depthwise_taps`)."""
+    consecutive channels), as the kernel reads it (:func:`ops.polyconv_dw.depthwise_taps`); kept while the weight and
+    the scale's values are unchanged (``ops.constants``)."""
     s = head_scale.detach().float().reshape(-1)
-    return depthwise_taps(weight.float() * s.repeat_interleave(weight.shape[0] // s.numel()).view(-1, 1, 1, 1))
+
+    def make() -> torch.Tensor:
+        w = weight.float() * s.repeat_interleave(weight.shape[0] // s.numel()).view(-1, 1, 1, 1)
+        return w.reshape(w.shape[0], -1).t().contiguous()
+    return derived('scaled_taps', (weight,), make, values=(s,))
 
 
 def _layout(*strides: int):

@@ -59,6 +59,7 @@ import torch
 
 from .cpu_kernels import fused_mlp as mlp_switch, kernel_available, library, narrow_pointwise as narrow_switch, \
     pointwise_norm as norm_switch, profiling
+from .constants import derived
 from .fused import eager_cpu_inference
 
 __all__ = ['narrow_pointwise', 'narrow_pointwise_applies', 'pointwise_norm', 'poly_mlp_', 'tile_width', 'TILES',
@@ -101,6 +102,11 @@ def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Option
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K, 1, 1) → the kernel's layout (:func:`_pack`), kept while the weight is unchanged (``ops.constants``)."""
+    return derived('packed', (weight,), lambda: _pack(weight))
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
     """(N, K, 1, 1) → the kernel's layout: per chunk of CW outputs, (K, CW) row-major; for bfloat16 (the pair dot
     product's operand) (K / 2, CW, 2): each output's two consecutive inputs side by side."""
     n, k = weight.shape[:2]

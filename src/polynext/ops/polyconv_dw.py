@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .constants import derived
 from .cpu_kernels import fused_polyconv, kernel_available, kernel_fn, library, profiling
 from .fused import eager_cpu_inference
 
@@ -72,8 +73,9 @@ def polyconv_dw_applies(u: torch.Tensor, coarse: nn.Conv2d, fine: nn.Conv2d, out
 
 
 def depthwise_taps(weight: torch.Tensor) -> torch.Tensor:
-    """A depthwise weight (C, 1, k, k) as the kernel reads it: float32, tap-major (k*k, C)."""
-    return weight.reshape(weight.shape[0], -1).t().float().contiguous()
+    """A depthwise weight (C, 1, k, k) as the kernel reads it: float32, tap-major (k*k, C); kept while the weight is
+    unchanged (``ops.constants``)."""
+    return derived('taps', (weight,), lambda: weight.reshape(weight.shape[0], -1).t().float().contiguous())
 
 
 def _polyconv_dw(u: torch.Tensor, wc: torch.Tensor, wf: torch.Tensor, wo: torch.Tensor, dilation: int) -> torch.Tensor:
