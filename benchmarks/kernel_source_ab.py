@@ -98,21 +98,17 @@ def main(argv=None) -> int:
             for m, f in zip(modules, saved):
                 m.library = f
 
-    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab, write_report
+    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab_rows, write_report
     env = environment(ck.torch.device('cpu'))
     off = getattr(ck, args.off)(False) if args.off else contextlib.nullcontext()
     print(f"{env['device_name']}, {ck.torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
           f"batch {args.batch_size}, {args.img_size} px; kernels at {args.rev} against the working tree"
           + (f', {args.off} off' if args.off else '') + f', img/s (median of {args.runs}):', flush=True)
-    rows = []
+    settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+                             channels_last=True)
     with off:
-        for name in args.models:
-            settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size,
-                                     img_size=args.img_size, channels_last=True)
-            row = switch_ab(name, settings, newer, args.runs, labels=('old', 'new'))
-            rows.append(row)
-            print(f"{name:12s} {args.rev} {row['old_img_s']:7.2f}  working tree {row['new_img_s']:7.2f}  "
-                  f"x{row['speedup']:.3f}  max |Δ logit| {row['max_abs_logit_diff']:.1e}", flush=True)
+        rows = switch_ab_rows(args.models, settings, newer, args.runs, labels=('old', 'new'),
+                              names=(args.rev, 'working tree'))
     out = dict(command=['python', 'benchmarks/kernel_source_ab.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), rev=args.rev, commit=commit, off=args.off, batch_size=args.batch_size,
                img_size=args.img_size, dtype=args.dtype, rows=rows)

@@ -58,19 +58,14 @@ def _fp64_core(u, conv):
 
 def _whole_model(args) -> list:
     """Each model's ``polynext bench`` inference step with the kernel on and off, interleaved."""
-    from polynext.bench import BenchSettings, switch_ab
+    from polynext.bench import BenchSettings, switch_ab_rows
     from polynext.ops import cpu_kernels
 
     print(f'whole model, inference, img/s (median of {args.runs}):', flush=True)
-    rows = []
-    for name in args.models:
-        settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
-                                 channels_last=True)
-        row = switch_ab(name, settings, cpu_kernels.fused_polyconv, args.runs, labels=('pytorch', 'kernel'))
-        rows.append(row)
-        print(f"{name:12s} PyTorch's path {row['pytorch_img_s']:7.2f}  kernel {row['kernel_img_s']:7.2f}  "
-              f"x{row['speedup']:.3f}  max |Δ logit| {row['max_abs_logit_diff']:.1e}", flush=True)
-    return rows
+    settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+                             channels_last=True)
+    return switch_ab_rows(args.models, settings, cpu_kernels.fused_polyconv, args.runs, labels=('pytorch', 'kernel'),
+                          names=("PyTorch's path", 'kernel'))
 
 
 def main(argv=None) -> int:

@@ -63,22 +63,17 @@ def main(argv=None) -> int:
         if not any(isinstance(m, PolyAttn) for m in timm.create_model(name).modules()):
             parser.error(f'{name} has no PolyAttn; pass an APolyNeXt model such as apolynext_t')
 
-    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab, write_report
+    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab_rows, write_report
     env = environment(torch.device('cpu'))
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.mode}, "
           f"{args.dtype}, channels-last {'on' if args.channels_last else 'off'}, batch {args.batch_size}, "
           f'{args.img_size} px, img/s (median of {args.runs})', flush=True)
     from polynext.ops.cpu_kernels import heads_convs
-    rows = []
-    for name in args.models:
-        settings = BenchSettings(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
-                                 channels_last=args.channels_last)
-        with heads_convs(False):
-            row = switch_ab(name, settings, split_parts, args.runs, labels=('one_conv', 'split'))
-        rows.append(row)
-        diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
-        print(f"{name:12s} one conv, sliced {row['one_conv_img_s']:7.2f}  two convs {row['split_img_s']:7.2f}  "
-              f"x{row['speedup']:.3f}{diff}", flush=True)
+    settings = BenchSettings(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+                             channels_last=args.channels_last)
+    with heads_convs(False):
+        rows = switch_ab_rows(args.models, settings, split_parts, args.runs, labels=('one_conv', 'split'),
+                              names=('one conv, sliced', 'two convs'))
     out = dict(command=['python', 'benchmarks/qkv_split.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), mode=args.mode,
                channels_last=args.channels_last, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype, rows=rows)

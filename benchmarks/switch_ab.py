@@ -46,19 +46,14 @@ def main(argv=None) -> int:
     if args.switch not in known:
         parser.error(f"{args.switch} is not a switch of polynext.ops; use one of {', '.join(known)}")
     import torch
-    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab, write_report
+    from polynext.bench import BenchSettings, allocator_status, environment, switch_ab_rows, write_report
     env = environment(torch.device('cpu'))
     print(f"{env['device_name']}, {torch.get_num_threads()} threads, allocator {allocator_status()}, {args.dtype}, "
           f'batch {args.batch_size}, {args.img_size} px; {args.switch} off and on, img/s (median of {args.runs}):',
           flush=True)
-    rows = []
-    for name in args.models:
-        settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
-                                 channels_last=True)
-        row = switch_ab(name, settings, known[args.switch], args.runs, labels=('off', 'on'))
-        rows.append(row)
-        print(f"{name:12s} off {row['off_img_s']:7.2f}  on {row['on_img_s']:7.2f}  x{row['speedup']:.3f}  "
-              f"max |Δ logit| {row['max_abs_logit_diff']:.1e}", flush=True)
+    settings = BenchSettings(mode='infer', dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+                             channels_last=True)
+    rows = switch_ab_rows(args.models, settings, known[args.switch], args.runs)
     out = dict(command=['python', 'benchmarks/switch_ab.py'] + list(argv if argv is not None else sys.argv[1:]),
                environment=env, allocator=allocator_status(), switch=args.switch, batch_size=args.batch_size,
                img_size=args.img_size, dtype=args.dtype, rows=rows)

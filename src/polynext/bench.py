@@ -458,6 +458,21 @@ def switch_ab(name: str, settings: 'BenchSettings', switch: Callable[[bool], Any
     return row
 
 
+def switch_ab_rows(models: Sequence[str], settings: 'BenchSettings', switch: Callable[[bool], Any], runs: int,
+                   labels: Tuple[str, str] = ('off', 'on'), names: Optional[Tuple[str, str]] = None) -> List[Dict]:
+    """:func:`switch_ab` for each model, printing a line each as it finishes (``names``: the two settings as printed,
+    by default the labels)."""
+    names = names or labels
+    rows = []
+    for name in models:
+        row = switch_ab(name, settings, switch, runs, labels=labels)
+        rows.append(row)
+        diff = f"  max |Δ logit| {row['max_abs_logit_diff']:.1e}" if 'max_abs_logit_diff' in row else ''
+        print(f"{name:12s} {names[0]} {row[labels[0] + '_img_s']:7.2f}  {names[1]} {row[labels[1] + '_img_s']:7.2f}  "
+              f"x{row['speedup']:.3f}{diff}", flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------
 # Peak memory
 # --------------------------------------------------------------------------------------
