@@ -59,8 +59,8 @@ def _shapes(model: torch.nn.Module, x: torch.Tensor) -> tuple:
         found.setdefault((tuple(x.shape), tuple(weight.shape), out is not None), None)
         return real(x, weight, out=out)
 
-    def spy_norm(x, weight, norm_weight, norm_bias, eps, residual=None, product=False):
-        y = real_norm(x, weight, norm_weight, norm_bias, eps, residual=residual, product=product)
+    def spy_norm(x, weight, norm_weight, norm_bias, eps, residual=None, product=False, inplace=False):
+        y = real_norm(x, weight, norm_weight, norm_bias, eps, residual=residual, product=product, inplace=inplace)
         if y is not None:
             normed.setdefault((tuple(x.shape), tuple(weight.shape), 'product' if product else 'residual'), None)
         return y

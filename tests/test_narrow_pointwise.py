@@ -6,6 +6,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import polynext  # noqa: F401  (registers the models)
@@ -161,8 +162,8 @@ def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     calls = []
     real, real_norm = npw._call, npw._pointwise_norm
     monkeypatch.setattr(npw, '_call', lambda x, wp, y, acc: calls.append((y.shape[1], acc)) or real(x, wp, y, acc))
-    monkeypatch.setattr(npw, '_pointwise_norm', lambda x, wp, nw, nb, r, n, eps, product: calls.append((n, 'norm'))
-                        or real_norm(x, wp, nw, nb, r, n, eps, product))
+    monkeypatch.setattr(npw, '_pointwise_norm', lambda x, wp, nw, nb, r, n, eps, product, out=None:
+                        calls.append((n, 'norm')) or real_norm(x, wp, nw, nb, r, n, eps, product, out))
     real_mlp = npw._poly_mlp_
     monkeypatch.setattr(npw, '_poly_mlp_', lambda x, wi, nw, nb, wo, n, eps: calls.append((n, 'mlp'))
                         or real_mlp(x, wi, nw, nb, wo, n, eps))
@@ -475,6 +476,41 @@ def test_pointwise_norm_checks_before_the_kernel():
 
 @needs_cc
 @pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_pointwise_norm_in_place_writes_only_an_owned_residual(dtype):
+    """``inplace=True`` writes the values of the new-tensor form into the residual itself (each pixel's residual
+    read before its output is written), under the profiler's operator too; the blocks do so only with a stream they
+    own: ``PolyConvBlock.mix_residual(owned=False)`` leaves its input as it was."""
+    if dtype == torch.bfloat16 and not ck.library().pointwise_bf16:
+        pytest.skip('the bf16 kernels need AVX-512 BF16')
+    torch.manual_seed(0)
+    u = torch.randn(2, 72, 7, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, nw, nb = torch.randn(144, 72, 1, 1).to(dtype), torch.rand(144).to(dtype), torch.randn(144).to(dtype)
+    res = torch.randn(2, 144, 7, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = npw.pointwise_norm(u, w, nw, nb, 1e-6, residual=res)
+        for profiled in (False, True):
+            own = res.clone()
+            with torch.autograd.profiler.profile(enabled=profiled):
+                got = npw.pointwise_norm(u, w, nw, nb, 1e-6, residual=own, inplace=True)
+            assert got is own and torch.equal(got, want)
+    with pytest.raises(ValueError, match='inplace writes into the residual'):
+        npw.pointwise_norm(u, w, nw, nb, 1e-6, inplace=True)
+    from polynext.models.polynext import PolyConv, PolyConvBlock, LayerNorm2d
+    block = PolyConvBlock(PolyConv(72, 72), LayerNorm2d(72), nn.Identity()).eval().to(dtype)
+    block.mixer_norm.weight.data.uniform_(0.5, 1.5)   # (any weight: the in-place and new-tensor forms must agree)
+    x = torch.randn(2, 72, 14, 14).to(dtype).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    gate = torch.full((1,), 0.5, dtype=dtype)
+    with torch.inference_mode():
+        y = block.mix_residual(x, gate, owned=False)
+        assert torch.equal(x, before) and y.data_ptr() != x.data_ptr()
+        z = block.mix_residual(x, gate, owned=True)
+    assert z.data_ptr() == x.data_ptr() and torch.equal(z, y)
+
+
+@needs_cc
+@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
 def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
     """``benchmarks/narrow_pointwise.py --whole-model`` at 2 images of 64 px: cpolynext_t's served shapes, both
     paths timed, the kernel within float32 rounding of float64, the whole-model A/B, the JSON; a model with no served
@@ -514,14 +550,15 @@ def test_the_profiler_counts_the_kernel_as_1x1_convolutions():
     prof = profile_model(model, mode='infer', batch_size=2, img_size=64, runs=1, warmup=1)
     ours = {(cls, op, shape): row for (cls, op, shape), row in prof.ops.items()
             if op.startswith(('polynext::point', 'polynext::poly_mlp'))}
-    assert {op for _, op, _ in ours} == {'polynext::pointwise', 'polynext::pointwise_norm', 'polynext::poly_mlp_'}
+    # (PolyConv's pw_out with its norm writes into the cell's own stream: the in-place operator)
+    assert {op for _, op, _ in ours} == {'polynext::pointwise', 'polynext::pointwise_norm_', 'polynext::poly_mlp_'}
     assert {cls for cls, _, _ in ours} == {'1x1 conv'}
     # stage 0, 2 x 48 channels at 16x16: each PolyMLP in one kernel, its 48 → 96 input and 48 → 48 output projections
     # (PolyMLP's hidden width is 48), and PolyConv's 48 → 48 output projection with its norm as the epilogue, one
     # of each per block
     mlp = ours[('1x1 conv', 'polynext::poly_mlp_', '2x48x16x16')]
     assert mlp.calls > 0 and mlp.macs == mlp.calls * 2 * 48 * 16 * 16 * (96 + 48)
-    normed = ours[('1x1 conv', 'polynext::pointwise_norm', '2x48x16x16')]
+    normed = ours[('1x1 conv', 'polynext::pointwise_norm_', '2x48x16x16')]
     assert normed.calls == mlp.calls and normed.macs == mlp.calls * 2 * 48 * 16 * 16 * 48
 
 

@@ -156,6 +156,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'a gradient', 'src/polynext/ops/attention_convs.py',
              'and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu_inference(x)):',
              'and x.is_contiguous(memory_format=torch.channels_last)):', HEADS_TESTS),
+    Mutation('pw-norm-inplace-unowned', "PolyConvBlock: the 1x1 kernel with the norm epilogue writes into a residual "
+             'stream the block does not own', MODEL,
+             'y = pointwise_norm(u, pc.pw_out.weight, weight, bias, norm.eps, residual=x, inplace=owned)',
+             'y = pointwise_norm(u, pc.pw_out.weight, weight, bias, norm.eps, residual=x, inplace=True)',
+             ('tests/test_narrow_pointwise.py::test_pointwise_norm_in_place_writes_only_an_owned_residual',)),
     Mutation('constants-version-unchecked', 'ops.constants: a kept value survives an in-place change of its '
              'parameter (only the storage is checked)', 'src/polynext/ops/constants.py',
              'return t.data_ptr(), 0 if _ours(t) else t._version', 'return t.data_ptr(), 0',

@@ -302,7 +302,8 @@ def _fused_depthwise_macs(ev) -> float:
 
 #: ops.narrow_pointwise's operators: 1x1 convolutions (x, then the packed weight, K x N values; pointwise_norm's
 #: LayerNorm epilogue is counted inside its convolution)
-_NARROW_POINTWISE = ('polynext::pointwise', 'polynext::pointwise_add_', 'polynext::pointwise_norm')
+_NARROW_POINTWISE = ('polynext::pointwise', 'polynext::pointwise_add_', 'polynext::pointwise_norm',
+                     'polynext::pointwise_norm_')
 
 
 def _narrow_pointwise_macs(ev) -> float:

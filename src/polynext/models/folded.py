@@ -246,11 +246,12 @@ class FoldedPolyConv(nn.Module):
 
     def residual(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """x + self(x), as a new tensor (after a LayerNorm, added by the norm's pass: ops.channel_norm; at CPU
-        inference ``pw_out``, the norm and the addition in one kernel where it serves: ops.narrow_pointwise)."""
+        inference ``pw_out``, the norm and the addition in one kernel where it serves: ops.narrow_pointwise, written
+        into x with ``owned``)."""
         if isinstance(self.norm, ChannelLayerNorm):
             z = self.core(x)
-            y = None if self.pw_out.bias is not None else \
-                pointwise_norm(z, self.pw_out.weight, self.norm.scale, None, self.norm.eps, residual=x)
+            y = None if self.pw_out.bias is not None else pointwise_norm(
+                z, self.pw_out.weight, self.norm.scale, None, self.norm.eps, residual=x, inplace=owned)
             return self.norm(self.pw_out(z), residual=x, inplace=True) if y is None else y
         return self(x).add_(x)
 

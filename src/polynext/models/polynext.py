@@ -675,7 +675,7 @@ class PolyConvBlock(_MixerMLPBlock):
                 # CPU inference: pw_out, the norm and the addition in one kernel, pw_out's output never written
                 pc = self.mixer
                 u = pc.core(pc.pw_in(x))
-                y = pointwise_norm(u, pc.pw_out.weight, weight, bias, norm.eps, residual=x)
+                y = pointwise_norm(u, pc.pw_out.weight, weight, bias, norm.eps, residual=x, inplace=owned)
                 if y is not None:
                     return y
                 z = pc.pw_out(u).permute(0, 2, 3, 1)

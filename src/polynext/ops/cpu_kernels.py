@@ -43,7 +43,7 @@ from .fused import Switch
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
            'fused_attention_available', 'fused_attention', 'fused_polyconv', 'narrow_pointwise', 'pointwise_norm',
-           'fused_mlp', 'heads_convs']
+           'fused_mlp', 'heads_convs', 'norm_in_place']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -79,6 +79,10 @@ fused_mlp = Switch()
 #: source, ``ops.attention_convs``) on or off, the others as they are: ``with heads_convs(False): ...`` (A/B timing:
 #: ``benchmarks/attention_convs.py``)
 heads_convs = Switch()
+
+#: the norm epilogue of 11. writing into the residual stream it adds (a block's own stream) instead of a new tensor,
+#: on or off: ``with norm_in_place(False): ...`` (A/B timing: ``benchmarks/switch_ab.py cpu_kernels.norm_in_place``)
+norm_in_place = Switch()
 
 
 #: whether the profiler is on: the callers then go through the dispatcher, so that it records their operators
