@@ -953,3 +953,14 @@ def test_bf16_autocast_training_takes_the_norm_kernels(monkeypatch):
     loss.backward()
     n_norms = sum(isinstance(m, polynext.models.polynext.LayerNorm2d) for m in model.modules())
     assert len(calls) == n_norms and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_kernel_status_is_one_clear_error():
+    """Every kernel entry point's status: 0 nothing to say, 1 a call it does not serve (what, and the check to make
+    first), 2 out of memory (what, and how to run without the kernels)."""
+    ck.check_status('op', 0, 'x', 'y', 'z')
+    with pytest.raises(RuntimeError, match=r'^polynext::op: a 4x4 kernel is not served here \(check op_applies first\)$'):
+        ck.check_status('op', 1, "a thread's plane", 'a 4x4 kernel', 'op_applies')
+    with pytest.raises(MemoryError, match="out of memory for a thread's plane; free memory, or run with "
+                                          'POLYNEXT_CPU_KERNELS=0'):
+        ck.check_status('op', 2, "a thread's plane", 'a 4x4 kernel', 'op_applies')

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .constants import derived
-from .cpu_kernels import heads_convs, kernel_available, kernel_fn, library, profiling
+from .cpu_kernels import check_status, heads_convs, kernel_available, kernel_fn, library, profiling
 from .fused import eager_cpu_inference
 from .polyconv_dw import depthwise_taps, same_depthwise
 
@@ -81,12 +81,8 @@ def _run(x: torch.Tensor, offset: int, x_layout, taps: Sequence[torch.Tensor], o
     w2, y2 = (taps[1].data_ptr(), outs[1].data_ptr()) if len(taps) > 1 else (None, None)
     status = kernel_fn('heads_dw', x)(ptr, x_layout, taps[0].data_ptr(), outs[0].data_ptr(), w2, y2, y_layout,
                                       n, h, w, c, k, torch.get_num_threads())
-    if status == 2:
-        raise MemoryError("polynext::attention_convs: out of memory for a thread's plane; free memory, or run with "
-                          "POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
-    if status != 0:
-        raise RuntimeError(f'polynext::attention_convs: a {k}x{k} depthwise convolution on {c} channels is not '
-                           'served here (check attention_convs_applies first)')
+    check_status('attention_convs', status, "a thread's plane", f'a {k}x{k} depthwise convolution on {c} channels',
+                 'attention_convs_applies')
 
 
 def _attention_convs(qkv: torch.Tensor, q_taps: torch.Tensor, k_taps: torch.Tensor, v_taps: torch.Tensor,

@@ -43,7 +43,7 @@ from .fused import Switch
 __all__ = ['library', 'kernels', 'kernel_available', 'kernel_fn', 'kernel_info', 'profiling', 'poly_rows_', 'poly_power_',
            'poly_prep_', 'poly_ds_', 'poly_attention_fused', 'poly_attention_backward_fused',
            'fused_attention_available', 'fused_attention', 'fused_polyconv', 'narrow_pointwise', 'pointwise_norm',
-           'fused_mlp', 'heads_convs', 'norm_in_place']
+           'fused_mlp', 'heads_convs', 'norm_in_place', 'check_status']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.c'
 #: -ffp-contract=off: GCC would otherwise fuse a product into the next addition differently in two passes over
@@ -306,14 +306,20 @@ def fused_attention_available(q: torch.Tensor, v: torch.Tensor, power: int, k: O
     return fused_attention.on and kernel_available() and q.dtype in library().attention_fused
 
 
-def _check_fused(name: str, status: int, keys: int, dim: int, power: int) -> None:
-    """The fused attention kernels' status as an error: 2 out of memory, 1 a call they do not serve."""
+def check_status(op: str, status: int, buffers: str, refused: str, check: str) -> None:
+    """A kernel's status as an error, the convention of every entry point of the C source: 0 done, 1 a call it does
+    not serve (``refused``: what; ``check``: the function that says where it serves), 2 a thread's ``buffers`` could
+    not be allocated."""
     if status == 2:
-        raise MemoryError(f"polynext::{name}: out of memory for a thread's {keys}-key buffers; free memory, or run "
-                          "with POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
+        raise MemoryError(f"polynext::{op}: out of memory for {buffers}; free memory, or run with "
+                          "POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
     if status != 0:
-        raise RuntimeError(f'polynext::{name}: head dimension {dim} or power {power} is not served here (check '
-                           'fused_attention_available first)')
+        raise RuntimeError(f'polynext::{op}: {refused} is not served here (check {check} first)')
+
+
+def _check_fused(name: str, status: int, keys: int, dim: int, power: int) -> None:
+    check_status(name, status, f"a thread's {keys}-key buffers", f'head dimension {dim} or power {power}',
+                 'fused_attention_available')
 
 
 def _check_dtypes(name: str, rowsum: Optional[torch.Tensor], *heads: torch.Tensor) -> None:

@@ -60,8 +60,8 @@ from typing import Optional
 
 import torch
 
-from .cpu_kernels import fused_mlp as mlp_switch, kernel_available, library, narrow_pointwise as narrow_switch, \
-    norm_in_place, pointwise_norm as norm_switch, profiling
+from .cpu_kernels import check_status, fused_mlp as mlp_switch, kernel_available, library, \
+    narrow_pointwise as narrow_switch, norm_in_place, pointwise_norm as norm_switch, profiling
 from .constants import derived
 from .fused import eager_cpu_inference
 
@@ -123,9 +123,7 @@ def _call(x: torch.Tensor, wp: torch.Tensor, y: torch.Tensor, accumulate: bool) 
     n = y.shape[1]
     status = library().polynext_pointwise_f32(x.data_ptr(), wp.data_ptr(), y.data_ptr(), x.numel() // x.shape[1],
                                               x.shape[1], n, tile_width(n), int(accumulate), torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f'polynext::pointwise: {x.shape[1]} → {n} channels is not served here '
-                           '(check narrow_pointwise_applies first)')
+    check_status('pointwise', status, '', f'{x.shape[1]} → {n} channels', 'narrow_pointwise_applies')
 
 
 def _pointwise(x: torch.Tensor, wp: torch.Tensor, out_channels: int) -> torch.Tensor:
@@ -151,9 +149,7 @@ def _pointwise_norm(x: torch.Tensor, wp: torch.Tensor, norm_weight: torch.Tensor
         x.data_ptr(), wp.data_ptr(), y.data_ptr(), norm_weight.data_ptr(),
         None if norm_bias is None else norm_bias.data_ptr(), None if residual is None else residual.data_ptr(),
         x.numel() // x.shape[1], x.shape[1], n, tile_width(n), eps, int(product), torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f'polynext::pointwise_norm: {x.shape[1]} → {n} channels is not served here '
-                           '(check pointwise_norm first)')
+    check_status('pointwise_norm', status, '', f'{x.shape[1]} → {n} channels', 'pointwise_norm')
     return y
 
 
@@ -165,11 +161,7 @@ def _poly_mlp_(x: torch.Tensor, wp_in: torch.Tensor, norm_weight: torch.Tensor, 
         x.data_ptr(), wp_in.data_ptr(), norm_weight.data_ptr(), None if norm_bias is None else norm_bias.data_ptr(),
         wp_out.data_ptr(), x.data_ptr(), x.numel() // k, k, hidden2, tile_width(hidden2), tile_width(k), eps,
         torch.get_num_threads())
-    if status == 2:
-        raise MemoryError('polynext::poly_mlp_: no memory for the kernel\'s per-thread buffers')
-    if status != 0:
-        raise RuntimeError(f'polynext::poly_mlp_: {k} → {hidden2} → {k} channels is not served here '
-                           '(check poly_mlp_ first)')
+    check_status('poly_mlp_', status, "a thread's buffers", f'{k} → {hidden2} → {k} channels', 'poly_mlp_')
     return x
 
 

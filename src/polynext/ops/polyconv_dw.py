@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .constants import derived
-from .cpu_kernels import fused_polyconv, kernel_available, kernel_fn, library, profiling
+from .cpu_kernels import check_status, fused_polyconv, kernel_available, kernel_fn, library, profiling
 from .fused import eager_cpu_inference
 
 __all__ = ['polyconv_dw', 'polyconv_dw_applies', 'same_depthwise', 'depthwise_taps']
@@ -84,12 +84,8 @@ def _polyconv_dw(u: torch.Tensor, wc: torch.Tensor, wf: torch.Tensor, wo: torch.
     y = torch.empty_like(u)
     status = kernel_fn('polyconv_dw', u)(u.data_ptr(), wc.data_ptr(), wf.data_ptr(), wo.data_ptr(), y.data_ptr(),
                                          n, h, w, c, k, dilation, torch.get_num_threads())
-    if status == 2:
-        raise MemoryError("polynext::polyconv_dw: out of memory for a thread's row rings; free memory, or run with "
-                          "POLYNEXT_CPU_KERNELS=0 (PyTorch's path)")
-    if status != 0:
-        raise RuntimeError(f'polynext::polyconv_dw: a {k}x{k} coarse kernel with dilation {dilation} on {c} channels '
-                           'is not served here (check polyconv_dw_applies first)')
+    check_status('polyconv_dw', status, "a thread's row rings",
+                 f'a {k}x{k} coarse kernel with dilation {dilation} on {c} channels', 'polyconv_dw_applies')
     return y
 
 
