@@ -517,13 +517,21 @@ def test_poly_attention_script_toy(tmp_path):
     assert data['mode'] == 'infer' and all(r['max_rel_diff_fp64'] < 1e-12 and r['identical_to_baseline']
                                            for r in data['rows'])
     assert all(r['max_rel_diff_dtype'] < 1e-5 for r in data['rows']) and data['whole_model'] is None
+    from polynext.ops import cpu_kernels
+    whole = ['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--mode', 'infer', '--whole-model',
+             '--json', str(out)]
+    if not (cpu_kernels.kernel_available() and torch.float32 in cpu_kernels.library().attention_fused):
+        # no fused float32 attention on this CPU (AVX-512 only): --whole-model is refused in one line, nothing written
+        out.unlink()
+        with pytest.raises(SystemExit) as exit_:
+            script.main(whole)
+        assert exit_.value.code == 2 and not out.exists()
+        return
     # the whole model with the fused float32 attention on and off: the same logits to float32 rounding
-    assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--mode', 'infer',
-                        '--whole-model', '--json', str(out)]) == 0
+    assert script.main(whole) == 0
     (row,) = json.loads(out.read_text())['whole_model']
     assert row['model'] == 'apolynext_t' and row['fused_img_s'] > 0 and row['pytorch_img_s'] > 0
     assert row['max_abs_logit_diff'] < 1e-5
-    from polynext.ops import cpu_kernels
     if cpu_kernels.kernel_available() and torch.bfloat16 in cpu_kernels.library().attention_fused:
         # bf16 (AVX-512 BF16): the unfused column per shape, and the whole model on and off to bf16's rounding
         assert script.main(['apolynext_t', '--batch-size', '2', '--img-size', '64', '--runs', '1', '--mode', 'infer',

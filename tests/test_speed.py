@@ -76,11 +76,15 @@ def test_undilated_wide_depthwise_under_bf16_autocast_matches_autograd():
         y_ref = conv(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
     gx, gw = torch.autograd.grad(y, (x, conv.weight), g.bfloat16())
-    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, conv.weight), g.bfloat16())
     assert gx.dtype == torch.float32 and gw.dtype == torch.float32
-    # both are bf16 products summed over 4 x 14 x 14 pixels: equal to bf16 rounding
-    assert (gx - gx_ref).abs().max() <= 1e-2 * gx_ref.abs().max()
-    assert (gw - gw_ref).abs().max() <= 2e-2 * gw_ref.abs().max()
+    # against float64 on the same bf16 values: within bf16's rounding (2^-7 of the largest value), as autograd's bf16
+    # path, whose own rounding depends on the CPU (on a Zen 3, without AVX-512 BF16, its dL/dx is 1.4 % off, this
+    # one's 0.3 %: the two are not compared with each other)
+    xd = x.detach().bfloat16().double().requires_grad_()
+    wd = conv.weight.detach().bfloat16().double().requires_grad_()
+    gxd, gwd = torch.autograd.grad(F.conv2d(xd, wd, padding=2, groups=32), (xd, wd), g.bfloat16().double())
+    for ours, exact in ((gx, gxd), (gw, gwd)):
+        assert (ours.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()
 
 
 def test_polyattn_training_routes_its_5x5_convolutions():
