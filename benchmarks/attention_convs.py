@@ -16,7 +16,7 @@ and the largest difference of the two outputs (relative to the largest value). T
 both. With ``--whole-model``, then each model's inference step (``polynext bench``'s) with the kernel on and off,
 interleaved, and the largest logit difference.
 
-The kernel needs AVX-512 (elsewhere PyTorch's path serves every call and there is nothing to time). Prints tables
+The kernel needs AVX-512 or AVX2 (elsewhere PyTorch's path serves every call and there is nothing to time). Prints tables
 and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/attention_convs.py --whole-model --runs 9 --json benchmarks/results/attention_convs_zen4.json
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     check_script_args(parser, args, 'attention_convs', argv)
     from polynext.ops import cpu_kernels
     if not (cpu_kernels.kernel_available() and cpu_kernels.library().heads_dw):
-        parser.error('the attention convolutions kernel is not built here (it needs AVX-512, a C compiler and the '
+        parser.error('the attention convolutions kernel is not built here (it needs AVX-512 or AVX2, a C compiler and the '
                      "kernels on); PyTorch's path serves every call, so there is nothing to compare: run it on such "
                      'a CPU')
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[args.dtype]

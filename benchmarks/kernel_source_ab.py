@@ -40,10 +40,11 @@ def _old_source(rev: str, folder: Path):
 
 def with_stubs(source: str, loader: str) -> str:
     """``source`` with a stub for every ``polynext_*`` entry point ``loader`` binds that it lacks: ``*_built`` ones
-    return 0 (not built: the Python side never calls the kernel), the others 1 (the kernels' "not served")."""
+    return 0 (not built: the Python side never calls the kernel), as do ``*_cols`` ones (the weight packing the older
+    source had: one column a chunk), the others 1 (the kernels' "not served")."""
     for name in sorted(set(re.findall(r'lib\.(polynext_\w+)', loader))):
         if not re.search(rf'\b{name}\b', source):   # (defined, often through a macro)
-            source += f'\nint {name}(void) {{ return {0 if name.endswith("_built") else 1}; }}\n'
+            source += f'\nint {name}(void) {{ return {0 if name.endswith(("_built", "_cols")) else 1}; }}\n'
     return source
 
 

@@ -24,7 +24,7 @@ With ``--whole-model``, then each model's inference step (``polynext bench``'s) 
 the whole-MLP kernel on and off (``pointwise_norm``, ``fused_mlp``; the others on), interleaved, and the largest
 logit differences.
 
-The kernel needs AVX-512 and runs float32 (elsewhere oneDNN serves every call and there is nothing to time). With
+The kernel needs AVX-512 or AVX2 and runs float32 (elsewhere oneDNN serves every call and there is nothing to time). With
 ``--dtype bf16`` a bf16 model: the fused kernels' bf16 forms (AVX-512 BF16) against oneDNN's bf16 convolution and the
 norm kernel, and the whole-model A/Bs; the plain kernel is float32 only. Prints tables and writes JSON. Speed ratios
 depend on the CPU: the JSON names it.
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     check_script_args(parser, args, 'narrow_pointwise', argv)
     from polynext.ops import cpu_kernels
     if not (cpu_kernels.kernel_available() and cpu_kernels.library().pointwise):
-        parser.error('the narrow 1x1 kernel is not built here (it needs AVX-512, a C compiler and the kernels on); '
+        parser.error('the narrow 1x1 kernel is not built here (it needs AVX-512 or AVX2, a C compiler and the kernels on); '
                      "oneDNN serves every call, so there is nothing to compare: run it on such a CPU")
     if args.dtype == 'bf16' and not cpu_kernels.library().pointwise_bf16:
         parser.error('the bf16 fused 1x1 kernels are not built here (they need AVX-512 BF16); run --dtype bf16 on '

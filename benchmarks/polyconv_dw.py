@@ -13,7 +13,7 @@ each with its rate (the three convolutions' MACs a second), and the kernel's lar
 the same values (relative to the largest output). With ``--whole-model``, then each model's inference step
 (``polynext bench``'s) with the kernel on and off, interleaved, and the largest logit difference.
 
-The kernel needs AVX-512 (elsewhere PyTorch's path serves every call and there is nothing to time). Prints tables
+The kernel needs AVX-512 or AVX2 (elsewhere PyTorch's path serves every call and there is nothing to time). Prints tables
 and writes JSON. Speed ratios depend on the CPU: the JSON names it.
 
     python benchmarks/polyconv_dw.py --json benchmarks/results/polyconv_dw.json
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     check_script_args(parser, args, 'polyconv_dw', argv)
     from polynext.ops import cpu_kernels
     if not (cpu_kernels.kernel_available() and cpu_kernels.library().polyconv_dw):
-        parser.error('the PolyConv core kernel is not built here (it needs AVX-512, a C compiler and the kernels on); '
+        parser.error('the PolyConv core kernel is not built here (it needs AVX-512 or AVX2, a C compiler and the kernels on); '
                      "PyTorch's path serves every call, so there is nothing to compare: run it on such a CPU")
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[args.dtype]
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)

@@ -1,6 +1,6 @@
 """ops.attention_convs: PolyAttn's depthwise convolutions at CPU inference, from the channels-last projection straight
-into the attention's heads and from the heads back: against float64 in every code path the kernel has (AVX-512;
-builds without it refuse and write nothing), and the models (PolyNeXt, the folded model) take it exactly where it
+into the attention's heads and from the heads back: against float64 in every code path the kernel has (AVX-512,
+AVX2; builds without either refuse and write nothing), and the models (PolyNeXt, the folded model) take it exactly where it
 applies."""
 import pytest
 import timm
@@ -16,7 +16,7 @@ from polynext.ops import attention_convs as ac
 from polynext.ops import cpu_kernels as ck
 from polynext.ops.fused import fusion
 
-from test_cpu_kernels import AVX512, _library_for, needs_cc
+from test_cpu_kernels import AVX2, AVX512, _library_for, needs_cc
 
 
 def _heads(t, heads):
@@ -42,15 +42,15 @@ SHAPES = [(2, 64, 14, 14, 2, 5), (3, 32, 7, 7, 1, 3), (2, 96, 9, 11, 3, 5), (1, 
 
 
 @needs_cc
-@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'x86-64-v3', 'skylake-avx512'])
 def test_heads_kernel_in_every_code_path(march):
     """Channels-last slice → heads with two outputs (Q and K of qk, at the projection's channel offset A) and heads →
     channels-last: float32 within 1e-6 of float64 (relative to the largest output), bfloat16 one rounding of the
-    float32 result on the same bf16 inputs, one thread and two alike. Builds without AVX-512 (x86-64-v2) say so and
+    float32 result on the same bf16 inputs, one thread and two alike. Builds without AVX-512 or AVX2 (x86-64-v2) say so and
     refuse every call, writing nothing; an even kernel and channel counts that are not multiples of 16 are refused
     everywhere."""
     lib = _library_for(march)
-    built = AVX512 if march is None else march != 'x86-64-v2'
+    built = AVX512 or AVX2 if march is None else march != 'x86-64-v2'
     assert lib.polynext_heads_dw_built() == built
     gen = torch.Generator().manual_seed(0)
     for n, a, h, w, heads, k in SHAPES:
@@ -106,7 +106,7 @@ def _apolynext(**kw):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_models_take_the_kernel_at_inference_only(dtype, monkeypatch):
     """apolynext_t at CPU inference runs each PolyAttn's Q/K/V convolutions as one kernel call and its output
@@ -140,7 +140,7 @@ def test_models_take_the_kernel_at_inference_only(dtype, monkeypatch):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 @pytest.mark.parametrize('name', ['apolynext_t', 'apolynext_t_bn'])
 def test_folded_model_takes_the_kernel(name, monkeypatch):
     """The folded model (head scale already in Q's weights) takes the kernel for both of its normalisations (the
@@ -166,7 +166,7 @@ def test_folded_model_takes_the_kernel(name, monkeypatch):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_applies_checks_before_the_kernel():
     """What the kernel does not serve goes to PyTorch's path: weights or an input that record a gradient, NCHW, float64, float32
     under bf16 autocast, a head dimension that is not a multiple of 16, convolutions that are not bias-free "same"
@@ -198,7 +198,7 @@ def test_applies_checks_before_the_kernel():
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_the_profiler_counts_them_as_depthwise_convolutions():
     """``polynext profile``: the two operators in the depthwise class with their MACs (Q's and K's 5x5 and V's 3x3 on
     A channels; the output's 3x3)."""
@@ -217,7 +217,7 @@ def test_the_profiler_counts_them_as_depthwise_convolutions():
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
     """``benchmarks/attention_convs.py --whole-model`` at 2 images of 64 px: apolynext_t's two PolyAttn shapes (stage
     2's 192 channels at 4x4, stage 3's 288 at 2x2), both paths timed with outputs within float32 rounding, the
@@ -244,4 +244,4 @@ def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys
     with pytest.raises(SystemExit):
         load_benchmark('attention_convs').main(['apolynext_t', '--runs', '1'])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert 'not built here (it needs AVX-512' in err
+    assert 'not built here (it needs AVX-512 or AVX2' in err

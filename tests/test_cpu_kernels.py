@@ -29,6 +29,8 @@ HAS_CC = ck.compiler() is not None
 needs_cc = pytest.mark.skipif(not HAS_CC, reason='no C compiler on this machine')
 AVX512 = 'avx512f' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else False
 AVX512_BF16 = AVX512 and 'avx512_bf16' in open('/proc/cpuinfo').read()
+#: AVX2 with FMA (x86-64-v3): the kernels with an AVX2 form (PolyConv's depthwise core) serve this CPU
+AVX2 = os.path.exists('/proc/cpuinfo') and {'avx2', 'fma'} <= set(open('/proc/cpuinfo').read().split())
 
 
 def _case(rows, c, dtype, bias, residual, seed=0, product=False):
@@ -265,10 +267,11 @@ _VARIANTS = {}
 
 def _library_for(march):
     """This process's library (``march`` None), or the kernels built for another x86-64 variant (the portable loops:
-    x86-64-v2; AVX-512 without BF16 instructions: skylake-avx512), single-threaded."""
+    x86-64-v2; AVX2 with FMA: x86-64-v3; AVX-512 without BF16 instructions: skylake-avx512), single-threaded."""
     if march is None:
         return ck.library()
-    if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512):
+    if os.uname().machine != 'x86_64' or (march == 'skylake-avx512' and not AVX512) or (march == 'x86-64-v3'
+                                                                                       and not AVX2):
         pytest.skip('an x86-64 variant this CPU cannot run')
     if march not in _VARIANTS:
         folder = tempfile.TemporaryDirectory(prefix=f'polynext-kernels-{march}-')

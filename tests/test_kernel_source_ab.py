@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_missing_entry_points_become_not_built_stubs():
     """Only what the loader binds and the source lacks is stubbed; a name defined through a macro counts as there."""
     script = load_benchmark('kernel_source_ab')
-    loader = 'lib.polynext_a_f32.argtypes = []\nlib.polynext_b_built.restype = int\nlib.polynext_c_f32(1)\n'
+    loader = ('lib.polynext_a_f32.argtypes = []\nlib.polynext_b_built.restype = int\nlib.polynext_c_f32(1)\n'
+              'lib.pointwise_cols = lib.polynext_d_cols()\n')
     source = 'KERNEL(polynext_c_f32, float)\n'
     out = script.with_stubs(source, loader)
     assert out.startswith(source)
     assert 'int polynext_a_f32(void) { return 1; }' in out and 'int polynext_b_built(void) { return 0; }' in out
+    assert 'int polynext_d_cols(void) { return 0; }' in out   # the older packing: one column a chunk
     assert out.count('polynext_c_f32') == 1
 
 

@@ -48,3 +48,22 @@ def test_list_and_unknown_names():
     bad = subprocess.run([sys.executable, str(ROOT / 'tools' / 'mutation_check.py'), '--only', 'flip'],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown mutation 'flip'" in bad.stderr
+
+
+def test_mutations_of_code_another_cpu_runs_are_not_run_here():
+    """A mutation of AVX-512-only code cannot fail a test on a CPU without AVX-512 (the code is not built there): it
+    is reported "n/a" with the flags it needs, not run, and not counted as a survivor. Every other kernel mutation
+    touches code an AVX2 build runs too (the tests' x86-64-v3 variant), so it is caught on any x86-64 machine."""
+    mc = _tool()
+    m = next(m for m in mc.MUTATIONS if m.name == 'narrow-pw-half-vector-unsummed')
+    assert mc.missing(m, frozenset({'avx2', 'fma'})) == ['avx512f', 'avx512bw']
+    assert mc.missing(m, frozenset({'avx2', 'avx512f', 'avx512bw'})) == []
+    assert all(not m.needs for m in mc.MUTATIONS if m.name.startswith(('polyconv-dw-', 'heads-dw-', 'pw-norm-',
+                                                                       'poly-mlp-partial', 'narrow-pw-avx2')))
+    assert all('avx512f' in m.needs for m in mc.MUTATIONS if m.needs)
+    if 'avx512f' not in mc.cpu_flags():   # here none of them can run: each is reported, and nothing else happens
+        only = [m.name for m in mc.MUTATIONS if m.needs]
+        out = subprocess.run([sys.executable, str(ROOT / 'tools' / 'mutation_check.py'), '--only', *only],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and 'none of the selected mutations can run on this CPU' in out.stderr
+        assert out.stdout.count('n/a ') == len(only)

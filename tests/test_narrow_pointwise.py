@@ -1,5 +1,5 @@
 """ops.narrow_pointwise: 1x1 convolutions with a multiple of 72 or 48 outputs at CPU inference by a C kernel,
-y = W x (+ y): against float64 in every code path it has (AVX-512; builds without it refuse and write nothing),
+y = W x (+ y): against float64 in every code path it has (AVX-512, AVX2; builds without either refuse and write nothing),
 partial pixel tiles and residuals, and the models take it exactly where it applies."""
 import copy
 
@@ -18,7 +18,7 @@ from polynext.ops import pointwise
 from polynext.ops.fused import fusion
 
 from conftest import load_benchmark
-from test_cpu_kernels import AVX512, AVX512_BF16, _library_for, needs_cc
+from test_cpu_kernels import AVX2, AVX512, AVX512_BF16, _library_for, needs_cc
 
 #: (N, K, M, H, W, residual): output widths in one and in several tiles (72, 144, 432 in 72-wide tiles of 5 pixels;
 #: 48, 96, 240 in 48-wide tiles of 8), pixel counts that fill whole tiles and that leave a partial last tile
@@ -28,19 +28,20 @@ SHAPES = [(2, 72, 72, 7, 9, True), (1, 5, 72, 3, 3, False), (3, 33, 48, 5, 5, Fa
           (5, 72, 144, 1, 7, False), (2, 288, 432, 3, 5, True), (1, 100, 240, 3, 3, False)]
 
 
-def _packed(w):
-    """(M, K, 1, 1) → the kernel's chunks of 72 or 48 outputs, each (K, chunk) row-major."""
-    return npw._packed(w)
+def _packed(w, lib=None):
+    """(M, K, 1, 1) → the kernel's chunks of 72 or 48 outputs, each (K, chunk) row-major (an AVX2 build's: each
+    chunk's columns of 24); for ``lib``, a library built for another x86-64 variant, its own packing."""
+    return npw._packed(w) if lib is None else npw._pack(w, lib.polynext_pointwise_cols())
 
 
 @needs_cc
-@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'x86-64-v3', 'skylake-avx512'])
 def test_narrow_pointwise_kernel_in_every_code_path(march, tmp_path):
     """float32 within 1e-6 of float64 (relative to the largest output), with and without the residual, one and two
-    threads equal; builds without AVX-512 (x86-64-v2) say so and refuse every call, writing nothing; a width that
+    threads equal; builds without AVX-512 or AVX2 (x86-64-v2) say so and refuse every call, writing nothing; a width that
     is not a multiple of the tile, a tile other than 72 or 48, and more than 1024 inputs are refused everywhere."""
     lib = _library_for(march)
-    built = AVX512 if march is None else march != 'x86-64-v2'
+    built = AVX512 or AVX2 if march is None else march != 'x86-64-v2'
     assert lib.polynext_pointwise_built() == built
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w, residual in SHAPES:
@@ -48,7 +49,7 @@ def test_narrow_pointwise_kernel_in_every_code_path(march, tmp_path):
         weight = torch.randn(m, k, 1, 1, generator=gen)
         base = torch.randn(n, m, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
         ref = F.conv2d(x.double(), weight.double()) + (base.double() if residual else 0)
-        wp = _packed(weight)   # held: the kernel reads it through a raw pointer
+        wp = _packed(weight, lib)   # held: the kernel reads it through a raw pointer
         outs = []
         for threads in (1, 2):
             y = base.clone() if residual else torch.full_like(base, 7.0)
@@ -106,18 +107,18 @@ def _run_norm_kernel(fn, x, wp, nw, nb, res, mode, m, threads):
 
 
 @needs_cc
-@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'x86-64-v3', 'skylake-avx512'])
 def test_pointwise_norm_kernel_in_every_code_path(march, tmp_path):
     """The 1x1 convolution with the channel LayerNorm as its epilogue: equal bit for bit to the 1x1 kernel followed by
     the norm kernel (the same row functions), within 2e-5 of float64; one and two threads equal; builds without
-    AVX-512 refuse and write nothing; more than 2048 outputs are refused everywhere."""
+    AVX-512 or AVX2 refuse and write nothing; more than 2048 outputs are refused everywhere."""
     lib = _library_for(march)
-    built = AVX512 if march is None else march != 'x86-64-v2'
+    built = AVX512 or AVX2 if march is None else march != 'x86-64-v2'
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w, mode in NORM_SHAPES:
         c = m // 2 if mode == 'product' else m
         x, weight, nw, nb, res, ref = _norm_case(gen, n, k, m, h, w, mode, torch.float32)
-        wp = _packed(weight)   # held: the kernel reads them through raw pointers
+        wp = _packed(weight, lib)   # held: the kernel reads them through raw pointers
         outs = []
         for threads in (1, 2):
             status, y, before = _run_norm_kernel(lib.polynext_pointwise_norm_f32, x, wp, nw, nb, res, mode, m, threads)
@@ -149,7 +150,7 @@ def test_pointwise_norm_kernel_in_every_code_path(march, tmp_path):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 @pytest.mark.parametrize('name', ['cpolynext_t', 'apolynext_t'])
 def test_models_take_the_kernel_at_inference_only(name, monkeypatch):
     """At CPU inference in float32 every 1x1 convolution with a multiple of 72 or 48 outputs (and no bias) runs on the kernel, the
@@ -242,14 +243,14 @@ MLP_SHAPES = [(2, 72, 144, 7, 9), (1, 48, 96, 5, 5), (2, 96, 144, 9, 9), (1, 144
 
 
 @needs_cc
-@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'x86-64-v3', 'skylake-avx512'])
 def test_poly_mlp_kernel_in_every_code_path(march, tmp_path):
     """PolyMLP's residual branch in one kernel, y += W_out (norm(a * b) * nw + nb), [a, b] = W_in x, in place (y is x)
     and into another tensor: equal bit for bit to the epilogue kernel then the residual 1x1 kernel, within 2e-5 of
-    float64; one and two threads equal; builds without AVX-512 refuse and write nothing; widths no tile takes are
+    float64; one and two threads equal; builds without AVX-512 or AVX2 refuse and write nothing; widths no tile takes are
     refused everywhere."""
     lib = _library_for(march)
-    built = AVX512 if march is None else march != 'x86-64-v2'
+    built = AVX512 or AVX2 if march is None else march != 'x86-64-v2'
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w in MLP_SHAPES:
         x = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -260,7 +261,7 @@ def test_poly_mlp_kernel_in_every_code_path(march, tmp_path):
         hid = F.layer_norm((a[:, :m // 2] * a[:, m // 2:]).permute(0, 2, 3, 1), (m // 2,), nw.double(), nb.double(),
                            1e-5).permute(0, 3, 1, 2)
         base = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
-        wi, wo = _packed(w_in), _packed(w_out)   # held: the kernel reads them through raw pointers
+        wi, wo = _packed(w_in, lib), _packed(w_out, lib)   # held: the kernel reads them through raw pointers
         for inplace in (True, False):
             ref = (x if inplace else base).double() + F.conv2d(hid, w_out.double())
             outs = []
@@ -314,7 +315,7 @@ def test_bf16_fused_kernels_in_every_code_path(march, tmp_path):
     gen = torch.Generator().manual_seed(0)
     for n, k, m, h, w, mode in NORM_SHAPES:
         x, weight, nw, nb, res, ref = _norm_case(gen, n, k + k % 2, m, h, w, mode, torch.bfloat16)
-        wp = _packed(weight)
+        wp = _packed(weight, lib)
         outs = []
         for threads in (1, 2):
             status, y, before = _run_norm_kernel(lib.polynext_pointwise_norm_bf16, x, wp, nw, nb, res, mode, m, threads)
@@ -335,7 +336,7 @@ def test_bf16_fused_kernels_in_every_code_path(march, tmp_path):
         hid = F.layer_norm((a[:, :m // 2] * a[:, m // 2:]).permute(0, 2, 3, 1), (m // 2,), nw.double(), nb.double(),
                            1e-5).permute(0, 3, 1, 2)
         ref = x.double() + F.conv2d(_bf16_round(hid), w_out.double())
-        wi, wo = _packed(w_in), _packed(w_out)
+        wi, wo = _packed(w_in, lib), _packed(w_out, lib)
         outs = []
         for threads in (1, 2):
             y = x.clone()
@@ -422,7 +423,7 @@ def test_poly_mlp_checks_before_the_kernel():
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_pointwise_norm_keeps_drop_path_in_training_mode():
     """A model in training mode with drop path, without autograd (``torch.no_grad()``): PolyConv's branch is dropped
     per sample before its residual addition, so the fused norm-and-residual epilogue must not serve it; the output
@@ -475,7 +476,7 @@ def test_pointwise_norm_checks_before_the_kernel():
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_pointwise_norm_in_place_writes_only_an_owned_residual(dtype):
     """``inplace=True`` writes the values of the new-tensor form into the residual itself (each pixel's residual
@@ -510,7 +511,7 @@ def test_pointwise_norm_in_place_writes_only_an_owned_residual(dtype):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
     """``benchmarks/narrow_pointwise.py --whole-model`` at 2 images of 64 px: cpolynext_t's served shapes, both
     paths timed, the kernel within float32 rounding of float64, the whole-model A/B, the JSON; a model with no served
@@ -541,7 +542,7 @@ def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_the_profiler_counts_the_kernel_as_1x1_convolutions():
     """``polynext profile``: the kernel's operators in the 1x1 class with their MACs (pixels x inputs x outputs)."""
     from polynext.perf import profile_model
@@ -596,4 +597,4 @@ def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys
     monkeypatch.setattr(ck.kernels, 'on', False)
     with pytest.raises(SystemExit):
         bench.main(['cpolynext_t', '--runs', '1'])
-    assert 'narrow 1x1 kernel is not built here (it needs AVX-512' in capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'narrow 1x1 kernel is not built here (it needs AVX-512 or AVX2' in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,6 +1,6 @@
 """ops.polyconv_dw: PolyConv's three depthwise convolutions and its flip product in one CPU kernel at inference,
-y = DW_out(DW_coarse(u) ⊙ flip_c(DW_fine(u))): against float64 in every code path it has (AVX-512; builds without
-it refuse and write nothing), and the models (PolyNeXt, the folded model) take it exactly where it applies."""
+y = DW_out(DW_coarse(u) ⊙ flip_c(DW_fine(u))): against float64 in every code path it has (AVX-512, AVX2; builds
+without either refuse and write nothing), and the models (PolyNeXt, the folded model) take it exactly where it applies."""
 import pytest
 import timm
 import torch
@@ -14,7 +14,7 @@ from polynext.ops import cpu_kernels as ck
 from polynext.ops import polyconv_dw as pd
 from polynext.ops.fused import fusion
 
-from test_cpu_kernels import AVX512, _library_for, needs_cc
+from test_cpu_kernels import AVX2, AVX512, _library_for, needs_cc
 
 
 def _reference(u, wc, wf, wo, d):
@@ -41,14 +41,14 @@ SHAPES = [(2, 48, 14, 14, 3, 2), (2, 72, 14, 14, 3, 2), (3, 216, 7, 7, 5, 2), (2
 
 
 @needs_cc
-@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'skylake-avx512'])
+@pytest.mark.parametrize('march', [None, 'x86-64-v2', 'x86-64-v3', 'skylake-avx512'])
 def test_polyconv_dw_kernel_in_every_code_path(march, tmp_path):
     """float32 within 1e-6 of float64 (relative to the largest output), bfloat16 one rounding of the float32 result
     on the same bf16 inputs; the threads' split of one image's channel blocks gives the same values as one thread.
-    Builds without AVX-512 (x86-64-v2) say so and refuse every call, writing nothing; an even coarse kernel is
+    Builds without AVX-512 or AVX2 (x86-64-v2) say so and refuse every call, writing nothing; an even coarse kernel is
     refused everywhere."""
     lib = _library_for(march)
-    built = AVX512 if march is None else march != 'x86-64-v2'
+    built = AVX512 or AVX2 if march is None else march != 'x86-64-v2'
     assert lib.polynext_polyconv_dw_built() == built
     gen = torch.Generator().manual_seed(0)
     for n, c, h, w, k, d in SHAPES:
@@ -88,7 +88,7 @@ def _polyconv(c, k=5, seed=0):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_models_take_the_kernel_at_inference_only(dtype, monkeypatch):
     """cpolynext_t at CPU inference runs every PolyConv's core as one kernel call, logits within 2e-5 of PyTorch's
@@ -138,7 +138,7 @@ def test_models_take_the_kernel_at_inference_only(dtype, monkeypatch):
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_folded_model_takes_the_kernel_with_the_flip_as_data():
     """fold_for_inference(flip='channels') keeps the channel reversal as data: its PolyConvs take the kernel, with
     the logits of the unfolded model; flip='weights' feeds the fine branch from its own 1x1 convolution and keeps
@@ -163,7 +163,7 @@ def test_folded_model_takes_the_kernel_with_the_flip_as_data():
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_refused_calls_say_why():
     """A call the kernel does not serve is an error naming the check to make, not a silently wrong tensor."""
     u = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -183,7 +183,7 @@ def _benchmark():
 
 
 @needs_cc
-@pytest.mark.skipif(not AVX512, reason='the kernel needs AVX-512')
+@pytest.mark.skipif(not (AVX512 or AVX2), reason='the kernel needs AVX-512 or AVX2')
 def test_the_benchmark_at_a_tiny_size(tmp_path, capsys):
     """``benchmarks/polyconv_dw.py --whole-model`` at 2 images of 64 px: cpolynext_t's four PolyConv shapes (stage
     0's 3x3 dilated coarse kernel, then 5x5), both paths timed, the kernel within float32 rounding of float64, the
@@ -208,4 +208,4 @@ def test_the_benchmark_refuses_where_the_kernel_is_not_built(monkeypatch, capsys
     with pytest.raises(SystemExit):
         _benchmark().main(['cpolynext_t', '--runs', '1'])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert 'not built here (it needs AVX-512' in err
+    assert 'not built here (it needs AVX-512 or AVX2' in err

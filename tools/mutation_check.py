@@ -88,7 +88,13 @@ class Mutation:
     find: str
     replace: str
     tests: Tuple[str, ...] = MODEL_TESTS
+    #: the CPU flags (/proc/cpuinfo) the mutated code needs to run: code built only for AVX-512 (or AVX-512 BF16) is
+    #: not run on other CPUs, so there the mutation is reported "n/a", not as a survivor
+    needs: Tuple[str, ...] = ()
 
+
+AVX512 = ('avx512f', 'avx512bw')
+AVX512_BF16 = AVX512 + ('avx512_bf16',)
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # ---- the architecture -----------------------------------------------------------------
@@ -113,22 +119,22 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : 0;',
              'const __mmask16 m0 = 0xffff, m1 = two ? 0xffff : 0;',
-             ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',), needs=AVX512),
     Mutation('attn-fused-backward-no-rowsum-term', 'fused attention backward (C): the row sum\'s gradient '
              '(-p (g . o) / r) left out of dL/dS', 'src/polynext/ops/csrc/cpu_kernels.c',
              'dterm[r] = -(float)power * _mm512_reduce_add_ps(go) * inv;', 'dterm[r] = 0.f * _mm512_reduce_add_ps(go);',
-             ('tests/test_cpu_kernels.py::test_fused_attention_backward_kernel_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_attention_backward_kernel_in_every_code_path',), needs=AVX512),
     Mutation('polyconv-dw-lanes-unreversed', 'PolyConv core kernel (C): the mirrored channels are read but not '
              'reversed within their block', 'src/polynext/ops/csrc/cpu_kernels.c',
-             'for (int i = 0; i < 16; ++i) rev[i] = i < n ? (int32_t)(n - 1 - i) : i;',
-             'for (int i = 0; i < 16; ++i) rev[i] = i;', (POLYCONV_DW_TESTS[0], GOLDEN)),
+             'for (int i = 0; i < PC_VW; ++i) rev[i] = i < n ? (int32_t)(n - 1 - i) : i;',
+             'for (int i = 0; i < PC_VW; ++i) rev[i] = i;', (POLYCONV_DW_TESTS[0], GOLDEN)),
     Mutation('polyconv-dw-no-flip', 'PolyConv core kernel (C): the fine branch reads the block\'s own channels',
              'src/polynext/ops/csrc/cpu_kernels.c', 'src[b] = C - c0 - n;', 'src[b] = c0;',
              (POLYCONV_DW_TESTS[0], GOLDEN)),
     Mutation('polyconv-dw-padding-columns-kept', 'PolyConv core kernel (C): the product\'s columns past the map '
              '(the width padded to whole register rows) are not zeroed, so the output convolution reads them',
              'src/polynext/ops/csrc/cpu_kernels.c',
-             'for (int64_t x = W; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());', '(void)Wr;',
+             'for (int64_t x = W; x < Wr; ++x) PC_STORE(pr + PC_VW * x, PC_ZERO());', '(void)Wr;',
              POLYCONV_DW_TESTS),
     Mutation('polyconv-dw-stale-rows', 'PolyConv core kernel (C): the ring rows above the map keep the previous '
              'image\'s rows', 'src/polynext/ops/csrc/cpu_kernels.c',
@@ -139,8 +145,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
              POLYCONV_DW_TESTS),
     Mutation('polyconv-dw-rows-undilated', 'depthwise sums with a kernel row in registers (C): the dilation '
              'ignored, tap j read j columns on instead of j d', 'src/polynext/ops/csrc/cpu_kernels.c',
-             'if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = _mm512_fmadd_ps(wv[j], xv, acc[c - j * D]);',
-             'if (c - j >= 0 && c - j < R) acc[c - j] = _mm512_fmadd_ps(wv[j], xv, acc[c - j]);', POLYCONV_DW_TESTS),
+             'if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = PC_FMA(wv[j], xv, acc[c - j * D]);',
+             'if (c - j >= 0 && c - j < R) acc[c - j] = PC_FMA(wv[j], xv, acc[c - j]);', POLYCONV_DW_TESTS),
     Mutation('heads-dw-one-weight', 'attention convolutions kernel (C): the second output (K) computed with the '
              "first one's (Q's) weights", 'src/polynext/ops/csrc/cpu_kernels.c',
              'const float *wt = out ? wb : wa;', 'const float *wt = wa;', HEADS_TESTS),
@@ -187,7 +193,20 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('narrow-pw-half-vector-unsummed', 'narrow 1x1 kernel (C): the last 8 outputs of a 72-wide tile keep '
              'zero sums', 'src/polynext/ops/csrc/cpu_kernels.c',
              'if (TAIL == 8) t[p] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), wt, t[p]);', 'if (TAIL == 8) t[p] = t[p];',
+             NARROW_PW_TESTS, needs=AVX512),
+    Mutation('narrow-pw-avx2-last-columns-unsummed', 'narrow 1x1 kernel, AVX2 (C): the last 24 outputs of a chunk '
+             'are never computed', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'for (int64_t s = 0; s < CW; s += 24)\n', 'for (int64_t s = 0; s + 24 < CW; s += 24)\n',
              NARROW_PW_TESTS),
+    Mutation('polyconv-dw-avx2-fine-unmultiplied', 'PolyConv core kernel, AVX2 (C): the fine sums overwrite the '
+             'coarse ones instead of multiplying them', 'src/polynext/ops/csrc/cpu_kernels.c',
+             'PC_STORE(pr + PC_VW * (x0 + r), PC_MUL(PC_LOAD(pr + PC_VW * (x0 + r)), a[r]));',
+             'PC_STORE(pr + PC_VW * (x0 + r), a[r]);', POLYCONV_DW_TESTS),
+    Mutation('polyconv-dw-avx2-bf16-truncated', 'PolyConv core and attention convolutions kernels, AVX2 (C): bf16 '
+             'outputs truncated instead of rounded to nearest even', 'src/polynext/ops/csrc/cpu_kernels.c',
+             '__m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);',
+             '__m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_and_si256(lsb, _mm256_setzero_si256())), 16);',
+             POLYCONV_DW_TESTS[:1]),
     Mutation('narrow-pw-in-training', 'ops.narrow_pointwise: the kernel (no autograd) also serves training',
              'src/polynext/ops/narrow_pointwise.py',
              'and weight.device == x.device and not (torch.is_grad_enabled() and weight.requires_grad)',
@@ -228,33 +247,33 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation('pw-bf16-half-vector-unsummed', 'bf16 1x1 tile (C): the last 8 outputs of a 72-wide tile keep zero sums',
              'src/polynext/ops/csrc/cpu_kernels.c',
              'if (TAIL == 8) t[p] = _mm256_dpbf16_ps(t[p], (__m256bh)_mm512_castsi512_si256(b), wt);',
-             'if (TAIL == 8) t[p] = t[p];', BF16_PW_TESTS),
+             'if (TAIL == 8) t[p] = t[p];', BF16_PW_TESTS, needs=AVX512_BF16),
     Mutation('poly-mlp-bf16-residual-dropped', 'bf16 whole-PolyMLP kernel (C): the branch replaces the stream instead '
              'of adding to it', 'src/polynext/ops/csrc/cpu_kernels.c',
              '_mm512_add_ps(load_bf16(y + r * C + c, k), load_f32(s + r * C + c, k))', 'load_f32(s + r * C + c, k)',
-             BF16_PW_TESTS),
+             BF16_PW_TESTS, needs=AVX512_BF16),
     Mutation('attn-bf16-tail-unmasked', 'fused bf16 attention kernel (C): the zero-padded keys past the last one '
              'weigh (0 + 1)^p instead of nothing', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __mmask16 m0 = block_mask(M, j), m1 = two ? block_mask(M, j + 16) : (__mmask16)0;',
              'const __mmask16 m0 = 0xffff, m1 = two ? 0xffff : (__mmask16)0;',
-             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',), needs=AVX512_BF16),
     Mutation('attn-bf16-backward-no-rowsum-term', 'fused bf16 attention backward (C): the row sum\'s gradient '
              'left out of dL/dS', 'src/polynext/ops/csrc/cpu_kernels.c',
              'dterm[r] = -(float)power * inv * _mm512_reduce_add_ps(go);', 'dterm[r] = 0.f * _mm512_reduce_add_ps(go);',
-             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',), needs=AVX512_BF16),
     Mutation('attn-bf16-row-pairs-swapped', 'fused bf16 attention backward (C): the two query rows of a pair '
              'swapped in dV += Aᵀ dY and dK += dSᵀ Q', 'src/polynext/ops/csrc/cpu_kernels.c',
              '_mm512_cvtne2ps_pbh(a[2 * r + 1], a[2 * r]);', '_mm512_cvtne2ps_pbh(a[2 * r], a[2 * r + 1]);',
-             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',), needs=AVX512_BF16),
     Mutation('attn-transpose-lanes-swapped', 'fused attention kernels (C): the 16 x 16 transpose of K and V puts '
              'two 128-bit lanes in each other\'s place', 'src/polynext/ops/csrc/cpu_kernels.c',
              't[4 + c] = _mm512_shuffle_i32x4(u0, v0, 0xDD);', 't[4 + c] = _mm512_shuffle_i32x4(u0, v0, 0x88);',
-             ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_attention_kernel_in_every_code_path',), needs=AVX512),
     Mutation('attn-bf16-key-pairs-shifted', 'fused bf16 attention kernel (C): the upper half of the key-pair '
              'layout of V and K takes the wrong dimensions', 'src/polynext/ops/csrc/cpu_kernels.c',
              'const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));',
              'const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(15));',
-             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',)),
+             ('tests/test_cpu_kernels.py::test_fused_bf16_attention_kernels_in_every_code_path',), needs=AVX512_BF16),
     Mutation('attn-grad-layout-ignored', 'attention backward: the gradients of Q, K and V returned contiguous, not in '
              'their inputs\' channels-last heads layout', ATTN_OP,
              'return tuple(g if layout is None else torch.empty_strided(',
@@ -373,7 +392,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
 class Result:
     name: str
     what: str
-    status: str                  # caught | SURVIVED | error
+    status: str                  # caught | SURVIVED | error | n/a (the code it mutates does not run on this CPU)
     seconds: float
     tests: List[str] = field(default_factory=list)
     detail: str = ''
@@ -440,6 +459,20 @@ def stale(mutations: Sequence[Mutation], root: Path = REPO) -> List[str]:
     return problems
 
 
+def cpu_flags() -> frozenset:
+    """This CPU's instruction flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return frozenset(next((ln.split(':', 1)[1].split() for ln in f if ln.startswith('flags')), []))
+    except OSError:
+        return frozenset()
+
+
+def missing(m: Mutation, flags: frozenset) -> List[str]:
+    """The flags the mutated code needs that this CPU lacks."""
+    return [f for f in m.needs if f not in flags]
+
+
 def run_one(copy: Path, m: Mutation, pytest_args: Sequence[str]) -> Result:
     start = time.perf_counter()
     original = apply(copy, m)
@@ -482,6 +515,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print('error: stale mutations (the source changed):\n  ' + '\n  '.join(problems), file=sys.stderr)
         return 2
     pytest_args = args.pytest_args.split()
+    flags = cpu_flags()
+    not_here = [Result(m.name, m.what, 'n/a', 0.0, list(m.tests), f'needs {", ".join(missing(m, flags))}')
+                for m in mutations if missing(m, flags)]
+    for r in not_here:
+        print(f'n/a      {r.name:34s} {r.detail}: the code it mutates does not run on this CPU', flush=True)
+    mutations = [m for m in mutations if not missing(m, flags)]
+    if not mutations:
+        print('error: none of the selected mutations can run on this CPU', file=sys.stderr)
+        return 2
     jobs = max(1, min(args.jobs, len(mutations)))
 
     t0 = time.perf_counter()
@@ -519,13 +561,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     errors = [r for r in done if r.status == 'error']
     total = time.perf_counter() - t0
     print(f'\n{len(done) - len(survived) - len(errors)} of {len(done)} mutations caught, {len(survived)} survived, '
-          f'{len(errors)} errors; {total:.0f} s')
+          f'{len(errors)} errors; {total:.0f} s' + (f'; {len(not_here)} not run (their code needs another CPU)'
+                                                    if not_here else ''))
     for r in survived:
         print(f'  SURVIVED {r.name}: {r.what} (tests: {" ".join(r.tests)})')
     for r in errors:
         print(f'  error    {r.name}: {r.detail}')
     if args.json:
-        args.json.write_text(json.dumps(dict(seconds=total, results=[asdict(r) for r in done]), indent=1))
+        args.json.write_text(json.dumps(dict(seconds=total, results=[asdict(r) for r in done + not_here]), indent=1))
     return 1 if survived or errors else 0
 
 

@@ -19,7 +19,7 @@ is not needed). No library offers a convolution between two layouts; this is wri
 
 Where: eager CPU inference (``ops.fused.eager_cpu_inference``), channels-last float32 or bfloat16 activations (not
 float32 under CPU autocast), a head dimension and attention width that are multiples of 16, bias-free stride-1
-"same" depthwise convolutions with odd square kernels up to 9, a CPU with AVX-512, the kernels on
+"same" depthwise convolutions with odd square kernels up to 9, a CPU with AVX-512 or AVX2, the kernels on
 (``ops.cpu_kernels.kernels``, and ``ops.cpu_kernels.heads_convs`` for these alone). Elsewhere the model takes
 PyTorch's path. Registered as ``polynext::attention_convs`` and ``polynext::heads_conv`` for the profiler
 (depthwise convolutions there, with their MACs).

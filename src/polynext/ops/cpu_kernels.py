@@ -8,8 +8,8 @@ normalisation at bfloat16
 inference and, in training, the power with the row sums, the backward's recomputation and dL/dS) and
 ``ops.flip_product`` (PolyConv's product with the channel-reversed fine branch, and its backward) and
 ``ops.polyconv_dw`` (PolyConv's three depthwise convolutions and its product at inference, in one pass over memory,
-with AVX-512) and ``ops.attention_convs`` (PolyAttn's depthwise convolutions read and written in the attention's
-head layout, with AVX-512). Each replaces several
+with AVX-512 or AVX2) and ``ops.attention_convs`` (PolyAttn's depthwise convolutions read and written in the
+attention's head layout, with AVX-512 or AVX2). Each replaces several
 passes of PyTorch's CPU operators over a tensor that does not fit in the caches by one. And ``ops.depthwise``'s
 weight gradient of a depthwise convolution (dilated or not, 3x3 to 7x7), where oneDNN takes a generic kernel, and
 ``ops.narrow_pointwise``'s 1x1 convolutions at fp32 inference, register tiles of 72 or 48 outputs (faster than oneDNN's
@@ -212,10 +212,12 @@ def load(path: Path, openmp: bool) -> ctypes.CDLL:
     # the dtypes the fused attention is built for (AVX-512; bf16: AVX-512 BF16), read once, not per call
     lib.attention_fused = frozenset([torch.float32] * bool(lib.polynext_poly_attention_fused()) +
                                     [torch.bfloat16] * bool(lib.polynext_poly_attention_fused_bf16()))
-    lib.polyconv_dw = bool(lib.polynext_polyconv_dw_built())   # AVX-512
-    lib.pointwise = bool(lib.polynext_pointwise_built())       # AVX-512
-    lib.heads_dw = bool(lib.polynext_heads_dw_built())         # AVX-512
+    lib.polyconv_dw = bool(lib.polynext_polyconv_dw_built())   # AVX-512 or AVX2
+    lib.pointwise = bool(lib.polynext_pointwise_built())       # AVX-512 or AVX2
+    lib.heads_dw = bool(lib.polynext_heads_dw_built())         # AVX-512 or AVX2
     lib.pointwise_bf16 = bool(lib.polynext_pointwise_bf16_built())   # AVX-512 BF16: pointwise_norm, poly_mlp_
+    lib.polynext_pointwise_cols.restype = ctypes.c_int
+    lib.pointwise_cols = lib.polynext_pointwise_cols()   # the f32 weight's packing (ops.narrow_pointwise._pack)
     return lib
 
 

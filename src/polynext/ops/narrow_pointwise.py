@@ -17,7 +17,7 @@ this narrow, so it is written here.
 
 Where: eager CPU inference (``ops.fused.eager_cpu_inference``), channels-last float32 activations (not under CPU
 autocast), a float32 weight, no bias, a multiple of 72 or 48 output channels (``tile_width``), at most ``MAX_IN``
-input channels, a CPU with AVX-512, the kernels on (``ops.cpu_kernels.kernels`` and
+input channels, a CPU with AVX-512 or AVX2 (4 pixels x 24 outputs a tile there), the kernels on (``ops.cpu_kernels.kernels`` and
 ``ops.cpu_kernels.narrow_pointwise`` for this one alone). Elsewhere PyTorch's convolution. The sums run over the
 input channels in order in float32, as oneDNN's did here (logits equal bit for bit in the benchmark's whole-model
 runs; the tests allow float32 rounding). Registered as ``polynext::pointwise`` / ``polynext::pointwise_add_`` for the
@@ -105,18 +105,23 @@ def narrow_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, bias: Option
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K, 1, 1) → the kernel's layout (:func:`_pack`), kept while the weight is unchanged (``ops.constants``)."""
-    return derived('packed', (weight,), lambda: _pack(weight))
+    """(N, K, 1, 1) → this process's kernel's layout (:func:`_pack`), kept while the weight is unchanged
+    (``ops.constants``; the packing in the key: a process may load two builds, ``benchmarks/kernel_source_ab.py``)."""
+    cols = library().pointwise_cols
+    return derived(f'packed/{cols}', (weight,), lambda: _pack(weight, cols))
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K, 1, 1) → the kernel's layout: per chunk of CW outputs, (K, CW) row-major; for bfloat16 (the pair dot
-    product's operand) (K / 2, CW, 2): each output's two consecutive inputs side by side."""
+def _pack(weight: torch.Tensor, cols: int = 0) -> torch.Tensor:
+    """(N, K, 1, 1) → the kernel's layout: per chunk of CW outputs, (K, CW) row-major, or with ``cols`` (the AVX2
+    build's ``polynext_pointwise_cols()``: 24) per column of ``cols`` outputs within the chunk, (K, cols) row-major;
+    for bfloat16 (the pair dot product's operand) (K / 2, CW, 2): each output's two consecutive inputs side by
+    side."""
     n, k = weight.shape[:2]
     cw = tile_width(n)
     if weight.dtype == torch.bfloat16:
         return weight.reshape(n // cw, cw, k // 2, 2).permute(0, 2, 1, 3).contiguous().reshape(-1)
-    return weight.reshape(n // cw, cw, k).transpose(1, 2).contiguous().reshape(-1)
+    cols = cols or cw
+    return weight.reshape(n // cols, cols, k).transpose(1, 2).contiguous().reshape(-1)
 
 
 def _call(x: torch.Tensor, wp: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:

@@ -16,7 +16,7 @@ rows are written once, every sum in registers.
 Where: eager CPU inference (``ops.fused.eager_cpu_inference``: no autograd recording, not compiling / exporting /
 tracing), channels-last float32 or bfloat16 activations (not float32 under CPU autocast, where PyTorch's path
 would compute in bfloat16), PolyConv's geometry (odd k x k coarse kernel up to 9, dilation d, "same" padding;
-3 x 3 fine and output kernels; stride 1, no bias), a CPU with AVX-512, the kernels on
+3 x 3 fine and output kernels; stride 1, no bias), a CPU with AVX-512 or AVX2 (blocks of 8 channels), the kernels on
 (``ops.cpu_kernels.kernels``, and ``ops.cpu_kernels.fused_polyconv`` for this kernel alone), at most
 ``MAX_CHANNELS`` channels. Elsewhere callers
 take the separate operations. float32 results match PyTorch's (the taps are summed in oneDNN's order: logits

@@ -1521,10 +1521,29 @@ int polynext_poly_attention_fused_bf16(void) { return ATTN_FUSED_BF16; }
  * take 50 KB at 56x56: they stay in L1 / L2, and u and y each cross memory once. Sums in float32, in the taps'
  * order (as oneDNN's, so float32 results match PyTorch's path bit for bit in the tests), bf16 rounded once at the
  * end. Returns 0; 1 where the kernel does not serve the call (an even k or k > 9, d < 1, C > 1024, a build without
- * AVX-512: nothing written); 2 if a thread's rings could not be allocated (y incomplete). */
+ * AVX-512 or AVX2: nothing written); 2 if a thread's rings could not be allocated (y incomplete). With AVX2 a block is
+ * 8 channels (the vector layer below); the rings, slots and taps' order are the same. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PCDW_BUILT 1
 #define PCDW_INLINE static inline __attribute__((always_inline))
+/* The vector layer of 9. and 14.: a block of PC_VW channels is one vector a pixel (AVX-512: 16 lanes, a block's last
+ * partial vector under a lane mask) */
+#define PC_VW 16
+#define PC_MAXB 64                        /* blocks in 1024 channels: the per-block tables' size */
+typedef __m512 pc_vec;
+typedef __m512i pc_idx;
+typedef __mmask16 pc_tail;                /* which of a block's lanes are channels */
+#define PC_TAIL(n) ((__mmask16)((1u << (n)) - 1u))
+#define PC_FULL ((__mmask16)0xffff)
+#define PC_IDX(rev) _mm512_loadu_si512(rev)
+#define PC_PERMUTE(idx, v) _mm512_permutexvar_ps(idx, v)
+#define PC_LOAD(p) _mm512_load_ps(p)
+#define PC_LOADU(p) _mm512_loadu_ps(p)
+#define PC_LOADW(p, k) load_f32(p, k)
+#define PC_STORE(p, v) _mm512_store_ps(p, v)
+#define PC_ZERO() _mm512_setzero_ps()
+#define PC_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define PC_MUL(a, b) _mm512_mul_ps(a, b)
 
 /* a store of 16 lanes under mask k, unmasked where k is full (a masked store is slower on Zen 4) */
 PCDW_INLINE void store_f32_full(float *p, __mmask16 k, __m512 v) {
@@ -1543,43 +1562,108 @@ PCDW_INLINE __m512 load_bf16_full(const uint16_t *p, __mmask16 k) {
     const __m256i h = k == (__mmask16)0xffff ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(k, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The same layer with AVX2 (x86-64-v3: Zen 1-3, Intel's client cores): blocks of 8 channels, one 256-bit vector a
+ * pixel. There are no lane masks: a block's last partial vector goes through the stack (PolyNeXt's widths are
+ * multiples of 8, so only other widths take that way). */
+#include <immintrin.h>
+#define PCDW_BUILT 1
+#define PCDW_INLINE static inline __attribute__((always_inline))
+#define PC_VW 8
+#define PC_MAXB 128
+typedef __m256 pc_vec;
+typedef __m256i pc_idx;
+typedef int pc_tail;                      /* the block's channel count, 1..8 */
+#define PC_TAIL(n) ((int)(n))
+#define PC_FULL 8
+#define PC_IDX(rev) _mm256_loadu_si256((const __m256i *)(rev))
+#define PC_PERMUTE(idx, v) _mm256_permutevar8x32_ps(v, idx)
+#define PC_LOAD(p) _mm256_load_ps(p)
+#define PC_LOADU(p) _mm256_loadu_ps(p)
+#define PC_LOADW(p, k) load_f32_full(p, k)
+#define PC_STORE(p, v) _mm256_store_ps(p, v)
+#define PC_ZERO() _mm256_setzero_ps()
+#define PC_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define PC_MUL(a, b) _mm256_mul_ps(a, b)
 
-/* acc[r] = sum over taps t of w[t] (16 lanes) * src[t][16 (x + r)], r < R */
-PCDW_INLINE void pcdw_taps(const float *const *src, int64_t x, const float *w, int taps, int R, __m512 *acc) {
+PCDW_INLINE void store_f32_full(float *p, int n, __m256 v) {
+    if (n == 8) {
+        _mm256_storeu_ps(p, v);
+        return;
+    }
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    memcpy(p, t, (size_t)n * sizeof(float));
+}
+PCDW_INLINE void store_bf16_full(uint16_t *p, int n, __m256 v) {   /* rounded as f32_to_bf16 */
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (n == 8) {
+        _mm_storeu_si128((__m128i *)p, h);
+        return;
+    }
+    uint16_t t[8];
+    _mm_storeu_si128((__m128i *)t, h);
+    memcpy(p, t, (size_t)n * sizeof(uint16_t));
+}
+
+PCDW_INLINE __m256 load_f32_full(const float *p, int n) {   /* lanes n.. are 0 */
+    if (n == 8) return _mm256_loadu_ps(p);
+    float t[8] = {0};
+    memcpy(t, p, (size_t)n * sizeof(float));
+    return _mm256_loadu_ps(t);
+}
+PCDW_INLINE __m256 load_bf16_full(const uint16_t *p, int n) {
+    uint16_t t[8] = {0};
+    if (n < 8) memcpy(t, p, (size_t)n * sizeof(uint16_t));
+    const __m128i h = _mm_loadu_si128((const __m128i *)(n == 8 ? p : t));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#else
+#define PCDW_BUILT 0
+#endif
+#if PCDW_BUILT
+
+/* acc[r] = sum over taps t of w[t] (a block's lanes) * src[t][PC_VW (x + r)], r < R */
+PCDW_INLINE void pcdw_taps(const float *const *src, int64_t x, const float *w, int taps, int R, pc_vec *acc) {
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r] = PC_ZERO();
     for (int t = 0; t < taps; ++t) {
-        const __m512 wv = _mm512_load_ps(w + 16 * t);
-        const float *s = src[t] + 16 * x;
+        const pc_vec wv = PC_LOAD(w + PC_VW * t);
+        const float *s = src[t] + PC_VW * x;
         _Pragma("GCC unroll 8")
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_load_ps(s + 16 * r), acc[r]);
+        for (int r = 0; r < R; ++r) acc[r] = PC_FMA(wv, PC_LOAD(s + PC_VW * r), acc[r]);
     }
 }
 
-/* the same sums for a K x K kernel with dilation D (src[i K + j] = src[i K] + 16 j D), K, D and R constants in each
- * instance: a kernel row's K weights in registers and each of its R + D (K - 1) inputs loaded once for the K sums it
- * enters, where pcdw_taps loads an input per tap (on a Zen 4 the loads, not the FMAs, bound that: x1.8 on a 5x5
- * from L1). Each sum still takes its taps in order, so the values are pcdw_taps' bit for bit. */
-PCDW_INLINE void pcdw_rows(const float *const *src, int64_t x, const float *w, int K, int D, int R, __m512 *acc) {
+/* the same sums for a K x K kernel with dilation D (src[i K + j] = src[i K] + PC_VW j D), K, D and R constants in
+ * each instance: a kernel row's K weights in registers and each of its R + D (K - 1) inputs loaded once for the K
+ * sums it enters, where pcdw_taps loads an input per tap (on a Zen 4 the loads, not the FMAs, bound that: x1.8 on a
+ * 5x5 from L1). Each sum still takes its taps in order, so the values are pcdw_taps' bit for bit. */
+PCDW_INLINE void pcdw_rows(const float *const *src, int64_t x, const float *w, int K, int D, int R, pc_vec *acc) {
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r] = PC_ZERO();
     for (int i = 0; i < K; ++i) {
-        const float *s = src[i * K] + 16 * x;
-        __m512 wv[5];
+        const float *s = src[i * K] + PC_VW * x;
+        pc_vec wv[5];
         _Pragma("GCC unroll 5")
-        for (int j = 0; j < K; ++j) wv[j] = _mm512_load_ps(w + 16 * (i * K + j));
+        for (int j = 0; j < K; ++j) wv[j] = PC_LOAD(w + PC_VW * (i * K + j));
         _Pragma("GCC unroll 16")
         for (int c = 0; c < R + D * (K - 1); ++c) {
-            const __m512 xv = _mm512_load_ps(s + 16 * c);
+            const pc_vec xv = PC_LOAD(s + PC_VW * c);
             _Pragma("GCC unroll 5")
             for (int j = 0; j < K; ++j)
-                if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = _mm512_fmadd_ps(wv[j], xv, acc[c - j * D]);
+                if (c - j * D >= 0 && c - j * D < R) acc[c - j * D] = PC_FMA(wv[j], xv, acc[c - j * D]);
         }
     }
 }
 
 /* pcdw_taps for a k x k kernel with dilation d: pcdw_rows where k and d are PolyNeXt's (3 or 5, dilation 1 or 2) */
-PCDW_INLINE void pcdw_sum(const float *const *src, int64_t x, const float *w, int k, int d, int R, __m512 *acc) {
+PCDW_INLINE void pcdw_sum(const float *const *src, int64_t x, const float *w, int k, int d, int R, pc_vec *acc) {
     if (k == 3 && d == 1) pcdw_rows(src, x, w, 3, 1, R, acc);
     else if (k == 3 && d == 2) pcdw_rows(src, x, w, 3, 2, R, acc);
     else if (k == 5 && d == 1) pcdw_rows(src, x, w, 5, 1, R, acc);
@@ -1587,24 +1671,35 @@ PCDW_INLINE void pcdw_sum(const float *const *src, int64_t x, const float *w, in
     else pcdw_taps(src, x, w, k * k, R, acc);
 }
 
-/* one row of the product, pr[x] = coarse[x] * fine[x] for x < Wr, and one row of the output from three rows of the
- * product, STORE'd at y[x] for x < W (R a constant in each instance) */
+/* one row of the product, pr[x] = coarse[x] * fine[x] for x < Wr (R a constant in each instance). With AVX2's 16
+ * registers a chunk's two sets of R sums do not fit together: the coarse sums go to pr first and are multiplied by
+ * the fine sums from there. */
 PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm, float *pr, const float *wc,
                                   int k, int d, const float *wf, int64_t Wr, int R) {
     for (int64_t x0 = 0; x0 < Wr; x0 += R) {
-        __m512 a[8], b[8];
+#if PC_VW == 16
+        pc_vec a[8], b[8];
         pcdw_sum(cu, x0, wc, k, d, R, a);
         pcdw_rows(fm, x0, wf, 3, 1, R, b);
         _Pragma("GCC unroll 8")
-        for (int r = 0; r < R; ++r) _mm512_store_ps(pr + 16 * (x0 + r), _mm512_mul_ps(a[r], b[r]));
+        for (int r = 0; r < R; ++r) PC_STORE(pr + PC_VW * (x0 + r), PC_MUL(a[r], b[r]));
+#else
+        pc_vec a[8];
+        pcdw_sum(cu, x0, wc, k, d, R, a);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < R; ++r) PC_STORE(pr + PC_VW * (x0 + r), a[r]);
+        pcdw_rows(fm, x0, wf, 3, 1, R, a);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < R; ++r) PC_STORE(pr + PC_VW * (x0 + r), PC_MUL(PC_LOAD(pr + PC_VW * (x0 + r)), a[r]));
+#endif
     }
 }
 
 #define POLYCONV_DW(NAME, T, LOAD, STORE)                                                                        \
     PCDW_INLINE void NAME##_out_row(const float *const *po, const float *wo, T *y, int64_t C, int64_t W,        \
-                                    int64_t Wr, __mmask16 km, int R) {                                          \
+                                    int64_t Wr, pc_tail km, int R) {                                            \
         for (int64_t x0 = 0; x0 < Wr; x0 += R) {                                                                \
-            __m512 acc[8];                                                                                      \
+            pc_vec acc[8];                                                                                      \
             pcdw_rows(po, x0, wo, 3, 1, R, acc);                                                                \
             _Pragma("GCC unroll 8")                                                                             \
             for (int r = 0; r < R; ++r)                                                                         \
@@ -1617,23 +1712,23 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
                             int R) {                                                                            \
         const int64_t p = (int64_t)d * (k - 1) / 2, P = p > 1 ? p : 1, RU = 2 * p + 1, Wr = (W + R - 1) / R * R; \
         const int64_t Wp = Wr + 2 * P, Wq = Wr + 2, taps = (int64_t)k * k, nb = b1 - b0;                       \
-        const int64_t ring = RU * Wp * 16, pring = 3 * Wq * 16, per = 2 * ring + pring;                         \
+        const int64_t ring = RU * Wp * PC_VW, pring = 3 * Wq * PC_VW, per = 2 * ring + pring;                   \
         /* wts, per block: the coarse taps, the fine taps (lanes reversed), the output taps */                  \
-        __m512i idx[64];                          /* per block: the lane reversal of its mirrored channels */   \
-        __mmask16 kms[64];                                                                                      \
-        int64_t src[64];                                                                                        \
+        pc_idx idx[PC_MAXB];                      /* per block: the lane reversal of its mirrored channels */   \
+        pc_tail kms[PC_MAXB];                                                                                   \
+        int64_t src[PC_MAXB];                                                                                   \
         for (int64_t b = 0; b < nb; ++b) {                                                                      \
-            const int64_t c0 = 16 * (b0 + b), n = C - c0 < 16 ? C - c0 : 16;                                    \
-            int32_t rev[16];                      /* lane i of M: channel s0 + n - 1 - i = C - 1 - (c0 + i) */  \
-            for (int i = 0; i < 16; ++i) rev[i] = i < n ? (int32_t)(n - 1 - i) : i;                             \
-            idx[b] = _mm512_loadu_si512(rev);                                                                   \
-            kms[b] = (__mmask16)((1u << n) - 1u);                                                               \
+            const int64_t c0 = PC_VW * (b0 + b), n = C - c0 < PC_VW ? C - c0 : PC_VW;                           \
+            int32_t rev[PC_VW];                   /* lane i of M: channel s0 + n - 1 - i = C - 1 - (c0 + i) */  \
+            for (int i = 0; i < PC_VW; ++i) rev[i] = i < n ? (int32_t)(n - 1 - i) : i;                          \
+            idx[b] = PC_IDX(rev);                                                                               \
+            kms[b] = PC_TAIL(n);                                                                                \
             src[b] = C - c0 - n;                                                                                \
-            float *w = wts + b * (taps + 18) * 16;                                                              \
-            for (int64_t t = 0; t < taps; ++t) _mm512_store_ps(w + 16 * t, load_f32(wc + t * C + c0, kms[b])); \
+            float *w = wts + b * (taps + 18) * PC_VW;                                                           \
+            for (int64_t t = 0; t < taps; ++t) PC_STORE(w + PC_VW * t, PC_LOADW(wc + t * C + c0, kms[b]));     \
             for (int64_t t = 0; t < 9; ++t) {                                                                   \
-                _mm512_store_ps(w + 16 * (taps + t), _mm512_permutexvar_ps(idx[b], load_f32(wf + t * C + src[b], kms[b]))); \
-                _mm512_store_ps(w + 16 * (taps + 9 + t), load_f32(wo + t * C + c0, kms[b]));                    \
+                PC_STORE(w + PC_VW * (taps + t), PC_PERMUTE(idx[b], PC_LOADW(wf + t * C + src[b], kms[b])));    \
+                PC_STORE(w + PC_VW * (taps + 9 + t), PC_LOADW(wo + t * C + c0, kms[b]));                        \
             }                                                                                                   \
         }                                                                                                       \
         /* ring slots: u's row r at (r mod RU), the product's row r at (r mod 3), r >= -RU; the rows outside the \
@@ -1642,26 +1737,26 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
         for (int64_t b = 0; b < nb; ++b) {                                                                      \
             float *U = buf + b * per;                                                                           \
             for (int64_t r = 1; r <= p; ++r) {                                                                  \
-                memset(U + (RU - r) * Wp * 16, 0, (size_t)Wp * 16 * sizeof(float));                           \
-                memset(U + ring + (RU - r) * Wp * 16, 0, (size_t)Wp * 16 * sizeof(float));                     \
+                memset(U + (RU - r) * Wp * PC_VW, 0, (size_t)Wp * PC_VW * sizeof(float));                       \
+                memset(U + ring + (RU - r) * Wp * PC_VW, 0, (size_t)Wp * PC_VW * sizeof(float));                \
             }                                                                                                   \
-            memset(U + 2 * ring + 2 * Wq * 16, 0, (size_t)Wq * 16 * sizeof(float));                            \
+            memset(U + 2 * ring + 2 * Wq * PC_VW, 0, (size_t)Wq * PC_VW * sizeof(float));                       \
         }                                                                                                       \
         for (int64_t r = 0; r <= H + p; ++r) {    /* u's row r enters; then the product's row r - p, y's r - p - 1 */ \
-            float *slot = buf + ((r % RU) * Wp + P) * 16;   /* + b * per: block b's U, + ring: its M */     \
+            float *slot = buf + ((r % RU) * Wp + P) * PC_VW;   /* + b * per: block b's U, + ring: its M */      \
             if (r < H) {                          /* u's row in order, pixel by pixel */                       \
                 const T *x = u + r * W * C;                                                                     \
                 for (int64_t w = 0; w < W; ++w, x += C)                                                         \
                     for (int64_t b = 0; b < nb; ++b) {                                                          \
-                        float *ur = slot + b * per + 16 * w;                                                    \
-                        _mm512_store_ps(ur, LOAD##_full(x + 16 * (b0 + b), kms[b]));                            \
-                        _mm512_store_ps(ur + ring, _mm512_permutexvar_ps(idx[b], LOAD##_full(x + src[b], kms[b]))); \
+                        float *ur = slot + b * per + PC_VW * w;                                                 \
+                        PC_STORE(ur, LOAD##_full(x + PC_VW * (b0 + b), kms[b]));                                \
+                        PC_STORE(ur + ring, PC_PERMUTE(idx[b], LOAD##_full(x + src[b], kms[b])));               \
                     }                                                                                           \
             } else {                                                                                            \
                 for (int64_t b = 0; b < nb; ++b)                                                                \
                     for (int64_t w = 0; w < W; ++w) {                                                           \
-                        _mm512_store_ps(slot + b * per + 16 * w, _mm512_setzero_ps());                          \
-                        _mm512_store_ps(slot + b * per + ring + 16 * w, _mm512_setzero_ps());                   \
+                        PC_STORE(slot + b * per + PC_VW * w, PC_ZERO());                                        \
+                        PC_STORE(slot + b * per + ring + PC_VW * w, PC_ZERO());                                 \
                     }                                                                                           \
             }                                                                                                   \
             const int64_t h = r - p;              /* the product's row h: u's rows h - p .. h + p are in */     \
@@ -1678,32 +1773,32 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
                 for (int64_t o = ybytes * b / nb & ~(int64_t)63; o < ybytes * (b + 1) / nb; o += 64)            \
                     __builtin_prefetch(yn + o, 1, 3);                                                           \
                 float *U = buf + b * per, *M = U + ring, *Pq = M + ring;                                        \
-                const float *w = wts + b * (taps + 18) * 16;                                                    \
-                float *pr = Pq + (h3 * Wq + 1) * 16;                                                            \
+                const float *w = wts + b * (taps + 18) * PC_VW;                                                 \
+                float *pr = Pq + (h3 * Wq + 1) * PC_VW;                                                         \
                 if (h < H) {                                                                                    \
                     const float *cu[81], *fm[9];                                                                \
                     for (int i = 0; i < k; ++i) {         /* u's row h - p + i d: slot (h - p) mod RU + i d */  \
                         const int64_t s = hs + (int64_t)i * d;                                                  \
                         for (int j = 0; j < k; ++j)                                                             \
-                            cu[i * k + j] = U + ((s < RU ? s : s - RU) * Wp + P - p + (int64_t)j * d) * 16;     \
+                            cu[i * k + j] = U + ((s < RU ? s : s - RU) * Wp + P - p + (int64_t)j * d) * PC_VW;  \
                     }                                                                                           \
                     for (int i = 0; i < 3; ++i) {                                                               \
                         const int64_t s = hs + p - 1 + i;                                                       \
-                        for (int j = 0; j < 3; ++j) fm[i * 3 + j] = M + ((s < RU ? s : s - RU) * Wp + P - 1 + j) * 16; \
+                        for (int j = 0; j < 3; ++j) fm[i * 3 + j] = M + ((s < RU ? s : s - RU) * Wp + P - 1 + j) * PC_VW; \
                     }                                                                                           \
-                    if (R == 7) pcdw_product_row(cu, fm, pr, w, k, d, w + 16 * taps, Wr, 7);                    \
-                    else pcdw_product_row(cu, fm, pr, w, k, d, w + 16 * taps, Wr, 8);                           \
-                    for (int64_t x = W; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());         \
+                    if (R == 7) pcdw_product_row(cu, fm, pr, w, k, d, w + PC_VW * taps, Wr, 7);                 \
+                    else pcdw_product_row(cu, fm, pr, w, k, d, w + PC_VW * taps, Wr, 8);                        \
+                    for (int64_t x = W; x < Wr; ++x) PC_STORE(pr + PC_VW * x, PC_ZERO());                       \
                 } else {                                                                                        \
-                    for (int64_t x = 0; x < Wr; ++x) _mm512_store_ps(pr + 16 * x, _mm512_setzero_ps());         \
+                    for (int64_t x = 0; x < Wr; ++x) PC_STORE(pr + PC_VW * x, PC_ZERO());                       \
                 }                                                                                               \
                 if (h == 0) continue;             /* y's row h - 1 from the product's rows h - 2 .. h */        \
                 const float *po[9];                                                                             \
                 for (int i = 0; i < 3; ++i)                                                                     \
-                    for (int j = 0; j < 3; ++j) po[i * 3 + j] = Pq + ((h3 + 1 + i < 3 ? h3 + 1 + i : h3 + i - 2) * Wq + j) * 16; \
-                T *yr = y + (h - 1) * W * C + 16 * (b0 + b);                                                    \
-                if (R == 7) NAME##_out_row(po, w + 16 * (taps + 9), yr, C, W, Wr, kms[b], 7);                   \
-                else NAME##_out_row(po, w + 16 * (taps + 9), yr, C, W, Wr, kms[b], 8);                          \
+                    for (int j = 0; j < 3; ++j) po[i * 3 + j] = Pq + ((h3 + 1 + i < 3 ? h3 + 1 + i : h3 + i - 2) * Wq + j) * PC_VW; \
+                T *yr = y + (h - 1) * W * C + PC_VW * (b0 + b);                                                 \
+                if (R == 7) NAME##_out_row(po, w + PC_VW * (taps + 9), yr, C, W, Wr, kms[b], 7);                \
+                else NAME##_out_row(po, w + PC_VW * (taps + 9), yr, C, W, Wr, kms[b], 8);                       \
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
@@ -1713,12 +1808,12 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
         if (k % 2 == 0 || k > 9 || d < 1 || C > 1024) return 1;                                                 \
         const int R = W % 7 == 0 && W % 8 != 0 ? 7 : 8;                                                         \
         const int64_t p = (int64_t)d * (k - 1) / 2, P = p > 1 ? p : 1, Wr = (W + R - 1) / R * R;               \
-        const int64_t blocks = (C + 15) / 16;                                                                   \
+        const int64_t blocks = (C + PC_VW - 1) / PC_VW;                                                         \
         int64_t groups = (2 * (int64_t)threads + N - 1) / N;                                                    \
         groups = groups < 1 ? 1 : groups > blocks ? blocks : groups;                                            \
         const int64_t gb = (blocks + groups - 1) / groups, items = N * groups;                                  \
-        const size_t per = (size_t)(2 * (2 * p + 1) * (Wr + 2 * P) + 3 * (Wr + 2)) * 16;                        \
-        const size_t floats = (size_t)gb * (per + (size_t)(k * k + 18) * 16);                                   \
+        const size_t per = (size_t)(2 * (2 * p + 1) * (Wr + 2 * P) + 3 * (Wr + 2)) * PC_VW;                     \
+        const size_t floats = (size_t)gb * (per + (size_t)(k * k + 18) * PC_VW);                                \
         int failed = 0;                                                                                         \
         _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                        \
         {                                                                                                       \
@@ -1744,8 +1839,7 @@ PCDW_INLINE void pcdw_product_row(const float *const *cu, const float *const *fm
 
 POLYCONV_DW(polynext_polyconv_dw_f32, float, load_f32, store_f32)
 POLYCONV_DW(polynext_polyconv_dw_bf16, uint16_t, load_bf16, store_bf16)
-#else   /* the rings are read as 16-channel vectors: AVX-512 only; PyTorch's path elsewhere */
-#define PCDW_BUILT 0
+#else   /* the rings are read as vectors: AVX-512 or AVX2; PyTorch's path elsewhere */
 int polynext_polyconv_dw_f32(const float *u, const float *wc, const float *wf, const float *wo, float *y, int64_t N,
                              int64_t H, int64_t W, int64_t C, int k, int d, int threads) {
     (void)u; (void)wc; (void)wf; (void)wo; (void)y; (void)N; (void)H; (void)W; (void)C; (void)k; (void)d;
@@ -1760,17 +1854,18 @@ int polynext_polyconv_dw_bf16(const uint16_t *u, const float *wc, const float *w
 }
 #endif
 
-/* 1 where polynext_polyconv_dw_* is built (AVX-512), else 0. */
+/* 1 where polynext_polyconv_dw_* is built (AVX-512 or AVX2), else 0. */
 int polynext_polyconv_dw_built(void) { return PCDW_BUILT; }
 
 
 /* 10. polynext_pointwise_f32 (see 10. above): P pixels x (P x K, row-major: a channels-last tensor's pixels) times
- * wp, the weight packed per chunk of CW output channels ([chunk][k][CW], CW = 72 or 48, N a multiple of CW), into
+ * wp, the weight packed per chunk of CW output channels ([chunk][k][CW], CW = 72 or 48, N a multiple of CW; with
+ * AVX2 per column of PW_COLS within the chunk, polynext_pointwise_cols), into
  * y (P x N); with `accumulate` y += x W (the residual addition that follows PolyMLP's output projection). Each
  * tile's sums are in registers for the whole sum over k, in k's order, float32; one store (or load, add, store)
  * per output. Pixel tiles are shared among the threads in order; the last, partial tile goes through a zeroed copy.
- * Returns 0; 1 where not served (CW not 72 or 48, N not a multiple of it, K > PW_MAX_K, a build without AVX-512:
- * nothing written). */
+ * Returns 0; 1 where not served (CW not 72 or 48, N not a multiple of it, K > PW_MAX_K, a build without AVX-512 or
+ * AVX2: nothing written). */
 #define PW_MAX_K 1024
 #if defined(__AVX512F__)
 #define PW_BUILT 1
@@ -1817,11 +1912,56 @@ PW_TILE(pw_tile72, 5, 4, 8)
 PW_TILE(pw_tile48, 8, 3, 0)
 
 /* The pixels of a tile of CW outputs (72: 5 x 4.5 vectors, 48: 8 x 3 accumulators), and the tile. */
+#define PW_MAX_PT 8                       /* the most pixels a tile takes */
 static inline int64_t pw_pixels(int64_t CW) { return CW == 72 ? 5 : 8; }
 static inline void pw_tile(int64_t CW, const float *x, int64_t K, const float *wc, float *y, int64_t N, int accumulate) {
     if (CW == 72) pw_tile72(x, K, wc, y, N, accumulate);
     else pw_tile48(x, K, wc, y, N, accumulate);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 (x86-64-v3): 16 vector registers, so a tile is 4 pixels x 24 outputs (12 sums, 3 weight vectors and a
+ * broadcast), and a chunk of 72 or 48 outputs is 3 or 2 such columns, each over the whole sum over k in k's order.
+ * The weight is packed per column ([chunk][column][k][24], PW_COLS: the packing's column width, which the caller
+ * asks for), so that a column's weights are one contiguous stream, read from L1 / L2 once for 16 pixels (4 tiles). */
+#define PW_BUILT 1
+#define PW_COLS 24
+static inline __attribute__((always_inline)) void pw8_tile24(const float *x, int64_t K, const float *wc, int64_t CW,
+                                                             float *y, int64_t N, int accumulate) {
+    __m256 a[4][3];
+    _Pragma("GCC unroll 4")
+    for (int p = 0; p < 4; ++p)
+        _Pragma("GCC unroll 3")
+        for (int v = 0; v < 3; ++v) a[p][v] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        __m256 wv[3];
+        _Pragma("GCC unroll 3")
+        for (int v = 0; v < 3; ++v) wv[v] = _mm256_loadu_ps(wc + k * CW + 8 * v);
+        /* the weights held in registers: folded into the FMAs as memory operands (GCC's choice) they make 16 loads
+         * for 12 FMAs, more than a Zen 3 issues in the FMAs' 6 cycles (x0.6-0.8 of oneDNN's rate) */
+        __asm__("" : "+x"(wv[0]), "+x"(wv[1]), "+x"(wv[2]));
+        _Pragma("GCC unroll 4")
+        for (int p = 0; p < 4; ++p) {
+            const __m256 b = _mm256_broadcast_ss(x + p * K + k);
+            _Pragma("GCC unroll 3")
+            for (int v = 0; v < 3; ++v) a[p][v] = _mm256_fmadd_ps(b, wv[v], a[p][v]);
+        }
+    }
+    _Pragma("GCC unroll 4")
+    for (int p = 0; p < 4; ++p) {
+        float *yp = y + p * N;
+        _Pragma("GCC unroll 3")
+        for (int v = 0; v < 3; ++v)
+            _mm256_storeu_ps(yp + 8 * v, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yp + 8 * v), a[p][v]) : a[p][v]);
+    }
+}
+#define PW_MAX_PT 16
+static inline int64_t pw_pixels(int64_t CW) { (void)CW; return 16; }
+static inline void pw_tile(int64_t CW, const float *x, int64_t K, const float *wc, float *y, int64_t N, int accumulate) {
+    for (int64_t s = 0; s < CW; s += 24)
+        for (int64_t q = 0; q < 16; q += 4) pw8_tile24(x + q * K, K, wc + s * K, 24, y + q * N + s, N, accumulate);
+}
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 
 /* One pixel tile of PT rows (x: PT x K, stride K) against every chunk of the packed weight, into y (PT rows, stride
  * ldy; + y with `accumulate`). */
@@ -1850,7 +1990,7 @@ int polynext_pointwise_f32(const float *x, const float *wp, float *y, int64_t P,
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t i = 0; i < tiles; ++i) {
         const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
-        float xpad[8 * PW_MAX_K], ypad[8 * 72];    /* the last, partial tile (PT x CW <= 8 x 72): zero rows past P */
+        float xpad[PW_MAX_PT * PW_MAX_K], ypad[PW_MAX_PT * 72];   /* the last, partial tile: zero rows past P */
         const float *xt = pw_rows(x, p0, np, PT, K, xpad);
         float *yt = y + p0 * N;
         if (np == PT) {
@@ -1888,7 +2028,7 @@ int polynext_pointwise_norm_f32(const float *x, const float *wp, float *y, const
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t i = 0; i < tiles; ++i) {
         const int64_t p0 = i * PT, np = P - p0 < PT ? P - p0 : PT;
-        float xpad[8 * PW_MAX_K], buf[8 * PWN_MAX_N];
+        float xpad[PW_MAX_PT * PW_MAX_K], buf[PW_MAX_PT * PWN_MAX_N];
         pw_tile_row(pw_rows(x, p0, np, PT, K, xpad), wp, buf, K, N, CW, N, 0);
         for (int64_t p = 0; p < np; ++p) {
             if (product)
@@ -2126,7 +2266,8 @@ int polynext_poly_mlp_bf16(const uint16_t *x, const uint16_t *wp_in, const float
 }
 #endif
 
-/* 1 where polynext_pointwise_f32, polynext_pointwise_norm_f32 and polynext_poly_mlp_f32 are built (AVX-512), else 0. */
+/* 1 where polynext_pointwise_f32, polynext_pointwise_norm_f32 and polynext_poly_mlp_f32 are built (AVX-512 or AVX2),
+ * else 0. */
 int polynext_pointwise_built(void) { return PW_BUILT; }
 /* 1 where their bf16 forms (13.) are built (AVX-512 BF16), else 0. */
 int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
@@ -2145,19 +2286,21 @@ int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
  * APolyNeXt-S); here a work item (an image's 16 channels) is copied once into a zero-padded float32 plane (20 KB at
  * 14 x 14) and every output row computed from it in L1, R pixels' sums in registers (pcdw_sum of 9., the taps in
  * order: float32 sums as oneDNN's), written straight into the output's layout. C and both group sizes must be
- * multiples of 16. Weights float32, tap-major (k*k x C). Returns 0; 1 where not served (a build without AVX-512,
- * an even k or k > 9, C or a group size not a multiple of 16); 2 if a thread's plane could not be allocated. */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+ * multiples of 16. Weights float32, tap-major (k*k x C). Returns 0; 1 where not served (a build without AVX-512 or AVX2,
+ * an even k or k > 9, C or a group size not a multiple of 16); 2 if a thread's plane could not be allocated. With
+ * AVX2 (9.'s vector layer) a work item is 8 channels; the contract stays multiples of 16, so that the callers'
+ * checks do not depend on the CPU. */
+#if PCDW_BUILT
 #define HEADS_DW(NAME, T, LOAD, STORE)                                                                          \
     /* one output row from the plane's rows h .. h + k - 1 (src: each tap's first pixel), R a constant per call */  \
     PCDW_INLINE void NAME##_row(const float *const *src, const float *wt, int k, T *yr, int64_t ys, int64_t W,  \
                                 int64_t Wr, int R) {                                                            \
         for (int64_t x0 = 0; x0 < Wr; x0 += R) {                                                                \
-            __m512 acc[8];                                                                                      \
+            pc_vec acc[8];                                                                                      \
             pcdw_sum(src, x0, wt, k, 1, R, acc);                                                                \
             _Pragma("GCC unroll 8")                                                                             \
             for (int r = 0; r < R; ++r)                                                                         \
-                if (x0 + r < W) STORE##_full(yr + (x0 + r) * ys, (__mmask16)0xffff, acc[r]);                   \
+                if (x0 + r < W) STORE##_full(yr + (x0 + r) * ys, PC_FULL, acc[r]);                              \
         }                                                                                                       \
     }                                                                                                           \
     int NAME(const T *x, const int64_t *xl, const float *w1, T *y1, const float *w2, T *y2, const int64_t *yl,  \
@@ -2167,8 +2310,8 @@ int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
             return 1;                                                                                           \
         const int R = W % 7 == 0 && W % 8 != 0 ? 7 : 8, taps = k * k;                                          \
         const int64_t p = (k - 1) / 2, Wr = (W + R - 1) / R * R, Wp = Wr + 2 * p, Hp = H + 2 * p;              \
-        const int64_t blocks = C / 16, items = N * blocks;                                                      \
-        const size_t floats = (size_t)(Hp * Wp + 2 * taps) * 16;                                                \
+        const int64_t blocks = C / PC_VW, items = N * blocks;                                                   \
+        const size_t floats = (size_t)(Hp * Wp + 2 * taps) * PC_VW;                                             \
         int failed = 0;                                                                                         \
         _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                        \
         {                                                                                                       \
@@ -2181,20 +2324,20 @@ int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
             if (!plane) {                                                                                       \
                 failed = 1;                                                                                     \
             } else {                                                                                            \
-                float *wa = plane + Hp * Wp * 16, *wb = wa + taps * 16;                                         \
+                float *wa = plane + Hp * Wp * PC_VW, *wb = wa + taps * PC_VW;                                   \
                 for (int64_t it = items * tid / nt; it < items * (tid + 1) / nt; ++it) {                        \
-                    const int64_t n = it / blocks, c0 = (it % blocks) * 16;                                     \
+                    const int64_t n = it / blocks, c0 = (it % blocks) * PC_VW;                                  \
                     const T *xs = x + n * xl[0] + (c0 / xl[3]) * xl[2] + c0 % xl[3];                            \
                     const int64_t yo = n * yl[0] + (c0 / yl[3]) * yl[2] + c0 % yl[3];                           \
                     for (int t = 0; t < taps; ++t) {                                                            \
-                        _mm512_store_ps(wa + 16 * t, _mm512_loadu_ps(w1 + (int64_t)t * C + c0));                \
-                        if (y2) _mm512_store_ps(wb + 16 * t, _mm512_loadu_ps(w2 + (int64_t)t * C + c0));        \
+                        PC_STORE(wa + PC_VW * t, PC_LOADU(w1 + (int64_t)t * C + c0));                           \
+                        if (y2) PC_STORE(wb + PC_VW * t, PC_LOADU(w2 + (int64_t)t * C + c0));                   \
                     }                                                                                           \
                     for (int64_t h = 0; h < H; ++h) {                                                           \
-                        float *row = plane + ((h + p) * Wp + p) * 16;                                           \
+                        float *row = plane + ((h + p) * Wp + p) * PC_VW;                                        \
                         const T *xr = xs + h * W * xl[1];                                                       \
                         for (int64_t c = 0; c < W; ++c)                                                         \
-                            _mm512_store_ps(row + 16 * c, LOAD##_full(xr + c * xl[1], (__mmask16)0xffff));      \
+                            PC_STORE(row + PC_VW * c, LOAD##_full(xr + c * xl[1], PC_FULL));                    \
                     }                                                                                           \
                     for (int out = 0; out < (y2 ? 2 : 1); ++out) {                                              \
                         const float *wt = out ? wb : wa;                                                        \
@@ -2202,7 +2345,7 @@ int polynext_pointwise_bf16_built(void) { return PWB_BUILT; }
                         for (int64_t h = 0; h < H; ++h) {                                                       \
                             const float *src[81];                                                               \
                             for (int i = 0; i < k; ++i)                                                         \
-                                for (int j = 0; j < k; ++j) src[i * k + j] = plane + ((h + i) * Wp + j) * 16;   \
+                                for (int j = 0; j < k; ++j) src[i * k + j] = plane + ((h + i) * Wp + j) * PC_VW;\
                             T *yr = yb + h * W * yl[1];                                                         \
                             if (R == 7) NAME##_row(src, wt, k, yr, yl[1], W, Wr, 7);                            \
                             else NAME##_row(src, wt, k, yr, yl[1], W, Wr, 8);                                   \
@@ -2235,5 +2378,12 @@ int polynext_heads_dw_bf16(const uint16_t *x, const int64_t *xl, const float *w1
 }
 #endif
 
-/* 1 where polynext_heads_dw_* is built (AVX-512), else 0. */
+/* 1 where polynext_heads_dw_* is built (AVX-512 or AVX2), else 0. */
 int polynext_heads_dw_built(void) { return HEADS_DW_BUILT; }
+
+/* 10.'s packing: the width of the columns a chunk of the packed weight is split into ([chunk][column][k][width]), or
+ * 0: one column, the chunk ([chunk][k][CW]). (At the end of the file: the other builds' code stays where it was.) */
+#ifndef PW_COLS
+#define PW_COLS 0
+#endif
+int polynext_pointwise_cols(void) { return PW_COLS; }
