@@ -65,7 +65,7 @@ def _check(y, x, w, b, r, product=False):
 def test_the_kernel_is_built_and_loaded_here():
     info = ck.kernel_info()
     assert info['available'] and os.path.isfile(info['path'])
-    assert info['code'] == ('avx512' if AVX512 else 'portable')
+    assert info['code'] == ('avx512' if AVX512 else 'avx2' if AVX2 else 'portable')
     from polynext.bench import environment   # every benchmark's JSON says which code ran
     assert environment(torch.device('cpu'))['cpu_kernels'] == info['code'] + ', OpenMP'
     # it shares torch's OpenMP runtime: loading it maps no other one (a fresh process: other packages, such as

@@ -244,7 +244,8 @@ def kernel_available() -> bool:
 
 
 def kernel_info() -> dict:
-    """Which code the kernel runs ('avx512' or 'portable'), whether it is threaded, and its file."""
+    """Which code the kernel runs ('avx512'; 'avx2': the depthwise and 1x1 kernels in AVX2, the norms and attention
+    portable; or 'portable'), whether it is threaded, and its file."""
     lib = library()
     if lib is None:
         return dict(available=False)

@@ -53,6 +53,12 @@ Measured on a 2-core AMD EPYC (Zen 4), batch 32, interleaved (``benchmarks/narro
 per layer x0.99-1.35 over the kernel and the norm kernel one after the other (most at 56x56 and 28x28), the whole
 PolyMLP x1.04-1.19 over the epilogue and residual kernels, the whole model with every 1x1 kernel x1.16-1.22 over
 oneDNN; in bf16 x0.99-1.29, x0.92-1.63 and x1.07-1.13 over oneDNN's bf16 path.
+
+With AVX2 and no AVX-512 (a 2-core AMD EPYC Zen 3) the tile is 4 pixels x 24 outputs (16 vector registers), a chunk
+3 or 2 such columns over 16 pixels, the float32 weight packed per 24-output column (:func:`_pack`'s ``cols``: the
+library's ``polynext_pointwise_cols()``). Measured there (``benchmarks/results/narrow_pointwise_zen3.json``): per
+layer x0.96-1.12 over oneDNN, the norm epilogue x1.04-1.21, the whole PolyMLP x1.07-1.17, the whole model with every
+1x1 kernel x1.08-1.11 over oneDNN.
 """
 from __future__ import annotations
 

@@ -23,6 +23,10 @@ take the separate operations. float32 results match PyTorch's (the taps are summ
 equal bit for bit in ``benchmarks/polyconv_dw.py``'s whole-model runs; the tests allow float32 rounding), bfloat16 ones are rounded once where PyTorch's path rounds after each operation (closer to
 float32). Registered as ``polynext::polyconv_dw`` for the profiler (a depthwise convolution there, with the
 three convolutions' MACs).
+
+With AVX2 (no AVX-512) the same kernel runs blocks of 8 channels (``csrc/cpu_kernels.c``'s vector layer): on a 2-core
+AMD EPYC Zen 3 x1.92-1.99 over PyTorch's path at 56x56-14x14, x1.19 at 7x7, the whole cpolynext_s x1.19
+(``benchmarks/results/polyconv_dw_zen3.json``).
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
  * (-O3 -march=native -ffp-contract=off, -fopenmp when torch's libgomp is loaded: the process already holds it,
  * so these loops share torch's thread pool). float32 and bfloat16; bfloat16 values are computed in float32 and
  * rounded once, to the nearest even. With AVX-512 (and AVX-512 BF16 for the rounding) the loops are written
- * with intrinsics, masked at a row's end; elsewhere they are plain loops for the compiler's vectoriser.
+ * with intrinsics, masked at a row's end; elsewhere they are plain loops for the compiler's vectoriser, except the
+ * depthwise and 1x1 kernels (9.-12., 14.), which also have AVX2 forms (x86-64-v3: AVX2 and FMA): 9. and 14. one
+ * source for both through a small vector layer, 10.'s tile its own.
  *
  * 1. polynext_channel_norm_*: LayerNorm over the channels of a channels-last (NHWC) tensor, one row of C
  *    values per pixel:
@@ -822,7 +824,11 @@ static int attn_block(const float *q, const float *kt, const float *v, float *o,
     return 1;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define KERNEL "avx2"       /* the depthwise and 1x1 kernels (9.-12., 14.) with AVX2 intrinsics, these loops portable */
+#else
 #define KERNEL "portable"
+#endif
 #endif
 
 const char *polynext_cpu_kernels_code(void) { return KERNEL; }
