@@ -30,14 +30,15 @@ VARIANTS = ('plain', 'polynext')
 
 
 def child(variant: str, backbone: str, kwargs: Dict[str, Any], size: List[int], batch: int,
-          grad_checkpointing: bool) -> Dict[str, Any]:
+          grad_checkpointing: bool, head_channels: int = 512) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from polynext.seg.segmentor import SegmentorSpec, build_segmentor
     from polynext.seg.trainer import seg_loss
     torch.manual_seed(0)
     h, w = size
-    spec = SegmentorSpec(backbone=backbone, num_classes=150, backbone_kwargs=kwargs)
+    spec = SegmentorSpec(backbone=backbone, num_classes=150, backbone_kwargs=kwargs, channels=head_channels,
+                         aux_channels=head_channels // 2)
     model = build_segmentor(spec).to(memory_format=torch.channels_last).train()
     model.set_grad_checkpointing(grad_checkpointing)
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
@@ -66,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--grad-checkpointing', action='store_true', help='recompute the backbone in backward')
+    parser.add_argument('--head-channels', type=int, default=512,
+                        help="UPerHead's width (the auxiliary FCNHead's is half; default 512: the ADE20K recipe's)")
     parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument('--json', default=None, metavar='PATH')
     parser.add_argument('--child', choices=VARIANTS, help=argparse.SUPPRESS)
@@ -74,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
         print(json.dumps(child(args.child, args.backbone, args.backbone_kwargs, args.size, args.batch,
-                               args.grad_checkpointing)))
+                               args.grad_checkpointing, args.head_channels)))
         return 0
     import torch
     from polynext.bench import environment
@@ -89,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for variant in args.variants:
         cmd = [sys.executable, __file__, '--child', variant, '--backbone', args.backbone, '--backbone-kwargs',
                json.dumps(args.backbone_kwargs), '--size', *map(str, args.size), '--batch', str(args.batch),
-               '--threads', str(args.threads)] + (['--grad-checkpointing'] if args.grad_checkpointing else [])
+               '--threads', str(args.threads), '--head-channels', str(args.head_channels)] + (
+                   ['--grad-checkpointing'] if args.grad_checkpointing else [])
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
@@ -105,7 +109,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         result = dict(command=['python', 'benchmarks/seg_memory.py'] + list(argv if argv is not None else sys.argv[1:]),
                       backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, size=args.size, batch=args.batch,
-                      threads=args.threads, grad_checkpointing=args.grad_checkpointing, environment=machine, rows=rows,
+                      threads=args.threads, grad_checkpointing=args.grad_checkpointing,
+                      head_channels=args.head_channels, environment=machine, rows=rows,
                       saved_bytes=saved)
         from polynext.bench import write_report
         write_report(args.json, result)

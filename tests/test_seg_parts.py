@@ -372,13 +372,15 @@ def test_seg_memory_benchmark_runs_both_losses(tmp_path):
     script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'seg_memory.py'
     out = tmp_path / 'm.json'
     done = subprocess.run([sys.executable, str(script), '--backbone', 'cpolynext_t', '--size', '32', '128',
-                           '--backbone-kwargs', '{"init_channels": 8}', '--threads', '1', '--json', str(out)],
+                           '--backbone-kwargs', '{"init_channels": 8}', '--head-channels', '32', '--threads', '1',
+                           '--json', str(out)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(out.read_text())
     assert [row['variant'] for row in r['rows']] == ['plain', 'polynext']
     assert all(row['step_bytes'] > 0 for row in r['rows'])
     assert abs(r['rows'][0]['loss'] - r['rows'][1]['loss']) < 1e-5 * r['rows'][0]['loss']
+    assert r['head_channels'] == 32   # a toy head: the recipe's 512-wide one under emulated bf16 took 30 s a step
 
 
 @pytest.mark.parametrize('backbone', ['cpolynext_t', 'convformer_s18'])
