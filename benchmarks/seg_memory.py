@@ -73,6 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--json', default=None, metavar='PATH')
     parser.add_argument('--child', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.head_channels < 2:
+        parser.error(f'--head-channels {args.head_channels}: the head needs at least 2 channels (its auxiliary head '
+                     'takes half); give e.g. --head-channels 512, the recipe\'s')
     if args.child:
         import torch
         torch.set_num_threads(args.threads)

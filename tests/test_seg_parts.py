@@ -381,6 +381,10 @@ def test_seg_memory_benchmark_runs_both_losses(tmp_path):
     assert all(row['step_bytes'] > 0 for row in r['rows'])
     assert abs(r['rows'][0]['loss'] - r['rows'][1]['loss']) < 1e-5 * r['rows'][0]['loss']
     assert r['head_channels'] == 32   # a toy head: the recipe's 512-wide one under emulated bf16 took 30 s a step
+    bad = subprocess.run([sys.executable, str(script), '--head-channels', '1', '--json', str(tmp_path / 'bad.json')],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and '--head-channels 1: the head needs at least 2 channels' in bad.stderr
+    assert not (tmp_path / 'bad.json').exists()
 
 
 @pytest.mark.parametrize('backbone', ['cpolynext_t', 'convformer_s18'])
